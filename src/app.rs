@@ -1,0 +1,72 @@
+//! Wiring: opens the database, builds the relay, and runs the HTTP server and the background
+//! workers until the shutdown token fires. `main` and the tests both start the service here.
+
+use crate::config::{redact_url, Secret, Settings};
+use crate::service::Relay;
+use crate::simulator::{SimConfig, Simulator};
+use crate::storage::Store;
+use crate::{http, workers};
+use anyhow::Context;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Opens the database named in the settings and applies pending migrations.
+pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
+    let db = &settings.database;
+    let store = Store::connect(&db.url, db.max_connections)
+        .await
+        .with_context(|| format!("cannot open database {}", redact_url(&db.url)))?;
+    store.migrate().await.context("cannot apply migrations")?;
+    Ok(store)
+}
+
+/// Starts an in-process simulator and points the settings at it: upstream, key and public URL
+/// (the service's own address, so callbacks come straight back).
+pub async fn simulate(
+    settings: &mut Settings,
+    service_addr: std::net::SocketAddr,
+) -> anyhow::Result<Simulator> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("cannot bind the simulator")?;
+    let sim = Simulator::start(SimConfig::default(), listener).await?;
+    settings.cometapi.base_url = sim.base_url();
+    settings.cometapi.api_key = Secret::new(sim.api_key());
+    settings.server.public_url = format!("http://{service_addr}");
+    tracing::warn!(
+        simulator = %sim.base_url(),
+        "SIMULATION MODE: no request reaches CometAPI; every result is simulated"
+    );
+    Ok(sim)
+}
+
+/// Runs the service on `listener` until `shutdown` fires, then stops the workers at a safe point.
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let store = open_store(&settings).await?;
+    if settings.server.public_url.is_empty() {
+        tracing::warn!(
+            "server.public_url is empty: no callback_url is sent upstream, polling carries every task"
+        );
+    }
+    let relay = Arc::new(Relay::new(store.clone(), Arc::new(settings)).await?);
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, database = store.backend(), "kling-relay listening");
+
+    let mut workers = tokio::task::JoinSet::new();
+    workers.spawn(workers::dispatcher::run(relay.clone(), shutdown.clone()));
+    workers.spawn(workers::poller::run(relay.clone(), shutdown.clone()));
+
+    let token = shutdown.clone();
+    let served = axum::serve(listener, http::router(relay))
+        .with_graceful_shutdown(async move { token.cancelled().await })
+        .await;
+    shutdown.cancel();
+    while workers.join_next().await.is_some() {}
+    store.close().await;
+    served.context("HTTP server failed")
+}

@@ -1,0 +1,285 @@
+//! Settings: `config/default.toml` (compiled in), then `--config FILE`, then `KLING_RELAY_*`
+//! environment variables, then `COMETAPI_KEY`. Loaded and validated once at start; any bad value
+//! stops start-up with a message naming the key.
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// A string that never prints: `Debug` and `Display` show `[redacted]`.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub cometapi: CometApiSettings,
+    pub dispatch: DispatchSettings,
+    pub poller: PollerSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub public_url: String,
+    pub webhook_secret: Secret,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub url: String,
+    pub max_connections: u32,
+}
+
+impl fmt::Debug for DatabaseSettings {
+    // A Postgres URL may carry a password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("url", &redact_url(&self.url))
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+/// The URL with any password replaced, for logs.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("redacted"));
+            u.to_string()
+        }
+        _ => raw.to_owned(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CometApiSettings {
+    pub base_url: String,
+    pub api_key: Secret,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub scene_image_field: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DispatchSettings {
+    #[serde(with = "humantime_serde")]
+    pub wait: Duration,
+    pub concurrency: usize,
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PollerSettings {
+    #[serde(with = "humantime_serde")]
+    pub first_poll_after: Duration,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub give_up_after: Duration,
+    #[serde(with = "humantime_serde")]
+    pub not_found_grace: Duration,
+    pub concurrency: usize,
+    #[serde(with = "humantime_serde")]
+    pub tick: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration: `{key}` {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+impl Settings {
+    /// Loads the layered settings from the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        Self::load_from(file, Env::prefixed("KLING_RELAY_"), Env::raw())
+    }
+
+    fn load_from(file: Option<&Path>, prefixed: Env, raw: Env) -> Result<Settings, ConfigError> {
+        let mut fig = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(invalid(
+                    "--config",
+                    format!("file {} does not exist", path.display()),
+                ));
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        // Only SECTION__KEY names are settings: other KLING_RELAY_* variables (the test suite's
+        // KLING_RELAY_TEST_POSTGRES_URL, say) are not ours to refuse.
+        fig = fig
+            .merge(prefixed.filter(|k| k.as_str().contains("__")).split("__"))
+            .merge(
+                raw.only(&["COMETAPI_KEY"])
+                    .map(|_| "cometapi.api_key".into()),
+            );
+        let settings: Settings = fig.extract().map_err(Box::new)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_http_url("cometapi.base_url", &self.cometapi.base_url)?;
+        if !self.server.public_url.is_empty() {
+            check_http_url("server.public_url", &self.server.public_url)?;
+        }
+        let db = &self.database.url;
+        if !(db.starts_with("sqlite:")
+            || db.starts_with("postgres://")
+            || db.starts_with("postgresql://"))
+        {
+            return Err(invalid(
+                "database.url",
+                "must start with sqlite: or postgres://",
+            ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+        match self.cometapi.scene_image_field.as_str() {
+            "scence_image" | "scene_image" => {}
+            _ => {
+                return Err(invalid(
+                    "cometapi.scene_image_field",
+                    "must be `scence_image` or `scene_image`",
+                ))
+            }
+        }
+        let positive: [(&'static str, Duration); 9] = [
+            ("cometapi.timeout", self.cometapi.timeout),
+            ("dispatch.retry_initial", self.dispatch.retry_initial),
+            ("dispatch.retry_max", self.dispatch.retry_max),
+            ("poller.first_poll_after", self.poller.first_poll_after),
+            ("poller.interval", self.poller.interval),
+            ("poller.max_interval", self.poller.max_interval),
+            ("poller.give_up_after", self.poller.give_up_after),
+            ("poller.not_found_grace", self.poller.not_found_grace),
+            ("poller.tick", self.poller.tick),
+        ];
+        for (key, d) in positive {
+            if d.is_zero() {
+                return Err(invalid(key, "must be longer than zero"));
+            }
+        }
+        if self.dispatch.concurrency == 0 {
+            return Err(invalid("dispatch.concurrency", "must be at least 1"));
+        }
+        if self.poller.concurrency == 0 {
+            return Err(invalid("poller.concurrency", "must be at least 1"));
+        }
+        if self.server.max_body_bytes < 1024 {
+            return Err(invalid("server.max_body_bytes", "must be at least 1024"));
+        }
+        if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
+            return Err(invalid("log.level", e.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Without `--simulate` the upstream key is required.
+    pub fn require_api_key(&self) -> Result<(), ConfigError> {
+        if self.cometapi.api_key.is_empty() {
+            return Err(invalid(
+                "cometapi.api_key",
+                "is missing: set COMETAPI_KEY (or KLING_RELAY_COMETAPI__API_KEY), or run with --simulate",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_http_url(key: &'static str, raw: &str) -> Result<(), ConfigError> {
+    match url::Url::parse(raw) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => Ok(()),
+        _ => Err(invalid(key, format!("`{raw}` is not an http(s) URL"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_match_the_contract() {
+        let s = Settings::load_from(None, Env::prefixed("NOPE_"), Env::prefixed("NOPE_")).unwrap();
+        assert_eq!(s.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.database.url, "sqlite://data/kling-relay.db");
+        assert_eq!(s.cometapi.base_url, "https://api.cometapi.com");
+        assert_eq!(s.cometapi.scene_image_field, "scence_image");
+        assert!(s.cometapi.api_key.is_empty());
+        assert!(s.require_api_key().is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        assert_eq!(format!("{:?}", Secret::new("sk-123")), "[redacted]");
+        assert_eq!(
+            redact_url("postgres://u:pw@localhost/db"),
+            "postgres://u:redacted@localhost/db"
+        );
+    }
+}

@@ -1,0 +1,12 @@
+//! The domain: task types, the status machine, request validation and retry schedules.
+//!
+//! Pure code only: nothing here does I/O or knows about HTTP or SQL, so every rule that keeps a
+//! task's history honest can be tested on its own and is shared by webhooks, polls, dispatch and
+//! the simulator.
+
+pub mod schedule;
+pub mod task;
+pub mod validation;
+
+pub use task::*;
+pub use validation::{validate_new_task, FieldError, NewTask, Rules};

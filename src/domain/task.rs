@@ -1,0 +1,513 @@
+//! Task statuses and the one status machine that every source of news goes through.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Where a task is in its life, as this service reports it to its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    /// Stored here, not yet accepted upstream.
+    Pending,
+    /// Accepted upstream (we know its upstream `task_id`, or a dispatch is known to have landed).
+    Submitted,
+    Processing,
+    Succeeded,
+    Failed,
+    TimedOut,
+}
+
+impl TaskStatus {
+    pub const ALL: [TaskStatus; 6] = [
+        TaskStatus::Pending,
+        TaskStatus::Submitted,
+        TaskStatus::Processing,
+        TaskStatus::Succeeded,
+        TaskStatus::Failed,
+        TaskStatus::TimedOut,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Pending => "pending",
+            TaskStatus::Submitted => "submitted",
+            TaskStatus::Processing => "processing",
+            TaskStatus::Succeeded => "succeeded",
+            TaskStatus::Failed => "failed",
+            TaskStatus::TimedOut => "timed_out",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::TimedOut
+        )
+    }
+
+    /// Position in the only order a task may move in. Final statuses share the top rank: once one is
+    /// reached nothing moves the task again.
+    fn rank(self) -> u8 {
+        match self {
+            TaskStatus::Pending => 0,
+            TaskStatus::Submitted => 1,
+            TaskStatus::Processing => 2,
+            TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::TimedOut => 3,
+        }
+    }
+}
+
+impl fmt::Display for TaskStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown status `{0}`")]
+pub struct UnknownStatus(pub String);
+
+impl FromStr for TaskStatus {
+    type Err = UnknownStatus;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TaskStatus::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownStatus(s.to_owned()))
+    }
+}
+
+/// A task status as the upstream spells it (`succeed`, not `succeeded`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamStatus {
+    Submitted,
+    Processing,
+    Succeed,
+    Failed,
+}
+
+impl UpstreamStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamStatus::Submitted => "submitted",
+            UpstreamStatus::Processing => "processing",
+            UpstreamStatus::Succeed => "succeed",
+            UpstreamStatus::Failed => "failed",
+        }
+    }
+
+    pub fn to_task_status(self) -> TaskStatus {
+        match self {
+            UpstreamStatus::Submitted => TaskStatus::Submitted,
+            UpstreamStatus::Processing => TaskStatus::Processing,
+            UpstreamStatus::Succeed => TaskStatus::Succeeded,
+            UpstreamStatus::Failed => TaskStatus::Failed,
+        }
+    }
+}
+
+impl FromStr for UpstreamStatus {
+    type Err = UnknownStatus;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // "succeeded" is not in the docs but costs nothing to accept from a relay that normalises.
+        match s {
+            "submitted" => Ok(UpstreamStatus::Submitted),
+            "processing" => Ok(UpstreamStatus::Processing),
+            "succeed" | "succeeded" => Ok(UpstreamStatus::Succeed),
+            "failed" => Ok(UpstreamStatus::Failed),
+            other => Err(UnknownStatus(other.to_owned())),
+        }
+    }
+}
+
+/// Who brought a piece of news about a task; shown in the task's event timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventSource {
+    Api,
+    Dispatch,
+    Webhook,
+    Poll,
+    System,
+}
+
+impl EventSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventSource::Api => "api",
+            EventSource::Dispatch => "dispatch",
+            EventSource::Webhook => "webhook",
+            EventSource::Poll => "poll",
+            EventSource::System => "system",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskError {
+    pub code: String,
+    pub message: String,
+}
+
+impl TaskError {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        TaskError {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultImage {
+    pub index: u32,
+    pub url: String,
+}
+
+/// What one upstream message (a callback, a query answer or a create answer) says about a task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamReport {
+    pub task_id: Option<String>,
+    pub external_task_id: Option<String>,
+    pub status: UpstreamStatus,
+    pub status_msg: Option<String>,
+    /// Upstream's own `updated_at`, Unix milliseconds.
+    pub updated_at_ms: Option<i64>,
+    pub images: Vec<ResultImage>,
+}
+
+/// The part of a stored task the status machine needs to decide.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskState {
+    pub status: TaskStatus,
+    pub upstream_task_id: Option<String>,
+    pub external_task_id: String,
+    pub upstream_updated_at_ms: Option<i64>,
+}
+
+/// A change to write: the new status and everything that goes with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub status: TaskStatus,
+    pub upstream_status: Option<UpstreamStatus>,
+    /// Bound when the task had no upstream id yet.
+    pub bind_upstream_task_id: Option<String>,
+    pub upstream_updated_at_ms: Option<i64>,
+    /// Replaces the stored images when set (only on success).
+    pub images: Option<Vec<ResultImage>>,
+    pub error: Option<TaskError>,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IgnoreReason {
+    /// The same status again: nothing new.
+    Duplicate,
+    /// Older than what is stored (lower in the status order, or an older upstream timestamp).
+    Stale,
+    /// The task is already final; nothing moves it.
+    AlreadyFinal,
+}
+
+impl IgnoreReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IgnoreReason::Duplicate => "duplicate",
+            IgnoreReason::Stale => "stale",
+            IgnoreReason::AlreadyFinal => "already_final",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transition {
+    Apply(Change),
+    Ignore(IgnoreReason),
+}
+
+/// A report that cannot belong to the task it was delivered for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportMismatch {
+    #[error("report is for upstream task `{got}`, but this task is upstream task `{expected}`")]
+    TaskId { expected: String, got: String },
+    #[error("report carries external_task_id `{got}`, but this task's is `{expected}`")]
+    ExternalTaskId { expected: String, got: String },
+}
+
+/// The status machine for news from upstream. Webhooks, polls and dispatch all go through here,
+/// so the same report has the same effect whichever way it arrives:
+/// - a final task never changes;
+/// - a report lower in the order `pending < submitted < processing < final` is stale;
+/// - the same status again is a duplicate, unless it is newer and carries something new;
+/// - a report for another upstream task is refused.
+pub fn apply_report(
+    state: &TaskState,
+    report: &UpstreamReport,
+) -> Result<Transition, ReportMismatch> {
+    if let (Some(expected), Some(got)) = (&state.upstream_task_id, &report.task_id) {
+        if expected != got {
+            return Err(ReportMismatch::TaskId {
+                expected: expected.clone(),
+                got: got.clone(),
+            });
+        }
+    }
+    if let Some(got) = &report.external_task_id {
+        if !got.is_empty() && *got != state.external_task_id {
+            return Err(ReportMismatch::ExternalTaskId {
+                expected: state.external_task_id.clone(),
+                got: got.clone(),
+            });
+        }
+    }
+    if state.status.is_final() {
+        return Ok(Transition::Ignore(IgnoreReason::AlreadyFinal));
+    }
+    let target = report.status.to_task_status();
+    let older_than_stored = matches!(
+        (report.updated_at_ms, state.upstream_updated_at_ms),
+        (Some(new), Some(old)) if new < old
+    );
+    if target.rank() < state.status.rank() {
+        return Ok(Transition::Ignore(IgnoreReason::Stale));
+    }
+    if target == state.status {
+        return Ok(Transition::Ignore(if older_than_stored {
+            IgnoreReason::Stale
+        } else {
+            IgnoreReason::Duplicate
+        }));
+    }
+    // A higher status with an older upstream timestamp is still progress: status order is the
+    // one signal that cannot be reordered by clocks, so it wins.
+    let (images, error) = match report.status {
+        UpstreamStatus::Succeed => {
+            let mut images = report.images.clone();
+            images.sort_by_key(|i| i.index);
+            images.dedup_by_key(|i| i.index);
+            (Some(images), None)
+        }
+        UpstreamStatus::Failed => {
+            let message = report
+                .status_msg
+                .clone()
+                .filter(|m| !m.trim().is_empty())
+                .unwrap_or_else(|| "upstream reported the task as failed".to_owned());
+            (None, Some(TaskError::new("upstream_failed", message)))
+        }
+        _ => (None, None),
+    };
+    Ok(Transition::Apply(Change {
+        status: target,
+        upstream_status: Some(report.status),
+        bind_upstream_task_id: match &state.upstream_task_id {
+            None => report.task_id.clone(),
+            Some(_) => None,
+        },
+        upstream_updated_at_ms: match (report.updated_at_ms, state.upstream_updated_at_ms) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        },
+        images,
+        error,
+        detail: report.status_msg.clone().filter(|m| !m.is_empty()),
+    }))
+}
+
+/// Ends a non-final task with the given status and error (timeouts, refusals, lost tasks).
+pub fn finish_with_error(state: &TaskState, status: TaskStatus, error: TaskError) -> Transition {
+    debug_assert!(status.is_final());
+    if state.status.is_final() {
+        return Transition::Ignore(IgnoreReason::AlreadyFinal);
+    }
+    Transition::Apply(Change {
+        status,
+        upstream_status: None,
+        bind_upstream_task_id: None,
+        upstream_updated_at_ms: state.upstream_updated_at_ms,
+        images: None,
+        detail: Some(error.message.clone()),
+        error: Some(error),
+    })
+}
+
+/// A task as stored: what clients asked for and everything learnt since.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    pub id: String,
+    pub external_task_id: String,
+    pub upstream_task_id: Option<String>,
+    pub status: TaskStatus,
+    pub upstream_status: Option<String>,
+    pub model_name: String,
+    pub prompt: Option<String>,
+    pub n: i64,
+    pub aspect_ratio: Option<String>,
+    pub metadata: Option<serde_json::Value>,
+    pub images: Vec<ResultImage>,
+    pub error: Option<TaskError>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub completed_at_ms: Option<i64>,
+    pub upstream_updated_at_ms: Option<i64>,
+    /// Bumped by every status change; a change commits only against the version it was decided on.
+    pub version: i64,
+    pub dispatch_attempts: i64,
+    /// Set while a create call may have reached upstream without its answer being recorded.
+    pub dispatch_started_at_ms: Option<i64>,
+    pub poll_count: i64,
+}
+
+impl Task {
+    pub fn state(&self) -> TaskState {
+        TaskState {
+            status: self.status,
+            upstream_task_id: self.upstream_task_id.clone(),
+            external_task_id: self.external_task_id.clone(),
+            upstream_updated_at_ms: self.upstream_updated_at_ms,
+        }
+    }
+}
+
+/// One entry of a task's timeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskEvent {
+    pub at_ms: i64,
+    pub source: String,
+    pub status: String,
+    pub upstream_status: Option<String>,
+    pub detail: Option<String>,
+}
+
+/// The request's images, kept until the task is dispatched.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskInputs {
+    pub subject_images: Vec<String>,
+    pub scene_image: Option<String>,
+    pub style_image: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(status: TaskStatus, upstream: Option<&str>, updated: Option<i64>) -> TaskState {
+        TaskState {
+            status,
+            upstream_task_id: upstream.map(str::to_owned),
+            external_task_id: "ext-1".into(),
+            upstream_updated_at_ms: updated,
+        }
+    }
+
+    fn report(status: UpstreamStatus, task_id: &str, updated: i64) -> UpstreamReport {
+        UpstreamReport {
+            task_id: Some(task_id.into()),
+            external_task_id: Some("ext-1".into()),
+            status,
+            status_msg: None,
+            updated_at_ms: Some(updated),
+            images: vec![],
+        }
+    }
+
+    #[test]
+    fn moves_forward_and_binds_the_upstream_id() {
+        let s = state(TaskStatus::Pending, None, None);
+        let t = apply_report(&s, &report(UpstreamStatus::Processing, "u1", 10)).unwrap();
+        let Transition::Apply(c) = t else {
+            panic!("expected a change")
+        };
+        assert_eq!(c.status, TaskStatus::Processing);
+        assert_eq!(c.bind_upstream_task_id.as_deref(), Some("u1"));
+        assert_eq!(c.upstream_updated_at_ms, Some(10));
+    }
+
+    #[test]
+    fn never_moves_backwards_or_out_of_a_final_status() {
+        let s = state(TaskStatus::Processing, Some("u1"), Some(20));
+        assert_eq!(
+            apply_report(&s, &report(UpstreamStatus::Submitted, "u1", 30)).unwrap(),
+            Transition::Ignore(IgnoreReason::Stale)
+        );
+        let done = state(TaskStatus::Succeeded, Some("u1"), Some(20));
+        assert_eq!(
+            apply_report(&done, &report(UpstreamStatus::Failed, "u1", 40)).unwrap(),
+            Transition::Ignore(IgnoreReason::AlreadyFinal)
+        );
+    }
+
+    #[test]
+    fn same_status_is_a_duplicate_and_older_same_status_is_stale() {
+        let s = state(TaskStatus::Processing, Some("u1"), Some(20));
+        assert_eq!(
+            apply_report(&s, &report(UpstreamStatus::Processing, "u1", 20)).unwrap(),
+            Transition::Ignore(IgnoreReason::Duplicate)
+        );
+        assert_eq!(
+            apply_report(&s, &report(UpstreamStatus::Processing, "u1", 5)).unwrap(),
+            Transition::Ignore(IgnoreReason::Stale)
+        );
+    }
+
+    #[test]
+    fn refuses_a_report_for_another_task() {
+        let s = state(TaskStatus::Submitted, Some("u1"), None);
+        assert!(matches!(
+            apply_report(&s, &report(UpstreamStatus::Succeed, "u2", 1)),
+            Err(ReportMismatch::TaskId { .. })
+        ));
+        let mut r = report(UpstreamStatus::Succeed, "u1", 1);
+        r.external_task_id = Some("ext-other".into());
+        assert!(matches!(
+            apply_report(&s, &r),
+            Err(ReportMismatch::ExternalTaskId { .. })
+        ));
+    }
+
+    #[test]
+    fn success_sorts_images_and_failure_carries_the_reason() {
+        let s = state(TaskStatus::Processing, Some("u1"), None);
+        let mut r = report(UpstreamStatus::Succeed, "u1", 1);
+        r.images = vec![
+            ResultImage {
+                index: 1,
+                url: "b".into(),
+            },
+            ResultImage {
+                index: 0,
+                url: "a".into(),
+            },
+        ];
+        let Transition::Apply(c) = apply_report(&s, &r).unwrap() else {
+            panic!("expected a change")
+        };
+        let idx: Vec<u32> = c.images.unwrap().iter().map(|i| i.index).collect();
+        assert_eq!(idx, vec![0, 1]);
+
+        let mut f = report(UpstreamStatus::Failed, "u1", 2);
+        f.status_msg = Some("content moderation".into());
+        let Transition::Apply(c) = apply_report(&s, &f).unwrap() else {
+            panic!("expected a change")
+        };
+        assert_eq!(c.status, TaskStatus::Failed);
+        assert_eq!(c.error.unwrap().message, "content moderation");
+    }
+
+    #[test]
+    fn finishing_a_final_task_changes_nothing() {
+        let s = state(TaskStatus::Failed, None, None);
+        assert_eq!(
+            finish_with_error(&s, TaskStatus::TimedOut, TaskError::new("timed_out", "x")),
+            Transition::Ignore(IgnoreReason::AlreadyFinal)
+        );
+    }
+
+    #[test]
+    fn statuses_round_trip_through_their_names() {
+        for s in TaskStatus::ALL {
+            assert_eq!(s.as_str().parse::<TaskStatus>().unwrap(), s);
+        }
+        assert!("succeed".parse::<TaskStatus>().is_err());
+    }
+}

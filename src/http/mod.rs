@@ -1,0 +1,67 @@
+//! The HTTP layer: routes, request parsing and response shapes. Handlers stay thin and call the
+//! service; errors become problem+json in `error`.
+
+pub mod error;
+mod tasks;
+mod webhooks;
+
+use crate::service::Relay;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::{header, HeaderMap};
+use axum::routing::{get, post};
+use axum::Router;
+use error::ApiError;
+use std::sync::Arc;
+use tower_http::trace::TraceLayer;
+
+pub type AppState = Arc<Relay>;
+
+pub fn router(relay: Arc<Relay>) -> Router {
+    let body_limit = relay.settings.server.max_body_bytes;
+    Router::new()
+        .route("/v1/tasks", post(tasks::submit).get(tasks::list))
+        .route("/v1/tasks/{id}", get(tasks::get))
+        .route("/v1/tasks/{id}/events", get(tasks::events))
+        .route("/webhooks/cometapi/{id}", post(webhooks::cometapi))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(
+            // Spans name the route template, never the URI: callback URLs carry tokens.
+            TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                let route = req
+                    .extensions()
+                    .get::<MatchedPath>()
+                    .map(|m| m.as_str().to_owned())
+                    .unwrap_or_else(|| "unmatched".into());
+                tracing::info_span!("http", method = %req.method(), route = %route)
+            }),
+        )
+        .with_state(relay)
+}
+
+/// Refuses a body that is not declared as JSON.
+pub(crate) fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json")) {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType(
+            "the body must be JSON (content-type: application/json)".into(),
+        ))
+    }
+}
+
+pub(crate) fn parse_json(body: &[u8]) -> Result<serde_json::Value, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))
+}

@@ -1,0 +1,47 @@
+//! `/webhooks/cometapi/{id}?token=...`: CometAPI's callbacks.
+//!
+//! The token is checked before anything else is read, and 2xx is answered only once the change
+//! is committed, so a sender that sees an error can retry.
+
+use super::error::ApiError;
+use super::{parse_json, require_json, AppState};
+use crate::domain::EventSource;
+use crate::service::ApplyOutcome;
+use crate::upstream::parse_callback;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use serde_json::{json, Value};
+
+pub async fn cometapi(
+    State(relay): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let token = url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    if token.is_empty() || !relay.verify_webhook_token(&id, &token) {
+        return Err(ApiError::Unauthorized(
+            "missing or invalid callback token".into(),
+        ));
+    }
+    require_json(&headers)?;
+    let body = parse_json(&body)?;
+    let report = parse_callback(&body).ok_or_else(|| {
+        ApiError::bad_request("not a task callback: expected task_id and a known task_status")
+    })?;
+    let outcome = relay
+        .apply_report(&id, EventSource::Webhook, &report)
+        .await?;
+    let (outcome, status) = match outcome {
+        ApplyOutcome::Applied(s) => ("applied", Some(s)),
+        ApplyOutcome::Ignored(reason) => (reason.as_str(), None),
+    };
+    tracing::info!(task_id = %id, outcome, "callback received");
+    Ok(Json(json!({ "outcome": outcome, "status": status })))
+}

@@ -1,0 +1,13 @@
+//! kling-relay: a durable relay in front of CometAPI's Kling multi-image-to-image generation.
+//! See ARCHITECTURE.md for the map of modules.
+
+pub mod app;
+pub mod config;
+pub mod domain;
+pub mod http;
+pub mod service;
+pub mod simulator;
+pub mod storage;
+pub mod telemetry;
+pub mod upstream;
+pub mod workers;

@@ -1,0 +1,195 @@
+//! The `kling-relay` command: `serve`, `migrate` and `simulator`.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kling_relay::config::Settings;
+use kling_relay::simulator::{Failure, Faults, SimConfig, Simulator};
+use kling_relay::{app, telemetry};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "kling-relay",
+    version,
+    about = "A durable relay in front of CometAPI's Kling image generation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Serve {
+        /// Settings file layered over config/default.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Run against a built-in CometAPI simulator (offline; results are simulated).
+        #[arg(long)]
+        simulate: bool,
+    },
+    /// Apply database migrations and exit.
+    Migrate {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run the CometAPI simulator on its own.
+    Simulator(SimulatorArgs),
+}
+
+#[derive(clap::Args)]
+struct SimulatorArgs {
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    listen: SocketAddr,
+    /// Bearer key the simulator expects.
+    #[arg(long, default_value = "sk-simulator")]
+    api_key: String,
+    /// Time from submitted to processing.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    processing_after: Duration,
+    /// Time from processing to the final status.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    finish_after: Duration,
+    /// Account concurrency in units (a task holds n).
+    #[arg(long, default_value_t = 20)]
+    concurrency_units: i64,
+    /// Do not answer queries by external_task_id.
+    #[arg(long)]
+    no_external_lookup: bool,
+    /// Probability (0 to 1) of dropping each callback.
+    #[arg(long, default_value_t = 0.0)]
+    drop_callbacks: f64,
+    #[arg(long)]
+    duplicate_callbacks: bool,
+    #[arg(long)]
+    reorder_callbacks: bool,
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    callback_delay: Duration,
+    /// Make every create call fail: http500, http503, http429 or code1303.
+    #[arg(long, value_parser = parse_failure)]
+    create_fail: Option<Failure>,
+    /// Make every query fail: http500, http503, http429 or code1303.
+    #[arg(long, value_parser = parse_failure)]
+    query_fail: Option<Failure>,
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    create_delay: Duration,
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    query_delay: Duration,
+}
+
+fn parse_failure(s: &str) -> Result<Failure, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|_| format!("`{s}`: expected http500, http503, http429 or code1303"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { config, simulate } => {
+            let mut settings = Settings::load(config.as_deref())?;
+            if !simulate {
+                settings.require_api_key()?;
+            }
+            telemetry::init(settings.log.format, &settings.log.level);
+            let listener = tokio::net::TcpListener::bind(settings.server.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", settings.server.listen))?;
+            let _sim = if simulate {
+                Some(app::simulate(&mut settings, listener.local_addr()?).await?)
+            } else {
+                None
+            };
+            let shutdown = CancellationToken::new();
+            tokio::spawn(stop_on_signal(shutdown.clone()));
+            app::run(settings, listener, shutdown).await
+        }
+        Command::Migrate { config } => {
+            let settings = Settings::load(config.as_deref())?;
+            telemetry::init(settings.log.format, &settings.log.level);
+            let store = app::open_store(&settings).await?;
+            store.close().await;
+            println!("migrations applied ({})", store.backend());
+            Ok(())
+        }
+        Command::Simulator(a) => {
+            telemetry::init(kling_relay::config::LogFormat::Text, "info");
+            let listener = tokio::net::TcpListener::bind(a.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", a.listen))?;
+            let cfg = SimConfig {
+                api_key: a.api_key,
+                processing_after: a.processing_after,
+                finish_after: a.finish_after,
+                concurrency_units: a.concurrency_units,
+                lookup_by_external_id: !a.no_external_lookup,
+                ..SimConfig::default()
+            };
+            let sim = Simulator::start(cfg, listener).await?;
+            sim.set_faults(Faults {
+                drop_callbacks: a.drop_callbacks,
+                duplicate_callbacks: a.duplicate_callbacks,
+                reorder_callbacks: a.reorder_callbacks,
+                callback_delay_ms: a.callback_delay.as_millis() as u64,
+                create_fail: a.create_fail,
+                query_fail: a.query_fail,
+                create_delay_ms: a.create_delay.as_millis() as u64,
+                query_delay_ms: a.query_delay.as_millis() as u64,
+                ..Faults::default()
+            });
+            tracing::info!(url = %sim.base_url(), "CometAPI simulator listening; faults at PUT /_sim/faults");
+            let shutdown = CancellationToken::new();
+            stop_on_signal(shutdown.clone()).await;
+            sim.stop();
+            Ok(())
+        }
+    }
+}
+
+/// Cancels `token` on Ctrl-C or SIGTERM.
+async fn stop_on_signal(token: CancellationToken) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down");
+    token.cancel();
+}

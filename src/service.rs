@@ -1,0 +1,253 @@
+//! The relay's use cases: submit, read history, and apply news about a task. HTTP handlers and
+//! background workers both call in here, so every path goes through the same status machine and
+//! the same storage rules.
+
+use crate::config::Settings;
+use crate::domain::{
+    apply_report, finish_with_error, validate_new_task, EventSource, FieldError, IgnoreReason,
+    ReportMismatch, Rules, Task, TaskError, TaskEvent, TaskInputs, TaskStatus, Transition,
+    UpstreamReport,
+};
+use crate::storage::{ListFilter, NewTaskRecord, StorageError, Store};
+use crate::upstream::CometClient;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{broadcast, Notify};
+
+/// Name of the stored secret behind callback URL tokens.
+const WEBHOOK_SECRET_NAME: &str = "webhook_token_key";
+/// How often a status change is re-decided when another writer got in first.
+const MAX_CHANGE_ATTEMPTS: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("the request is invalid")]
+    Invalid(Vec<FieldError>),
+    #[error("task not found")]
+    NotFound,
+    #[error(transparent)]
+    Mismatch(#[from] ReportMismatch),
+    #[error("the task kept changing while this update was applied; try again")]
+    Contended,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// What applying a report did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    Applied(TaskStatus),
+    Ignored(IgnoreReason),
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+pub struct Relay {
+    pub store: Store,
+    pub upstream: CometClient,
+    pub settings: Arc<Settings>,
+    token_key: Vec<u8>,
+    /// Wakes the dispatcher when a task is accepted.
+    pub dispatch_wake: Notify,
+    /// Ids of tasks that changed or had a dispatch attempt; waiters filter by id.
+    changes: broadcast::Sender<String>,
+}
+
+impl Relay {
+    pub async fn new(store: Store, settings: Arc<Settings>) -> anyhow::Result<Relay> {
+        let configured = settings.server.webhook_secret.expose();
+        let key = if configured.is_empty() {
+            let generated =
+                base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
+            store.ensure_secret(WEBHOOK_SECRET_NAME, &generated).await?
+        } else {
+            configured.to_owned()
+        };
+        let c = &settings.cometapi;
+        let upstream = CometClient::new(
+            &c.base_url,
+            c.api_key.clone(),
+            c.timeout,
+            &c.scene_image_field,
+        )?;
+        let (changes, _) = broadcast::channel(1024);
+        Ok(Relay {
+            store,
+            upstream,
+            token_key: key.into_bytes(),
+            settings,
+            dispatch_wake: Notify::new(),
+            changes,
+        })
+    }
+
+    fn mac(&self, task_id: &str) -> Hmac<Sha256> {
+        // HMAC accepts keys of any length, so this cannot fail.
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.token_key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        mac.update(b"cometapi-callback:");
+        mac.update(task_id.as_bytes());
+        mac
+    }
+
+    /// The unguessable token that authorises callbacks for one task.
+    pub fn webhook_token(&self, task_id: &str) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(self.mac(task_id).finalize().into_bytes())
+    }
+
+    /// Constant-time check of a callback token.
+    pub fn verify_webhook_token(&self, task_id: &str, token: &str) -> bool {
+        match base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token) {
+            Ok(raw) => self.mac(task_id).verify_slice(&raw).is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// Where upstream should call back for a task; None when no public URL is configured.
+    pub fn callback_url(&self, task_id: &str) -> Option<String> {
+        let base = self.settings.server.public_url.trim_end_matches('/');
+        if base.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "{base}/webhooks/cometapi/{task_id}?token={}",
+            self.webhook_token(task_id)
+        ))
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.changes.subscribe()
+    }
+
+    pub fn publish(&self, task_id: &str) {
+        // No receivers is fine: nobody is waiting.
+        let _ = self.changes.send(task_id.to_owned());
+    }
+
+    /// Validates and durably stores a task, then gives the dispatcher up to `dispatch.wait` to
+    /// send it upstream, so the usual answer already says `submitted`.
+    pub async fn submit(&self, body: &serde_json::Value) -> Result<Task, ServiceError> {
+        let req = validate_new_task(body, Rules::API).map_err(ServiceError::Invalid)?;
+        let id = uuid::Uuid::now_v7().to_string();
+        let record = NewTaskRecord {
+            external_task_id: format!("klr-{id}"),
+            id: id.clone(),
+            model_name: req.model_name,
+            prompt: req.prompt,
+            n: i64::from(req.n),
+            aspect_ratio: req.aspect_ratio,
+            metadata: req.metadata.map(serde_json::Value::Object),
+            inputs: TaskInputs {
+                subject_images: req.subject_images,
+                scene_image: req.scene_image,
+                style_image: req.style_image,
+            },
+            created_at_ms: now_ms(),
+        };
+        let mut changes = self.subscribe();
+        self.store.insert_task(&record).await?;
+        self.dispatch_wake.notify_one();
+        let wait = self.settings.dispatch.wait;
+        let _ = tokio::time::timeout(wait, async {
+            loop {
+                match changes.recv().await {
+                    Ok(changed) if changed == id => return,
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        })
+        .await;
+        self.store
+            .get_task(&id)
+            .await?
+            .ok_or(ServiceError::NotFound)
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Task, ServiceError> {
+        self.store.get_task(id).await?.ok_or(ServiceError::NotFound)
+    }
+
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<Task>, ServiceError> {
+        Ok(self.store.list_tasks(filter).await?)
+    }
+
+    pub async fn events(&self, id: &str) -> Result<Vec<TaskEvent>, ServiceError> {
+        if self.store.get_task(id).await?.is_none() {
+            return Err(ServiceError::NotFound);
+        }
+        Ok(self.store.events(id).await?)
+    }
+
+    /// When a task that just moved to `status` should first be polled.
+    fn poll_due_after_change(&self, status: TaskStatus, now: i64) -> Option<i64> {
+        matches!(status, TaskStatus::Submitted | TaskStatus::Processing)
+            .then(|| now + ms(self.settings.poller.first_poll_after))
+    }
+
+    /// Applies what upstream says about a task, whichever way it arrived.
+    pub async fn apply_report(
+        &self,
+        id: &str,
+        source: EventSource,
+        report: &UpstreamReport,
+    ) -> Result<ApplyOutcome, ServiceError> {
+        self.decide_and_commit(id, source, |task| Ok(apply_report(&task.state(), report)?))
+            .await
+    }
+
+    /// Ends a task with an error unless it is already final.
+    pub async fn finish(
+        &self,
+        id: &str,
+        source: EventSource,
+        status: TaskStatus,
+        error: TaskError,
+    ) -> Result<ApplyOutcome, ServiceError> {
+        self.decide_and_commit(id, source, |task| {
+            Ok(finish_with_error(&task.state(), status, error.clone()))
+        })
+        .await
+    }
+
+    async fn decide_and_commit(
+        &self,
+        id: &str,
+        source: EventSource,
+        decide: impl Fn(&Task) -> Result<Transition, ServiceError>,
+    ) -> Result<ApplyOutcome, ServiceError> {
+        for _ in 0..MAX_CHANGE_ATTEMPTS {
+            let task = self.get(id).await?;
+            let change = match decide(&task)? {
+                Transition::Ignore(reason) => return Ok(ApplyOutcome::Ignored(reason)),
+                Transition::Apply(change) => change,
+            };
+            let now = now_ms();
+            let poll_due = self.poll_due_after_change(change.status, now);
+            if self
+                .store
+                .commit_change(id, task.version, &change, source, now, poll_due)
+                .await?
+            {
+                tracing::info!(task_id = %id, source = source.as_str(), status = %change.status, "task status changed");
+                self.publish(id);
+                return Ok(ApplyOutcome::Applied(change.status));
+            }
+        }
+        Err(ServiceError::Contended)
+    }
+}

@@ -1,0 +1,599 @@
+//! A CometAPI simulator that follows `shared/reference/cometapi-kling.md`: the create and query
+//! endpoints, the `{code, message, request_id, data}` envelope, millisecond timestamps, unique
+//! `external_task_id` per account, the n-weighted concurrency limit answering `1303`,
+//! `task_not_exist`, callbacks on every status change, and small valid PNGs for the results.
+//!
+//! Fault switches (drop, duplicate, reorder and delay callbacks; 5xx, 429, 1303, slow or lost
+//! answers on create and query) are set through [`Simulator::set_faults`] or `PUT /_sim/faults`.
+
+use crate::domain::{validate_new_task, Rules};
+use crate::upstream::{CODE_CONCURRENCY_FULL, CREATE_PATH};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
+
+/// A 1x1 PNG; every result image is this picture.
+const PNG_BASE64: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub api_key: String,
+    /// Time from `submitted` to `processing`.
+    pub processing_after: Duration,
+    /// Time from `processing` to the final status.
+    pub finish_after: Duration,
+    /// Account concurrency in units (a task holds `n`).
+    pub concurrency_units: i64,
+    /// A prompt containing this word ends `failed` with a moderation message.
+    pub fail_marker: String,
+    /// Whether `GET .../generations?external_task_id=` is answered (Kling has it; CometAPI may not).
+    pub lookup_by_external_id: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            api_key: "sk-simulator".into(),
+            processing_after: Duration::from_millis(500),
+            finish_after: Duration::from_secs(2),
+            concurrency_units: 20,
+            fail_marker: "forbidden".into(),
+            lookup_by_external_id: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Failure {
+    Http500,
+    Http503,
+    Http429,
+    Code1303,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Probability (0 to 1) that a callback is never sent.
+    pub drop_callbacks: f64,
+    pub duplicate_callbacks: bool,
+    /// Hold back non-final callbacks and send them after the final one.
+    pub reorder_callbacks: bool,
+    pub callback_delay_ms: u64,
+    /// Wrap callbacks in the `{code, message, data}` envelope.
+    pub callback_envelope: bool,
+    pub create_fail: Option<Failure>,
+    /// How many create calls fail before the switch clears itself; None: all of them.
+    pub create_fail_times: Option<u32>,
+    pub create_delay_ms: u64,
+    /// Create the task, then answer 500 as if the answer was lost on the way.
+    pub create_lose_response: bool,
+    pub query_fail: Option<Failure>,
+    pub query_delay_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SimStats {
+    pub create_calls: u64,
+    pub tasks_created: u64,
+    pub query_calls: u64,
+    pub callbacks_sent: u64,
+    pub units_in_use: i64,
+}
+
+#[derive(Debug, Clone)]
+struct SimTask {
+    task_id: String,
+    external_task_id: Option<String>,
+    status: &'static str,
+    status_msg: String,
+    created_at: i64,
+    updated_at: i64,
+    n: i64,
+    callback_url: Option<String>,
+    images: Vec<String>,
+}
+
+struct Inner {
+    cfg: SimConfig,
+    base_url: String,
+    faults: Mutex<Faults>,
+    state: Mutex<SimState>,
+    http: reqwest::Client,
+    shutdown: CancellationToken,
+}
+
+#[derive(Default)]
+struct SimState {
+    tasks: HashMap<String, SimTask>,
+    by_external: HashMap<String, String>,
+    stats: SimStats,
+}
+
+/// A running simulator; dropping it does not stop it, [`Simulator::stop`] does.
+#[derive(Clone)]
+pub struct Simulator {
+    inner: Arc<Inner>,
+    addr: SocketAddr,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not take the simulator down with it.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Simulator {
+    /// Serves the simulator on `listener` until [`Simulator::stop`].
+    pub async fn start(cfg: SimConfig, listener: tokio::net::TcpListener) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(std::io::Error::other)?;
+        let inner = Arc::new(Inner {
+            cfg,
+            base_url: format!("http://{addr}"),
+            faults: Mutex::new(Faults::default()),
+            state: Mutex::new(SimState::default()),
+            http,
+            shutdown: CancellationToken::new(),
+        });
+        let app = router(inner.clone());
+        let token = inner.shutdown.clone();
+        tokio::spawn(async move {
+            let serve = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { token.cancelled().await });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "simulator server stopped");
+            }
+        });
+        Ok(Simulator { inner, addr })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn base_url(&self) -> String {
+        self.inner.base_url.clone()
+    }
+
+    pub fn api_key(&self) -> &str {
+        &self.inner.cfg.api_key
+    }
+
+    pub fn set_faults(&self, f: Faults) {
+        *lock(&self.inner.faults) = f;
+    }
+
+    pub fn faults(&self) -> Faults {
+        lock(&self.inner.faults).clone()
+    }
+
+    pub fn stats(&self) -> SimStats {
+        lock(&self.inner.state).stats.clone()
+    }
+
+    /// The upstream status of a task, as the simulator holds it.
+    pub fn task_status(&self, task_id: &str) -> Option<&'static str> {
+        lock(&self.inner.state).tasks.get(task_id).map(|t| t.status)
+    }
+
+    pub fn stop(&self) {
+        self.inner.shutdown.cancel();
+    }
+}
+
+fn router(inner: Arc<Inner>) -> Router {
+    Router::new()
+        .route(CREATE_PATH, get(query_by_external).post(create))
+        .route(&format!("{CREATE_PATH}/{{task_id}}"), get(query))
+        .route("/sim/images/{task_id}/{file}", get(image))
+        .route("/_sim/faults", get(get_faults).put(put_faults))
+        .route("/_sim/stats", get(stats))
+        .with_state(inner)
+}
+
+fn envelope(code: Value, message: &str, data: Value) -> Value {
+    json!({
+        "code": code,
+        "message": message,
+        "request_id": uuid::Uuid::new_v4().to_string(),
+        "data": data,
+    })
+}
+
+fn reply(status: StatusCode, body: Value) -> Response {
+    (status, Json(body)).into_response()
+}
+
+fn authorized(inner: &Inner, headers: &HeaderMap) -> bool {
+    let want = format!("Bearer {}", inner.cfg.api_key);
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == want)
+}
+
+fn unauthorized() -> Response {
+    reply(
+        StatusCode::UNAUTHORIZED,
+        envelope(json!(1000), "Authentication failed", Value::Null),
+    )
+}
+
+fn failure_response(f: Failure) -> Response {
+    match f {
+        Failure::Http500 => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            envelope(json!(5000), "internal error", Value::Null),
+        ),
+        Failure::Http503 => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            envelope(json!(5001), "service unavailable", Value::Null),
+        ),
+        Failure::Http429 => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, "1")],
+            Json(envelope(json!(1302), "rate limit exceeded", Value::Null)),
+        )
+            .into_response(),
+        Failure::Code1303 => reply(
+            StatusCode::OK,
+            envelope(
+                json!(CODE_CONCURRENCY_FULL),
+                "parallel task over resource pack limit",
+                Value::Null,
+            ),
+        ),
+    }
+}
+
+/// Takes one use of the create fault, if any is armed.
+fn take_create_fault(inner: &Inner) -> (Option<Failure>, u64, bool) {
+    let mut f = lock(&inner.faults);
+    let failure = f.create_fail;
+    if failure.is_some() {
+        if let Some(left) = f.create_fail_times.as_mut() {
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                f.create_fail = None;
+                f.create_fail_times = None;
+            }
+        }
+    }
+    (failure, f.create_delay_ms, f.create_lose_response)
+}
+
+fn task_json(t: &SimTask, base_url: &str) -> Value {
+    let mut data = json!({
+        "task_id": t.task_id,
+        "task_status": t.status,
+        "task_status_msg": t.status_msg,
+        "task_info": { "external_task_id": t.external_task_id.clone().unwrap_or_default() },
+        "created_at": t.created_at,
+        "updated_at": t.updated_at,
+    });
+    if t.status == "succeed" || t.status == "failed" {
+        data["final_unit_deduction"] = json!(if t.status == "succeed" {
+            t.n.to_string()
+        } else {
+            "0".into()
+        });
+    }
+    if t.status == "succeed" {
+        let images: Vec<Value> = t
+            .images
+            .iter()
+            .enumerate()
+            .map(|(i, _)| json!({ "index": i, "url": format!("{base_url}/sim/images/{}/{i}.png", t.task_id) }))
+            .collect();
+        data["task_result"] = json!({ "images": images });
+    }
+    data
+}
+
+async fn create(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: String) -> Response {
+    lock(&inner.state).stats.create_calls += 1;
+    if !authorized(&inner, &headers) {
+        return unauthorized();
+    }
+    let (failure, delay, lose_response) = take_create_fault(&inner);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if let Some(f) = failure {
+        return failure_response(f);
+    }
+    let Ok(body) = serde_json::from_str::<Value>(&body) else {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            envelope(json!(1200), "invalid request body: not JSON", Value::Null),
+        );
+    };
+    let task = match validate_new_task(&body, Rules::UPSTREAM) {
+        Ok(t) => t,
+        Err(errors) => {
+            let msg = errors
+                .iter()
+                .map(|e| format!("{}: {}", e.field, e.message))
+                .collect::<Vec<_>>()
+                .join("; ");
+            return reply(
+                StatusCode::BAD_REQUEST,
+                envelope(
+                    json!(1201),
+                    &format!("invalid parameters: {msg}"),
+                    Value::Null,
+                ),
+            );
+        }
+    };
+    let external = body
+        .get("external_task_id")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned);
+    let callback_url = body
+        .get("callback_url")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned);
+    let n = i64::from(task.n);
+    let now = now_ms();
+    let sim_task = {
+        let mut st = lock(&inner.state);
+        if let Some(ext) = &external {
+            if st.by_external.contains_key(ext) {
+                drop(st);
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    envelope(
+                        json!(1201),
+                        "external_task_id already exists for this account",
+                        Value::Null,
+                    ),
+                );
+            }
+        }
+        if st.stats.units_in_use + n > inner.cfg.concurrency_units {
+            drop(st);
+            return failure_response(Failure::Code1303);
+        }
+        let task_id = loop {
+            let id = rand::thread_rng()
+                .gen_range(100_000_000_000_000_000u64..1_000_000_000_000_000_000u64)
+                .to_string();
+            if !st.tasks.contains_key(&id) {
+                break id;
+            }
+        };
+        let failing = task
+            .prompt
+            .as_deref()
+            .is_some_and(|p| p.contains(&inner.cfg.fail_marker));
+        let t = SimTask {
+            task_id: task_id.clone(),
+            external_task_id: external.clone(),
+            status: "submitted",
+            status_msg: String::new(),
+            created_at: now,
+            updated_at: now,
+            n,
+            callback_url,
+            images: (0..n).map(|i| i.to_string()).collect(),
+        };
+        st.stats.units_in_use += n;
+        st.stats.tasks_created += 1;
+        if let Some(ext) = external {
+            st.by_external.insert(ext, task_id.clone());
+        }
+        st.tasks.insert(task_id.clone(), t.clone());
+        tokio::spawn(run_task(inner.clone(), task_id, failing));
+        t
+    };
+    if lose_response {
+        return failure_response(Failure::Http500);
+    }
+    reply(
+        StatusCode::OK,
+        envelope(json!(0), "SUCCEED", task_json(&sim_task, &inner.base_url)),
+    )
+}
+
+/// Moves one task through `submitted` → `processing` → `succeed` | `failed`, calling back at each
+/// change, and frees its units at the end.
+async fn run_task(inner: Arc<Inner>, task_id: String, failing: bool) {
+    let mut held: Vec<(Option<String>, Value)> = Vec::new();
+    let steps: [(Duration, &'static str); 2] = [
+        (inner.cfg.processing_after, "processing"),
+        (
+            inner.cfg.finish_after,
+            if failing { "failed" } else { "succeed" },
+        ),
+    ];
+    for (delay, status) in steps {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = inner.shutdown.cancelled() => return,
+        }
+        let (url, payload) = {
+            let mut st = lock(&inner.state);
+            let Some(t) = st.tasks.get_mut(&task_id) else {
+                return;
+            };
+            t.status = status;
+            // Strictly later than the previous change, even within one millisecond.
+            t.updated_at = now_ms().max(t.updated_at + 1);
+            if status == "failed" {
+                t.status_msg = "content moderation: the prompt was flagged".into();
+            }
+            let payload = task_json(t, &inner.base_url);
+            let url = t.callback_url.clone();
+            if status != "processing" {
+                let n = t.n;
+                st.stats.units_in_use -= n;
+            }
+            (url, payload)
+        };
+        let faults = lock(&inner.faults).clone();
+        if faults.reorder_callbacks && status == "processing" {
+            held.push((url, payload));
+            continue;
+        }
+        send_callback(&inner, &faults, url, payload).await;
+        for (u, p) in held.drain(..) {
+            send_callback(&inner, &faults, u, p).await;
+        }
+    }
+}
+
+async fn send_callback(inner: &Arc<Inner>, faults: &Faults, url: Option<String>, data: Value) {
+    let Some(url) = url else { return };
+    if faults.drop_callbacks > 0.0 && rand::thread_rng().gen::<f64>() < faults.drop_callbacks {
+        return;
+    }
+    let body = if faults.callback_envelope {
+        envelope(json!(0), "SUCCEED", data)
+    } else {
+        data
+    };
+    let copies = if faults.duplicate_callbacks { 2 } else { 1 };
+    let delay = Duration::from_millis(faults.callback_delay_ms);
+    let inner = inner.clone();
+    let send = async move {
+        tokio::time::sleep(delay).await;
+        for _ in 0..copies {
+            // Upstream promises no retry, so neither do we: the receiver must cope.
+            let sent = inner.http.post(&url).json(&body).send().await;
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, "simulator callback failed");
+            }
+            lock(&inner.state).stats.callbacks_sent += 1;
+        }
+    };
+    if delay.is_zero() {
+        send.await;
+    } else {
+        tokio::spawn(send);
+    }
+}
+
+async fn query_fault(inner: &Inner) -> Option<Response> {
+    let (failure, delay) = {
+        let f = lock(&inner.faults);
+        (f.query_fail, f.query_delay_ms)
+    };
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    failure.map(failure_response)
+}
+
+fn not_exist() -> Response {
+    // CometAPI answers unknown ids with a string code and HTTP 400.
+    reply(
+        StatusCode::BAD_REQUEST,
+        json!({"code": "task_not_exist", "message": "task_not_exist", "data": null}),
+    )
+}
+
+fn answer_task(inner: &Inner, task_id: Option<String>) -> Response {
+    let st = lock(&inner.state);
+    match task_id.and_then(|id| st.tasks.get(&id)) {
+        Some(t) => reply(
+            StatusCode::OK,
+            envelope(json!(0), "SUCCEED", task_json(t, &inner.base_url)),
+        ),
+        None => not_exist(),
+    }
+}
+
+async fn query(
+    State(inner): State<Arc<Inner>>,
+    Path(task_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    lock(&inner.state).stats.query_calls += 1;
+    if !authorized(&inner, &headers) {
+        return unauthorized();
+    }
+    if let Some(r) = query_fault(&inner).await {
+        return r;
+    }
+    answer_task(&inner, Some(task_id))
+}
+
+async fn query_by_external(
+    State(inner): State<Arc<Inner>>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    lock(&inner.state).stats.query_calls += 1;
+    if !authorized(&inner, &headers) {
+        return unauthorized();
+    }
+    if !inner.cfg.lookup_by_external_id {
+        return reply(
+            StatusCode::NOT_FOUND,
+            json!({"code": 404, "message": "no such route"}),
+        );
+    }
+    if let Some(r) = query_fault(&inner).await {
+        return r;
+    }
+    let Some(ext) = q.get("external_task_id") else {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            envelope(json!(1201), "external_task_id is required", Value::Null),
+        );
+    };
+    let id = lock(&inner.state).by_external.get(ext).cloned();
+    answer_task(&inner, id)
+}
+
+async fn image(
+    State(inner): State<Arc<Inner>>,
+    Path((task_id, file)): Path<(String, String)>,
+) -> Response {
+    let known = lock(&inner.state).tasks.contains_key(&task_id);
+    if !known || !file.ends_with(".png") {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    match base64::engine::general_purpose::STANDARD.decode(PNG_BASE64) {
+        Ok(png) => ([(header::CONTENT_TYPE, "image/png")], png).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn get_faults(State(inner): State<Arc<Inner>>) -> Json<Faults> {
+    Json(lock(&inner.faults).clone())
+}
+
+async fn put_faults(State(inner): State<Arc<Inner>>, Json(f): Json<Faults>) -> Json<Faults> {
+    *lock(&inner.faults) = f.clone();
+    Json(f)
+}
+
+async fn stats(State(inner): State<Arc<Inner>>) -> Json<SimStats> {
+    Json(lock(&inner.state).stats.clone())
+}

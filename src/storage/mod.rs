@@ -1,0 +1,584 @@
+//! Storage: every SQL statement the service runs, for SQLite and Postgres.
+//!
+//! Both dialects take `$N` placeholders and share the statements below; only the migrations differ
+//! (`migrations/sqlite`, `migrations/postgres`). `on_pool!` expands a body once per backend, so each
+//! statement is type-checked against both drivers without a runtime `Any` layer.
+//!
+//! Status changes are compare-and-set on `version`: a change is decided on a snapshot and commits
+//! only if nobody changed the task since, together with its timeline event, in one transaction.
+
+use crate::domain::{
+    Change, EventSource, ResultImage, Task, TaskError, TaskEvent, TaskInputs, TaskStatus,
+};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, SqlitePool};
+use std::str::FromStr;
+use std::time::Duration;
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration error: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T> = std::result::Result<T, StorageError>;
+
+#[derive(Clone, Debug)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: Pool,
+}
+
+/// Runs `$body` with `$p` bound to whichever pool this store has.
+macro_rules! on_pool {
+    ($store:expr, $p:ident => $body:expr) => {
+        match &$store.pool {
+            Pool::Sqlite($p) => $body,
+            Pool::Postgres($p) => $body,
+        }
+    };
+}
+
+const TASK_COLUMNS: &str = "id, external_task_id, upstream_task_id, status, upstream_status, \
+    model_name, prompt, n, aspect_ratio, metadata, images, error_code, error_message, created_at, \
+    updated_at, completed_at, upstream_updated_at, version, dispatch_attempts, dispatch_started_at, \
+    poll_count";
+
+#[derive(sqlx::FromRow)]
+struct TaskRow {
+    id: String,
+    external_task_id: String,
+    upstream_task_id: Option<String>,
+    status: String,
+    upstream_status: Option<String>,
+    model_name: String,
+    prompt: Option<String>,
+    n: i64,
+    aspect_ratio: Option<String>,
+    metadata: Option<String>,
+    images: Option<String>,
+    error_code: Option<String>,
+    error_message: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+    completed_at: Option<i64>,
+    upstream_updated_at: Option<i64>,
+    version: i64,
+    dispatch_attempts: i64,
+    dispatch_started_at: Option<i64>,
+    poll_count: i64,
+}
+
+impl TryFrom<TaskRow> for Task {
+    type Error = StorageError;
+    fn try_from(r: TaskRow) -> Result<Task> {
+        let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+            StorageError::Corrupt(format!("task {}: {what}: {e}", r.id))
+        };
+        let status = TaskStatus::from_str(&r.status).map_err(|e| corrupt("status", &e))?;
+        let metadata = match &r.metadata {
+            Some(m) => Some(serde_json::from_str(m).map_err(|e| corrupt("metadata", &e))?),
+            None => None,
+        };
+        let images: Vec<ResultImage> = match &r.images {
+            Some(i) => serde_json::from_str(i).map_err(|e| corrupt("images", &e))?,
+            None => Vec::new(),
+        };
+        let error = match (r.error_code, r.error_message) {
+            (Some(code), message) => Some(TaskError {
+                code,
+                message: message.unwrap_or_default(),
+            }),
+            _ => None,
+        };
+        Ok(Task {
+            id: r.id,
+            external_task_id: r.external_task_id,
+            upstream_task_id: r.upstream_task_id,
+            status,
+            upstream_status: r.upstream_status,
+            model_name: r.model_name,
+            prompt: r.prompt,
+            n: r.n,
+            aspect_ratio: r.aspect_ratio,
+            metadata,
+            images,
+            error,
+            created_at_ms: r.created_at,
+            updated_at_ms: r.updated_at,
+            completed_at_ms: r.completed_at,
+            upstream_updated_at_ms: r.upstream_updated_at,
+            version: r.version,
+            dispatch_attempts: r.dispatch_attempts,
+            dispatch_started_at_ms: r.dispatch_started_at,
+            poll_count: r.poll_count,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    at: i64,
+    source: String,
+    status: String,
+    upstream_status: Option<String>,
+    detail: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct InputsRow {
+    subject_images: String,
+    scene_image: Option<String>,
+    style_image: Option<String>,
+}
+
+/// A new task to store, already validated.
+#[derive(Debug, Clone)]
+pub struct NewTaskRecord {
+    pub id: String,
+    pub external_task_id: String,
+    pub model_name: String,
+    pub prompt: Option<String>,
+    pub n: i64,
+    pub aspect_ratio: Option<String>,
+    pub metadata: Option<serde_json::Value>,
+    pub inputs: TaskInputs,
+    pub created_at_ms: i64,
+}
+
+/// History filter; `before` is the keyset cursor `(created_at, id)` of the last task already seen.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub statuses: Vec<TaskStatus>,
+    pub created_after_ms: Option<i64>,
+    pub created_before_ms: Option<i64>,
+    pub before: Option<(i64, String)>,
+    pub limit: i64,
+}
+
+/// A task the poller should ask upstream about.
+#[derive(Debug, Clone)]
+pub struct PollCandidate {
+    pub id: String,
+    pub upstream_task_id: Option<String>,
+    pub external_task_id: String,
+    pub created_at_ms: i64,
+    pub poll_count: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct PollRow {
+    id: String,
+    upstream_task_id: Option<String>,
+    external_task_id: String,
+    created_at: i64,
+    poll_count: i64,
+}
+
+/// A dispatch attempt that did not land, to record against a still-pending task.
+#[derive(Debug, Clone)]
+pub struct DispatchRetry {
+    pub next_attempt_at_ms: i64,
+    /// Keep the in-flight mark: the failed call may have reached upstream.
+    pub maybe_sent: bool,
+    pub detail: String,
+}
+
+fn json_text<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| StorageError::Corrupt(e.to_string()))
+}
+
+impl Store {
+    /// Opens (and for SQLite creates) the database named by `url`.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
+        let pool = if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)?;
+            if let Some(dir) = opts.get_filename().parent() {
+                if !dir.as_os_str().is_empty() {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        StorageError::Corrupt(format!(
+                            "cannot create database folder {}: {e}",
+                            dir.display()
+                        ))
+                    })?;
+                }
+            }
+            let opts = opts
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                // FULL: a commit is on disk before we acknowledge it, even across power loss.
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true);
+            Pool::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(max_connections)
+                    .connect_with(opts)
+                    .await?,
+            )
+        } else {
+            let opts = PgConnectOptions::from_str(url)?;
+            Pool::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect_with(opts)
+                    .await?,
+            )
+        };
+        Ok(Store { pool })
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self.pool {
+            Pool::Sqlite(_) => "sqlite",
+            Pool::Postgres(_) => "postgres",
+        }
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        match &self.pool {
+            Pool::Sqlite(p) => SQLITE_MIGRATIONS.run(p).await?,
+            Pool::Postgres(p) => POSTGRES_MIGRATIONS.run(p).await?,
+        }
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        on_pool!(self, p => p.close().await)
+    }
+
+    /// Returns the stored secret `name`, storing `generated` first if there is none. Concurrent
+    /// first starts agree on one value.
+    pub async fn ensure_secret(&self, name: &str, generated: &str) -> Result<String> {
+        const INSERT: &str =
+            "INSERT INTO service_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING";
+        const SELECT: &str = "SELECT value FROM service_secrets WHERE name = $1";
+        on_pool!(self, p => {
+            sqlx::query(INSERT).bind(name).bind(generated).execute(p).await?;
+            let v: String = sqlx::query_scalar(SELECT).bind(name).fetch_one(p).await?;
+            Ok(v)
+        })
+    }
+
+    /// Stores a new `pending` task, its inputs and its first event in one transaction.
+    pub async fn insert_task(&self, t: &NewTaskRecord) -> Result<()> {
+        const TASK: &str =
+            "INSERT INTO tasks (id, external_task_id, status, model_name, prompt, n, \
+            aspect_ratio, metadata, created_at, updated_at, next_dispatch_at) \
+            VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7, $8, $8, $8)";
+        const INPUTS: &str =
+            "INSERT INTO task_inputs (task_id, subject_images, scene_image, style_image) \
+            VALUES ($1, $2, $3, $4)";
+        let metadata = t.metadata.as_ref().map(json_text).transpose()?;
+        let subjects = json_text(&t.inputs.subject_images)?;
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            sqlx::query(TASK)
+                .bind(&t.id)
+                .bind(&t.external_task_id)
+                .bind(&t.model_name)
+                .bind(&t.prompt)
+                .bind(t.n)
+                .bind(&t.aspect_ratio)
+                .bind(&metadata)
+                .bind(t.created_at_ms)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(INPUTS)
+                .bind(&t.id)
+                .bind(&subjects)
+                .bind(&t.inputs.scene_image)
+                .bind(&t.inputs.style_image)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(INSERT_EVENT)
+                .bind(&t.id)
+                .bind(t.created_at_ms)
+                .bind(EventSource::Api.as_str())
+                .bind(TaskStatus::Pending.as_str())
+                .bind(None::<String>)
+                .bind(Some("accepted"))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    pub async fn get_task(&self, id: &str) -> Result<Option<Task>> {
+        let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1");
+        let row: Option<TaskRow> = on_pool!(self, p => {
+            sqlx::query_as(&sql).bind(id).fetch_optional(p).await?
+        });
+        row.map(Task::try_from).transpose()
+    }
+
+    pub async fn get_inputs(&self, id: &str) -> Result<Option<TaskInputs>> {
+        const SQL: &str =
+            "SELECT subject_images, scene_image, style_image FROM task_inputs WHERE task_id = $1";
+        let row: Option<InputsRow> = on_pool!(self, p => {
+            sqlx::query_as(SQL).bind(id).fetch_optional(p).await?
+        });
+        row.map(|r| {
+            Ok(TaskInputs {
+                subject_images: serde_json::from_str(&r.subject_images)
+                    .map_err(|e| StorageError::Corrupt(format!("task {id}: inputs: {e}")))?,
+                scene_image: r.scene_image,
+                style_image: r.style_image,
+            })
+        })
+        .transpose()
+    }
+
+    /// Newest first, keyset-paged on `(created_at, id)`.
+    pub async fn list_tasks(&self, f: &ListFilter) -> Result<Vec<Task>> {
+        let mut sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE 1 = 1");
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            format!("${n}")
+        };
+        if !f.statuses.is_empty() {
+            let marks: Vec<String> = f.statuses.iter().map(|_| next()).collect();
+            sql.push_str(&format!(" AND status IN ({})", marks.join(", ")));
+        }
+        if f.created_after_ms.is_some() {
+            sql.push_str(&format!(" AND created_at >= {}", next()));
+        }
+        if f.created_before_ms.is_some() {
+            sql.push_str(&format!(" AND created_at < {}", next()));
+        }
+        if f.before.is_some() {
+            let (a, b) = (next(), next());
+            sql.push_str(&format!(
+                " AND (created_at < {a} OR (created_at = {a} AND id < {b}))"
+            ));
+        }
+        sql.push_str(&format!(
+            " ORDER BY created_at DESC, id DESC LIMIT {}",
+            next()
+        ));
+
+        let rows: Vec<TaskRow> = on_pool!(self, p => {
+            let mut q = sqlx::query_as(&sql);
+            for s in &f.statuses {
+                q = q.bind(s.as_str());
+            }
+            if let Some(v) = f.created_after_ms {
+                q = q.bind(v);
+            }
+            if let Some(v) = f.created_before_ms {
+                q = q.bind(v);
+            }
+            if let Some((at, id)) = &f.before {
+                q = q.bind(*at).bind(id.clone());
+            }
+            q.bind(f.limit).fetch_all(p).await?
+        });
+        rows.into_iter().map(Task::try_from).collect()
+    }
+
+    pub async fn events(&self, id: &str) -> Result<Vec<TaskEvent>> {
+        const SQL: &str = "SELECT at, source, status, upstream_status, detail FROM task_events \
+            WHERE task_id = $1 ORDER BY id";
+        let rows: Vec<EventRow> = on_pool!(self, p => {
+            sqlx::query_as(SQL).bind(id).fetch_all(p).await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|r| TaskEvent {
+                at_ms: r.at,
+                source: r.source,
+                status: r.status,
+                upstream_status: r.upstream_status,
+                detail: r.detail,
+            })
+            .collect())
+    }
+
+    /// Commits a status change decided on `expected_version`, with its event. Returns false when
+    /// the task changed in between (the caller re-reads and decides again).
+    pub async fn commit_change(
+        &self,
+        id: &str,
+        expected_version: i64,
+        change: &Change,
+        source: EventSource,
+        now_ms: i64,
+        poll_due_at_ms: Option<i64>,
+    ) -> Result<bool> {
+        const SQL: &str = "UPDATE tasks SET status = $2, \
+            upstream_status = COALESCE($3, upstream_status), \
+            upstream_task_id = COALESCE(upstream_task_id, $4), \
+            upstream_updated_at = $5, \
+            images = COALESCE($6, images), \
+            error_code = COALESCE($7, error_code), \
+            error_message = COALESCE($8, error_message), \
+            updated_at = $9, completed_at = $10, \
+            next_dispatch_at = NULL, dispatch_started_at = NULL, \
+            poll_due_at = $11, poll_count = 0, version = version + 1 \
+            WHERE id = $1 AND version = $12";
+        let images = change.images.as_ref().map(json_text).transpose()?;
+        let upstream_status = change.upstream_status.map(|s| s.as_str());
+        let completed_at = change.status.is_final().then_some(now_ms);
+        let (code, message) = match &change.error {
+            Some(e) => (Some(e.code.as_str()), Some(e.message.as_str())),
+            None => (None, None),
+        };
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let done = sqlx::query(SQL)
+                .bind(id)
+                .bind(change.status.as_str())
+                .bind(upstream_status)
+                .bind(&change.bind_upstream_task_id)
+                .bind(change.upstream_updated_at_ms)
+                .bind(&images)
+                .bind(code)
+                .bind(message)
+                .bind(now_ms)
+                .bind(completed_at)
+                .bind(poll_due_at_ms)
+                .bind(expected_version)
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() == 0 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            sqlx::query(INSERT_EVENT)
+                .bind(id)
+                .bind(now_ms)
+                .bind(source.as_str())
+                .bind(change.status.as_str())
+                .bind(upstream_status)
+                .bind(&change.detail)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    /// Pending tasks whose dispatch is due, oldest due first.
+    pub async fn due_dispatches(&self, now_ms: i64, limit: i64) -> Result<Vec<String>> {
+        const SQL: &str = "SELECT id FROM tasks WHERE next_dispatch_at IS NOT NULL \
+            AND next_dispatch_at <= $1 ORDER BY next_dispatch_at LIMIT $2";
+        on_pool!(self, p => {
+            Ok(sqlx::query_scalar(SQL).bind(now_ms).bind(limit).fetch_all(p).await?)
+        })
+    }
+
+    /// Claims a due pending task for one create call: marks the call as possibly in flight and
+    /// pushes its due time past `lease_until_ms`, so a crash mid-call leads to a recovery attempt
+    /// rather than a silent loss. Returns the task as claimed, or None if it was not claimable.
+    pub async fn claim_dispatch(
+        &self,
+        id: &str,
+        now_ms: i64,
+        lease_until_ms: i64,
+    ) -> Result<Option<Task>> {
+        const SQL: &str =
+            "UPDATE tasks SET dispatch_started_at = COALESCE(dispatch_started_at, $2), \
+            dispatch_attempts = dispatch_attempts + 1, next_dispatch_at = $3 \
+            WHERE id = $1 AND status = 'pending' AND next_dispatch_at IS NOT NULL \
+            AND next_dispatch_at <= $2";
+        let claimed = on_pool!(self, p => {
+            sqlx::query(SQL).bind(id).bind(now_ms).bind(lease_until_ms).execute(p).await?
+                .rows_affected()
+        });
+        if claimed == 0 {
+            return Ok(None);
+        }
+        self.get_task(id).await
+    }
+
+    /// Records a dispatch attempt that did not land; the task stays pending.
+    pub async fn retry_dispatch(&self, id: &str, now_ms: i64, r: &DispatchRetry) -> Result<()> {
+        const SQL: &str = "UPDATE tasks SET next_dispatch_at = $2, \
+            dispatch_started_at = CASE WHEN $3 = 1 THEN dispatch_started_at ELSE NULL END \
+            WHERE id = $1 AND status = 'pending'";
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let done = sqlx::query(SQL)
+                .bind(id)
+                .bind(r.next_attempt_at_ms)
+                .bind(i64::from(r.maybe_sent))
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() > 0 {
+                sqlx::query(INSERT_EVENT)
+                    .bind(id)
+                    .bind(now_ms)
+                    .bind(EventSource::Dispatch.as_str())
+                    .bind(TaskStatus::Pending.as_str())
+                    .bind(None::<String>)
+                    .bind(&r.detail)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Tasks upstream holds whose next poll is due, most overdue first.
+    pub async fn due_polls(&self, now_ms: i64, limit: i64) -> Result<Vec<PollCandidate>> {
+        const SQL: &str = "SELECT id, upstream_task_id, external_task_id, created_at, poll_count \
+            FROM tasks WHERE poll_due_at IS NOT NULL AND poll_due_at <= $1 \
+            ORDER BY poll_due_at LIMIT $2";
+        let rows: Vec<PollRow> = on_pool!(self, p => {
+            sqlx::query_as(SQL).bind(now_ms).bind(limit).fetch_all(p).await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|r| PollCandidate {
+                id: r.id,
+                upstream_task_id: r.upstream_task_id,
+                external_task_id: r.external_task_id,
+                created_at_ms: r.created_at,
+                poll_count: r.poll_count,
+            })
+            .collect())
+    }
+
+    /// Sets the next poll of a still-open task after a poll that brought no change.
+    pub async fn reschedule_poll(&self, id: &str, due_at_ms: i64, poll_count: i64) -> Result<()> {
+        const SQL: &str = "UPDATE tasks SET poll_due_at = $2, poll_count = $3 \
+            WHERE id = $1 AND poll_due_at IS NOT NULL";
+        on_pool!(self, p => {
+            sqlx::query(SQL).bind(id).bind(due_at_ms).bind(poll_count).execute(p).await?;
+            Ok(())
+        })
+    }
+
+    /// Open tasks created before `cutoff_ms` (candidates for `timed_out`).
+    pub async fn expired_open_tasks(&self, cutoff_ms: i64, limit: i64) -> Result<Vec<String>> {
+        // The predicate repeats the partial index's so both planners use `tasks_open_by_age`.
+        const SQL: &str = "SELECT id FROM tasks \
+            WHERE status IN ('pending', 'submitted', 'processing') AND created_at < $1 \
+            ORDER BY created_at LIMIT $2";
+        on_pool!(self, p => {
+            Ok(sqlx::query_scalar(SQL).bind(cutoff_ms).bind(limit).fetch_all(p).await?)
+        })
+    }
+}
+
+const INSERT_EVENT: &str =
+    "INSERT INTO task_events (task_id, at, source, status, upstream_status, detail) \
+    VALUES ($1, $2, $3, $4, $5, $6)";

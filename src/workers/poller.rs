@@ -1,0 +1,119 @@
+//! The polling fallback: asks upstream about tasks that have had no news for a while, backing off
+//! per task, and times out tasks that never reach a final status.
+
+use super::{for_each_bounded, jitter};
+use crate::domain::schedule::backoff;
+use crate::domain::{EventSource, TaskError, TaskStatus};
+use crate::service::{ms, now_ms, ApplyOutcome, Relay, ServiceError};
+use crate::storage::PollCandidate;
+use crate::upstream::Lookup;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+pub async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
+    tracing::info!("poller started");
+    while !shutdown.is_cancelled() {
+        if let Err(e) = step(&relay).await {
+            tracing::error!(error = %e, "poller pass failed");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(relay.settings.poller.tick) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+    tracing::info!("poller stopped");
+}
+
+/// One pass: polls what is due and times out what is too old. Returns (polled, timed out).
+pub async fn step(relay: &Arc<Relay>) -> Result<(usize, usize), ServiceError> {
+    let s = &relay.settings.poller;
+    let due = relay
+        .store
+        .due_polls(now_ms(), (s.concurrency * 8) as i64)
+        .await?;
+    let polled = due.len();
+    let r = relay.clone();
+    for_each_bounded(due, s.concurrency, move |c| {
+        let relay = r.clone();
+        async move {
+            let id = c.id.clone();
+            if let Err(e) = poll_one(&relay, c).await {
+                tracing::error!(task_id = %id, error = %e, "poll failed");
+            }
+        }
+    })
+    .await;
+    Ok((polled, time_out_expired(relay).await?))
+}
+
+async fn poll_one(relay: &Relay, c: PollCandidate) -> Result<(), ServiceError> {
+    let s = &relay.settings.poller;
+    let lookup = match &c.upstream_task_id {
+        Some(task_id) => relay.upstream.query(task_id).await,
+        None => {
+            relay
+                .upstream
+                .query_by_external_id(&c.external_task_id)
+                .await
+        }
+    };
+    let now = now_ms();
+    match lookup {
+        Ok(Lookup::Found(report)) => {
+            match relay.apply_report(&c.id, EventSource::Poll, &report).await {
+                Ok(ApplyOutcome::Applied(_)) => return Ok(()),
+                Ok(ApplyOutcome::Ignored(_)) => {}
+                Err(ServiceError::Mismatch(e)) => {
+                    tracing::error!(task_id = %c.id, error = %e, "poll answer does not match the task");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Lookup::NotExist) if now - c.created_at_ms > ms(s.not_found_grace) => {
+            relay
+                .finish(
+                    &c.id,
+                    EventSource::Poll,
+                    TaskStatus::Failed,
+                    TaskError::new(
+                        "task_not_exist",
+                        "upstream has no record of this task (task_not_exist)",
+                    ),
+                )
+                .await?;
+            return Ok(());
+        }
+        Ok(Lookup::NotExist) => {}
+        Err(e) => tracing::warn!(task_id = %c.id, error = %e, "poll did not get an answer"),
+    }
+    let next = c.poll_count + 1;
+    let attempt = u32::try_from(c.poll_count).unwrap_or(u32::MAX);
+    let delay = backoff(attempt, s.interval, s.max_interval, jitter());
+    relay
+        .store
+        .reschedule_poll(&c.id, now + ms(delay), next)
+        .await?;
+    Ok(())
+}
+
+async fn time_out_expired(relay: &Relay) -> Result<usize, ServiceError> {
+    let give_up = relay.settings.poller.give_up_after;
+    let expired = relay
+        .store
+        .expired_open_tasks(now_ms() - ms(give_up), 100)
+        .await?;
+    let n = expired.len();
+    for id in expired {
+        let error = TaskError::new(
+            "timed_out",
+            format!(
+                "no final status within {}",
+                humantime::format_duration(give_up)
+            ),
+        );
+        relay
+            .finish(&id, EventSource::System, TaskStatus::TimedOut, error)
+            .await?;
+    }
+    Ok(n)
+}
