@@ -158,6 +158,12 @@ impl Settings {
         Self::load_from(file, Env::prefixed("KLING_RELAY_"), Env::raw())
     }
 
+    /// The compiled-in defaults alone, ignoring files and the environment (tests start here).
+    pub fn defaults() -> Result<Settings, ConfigError> {
+        let none = || Env::prefixed("KLING_RELAY_DEFAULTS_ONLY_").only(&[]);
+        Self::load_from(None, none(), none())
+    }
+
     fn load_from(file: Option<&Path>, prefixed: Env, raw: Env) -> Result<Settings, ConfigError> {
         let mut fig = Figment::from(Toml::string(DEFAULT_TOML));
         if let Some(path) = file {
@@ -265,7 +271,7 @@ mod tests {
 
     #[test]
     fn defaults_load_and_match_the_contract() {
-        let s = Settings::load_from(None, Env::prefixed("NOPE_"), Env::prefixed("NOPE_")).unwrap();
+        let s = Settings::defaults().unwrap();
         assert_eq!(s.server.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(s.database.url, "sqlite://data/kling-relay.db");
         assert_eq!(s.cometapi.base_url, "https://api.cometapi.com");

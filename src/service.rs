@@ -54,6 +54,21 @@ pub fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+fn token_mac(key: &[u8], task_id: &str) -> Hmac<Sha256> {
+    // HMAC accepts keys of any length, so this cannot fail.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    mac.update(b"cometapi-callback:");
+    mac.update(task_id.as_bytes());
+    mac
+}
+
+/// The callback token of `task_id` under `key`: base64url(HMAC-SHA256(key, "cometapi-callback:" + id)).
+pub fn webhook_token(key: &[u8], task_id: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(token_mac(key, task_id).finalize().into_bytes())
+}
+
 pub struct Relay {
     pub store: Store,
     pub upstream: CometClient,

@@ -198,6 +198,14 @@ impl Simulator {
         lock(&self.inner.state).tasks.get(task_id).map(|t| t.status)
     }
 
+    /// Forgets every task, as upstream does when records expire: queries then answer
+    /// `task_not_exist` and no more callbacks are sent.
+    pub fn expire_all(&self) {
+        let mut st = lock(&self.inner.state);
+        st.tasks.clear();
+        st.stats.units_in_use = 0;
+    }
+
     pub fn stop(&self) {
         self.inner.shutdown.cancel();
     }

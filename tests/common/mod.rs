@@ -1,0 +1,404 @@
+//! Test harness: a real database per test (a SQLite file in a temp folder, or a fresh Postgres
+//! database), an in-process simulator, and the service on a loopback port.
+#![allow(dead_code)]
+
+use kling_relay::config::{Secret, Settings};
+use kling_relay::simulator::{SimConfig, Simulator};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const WEBHOOK_SECRET: &str = "test-webhook-secret";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs each listed `async fn name(Backend)` once per backend, as `sqlite::name` and
+/// `postgres::name`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(()) = $crate::common::postgres_or_skip() {
+                        super::$name($crate::common::Backend::Postgres).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
+pub fn postgres_admin_url() -> String {
+    std::env::var("KLING_RELAY_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// Some(()) when Postgres tests should run. Without Postgres they are skipped locally, but under
+/// CI (the `CI` variable set) a missing Postgres fails the test.
+pub fn postgres_or_skip() -> Option<()> {
+    use std::net::ToSocketAddrs;
+    let url =
+        url::Url::parse(&postgres_admin_url()).expect("KLING_RELAY_TEST_POSTGRES_URL is not a URL");
+    let host = url.host_str().unwrap_or("127.0.0.1").to_owned();
+    let port = url.port().unwrap_or(5432);
+    let reachable = (host.as_str(), port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
+    if reachable {
+        return Some(());
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("Postgres at {host}:{port} is unreachable and CI is set: refusing to skip");
+    }
+    eprintln!("skipping: Postgres at {host}:{port} is unreachable (set CI to make this fail)");
+    None
+}
+
+/// A database of the test's own, removed when dropped.
+pub struct TestDb {
+    pub url: String,
+    pub backend: Backend,
+    _dir: Option<tempfile::TempDir>,
+    pg_name: Option<String>,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> TestDb {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}/nested/relay.db", dir.path().display());
+                TestDb {
+                    url,
+                    backend,
+                    _dir: Some(dir),
+                    pg_name: None,
+                }
+            }
+            Backend::Postgres => {
+                use sqlx::Connection;
+                let admin = postgres_admin_url();
+                let name = format!("klr_test_{}", uuid::Uuid::new_v4().simple());
+                let mut conn = sqlx::PgConnection::connect(&admin)
+                    .await
+                    .expect("connect to Postgres");
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&mut conn)
+                    .await
+                    .expect("create test database");
+                let mut url = url::Url::parse(&admin).expect("admin url");
+                url.set_path(&format!("/{name}"));
+                TestDb {
+                    url: url.to_string(),
+                    backend,
+                    _dir: None,
+                    pg_name: Some(name),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(name) = self.pg_name.take() else {
+            return;
+        };
+        // Drop runs outside async context; a short-lived runtime on its own thread does the cleanup.
+        let admin = postgres_admin_url();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(rt) = rt {
+                rt.block_on(async {
+                    use sqlx::Connection;
+                    if let Ok(mut c) = sqlx::PgConnection::connect(&admin).await {
+                        let _ =
+                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                                .execute(&mut c)
+                                .await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
+/// Fast timings so the whole loop runs in well under a second per task.
+pub fn fast_settings(db_url: &str) -> Settings {
+    let mut s = Settings::defaults().expect("defaults load");
+    s.database.url = db_url.to_owned();
+    s.database.max_connections = 4;
+    s.server.webhook_secret = Secret::new(WEBHOOK_SECRET);
+    s.dispatch.wait = Duration::from_secs(2);
+    s.dispatch.retry_initial = Duration::from_millis(50);
+    s.dispatch.retry_max = Duration::from_millis(400);
+    s.cometapi.timeout = Duration::from_secs(5);
+    s.poller.first_poll_after = Duration::from_millis(400);
+    s.poller.interval = Duration::from_millis(200);
+    s.poller.max_interval = Duration::from_secs(1);
+    s.poller.tick = Duration::from_millis(50);
+    s.poller.not_found_grace = Duration::from_secs(3600);
+    s
+}
+
+pub fn fast_sim() -> SimConfig {
+    SimConfig {
+        processing_after: Duration::from_millis(100),
+        finish_after: Duration::from_millis(300),
+        ..SimConfig::default()
+    }
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub sim: Simulator,
+    pub db: TestDb,
+    pub settings: Settings,
+    shutdown: CancellationToken,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+pub struct Options {
+    pub settings: Box<dyn FnOnce(&mut Settings) + Send>,
+    pub sim: SimConfig,
+    /// Send callbacks to the service (server.public_url set).
+    pub callbacks: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            settings: Box::new(|_| {}),
+            sim: fast_sim(),
+            callbacks: true,
+        }
+    }
+}
+
+impl TestApp {
+    pub async fn spawn(backend: Backend) -> TestApp {
+        Self::spawn_with(backend, Options::default()).await
+    }
+
+    pub async fn spawn_with(backend: Backend, opts: Options) -> TestApp {
+        let db = TestDb::new(backend).await;
+        let sim_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sim");
+        let sim = Simulator::start(opts.sim, sim_listener)
+            .await
+            .expect("start sim");
+        let mut settings = fast_settings(&db.url);
+        settings.cometapi.base_url = sim.base_url();
+        settings.cometapi.api_key = Secret::new(sim.api_key());
+        (opts.settings)(&mut settings);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+        let addr = listener.local_addr().expect("addr");
+        if opts.callbacks {
+            settings.server.public_url = format!("http://{addr}");
+        }
+        let mut app = TestApp {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+            sim,
+            db,
+            settings,
+            shutdown: CancellationToken::new(),
+            handle: None,
+        };
+        app.start_on(listener).await;
+        app
+    }
+
+    async fn start_on(&mut self, listener: TcpListener) {
+        let token = CancellationToken::new();
+        self.shutdown = token.clone();
+        self.handle = Some(tokio::spawn(kling_relay::app::run(
+            self.settings.clone(),
+            listener,
+            token,
+        )));
+        wait_until(Duration::from_secs(10), || async {
+            self.http
+                .get(format!("{}/healthz", self.base))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+    }
+
+    /// Stops the service (gracefully) and starts it again on the same address and database.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let addr = self.base.trim_start_matches("http://").to_owned();
+        let listener = TcpListener::bind(&addr).await.expect("rebind same address");
+        self.start_on(listener).await;
+    }
+
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(h) = self.handle.take() {
+            h.await.expect("service task").expect("service ran cleanly");
+        }
+    }
+
+    pub async fn submit(&self, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/v1/tasks", self.base))
+            .json(body)
+            .send()
+            .await
+            .expect("POST /v1/tasks")
+    }
+
+    /// Submits a valid task and returns its id.
+    pub async fn submit_ok(&self, body: &Value) -> String {
+        let r = self.submit(body).await;
+        assert_eq!(r.status(), 202, "submit failed");
+        let v: Value = r.json().await.expect("json");
+        v["id"].as_str().expect("id").to_owned()
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{}", self.base, path))
+            .send()
+            .await
+            .expect("GET");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn task(&self, id: &str) -> Value {
+        let (status, v) = self.get_json(&format!("/v1/tasks/{id}")).await;
+        assert_eq!(status, 200, "GET task {id}: {v}");
+        v
+    }
+
+    pub async fn events(&self, id: &str) -> Vec<Value> {
+        let (status, v) = self.get_json(&format!("/v1/tasks/{id}/events")).await;
+        assert_eq!(status, 200);
+        v["events"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits for the task to reach `status`; panics with its timeline otherwise.
+    pub async fn wait_for_status(&self, id: &str, status: &str, within: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let t = self.task(id).await;
+            if t["status"] == status {
+                return t;
+            }
+            if start.elapsed() > within {
+                panic!(
+                    "task {id} is {} after {within:?}, wanted {status}; events: {:#?}",
+                    t["status"],
+                    self.events(id).await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn callback_url(&self, id: &str) -> String {
+        let token = kling_relay::service::webhook_token(WEBHOOK_SECRET.as_bytes(), id);
+        format!("{}/webhooks/cometapi/{id}?token={token}", self.base)
+    }
+
+    pub async fn post_callback(&self, url: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(url)
+            .json(body)
+            .send()
+            .await
+            .expect("POST callback");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.sim.stop();
+    }
+}
+
+pub async fn wait_until<F, Fut>(within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(
+            start.elapsed() < within,
+            "condition not met within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub fn valid_body() -> Value {
+    json!({
+        "subject_image_list": [
+            {"subject_image": "https://example.com/a.png"},
+            {"subject_image": "https://example.com/b.png"}
+        ],
+        "prompt": "two cats at a tea party",
+        "n": 2,
+        "aspect_ratio": "1:1"
+    })
+}
+
+/// A callback body as CometAPI sends it.
+pub fn callback(task_id: &str, status: &str, updated_at: i64) -> Value {
+    let mut v = json!({
+        "task_id": task_id,
+        "task_status": status,
+        "task_status_msg": "",
+        "created_at": 1,
+        "updated_at": updated_at,
+    });
+    if status == "succeed" {
+        v["task_result"] = json!({"images": [{"index": 0, "url": "https://cdn.example/0.png"}]});
+    }
+    v
+}
+
+pub fn statuses(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e["status"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+pub fn sources(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e["source"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
