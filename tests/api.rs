@@ -1,0 +1,479 @@
+//! The REST API and the webhook receiver from the outside: validation, errors, history paging,
+//! and callback authentication, on SQLite and on Postgres.
+
+mod common;
+
+use common::*;
+use kling_relay::simulator::SimConfig;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::time::Duration;
+
+const PNG_B64: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
+
+async fn assert_problem(r: reqwest::Response, status: u16) -> Value {
+    assert_eq!(r.status().as_u16(), status);
+    assert_eq!(
+        r.headers()["content-type"].to_str().unwrap(),
+        "application/problem+json"
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["status"], status);
+    assert!(v["title"].is_string() && v["detail"].is_string());
+    v
+}
+
+fn error_fields(v: &Value) -> Vec<String> {
+    v["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn task_count(app: &TestApp) -> usize {
+    let (_, v) = app.get_json("/v1/tasks?limit=200").await;
+    v["tasks"].as_array().unwrap().len()
+}
+
+async fn every_validation_rule_is_enforced_and_nothing_is_stored(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let big = "A".repeat(10 * 1024 * 1024 / 3 * 4 + 400);
+    let with = |patch: Value| {
+        let mut v = valid_body();
+        for (k, val) in patch.as_object().unwrap() {
+            v[k] = val.clone();
+        }
+        v
+    };
+    let cases: Vec<(Value, Vec<&str>)> = vec![
+        (json!({}), vec!["subject_image_list"]),
+        (
+            with(json!({"subject_image_list": [{"subject_image": "https://e.x/a.png"}]})),
+            vec!["subject_image_list"],
+        ),
+        (
+            with(json!({"subject_image_list": [
+            {"subject_image": "https://e.x/1.png"}, {"subject_image": "https://e.x/2.png"},
+            {"subject_image": "https://e.x/3.png"}, {"subject_image": "https://e.x/4.png"},
+            {"subject_image": "https://e.x/5.png"}]})),
+            vec!["subject_image_list"],
+        ),
+        (
+            with(json!({"subject_image_list": "nope"})),
+            vec!["subject_image_list"],
+        ),
+        (
+            with(
+                json!({"subject_image_list": [{"subject_image": "https://e.x/a.png"}, {"subject_image": 5}]}),
+            ),
+            vec!["subject_image_list[1].subject_image"],
+        ),
+        (
+            with(
+                json!({"subject_image_list": [{"subject_image": "https://e.x/a.png"}, {"image": "https://e.x/a.png"}]}),
+            ),
+            vec![
+                "subject_image_list[1].image",
+                "subject_image_list[1].subject_image",
+            ],
+        ),
+        (
+            with(
+                json!({"subject_image_list": [{"subject_image": "https://e.x/a.png"}, {"subject_image": format!("data:image/png;base64,{PNG_B64}")}]}),
+            ),
+            vec!["subject_image_list[1].subject_image"],
+        ),
+        (
+            with(
+                json!({"subject_image_list": [{"subject_image": "https://e.x/a.png"}, {"subject_image": big}]}),
+            ),
+            vec!["subject_image_list[1].subject_image"],
+        ),
+        (
+            with(
+                json!({"subject_image_list": [{"subject_image": "https://e.x/a.png"}, {"subject_image": "!!not base64!!"}]}),
+            ),
+            vec!["subject_image_list[1].subject_image"],
+        ),
+        (with(json!({"prompt": "x".repeat(2501)})), vec!["prompt"]),
+        (with(json!({"prompt": 7})), vec!["prompt"]),
+        (with(json!({"n": 0})), vec!["n"]),
+        (with(json!({"n": 10})), vec!["n"]),
+        (with(json!({"n": 1.5})), vec!["n"]),
+        (with(json!({"aspect_ratio": "5:4"})), vec!["aspect_ratio"]),
+        (with(json!({"model_name": ""})), vec!["model_name"]),
+        (
+            with(json!({"scene_image": "ftp://e.x/a.png"})),
+            vec!["scene_image"],
+        ),
+        (
+            with(json!({"scence_image": "data:image/png;base64,xx"})),
+            vec!["scence_image"],
+        ),
+        (
+            with(json!({"scene_image": "https://e.x/s.png", "scence_image": "https://e.x/s.png"})),
+            vec!["scene_image"],
+        ),
+        (with(json!({"style_image": ""})), vec!["style_image"]),
+        (with(json!({"metadata": "text"})), vec!["metadata"]),
+        (
+            with(json!({"metadata": {"k": "v".repeat(4100)}})),
+            vec!["metadata"],
+        ),
+        (
+            with(json!({"callback_url": "https://evil.example/"})),
+            vec!["callback_url"],
+        ),
+        (
+            with(json!({"colour": "red", "size": 3})),
+            vec!["colour", "size"],
+        ),
+        (json!([1, 2]), vec![""]),
+    ];
+    for (body, want) in cases {
+        let r = app.submit(&body).await;
+        let v = assert_problem(r, 422).await;
+        let mut got = error_fields(&v);
+        got.sort();
+        let mut want: Vec<String> = want.into_iter().map(str::to_owned).collect();
+        want.sort();
+        assert_eq!(
+            got,
+            want,
+            "body {}",
+            body.to_string().chars().take(200).collect::<String>()
+        );
+    }
+
+    // Every failing field in one answer.
+    let r = app
+        .submit(&json!({"subject_image_list": [], "n": 99, "aspect_ratio": "x", "extra": 1}))
+        .await;
+    let v = assert_problem(r, 422).await;
+    assert_eq!(error_fields(&v).len(), 4);
+
+    // Not JSON, or not declared as JSON.
+    let r = app
+        .http
+        .post(format!("{}/v1/tasks", app.base))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 400).await;
+    let r = app
+        .http
+        .post(format!("{}/v1/tasks", app.base))
+        .header("content-type", "text/plain")
+        .body(valid_body().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 415).await;
+
+    assert_eq!(task_count(&app).await, 0, "nothing stored");
+    assert_eq!(app.sim.stats().create_calls, 0, "nothing dispatched");
+}
+
+async fn valid_variants_are_accepted_and_forwarded(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let body = json!({
+        "subject_image_list": [{"subject_image": PNG_B64}, {"subject_image": "https://e.x/b.png"},
+                               {"subject_image": "https://e.x/c.png"}, {"subject_image": "https://e.x/d.png"}],
+        "scence_image": "https://e.x/scene.png",
+        "style_image": PNG_B64,
+        "n": 9,
+        "aspect_ratio": "21:9",
+        "metadata": {"order": 42, "tags": ["a", "b"]}
+    });
+    let r = app.submit(&body).await;
+    assert_eq!(r.status(), 202);
+    let t: Value = r.json().await.unwrap();
+    assert_eq!(t["metadata"], json!({"order": 42, "tags": ["a", "b"]}));
+    assert!(t["prompt"].is_null());
+    let id = t["id"].as_str().unwrap();
+    let done = app
+        .wait_for_status(id, "succeeded", Duration::from_secs(15))
+        .await;
+    assert_eq!(done["images"].as_array().unwrap().len(), 9);
+    assert_eq!(done["aspect_ratio"], "21:9");
+}
+
+async fn unknown_ids_and_routes_answer_404(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let unknown = uuid::Uuid::now_v7();
+    for path in [
+        format!("/v1/tasks/{unknown}"),
+        format!("/v1/tasks/{unknown}/events"),
+        "/v1/tasks/not-a-uuid".to_owned(),
+        "/v1/nothing".to_owned(),
+    ] {
+        let r = app
+            .http
+            .get(format!("{}{path}", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_problem(r, 404).await;
+    }
+    // A callback with a valid token for a task we do not have.
+    let (status, _) = app
+        .post_callback(
+            &app.callback_url(&unknown.to_string()),
+            &callback("1", "succeed", 1),
+        )
+        .await;
+    assert_eq!(status, 404);
+}
+
+async fn history_filters_and_cursor_paging_while_tasks_arrive(b: Backend) {
+    let app = TestApp::spawn_with(
+        b,
+        Options {
+            sim: SimConfig {
+                processing_after: Duration::from_secs(600),
+                concurrency_units: 10_000,
+                ..fast_sim()
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        ids.push(app.submit_ok(&valid_body()).await);
+    }
+    let cut = time::OffsetDateTime::now_utc();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    for _ in 0..5 {
+        ids.push(app.submit_ok(&valid_body()).await);
+    }
+
+    // Page through with limit 4 while new tasks keep arriving: every task that existed when
+    // paging began is seen exactly once, newest first.
+    let before: HashSet<String> = ids.iter().cloned().collect();
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/tasks?limit=4&cursor={c}"),
+            None => "/v1/tasks?limit=4".to_owned(),
+        };
+        let (status, page) = app.get_json(&path).await;
+        assert_eq!(status, 200, "{page}");
+        for t in page["tasks"].as_array().unwrap() {
+            seen.push(t["id"].as_str().unwrap().to_owned());
+        }
+        app.submit_ok(&valid_body()).await; // a newer task, behind the cursor
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    let unique: HashSet<String> = seen.iter().cloned().collect();
+    assert_eq!(unique.len(), seen.len(), "no task repeated");
+    assert_eq!(unique, before, "no task skipped");
+    let mut newest_first = ids.clone();
+    newest_first.reverse();
+    assert_eq!(seen, newest_first);
+
+    // Status filter: fail one task through its callback, then find exactly that one.
+    let failed = app.submit_ok(&valid_body()).await;
+    let upstream = app.task(&failed).await["upstream_task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let far_future = i64::MAX / 4;
+    let (status, _) = app
+        .post_callback(
+            &app.callback_url(&failed),
+            &callback(&upstream, "failed", far_future),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, v) = app.get_json("/v1/tasks?status=failed").await;
+    let got: Vec<&str> = v["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, vec![failed.as_str()]);
+    let (_, v) = app.get_json("/v1/tasks?status=succeeded,failed").await;
+    assert_eq!(v["tasks"].as_array().unwrap().len(), 1);
+    let (_, v) = app.get_json("/v1/tasks?status=succeeded").await;
+    assert!(v["tasks"].as_array().unwrap().is_empty());
+    let (_, v) = app
+        .get_json("/v1/tasks?status=submitted&status=processing&limit=200")
+        .await;
+    assert!(v["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t["status"] == "submitted" || t["status"] == "processing"));
+    assert!(v["tasks"].as_array().unwrap().len() >= 17);
+
+    // Time filters.
+    let cut = cut
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let (_, v) = app
+        .get_json(&format!("/v1/tasks?created_before={cut}&limit=200"))
+        .await;
+    let older: HashSet<String> = v["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(older, ids[..12].iter().cloned().collect::<HashSet<_>>());
+    let (_, v) = app
+        .get_json(&format!("/v1/tasks?created_after={cut}&limit=200"))
+        .await;
+    assert!(v["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| !older.contains(t["id"].as_str().unwrap())));
+
+    // Bad parameters.
+    for q in [
+        "limit=0",
+        "limit=201",
+        "limit=ten",
+        "status=done",
+        "created_after=yesterday",
+        "cursor=garbage",
+        "colour=red",
+    ] {
+        let r = app
+            .http
+            .get(format!("{}/v1/tasks?{q}", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_problem(r, 400).await;
+    }
+}
+
+async fn webhook_requires_a_valid_token_and_a_matching_task(b: Backend) {
+    let app = TestApp::spawn_with(
+        b,
+        Options {
+            sim: SimConfig {
+                processing_after: Duration::from_secs(600),
+                ..fast_sim()
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    let id = app.submit_ok(&valid_body()).await;
+    let other = app.submit_ok(&valid_body()).await;
+    let t = app.task(&id).await;
+    assert_eq!(t["status"], "submitted");
+    let upstream = t["upstream_task_id"].as_str().unwrap().to_owned();
+    let good = app.callback_url(&id);
+    // Upstream timestamps are milliseconds, later than the create answer's.
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 1000;
+    let body = callback(&upstream, "succeed", t0 + 10);
+
+    let bare = format!("{}/webhooks/cometapi/{id}", app.base);
+    let wrong = format!("{bare}?token=AAAA");
+    let foreign = app.callback_url(&other).replace(&other, &id);
+    for url in [bare.clone(), wrong, foreign] {
+        let r = app.http.post(&url).json(&body).send().await.unwrap();
+        assert_problem(r, 401).await;
+    }
+    // A token for another task does not open this one.
+    let (status, _) = app
+        .post_callback(&app.callback_url(&other).replace(&other, &id), &body)
+        .await;
+    assert_eq!(status, 401);
+
+    // Right token, wrong content: refused, nothing stored.
+    let r = app
+        .http
+        .post(&good)
+        .header("content-type", "application/json")
+        .body("{broken")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 400).await;
+    let r = app
+        .http
+        .post(&good)
+        .header("content-type", "text/plain")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 415).await;
+    let (status, _) = app
+        .post_callback(
+            &good,
+            &json!({"task_id": upstream, "task_status": "exploded"}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    // A payload for another upstream task.
+    let (status, _) = app
+        .post_callback(&good, &callback("999999", "succeed", 10))
+        .await;
+    assert_eq!(status, 409);
+    let mut foreign_ext = callback(&upstream, "succeed", 10);
+    foreign_ext["task_info"] = json!({"external_task_id": "someone-else"});
+    let (status, _) = app.post_callback(&good, &foreign_ext).await;
+    assert_eq!(status, 409);
+    assert_eq!(
+        app.task(&id).await["status"],
+        "submitted",
+        "nothing changed"
+    );
+    assert_eq!(app.events(&id).await.len(), 2);
+
+    // The real thing, then a duplicate, then a stale one.
+    let (status, v) = app
+        .post_callback(&good, &callback(&upstream, "processing", t0 + 5))
+        .await;
+    assert_eq!((status, v["outcome"].as_str()), (200, Some("applied")));
+    let (_, v) = app
+        .post_callback(&good, &callback(&upstream, "processing", t0 + 5))
+        .await;
+    assert_eq!(v["outcome"], "duplicate");
+    let (_, v) = app
+        .post_callback(&good, &callback(&upstream, "submitted", t0 + 4))
+        .await;
+    assert_eq!(v["outcome"], "stale");
+    let enveloped =
+        json!({"code": 0, "message": "SUCCEED", "data": callback(&upstream, "succeed", t0 + 10)});
+    let (_, v) = app.post_callback(&good, &enveloped).await;
+    assert_eq!(v["outcome"], "applied");
+    let (_, v) = app
+        .post_callback(&good, &callback(&upstream, "failed", t0 + 20))
+        .await;
+    assert_eq!(v["outcome"], "already_final");
+    let t = app.task(&id).await;
+    assert_eq!(t["status"], "succeeded");
+    assert_eq!(t["images"][0]["url"], "https://cdn.example/0.png");
+    assert_eq!(
+        statuses(&app.events(&id).await),
+        ["pending", "submitted", "processing", "succeeded"]
+    );
+}
+
+on_both_backends!(
+    every_validation_rule_is_enforced_and_nothing_is_stored,
+    valid_variants_are_accepted_and_forwarded,
+    unknown_ids_and_routes_answer_404,
+    history_filters_and_cursor_paging_while_tasks_arrive,
+    webhook_requires_a_valid_token_and_a_matching_task,
+);
