@@ -139,10 +139,39 @@ pub enum LogFormat {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("configuration: {0}")]
-    Load(#[from] Box<figment::Error>),
+    #[error("configuration: {}", describe_figment(.0))]
+    Load(Box<figment::Error>),
     #[error("configuration: `{key}` {problem}")]
     Invalid { key: &'static str, problem: String },
+}
+
+/// One line per problem, each naming the key as written in the file (`section.key`) and where the
+/// value came from.
+fn describe_figment(err: &figment::Error) -> String {
+    use figment::error::Kind;
+    err.clone()
+        .into_iter()
+        .map(|e| {
+            let mut path: Vec<String> = e.path.iter().map(|p| p.to_lowercase()).collect();
+            if let Kind::UnknownField(name, _) = &e.kind {
+                if path.last() != Some(name) {
+                    path.push(name.clone());
+                }
+            }
+            let key = path.join(".");
+            let origin = e
+                .metadata
+                .as_ref()
+                .map(|m| format!(" (from {})", m.name))
+                .unwrap_or_default();
+            let problem = match &e.kind {
+                Kind::UnknownField(name, _) => format!("unknown key `{name}`"),
+                other => other.to_string(),
+            };
+            format!("`{key}`: {problem}{origin}")
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
@@ -183,7 +212,7 @@ impl Settings {
                 raw.only(&["COMETAPI_KEY"])
                     .map(|_| "cometapi.api_key".into()),
             );
-        let settings: Settings = fig.extract().map_err(Box::new)?;
+        let settings: Settings = fig.extract().map_err(|e| ConfigError::Load(Box::new(e)))?;
         settings.validate()?;
         Ok(settings)
     }

@@ -77,6 +77,7 @@ pub struct Faults {
     pub create_fail: Option<Failure>,
     /// How many create calls fail before the switch clears itself; None: all of them.
     pub create_fail_times: Option<u32>,
+    /// Answer create calls this late (the task is created first).
     pub create_delay_ms: u64,
     /// Create the task, then answer 500 as if the answer was lost on the way.
     pub create_lose_response: bool,
@@ -326,9 +327,6 @@ async fn create(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Strin
         return unauthorized();
     }
     let (failure, delay, lose_response) = take_create_fault(&inner);
-    if delay > 0 {
-        tokio::time::sleep(Duration::from_millis(delay)).await;
-    }
     if let Some(f) = failure {
         return failure_response(f);
     }
@@ -419,6 +417,11 @@ async fn create(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Strin
         tokio::spawn(run_task(inner.clone(), task_id, failing));
         t
     };
+    // The delay comes after the task exists, as with a real slow answer: a caller that gives up
+    // waiting has still started a paid task.
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     if lose_response {
         return failure_response(Failure::Http500);
     }

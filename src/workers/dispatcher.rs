@@ -69,7 +69,8 @@ pub async fn step(relay: &Arc<Relay>) -> Result<usize, ServiceError> {
 async fn dispatch_one(relay: &Relay, id: &str) -> Result<(), ServiceError> {
     let now_claimed = now_ms();
     let timeout = relay.settings.cometapi.timeout;
-    let lease_until = now_claimed + ms(timeout) + ms(Duration::from_secs(30));
+    // Past any answer the call can still get: twice its time limit, and a second for the commit.
+    let lease_until = now_claimed + 2 * ms(timeout) + 1000;
     let Some(task) = relay
         .store
         .claim_dispatch(id, now_claimed, lease_until)
