@@ -33,7 +33,12 @@ pub async fn simulate(
     let sim = Simulator::start(SimConfig::default(), listener).await?;
     settings.cometapi.base_url = sim.base_url();
     settings.cometapi.api_key = Secret::new(sim.api_key());
-    settings.server.public_url = format!("http://{service_addr}");
+    let mut reachable = service_addr;
+    if reachable.ip().is_unspecified() {
+        // Listening on every interface: loopback reaches it from the in-process simulator.
+        reachable.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    settings.server.public_url = format!("http://{reachable}");
     tracing::warn!(
         simulator = %sim.base_url(),
         "SIMULATION MODE: no request reaches CometAPI; every result is simulated"
