@@ -219,6 +219,8 @@ fn router(inner: Arc<Inner>) -> Router {
         .route("/sim/images/{task_id}/{file}", get(image))
         .route("/_sim/faults", get(get_faults).put(put_faults))
         .route("/_sim/stats", get(stats))
+        // Upstream takes six images of 10 MB in Base64 in one create call.
+        .layer(axum::extract::DefaultBodyLimit::max(128 * 1024 * 1024))
         .with_state(inner)
 }
 

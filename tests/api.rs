@@ -470,10 +470,68 @@ async fn webhook_requires_a_valid_token_and_a_matching_task(b: Backend) {
     );
 }
 
+async fn a_database_failure_answers_5xx_and_stores_nothing(b: Backend) {
+    let app = TestApp::spawn_with(
+        b,
+        Options {
+            sim: SimConfig {
+                processing_after: Duration::from_secs(600),
+                ..fast_sim()
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    let id = app.submit_ok(&valid_body()).await;
+    let upstream = app.task(&id).await["upstream_task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Break the database under the running service: the event insert of any change now fails,
+    // so its transaction must roll back.
+    app.db.exec("DROP TABLE task_events").await;
+    let t0 = i64::MAX / 4;
+    let (status, v) = app
+        .post_callback(&app.callback_url(&id), &callback(&upstream, "succeed", t0))
+        .await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(
+        app.task(&id).await["status"],
+        "submitted",
+        "nothing committed"
+    );
+}
+
+async fn the_largest_valid_request_is_accepted(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    // Six images (4 subjects, scene, style) of just under 10 MB each, as Base64.
+    let png = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, PNG_B64).unwrap();
+    let mut bytes = png.clone();
+    bytes.resize(10 * 1024 * 1024 - 16, 0);
+    let big = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &bytes);
+    let body = json!({
+        "subject_image_list": [{"subject_image": big}, {"subject_image": big},
+                               {"subject_image": big}, {"subject_image": big}],
+        "scene_image": big,
+        "style_image": big,
+        "prompt": "p".repeat(2500),
+    });
+    let r = app.submit(&body).await;
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.wait_for_status(&id, "succeeded", Duration::from_secs(30))
+        .await;
+}
+
 on_both_backends!(
     every_validation_rule_is_enforced_and_nothing_is_stored,
     valid_variants_are_accepted_and_forwarded,
     unknown_ids_and_routes_answer_404,
     history_filters_and_cursor_paging_while_tasks_arrive,
     webhook_requires_a_valid_token_and_a_matching_task,
+    a_database_failure_answers_5xx_and_stores_nothing,
+    the_largest_valid_request_is_accepted,
 );

@@ -189,6 +189,13 @@ struct PollRow {
     poll_count: i64,
 }
 
+/// A parameter for [`Store::explain`].
+#[derive(Debug, Clone)]
+pub enum ExplainArg {
+    Int(i64),
+    Text(String),
+}
+
 /// A dispatch attempt that did not land, to record against a still-pending task.
 #[derive(Debug, Clone)]
 pub struct DispatchRetry {
@@ -347,33 +354,7 @@ impl Store {
 
     /// Newest first, keyset-paged on `(created_at, id)`.
     pub async fn list_tasks(&self, f: &ListFilter) -> Result<Vec<Task>> {
-        let mut sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE 1 = 1");
-        let mut n = 0;
-        let mut next = || {
-            n += 1;
-            format!("${n}")
-        };
-        if !f.statuses.is_empty() {
-            let marks: Vec<String> = f.statuses.iter().map(|_| next()).collect();
-            sql.push_str(&format!(" AND status IN ({})", marks.join(", ")));
-        }
-        if f.created_after_ms.is_some() {
-            sql.push_str(&format!(" AND created_at >= {}", next()));
-        }
-        if f.created_before_ms.is_some() {
-            sql.push_str(&format!(" AND created_at < {}", next()));
-        }
-        if f.before.is_some() {
-            let (a, b) = (next(), next());
-            sql.push_str(&format!(
-                " AND (created_at < {a} OR (created_at = {a} AND id < {b}))"
-            ));
-        }
-        sql.push_str(&format!(
-            " ORDER BY created_at DESC, id DESC LIMIT {}",
-            next()
-        ));
-
+        let sql = sql::list(f);
         let rows: Vec<TaskRow> = on_pool!(self, p => {
             let mut q = sqlx::query_as(&sql);
             for s in &f.statuses {
@@ -394,10 +375,8 @@ impl Store {
     }
 
     pub async fn events(&self, id: &str) -> Result<Vec<TaskEvent>> {
-        const SQL: &str = "SELECT at, source, status, upstream_status, detail FROM task_events \
-            WHERE task_id = $1 ORDER BY id";
         let rows: Vec<EventRow> = on_pool!(self, p => {
-            sqlx::query_as(SQL).bind(id).fetch_all(p).await?
+            sqlx::query_as(sql::EVENTS).bind(id).fetch_all(p).await?
         });
         Ok(rows
             .into_iter()
@@ -477,10 +456,8 @@ impl Store {
 
     /// Pending tasks whose dispatch is due, oldest due first.
     pub async fn due_dispatches(&self, now_ms: i64, limit: i64) -> Result<Vec<String>> {
-        const SQL: &str = "SELECT id FROM tasks WHERE next_dispatch_at IS NOT NULL \
-            AND next_dispatch_at <= $1 ORDER BY next_dispatch_at LIMIT $2";
         on_pool!(self, p => {
-            Ok(sqlx::query_scalar(SQL).bind(now_ms).bind(limit).fetch_all(p).await?)
+            Ok(sqlx::query_scalar(sql::DUE_DISPATCHES).bind(now_ms).bind(limit).fetch_all(p).await?)
         })
     }
 
@@ -539,11 +516,8 @@ impl Store {
 
     /// Tasks upstream holds whose next poll is due, most overdue first.
     pub async fn due_polls(&self, now_ms: i64, limit: i64) -> Result<Vec<PollCandidate>> {
-        const SQL: &str = "SELECT id, upstream_task_id, external_task_id, created_at, poll_count \
-            FROM tasks WHERE poll_due_at IS NOT NULL AND poll_due_at <= $1 \
-            ORDER BY poll_due_at LIMIT $2";
         let rows: Vec<PollRow> = on_pool!(self, p => {
-            sqlx::query_as(SQL).bind(now_ms).bind(limit).fetch_all(p).await?
+            sqlx::query_as(sql::DUE_POLLS).bind(now_ms).bind(limit).fetch_all(p).await?
         });
         Ok(rows
             .into_iter()
@@ -567,14 +541,48 @@ impl Store {
         })
     }
 
+    /// The query plan of `sql` with the given parameters, one line per plan step (SQLite's
+    /// `EXPLAIN QUERY PLAN`, Postgres's `EXPLAIN` with sequential scans priced out, so a plan
+    /// without an index means no index can serve the query).
+    pub async fn explain(&self, sql: &str, args: &[ExplainArg]) -> Result<Vec<String>> {
+        match &self.pool {
+            Pool::Sqlite(p) => {
+                let text = format!("EXPLAIN QUERY PLAN {sql}");
+                let mut q = sqlx::query_as::<_, (i64, i64, i64, String)>(&text);
+                for a in args {
+                    q = match a {
+                        ExplainArg::Int(v) => q.bind(*v),
+                        ExplainArg::Text(v) => q.bind(v.clone()),
+                    };
+                }
+                Ok(q.fetch_all(p).await?.into_iter().map(|r| r.3).collect())
+            }
+            Pool::Postgres(p) => {
+                let mut conn = p.acquire().await?;
+                sqlx::query("SET enable_seqscan = off")
+                    .execute(&mut *conn)
+                    .await?;
+                let text = format!("EXPLAIN {sql}");
+                let mut q = sqlx::query_scalar::<_, String>(&text);
+                for a in args {
+                    q = match a {
+                        ExplainArg::Int(v) => q.bind(*v),
+                        ExplainArg::Text(v) => q.bind(v.clone()),
+                    };
+                }
+                let plan = q.fetch_all(&mut *conn).await;
+                sqlx::query("RESET enable_seqscan")
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(plan?)
+            }
+        }
+    }
+
     /// Open tasks created before `cutoff_ms` (candidates for `timed_out`).
     pub async fn expired_open_tasks(&self, cutoff_ms: i64, limit: i64) -> Result<Vec<String>> {
-        // The predicate repeats the partial index's so both planners use `tasks_open_by_age`.
-        const SQL: &str = "SELECT id FROM tasks \
-            WHERE status IN ('pending', 'submitted', 'processing') AND created_at < $1 \
-            ORDER BY created_at LIMIT $2";
         on_pool!(self, p => {
-            Ok(sqlx::query_scalar(SQL).bind(cutoff_ms).bind(limit).fetch_all(p).await?)
+            Ok(sqlx::query_scalar(sql::EXPIRED_OPEN).bind(cutoff_ms).bind(limit).fetch_all(p).await?)
         })
     }
 }
@@ -582,3 +590,56 @@ impl Store {
 const INSERT_EVENT: &str =
     "INSERT INTO task_events (task_id, at, source, status, upstream_status, detail) \
     VALUES ($1, $2, $3, $4, $5, $6)";
+
+/// The read queries behind history and background work, public so tests can check their plans.
+pub mod sql {
+    /// A task's timeline, oldest first.
+    pub const EVENTS: &str = "SELECT at, source, status, upstream_status, detail FROM task_events \
+            WHERE task_id = $1 ORDER BY id";
+    /// Pending tasks whose dispatch is due, most overdue first.
+    pub const DUE_DISPATCHES: &str = "SELECT id FROM tasks WHERE next_dispatch_at IS NOT NULL \
+            AND next_dispatch_at <= $1 ORDER BY next_dispatch_at LIMIT $2";
+    /// Tasks upstream holds whose next poll is due. Only rows with `poll_due_at` set (submitted or
+    /// processing) are in `tasks_poll_due`, so final tasks are never read.
+    pub const DUE_POLLS: &str =
+        "SELECT id, upstream_task_id, external_task_id, created_at, poll_count \
+            FROM tasks WHERE poll_due_at IS NOT NULL AND poll_due_at <= $1 \
+            ORDER BY poll_due_at LIMIT $2";
+    /// Open tasks older than a cutoff. The predicate repeats the partial index's so both
+    /// planners use `tasks_open_by_age`.
+    pub const EXPIRED_OPEN: &str = "SELECT id FROM tasks \
+            WHERE status IN ('pending', 'submitted', 'processing') AND created_at < $1 \
+            ORDER BY created_at LIMIT $2";
+
+    /// The history query for a filter; parameters are bound in the order statuses, created_after,
+    /// created_before, cursor (created_at, id), limit.
+    pub fn list(f: &super::ListFilter) -> String {
+        let mut sql = format!("SELECT {} FROM tasks WHERE 1 = 1", super::TASK_COLUMNS);
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            format!("${n}")
+        };
+        if !f.statuses.is_empty() {
+            let marks: Vec<String> = f.statuses.iter().map(|_| next()).collect();
+            sql.push_str(&format!(" AND status IN ({})", marks.join(", ")));
+        }
+        if f.created_after_ms.is_some() {
+            sql.push_str(&format!(" AND created_at >= {}", next()));
+        }
+        if f.created_before_ms.is_some() {
+            sql.push_str(&format!(" AND created_at < {}", next()));
+        }
+        if f.before.is_some() {
+            let (a, b) = (next(), next());
+            sql.push_str(&format!(
+                " AND (created_at < {a} OR (created_at = {a} AND id < {b}))"
+            ));
+        }
+        sql.push_str(&format!(
+            " ORDER BY created_at DESC, id DESC LIMIT {}",
+            next()
+        ));
+        sql
+    }
+}

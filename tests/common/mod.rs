@@ -117,6 +117,27 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// Runs one statement on the test's database from outside the service.
+    pub async fn exec(&self, sql: &str) {
+        use sqlx::Connection;
+        match self.backend {
+            Backend::Sqlite => {
+                let mut c = sqlx::SqliteConnection::connect(&self.url)
+                    .await
+                    .expect("connect");
+                sqlx::query(sql).execute(&mut c).await.expect("exec");
+            }
+            Backend::Postgres => {
+                let mut c = sqlx::PgConnection::connect(&self.url)
+                    .await
+                    .expect("connect");
+                sqlx::query(sql).execute(&mut c).await.expect("exec");
+            }
+        }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         let Some(name) = self.pg_name.take() else {
