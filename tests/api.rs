@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use kling_relay::simulator::SimConfig;
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::time::Duration;
@@ -230,18 +229,7 @@ async fn unknown_ids_and_routes_answer_404(b: Backend) {
 }
 
 async fn history_filters_and_cursor_paging_while_tasks_arrive(b: Backend) {
-    let app = TestApp::spawn_with(
-        b,
-        Options {
-            sim: SimConfig {
-                processing_after: Duration::from_secs(600),
-                concurrency_units: 10_000,
-                ..fast_sim()
-            },
-            ..Options::default()
-        },
-    )
-    .await;
+    let app = TestApp::spawn_with(b, Options::stalled()).await;
     let mut ids = Vec::new();
     for _ in 0..12 {
         ids.push(app.submit_ok(&valid_body()).await);
@@ -360,17 +348,7 @@ async fn history_filters_and_cursor_paging_while_tasks_arrive(b: Backend) {
 }
 
 async fn webhook_requires_a_valid_token_and_a_matching_task(b: Backend) {
-    let app = TestApp::spawn_with(
-        b,
-        Options {
-            sim: SimConfig {
-                processing_after: Duration::from_secs(600),
-                ..fast_sim()
-            },
-            ..Options::default()
-        },
-    )
-    .await;
+    let app = TestApp::spawn_with(b, Options::stalled()).await;
     let id = app.submit_ok(&valid_body()).await;
     let other = app.submit_ok(&valid_body()).await;
     let t = app.task(&id).await;
@@ -471,17 +449,7 @@ async fn webhook_requires_a_valid_token_and_a_matching_task(b: Backend) {
 }
 
 async fn a_database_failure_answers_5xx_and_stores_nothing(b: Backend) {
-    let app = TestApp::spawn_with(
-        b,
-        Options {
-            sim: SimConfig {
-                processing_after: Duration::from_secs(600),
-                ..fast_sim()
-            },
-            ..Options::default()
-        },
-    )
-    .await;
+    let app = TestApp::spawn_with(b, Options::stalled()).await;
     let id = app.submit_ok(&valid_body()).await;
     let upstream = app.task(&id).await["upstream_task_id"]
         .as_str()

@@ -204,10 +204,7 @@ async fn non_final_tasks_time_out(b: Backend) {
         b,
         Options {
             settings: Box::new(|s| s.poller.give_up_after = Duration::from_secs(1)),
-            sim: SimConfig {
-                processing_after: Duration::from_secs(60),
-                ..fast_sim()
-            },
+            sim: stalled_sim(),
             ..Options::default()
         },
     )
@@ -236,10 +233,7 @@ async fn task_not_exist_fails_a_task_past_the_grace_period(b: Backend) {
         b,
         Options {
             settings: Box::new(|s| s.poller.not_found_grace = Duration::from_millis(500)),
-            sim: SimConfig {
-                processing_after: Duration::from_secs(60),
-                ..fast_sim()
-            },
+            sim: stalled_sim(),
             ..Options::default()
         },
     )

@@ -235,14 +235,7 @@ async fn quickstart_serve_simulate_runs_the_whole_loop() {
         .to_owned();
     let start = Instant::now();
     loop {
-        let t: Value = http
-            .get(format!("{}/v1/tasks/{id}", svc.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let t: Value = fetch_json(&http, &format!("{}/v1/tasks/{id}", svc.base)).await;
         if t["status"] == "succeeded" {
             assert_eq!(t["images"].as_array().unwrap().len(), 2);
             break;
@@ -250,14 +243,11 @@ async fn quickstart_serve_simulate_runs_the_whole_loop() {
         assert!(start.elapsed() < Duration::from_secs(20), "not done: {t}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let list: Value = http
-        .get(format!("{}/v1/tasks?status=succeeded&limit=20", svc.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = fetch_json(
+        &http,
+        &format!("{}/v1/tasks?status=succeeded&limit=20", svc.base),
+    )
+    .await;
     assert_eq!(list["tasks"][0]["id"], id.as_str());
     svc.kill9();
     assert!(
@@ -417,14 +407,7 @@ async fn kill_dash_nine_at_any_moment_loses_nothing(b: Backend) {
     svc.wait_ready().await;
     let start = Instant::now();
     let all: Vec<Value> = loop {
-        let page: Value = http
-            .get(format!("{}/v1/tasks?limit=200", svc.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page: Value = fetch_json(&http, &format!("{}/v1/tasks?limit=200", svc.base)).await;
         let tasks = page["tasks"].as_array().unwrap().clone();
         if tasks.iter().all(|t| t["status"] == "succeeded") {
             break tasks;

@@ -191,6 +191,35 @@ pub fn fast_sim() -> SimConfig {
     }
 }
 
+/// An upstream that accepts tasks but does not move them on within a test's lifetime.
+pub fn stalled_sim() -> SimConfig {
+    SimConfig {
+        processing_after: Duration::from_secs(600),
+        concurrency_units: 10_000,
+        ..fast_sim()
+    }
+}
+
+impl Options {
+    pub fn stalled() -> Options {
+        Options {
+            sim: stalled_sim(),
+            ..Options::default()
+        }
+    }
+}
+
+/// GET a JSON document.
+pub async fn fetch_json(http: &reqwest::Client, url: &str) -> Value {
+    http.get(url)
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("JSON body")
+}
+
 pub struct TestApp {
     pub base: String,
     pub http: reqwest::Client,
