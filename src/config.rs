@@ -91,6 +91,7 @@ pub struct CometApiSettings {
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     pub scene_image_field: String,
+    pub max_concurrency: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -103,6 +104,13 @@ pub struct DispatchSettings {
     pub retry_initial: Duration,
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
+    #[serde(with = "humantime_serde")]
+    pub busy_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub busy_max: Duration,
+    #[serde(with = "humantime_serde")]
+    pub starvation_after: Duration,
+    pub max_pending: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -259,6 +267,24 @@ impl Settings {
             if d.is_zero() {
                 return Err(invalid(key, "must be longer than zero"));
             }
+        }
+        if self.cometapi.max_concurrency < 1 {
+            return Err(invalid("cometapi.max_concurrency", "must be at least 1"));
+        }
+        if self.dispatch.busy_initial < Duration::from_secs(1) {
+            return Err(invalid(
+                "dispatch.busy_initial",
+                "must be at least 1s (upstream asks for a first delay of at least a second)",
+            ));
+        }
+        if self.dispatch.busy_max < self.dispatch.busy_initial {
+            return Err(invalid(
+                "dispatch.busy_max",
+                "must be at least dispatch.busy_initial",
+            ));
+        }
+        if self.dispatch.max_pending < 1 {
+            return Err(invalid("dispatch.max_pending", "must be at least 1"));
         }
         if self.dispatch.concurrency == 0 {
             return Err(invalid("dispatch.concurrency", "must be at least 1"));

@@ -3,17 +3,20 @@
 //! the same storage rules.
 
 use crate::config::Settings;
+use crate::domain::admission::{Admission, AdmissionConfig, AdmissionSnapshot};
 use crate::domain::{
-    apply_report, finish_with_error, validate_new_task, EventSource, FieldError, IgnoreReason,
-    ReportMismatch, Rules, Task, TaskError, TaskEvent, TaskInputs, TaskStatus, Transition,
-    UpstreamReport,
+    apply_report, cancel, finish_with_error, validate_new_task, CancelRefused, EventSource,
+    FieldError, IgnoreReason, ReportMismatch, Rules, Task, TaskError, TaskEvent, TaskInputs,
+    TaskStatus, Transition, UpstreamReport,
 };
-use crate::storage::{ListFilter, NewTaskRecord, StorageError, Store};
+use crate::storage::{
+    IdempotencyClaim, InsertOutcome, ListFilter, NewTaskRecord, StorageError, Store,
+};
 use crate::upstream::CometClient;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{broadcast, Notify};
 
@@ -21,6 +24,8 @@ use tokio::sync::{broadcast, Notify};
 const WEBHOOK_SECRET_NAME: &str = "webhook_token_key";
 /// How often a status change is re-decided when another writer got in first.
 const MAX_CHANGE_ATTEMPTS: usize = 8;
+/// How long an `Idempotency-Key` keeps returning its task.
+pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -32,6 +37,12 @@ pub enum ServiceError {
     Mismatch(#[from] ReportMismatch),
     #[error("the task kept changing while this update was applied; try again")]
     Contended,
+    #[error("this Idempotency-Key was used with a different request")]
+    IdempotencyConflict,
+    #[error("too many tasks are waiting for dispatch; retry later")]
+    QueueFull,
+    #[error("the task cannot be canceled: {0}")]
+    CannotCancel(CancelRefused),
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -41,6 +52,14 @@ pub enum ServiceError {
 pub enum ApplyOutcome {
     Applied(TaskStatus),
     Ignored(IgnoreReason),
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 pub fn now_ms() -> i64 {
@@ -69,8 +88,27 @@ pub fn webhook_token(key: &[u8], task_id: &str) -> String {
         .encode(token_mac(key, task_id).finalize().into_bytes())
 }
 
+/// The result of a submit.
+#[derive(Debug)]
+pub struct Submitted {
+    pub task: Task,
+    /// False when an `Idempotency-Key` returned an earlier task.
+    pub created: bool,
+}
+
+/// What the dispatcher is doing, for the status endpoint.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DispatchStatus {
+    #[serde(flatten)]
+    pub admission: AdmissionSnapshot,
+    pub units_in_flight: i64,
+    pub pending: i64,
+}
+
 pub struct Relay {
     pub store: Store,
+    /// Upstream concurrency budget; see `domain::admission`.
+    pub admission: Mutex<Admission>,
     pub upstream: CometClient,
     pub settings: Arc<Settings>,
     token_key: Vec<u8>,
@@ -98,8 +136,16 @@ impl Relay {
             &c.scene_image_field,
         )?;
         let (changes, _) = broadcast::channel(1024);
+        let d = &settings.dispatch;
+        let admission = Mutex::new(Admission::new(AdmissionConfig {
+            max_units: settings.cometapi.max_concurrency,
+            busy_initial: d.busy_initial,
+            busy_max: d.busy_max,
+            starvation_after: d.starvation_after,
+        }));
         Ok(Relay {
             store,
+            admission,
             upstream,
             token_key: key.into_bytes(),
             settings,
@@ -152,11 +198,22 @@ impl Relay {
         let _ = self.changes.send(task_id.to_owned());
     }
 
+    pub fn admission(&self) -> MutexGuard<'_, Admission> {
+        // The controller's state stays consistent even if a holder panicked.
+        self.admission.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Validates and durably stores a task, then gives the dispatcher up to `dispatch.wait` to
-    /// send it upstream, so the usual answer already says `submitted`.
-    pub async fn submit(&self, body: &serde_json::Value) -> Result<Task, ServiceError> {
+    /// send it upstream, so the usual answer already says `submitted`. With an idempotency key
+    /// (scoped to the caller), a repeat of the same request returns the first task instead.
+    pub async fn submit(
+        &self,
+        body: &serde_json::Value,
+        idempotency_key: Option<(&str, &str)>,
+    ) -> Result<Submitted, ServiceError> {
         let req = validate_new_task(body, Rules::API).map_err(ServiceError::Invalid)?;
         let id = uuid::Uuid::now_v7().to_string();
+        let now = now_ms();
         let record = NewTaskRecord {
             external_task_id: format!("klr-{id}"),
             id: id.clone(),
@@ -170,10 +227,35 @@ impl Relay {
                 scene_image: req.scene_image,
                 style_image: req.style_image,
             },
-            created_at_ms: now_ms(),
+            created_at_ms: now,
         };
+        let claim = idempotency_key.map(|(scope, key)| IdempotencyClaim {
+            scope: scope.to_owned(),
+            key: key.to_owned(),
+            // serde_json orders object keys, so equal JSON hashes equal.
+            request_hash: hex_sha256(body.to_string().as_bytes()),
+            expired_before_ms: now - ms(IDEMPOTENCY_TTL),
+        });
         let mut changes = self.subscribe();
-        self.store.insert_task(&record).await?;
+        let max_pending = self.settings.dispatch.max_pending;
+        match self
+            .store
+            .insert_task(&record, claim.as_ref(), max_pending)
+            .await?
+        {
+            InsertOutcome::Inserted => {}
+            InsertOutcome::QueueFull => return Err(ServiceError::QueueFull),
+            InsertOutcome::Existing {
+                task_id,
+                same_request: true,
+            } => {
+                return Ok(Submitted {
+                    task: self.get(&task_id).await?,
+                    created: false,
+                })
+            }
+            InsertOutcome::Existing { .. } => return Err(ServiceError::IdempotencyConflict),
+        }
         self.dispatch_wake.notify_one();
         let wait = self.settings.dispatch.wait;
         let _ = tokio::time::timeout(wait, async {
@@ -187,10 +269,28 @@ impl Relay {
             }
         })
         .await;
-        self.store
-            .get_task(&id)
-            .await?
-            .ok_or(ServiceError::NotFound)
+        Ok(Submitted {
+            task: self.get(&id).await?,
+            created: true,
+        })
+    }
+
+    /// Cancels a task that has not been sent upstream.
+    pub async fn cancel(&self, id: &str) -> Result<Task, ServiceError> {
+        self.decide_and_commit(id, EventSource::Api, |task| {
+            cancel(&task.state()).map_err(ServiceError::CannotCancel)
+        })
+        .await?;
+        self.get(id).await
+    }
+
+    pub async fn dispatch_status(&self) -> Result<DispatchStatus, ServiceError> {
+        let admission = self.admission().snapshot();
+        Ok(DispatchStatus {
+            admission,
+            units_in_flight: self.store.units_in_flight().await?,
+            pending: self.store.pending_count().await?,
+        })
     }
 
     pub async fn get(&self, id: &str) -> Result<Task, ServiceError> {
@@ -259,6 +359,13 @@ impl Relay {
                 .await?
             {
                 tracing::info!(task_id = %id, source = source.as_str(), status = %change.status, "task status changed");
+                if task.status.holds_upstream_units() && change.status.is_final() {
+                    if matches!(change.status, TaskStatus::Succeeded | TaskStatus::Failed) {
+                        self.admission().on_finished();
+                    }
+                    // Units were freed: pending work may fit now.
+                    self.dispatch_wake.notify_one();
+                }
                 self.publish(id);
                 return Ok(ApplyOutcome::Applied(change.status));
             }

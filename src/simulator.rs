@@ -90,6 +90,12 @@ pub struct SimStats {
     pub create_calls: u64,
     pub tasks_created: u64,
     pub query_calls: u64,
+    /// Queries by `external_task_id` (a subset of `query_calls`).
+    pub external_lookups: u64,
+    /// Create calls answered `1303`.
+    pub busy_answers: u64,
+    /// Highest `units_in_use` seen.
+    pub peak_units_in_use: i64,
     pub callbacks_sent: u64,
     pub units_in_use: i64,
 }
@@ -384,6 +390,7 @@ async fn create(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Strin
             }
         }
         if st.stats.units_in_use + n > inner.cfg.concurrency_units {
+            st.stats.busy_answers += 1;
             drop(st);
             return failure_response(Failure::Code1303);
         }
@@ -411,6 +418,7 @@ async fn create(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Strin
             images: (0..n).map(|i| i.to_string()).collect(),
         };
         st.stats.units_in_use += n;
+        st.stats.peak_units_in_use = st.stats.peak_units_in_use.max(st.stats.units_in_use);
         st.stats.tasks_created += 1;
         if let Some(ext) = external {
             st.by_external.insert(ext, task_id.clone());
@@ -561,7 +569,11 @@ async fn query_by_external(
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    lock(&inner.state).stats.query_calls += 1;
+    {
+        let mut st = lock(&inner.state);
+        st.stats.query_calls += 1;
+        st.stats.external_lookups += 1;
+    }
     if !authorized(&inner, &headers) {
         return unauthorized();
     }

@@ -14,12 +14,14 @@ pub const CODE_CONCURRENCY_FULL: i64 = 1303;
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum UpstreamError {
-    /// Worth trying again later. `maybe_sent`: the request may have reached upstream.
+    /// Worth trying again later. `maybe_sent`: the request may have reached upstream. `busy`:
+    /// the account's concurrency is full (`1303`, or 429), so all dispatch should slow down.
     #[error("retryable upstream failure: {reason}")]
     Retryable {
         reason: String,
         retry_after: Option<Duration>,
         maybe_sent: bool,
+        busy: bool,
     },
     /// Upstream refused the request; sending it again as is will not help.
     #[error("upstream refused the request ({code}): {message}")]
@@ -176,6 +178,7 @@ fn transport_error(e: reqwest::Error) -> UpstreamError {
         retry_after: None,
         // A refused connection never reached upstream; anything later may have.
         maybe_sent: !e.is_connect(),
+        busy: false,
     }
 }
 
@@ -222,22 +225,33 @@ pub fn classify_create(
     retry_after: Option<Duration>,
     body: &Option<Value>,
 ) -> Result<UpstreamReport, UpstreamError> {
-    let retry = |reason: String, maybe_sent: bool| UpstreamError::Retryable {
+    let retry = |reason: String, maybe_sent: bool, busy: bool| UpstreamError::Retryable {
         reason,
         retry_after,
         maybe_sent,
+        busy,
     };
+    // 1303 arrives with HTTP 200 or 429; either way it is load, not a bad request.
+    if body
+        .as_ref()
+        .and_then(code_of)
+        .is_some_and(|c| c == CODE_CONCURRENCY_FULL.to_string())
+    {
+        let message = body.as_ref().map(message_of).unwrap_or_default();
+        return Err(retry(format!("code 1303: {message}"), false, true));
+    }
     if status == 429 {
-        return Err(retry("HTTP 429 rate limited".into(), false));
+        return Err(retry("HTTP 429 rate limited".into(), false, true));
     }
     if status >= 500 {
-        return Err(retry(format!("HTTP {status}"), true));
+        return Err(retry(format!("HTTP {status}"), true, false));
     }
     let Some(body) = body else {
         if (200..300).contains(&status) {
             return Err(retry(
                 format!("HTTP {status} with an unreadable body"),
                 true,
+                false,
             ));
         }
         return Err(UpstreamError::Rejected {
@@ -247,9 +261,6 @@ pub fn classify_create(
     };
     let code = code_of(body).unwrap_or_else(|| "missing".into());
     let message = message_of(body);
-    if code == CODE_CONCURRENCY_FULL.to_string() {
-        return Err(retry(format!("code 1303: {message}"), false));
-    }
     if code != "0" || !(200..300).contains(&status) {
         if is_duplicate_external_id(&message) {
             return Err(UpstreamError::DuplicateExternalId { message });
@@ -261,9 +272,13 @@ pub fn classify_create(
         };
         return Err(UpstreamError::Rejected { code, message });
     }
-    body.get("data")
-        .and_then(parse_task_data)
-        .ok_or_else(|| retry("accepted, but the answer has no readable task".into(), true))
+    body.get("data").and_then(parse_task_data).ok_or_else(|| {
+        retry(
+            "accepted, but the answer has no readable task".into(),
+            true,
+            false,
+        )
+    })
 }
 
 pub fn classify_query(
@@ -294,6 +309,7 @@ pub fn classify_query(
         ),
         retry_after,
         maybe_sent: false,
+        busy: status == 429,
     })
 }
 

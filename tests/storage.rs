@@ -57,7 +57,7 @@ async fn every_hot_query_is_served_by_an_index(b: Backend) {
     let db = TestDb::new(b).await;
     let s = store(&db).await;
     for i in 0..50 {
-        s.insert_task(&record(i)).await.unwrap();
+        s.insert_task(&record(i), None, 1000).await.unwrap();
     }
     let int = ExplainArg::Int;
     let text = |v: &str| ExplainArg::Text(v.to_owned());
@@ -115,10 +115,12 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
     let db = TestDb::new(b).await;
     let s = store(&db).await;
     let r = record(1);
-    s.insert_task(&r).await.unwrap();
+    s.insert_task(&r, None, 1000).await.unwrap();
+    let due = s.dispatch_candidates(i64::MAX, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
     assert_eq!(
-        s.due_dispatches(i64::MAX, 10).await.unwrap(),
-        vec![r.id.clone()]
+        (due[0].id.as_str(), due[0].n, due[0].in_doubt),
+        (r.id.as_str(), 1, false)
     );
     let submitted = Change {
         status: TaskStatus::Submitted,
@@ -133,7 +135,11 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
         .commit_change(&r.id, 0, &submitted, EventSource::Dispatch, 10, Some(20))
         .await
         .unwrap());
-    assert!(s.due_dispatches(i64::MAX, 10).await.unwrap().is_empty());
+    assert!(s
+        .dispatch_candidates(i64::MAX, 10)
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(s.due_polls(20, 10).await.unwrap().len(), 1);
     assert!(s.due_polls(19, 10).await.unwrap().is_empty(), "not due yet");
 

@@ -4,6 +4,7 @@
 //! task's history honest can be tested on its own and is shared by webhooks, polls, dispatch and
 //! the simulator.
 
+pub mod admission;
 pub mod schedule;
 pub mod task;
 pub mod validation;

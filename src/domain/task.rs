@@ -16,16 +16,19 @@ pub enum TaskStatus {
     Succeeded,
     Failed,
     TimedOut,
+    /// Withdrawn by the client before it was sent upstream.
+    Canceled,
 }
 
 impl TaskStatus {
-    pub const ALL: [TaskStatus; 6] = [
+    pub const ALL: [TaskStatus; 7] = [
         TaskStatus::Pending,
         TaskStatus::Submitted,
         TaskStatus::Processing,
         TaskStatus::Succeeded,
         TaskStatus::Failed,
         TaskStatus::TimedOut,
+        TaskStatus::Canceled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -36,14 +39,23 @@ impl TaskStatus {
             TaskStatus::Succeeded => "succeeded",
             TaskStatus::Failed => "failed",
             TaskStatus::TimedOut => "timed_out",
+            TaskStatus::Canceled => "canceled",
         }
     }
 
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::TimedOut
+            TaskStatus::Succeeded
+                | TaskStatus::Failed
+                | TaskStatus::TimedOut
+                | TaskStatus::Canceled
         )
+    }
+
+    /// Whether a task in this status holds units of the upstream account's concurrency.
+    pub fn holds_upstream_units(self) -> bool {
+        matches!(self, TaskStatus::Submitted | TaskStatus::Processing)
     }
 
     /// Position in the only order a task may move in. Final statuses share the top rank: once one is
@@ -53,7 +65,10 @@ impl TaskStatus {
             TaskStatus::Pending => 0,
             TaskStatus::Submitted => 1,
             TaskStatus::Processing => 2,
-            TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::TimedOut => 3,
+            TaskStatus::Succeeded
+            | TaskStatus::Failed
+            | TaskStatus::TimedOut
+            | TaskStatus::Canceled => 3,
         }
     }
 }
@@ -183,6 +198,8 @@ pub struct TaskState {
     pub upstream_task_id: Option<String>,
     pub external_task_id: String,
     pub upstream_updated_at_ms: Option<i64>,
+    /// A create call may have reached upstream.
+    pub dispatch_started: bool,
 }
 
 /// A change to write: the new status and everything that goes with it.
@@ -314,6 +331,33 @@ pub fn apply_report(
     }))
 }
 
+/// Why a task cannot be canceled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CancelRefused {
+    #[error("the task has been sent upstream, which offers no cancel")]
+    AlreadySent,
+    #[error("the task is already {0}")]
+    AlreadyFinal(TaskStatus),
+}
+
+/// Cancels a task that has not been sent upstream. Canceling a canceled task changes nothing.
+pub fn cancel(state: &TaskState) -> Result<Transition, CancelRefused> {
+    match state.status {
+        TaskStatus::Canceled => Ok(Transition::Ignore(IgnoreReason::AlreadyFinal)),
+        s if s.is_final() => Err(CancelRefused::AlreadyFinal(s)),
+        TaskStatus::Pending if !state.dispatch_started => Ok(Transition::Apply(Change {
+            status: TaskStatus::Canceled,
+            upstream_status: None,
+            bind_upstream_task_id: None,
+            upstream_updated_at_ms: state.upstream_updated_at_ms,
+            images: None,
+            error: None,
+            detail: Some("canceled by the client before dispatch".into()),
+        })),
+        _ => Err(CancelRefused::AlreadySent),
+    }
+}
+
 /// Ends a non-final task with the given status and error (timeouts, refusals, lost tasks).
 pub fn finish_with_error(state: &TaskState, status: TaskStatus, error: TaskError) -> Transition {
     debug_assert!(status.is_final());
@@ -365,6 +409,7 @@ impl Task {
             upstream_task_id: self.upstream_task_id.clone(),
             external_task_id: self.external_task_id.clone(),
             upstream_updated_at_ms: self.upstream_updated_at_ms,
+            dispatch_started: self.dispatch_started_at_ms.is_some(),
         }
     }
 }
@@ -397,6 +442,7 @@ mod tests {
             upstream_task_id: upstream.map(str::to_owned),
             external_task_id: "ext-1".into(),
             upstream_updated_at_ms: updated,
+            dispatch_started: false,
         }
     }
 
@@ -500,6 +546,26 @@ mod tests {
         assert_eq!(
             finish_with_error(&s, TaskStatus::TimedOut, TaskError::new("timed_out", "x")),
             Transition::Ignore(IgnoreReason::AlreadyFinal)
+        );
+    }
+
+    #[test]
+    fn cancel_only_before_dispatch() {
+        let mut s = state(TaskStatus::Pending, None, None);
+        assert!(matches!(cancel(&s), Ok(Transition::Apply(c)) if c.status == TaskStatus::Canceled));
+        s.dispatch_started = true;
+        assert_eq!(cancel(&s), Err(CancelRefused::AlreadySent));
+        let sent = state(TaskStatus::Submitted, Some("u"), None);
+        assert_eq!(cancel(&sent), Err(CancelRefused::AlreadySent));
+        let done = state(TaskStatus::Succeeded, Some("u"), None);
+        assert_eq!(
+            cancel(&done),
+            Err(CancelRefused::AlreadyFinal(TaskStatus::Succeeded))
+        );
+        let canceled = state(TaskStatus::Canceled, None, None);
+        assert_eq!(
+            cancel(&canceled),
+            Ok(Transition::Ignore(IgnoreReason::AlreadyFinal))
         );
     }
 

@@ -25,6 +25,11 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{detail}")]
+    TooManyRequests {
+        detail: String,
+        retry_after_secs: u64,
+    },
     #[error("internal error")]
     Internal,
 }
@@ -46,6 +51,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -58,6 +64,15 @@ impl From<ServiceError> for ApiError {
             ServiceError::NotFound => ApiError::NotFound("no task with this id".into()),
             ServiceError::Mismatch(m) => ApiError::Conflict(m.to_string()),
             ServiceError::Contended => ApiError::Unavailable(e.to_string()),
+            ServiceError::IdempotencyConflict => ApiError::Validation(vec![FieldError {
+                field: "Idempotency-Key".into(),
+                message: e.to_string(),
+            }]),
+            ServiceError::QueueFull => ApiError::TooManyRequests {
+                detail: e.to_string(),
+                retry_after_secs: 5,
+            },
+            ServiceError::CannotCancel(_) => ApiError::Conflict(e.to_string()),
             ServiceError::Storage(err) => {
                 // Details stay in the log; the caller learns only that it may retry.
                 tracing::error!(error = %err, "storage failure");
@@ -89,9 +104,16 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             header::HeaderValue::from_static("application/problem+json"),
         );
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        let retry_after = match &self {
+            ApiError::Unavailable(_) => Some(1),
+            ApiError::TooManyRequests {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
         }
         resp
     }

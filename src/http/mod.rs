@@ -22,6 +22,8 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .route("/v1/tasks", post(tasks::submit).get(tasks::list))
         .route("/v1/tasks/{id}", get(tasks::get))
         .route("/v1/tasks/{id}/events", get(tasks::events))
+        .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/v1/status", get(tasks::status))
         .route("/webhooks/cometapi/{id}", post(webhooks::cometapi))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })

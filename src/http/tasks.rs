@@ -64,21 +64,70 @@ impl From<Task> for TaskView {
     }
 }
 
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    match v.to_str() {
+        Ok(k) if (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(k.to_owned()))
+        }
+        _ => Err(ApiError::BadRequest {
+            detail: "invalid Idempotency-Key".into(),
+            errors: vec![field_error(
+                "Idempotency-Key",
+                "must be 1 to 255 visible ASCII characters",
+            )],
+        }),
+    }
+}
+
 pub async fn submit(
     State(relay): State<AppState>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     require_json(&headers)?;
+    let key = idempotency_key(&headers)?;
     let body = parse_json(&body)?;
-    let task = relay.submit(&body).await?;
-    let location = format!("/v1/tasks/{}", task.id);
+    // Callers are not authenticated yet, so every key shares one scope.
+    let submitted = relay.submit(&body, key.as_deref().map(|k| ("", k))).await?;
+    let location = format!("/v1/tasks/{}", submitted.task.id);
+    let status = if submitted.created {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
     Ok((
-        StatusCode::ACCEPTED,
+        status,
         [(header::LOCATION, location)],
-        Json(TaskView::from(task)),
+        Json(TaskView::from(submitted.task)),
     )
         .into_response())
+}
+
+pub async fn cancel(
+    State(relay): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<TaskView>, ApiError> {
+    Ok(Json(relay.cancel(&id).await?.into()))
+}
+
+pub async fn status(State(relay): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let d = relay.dispatch_status().await?;
+    Ok(Json(serde_json::json!({
+        "dispatch": {
+            "max_concurrency": d.admission.max_units,
+            "working_limit": d.admission.working_limit,
+            "units_in_flight": d.units_in_flight,
+            "pending": d.pending,
+            "paused_until": (d.admission.paused_until_ms > crate::service::now_ms())
+                .then(|| rfc3339(d.admission.paused_until_ms)),
+        }
+    })))
 }
 
 pub async fn get(
@@ -195,7 +244,7 @@ pub fn parse_list_query(query: &str) -> Result<ListFilter, ApiError> {
                         Err(_) => errors.push(field_error(
                             "status",
                             &format!(
-                                "`{s}` is not a status; use pending, submitted, processing, succeeded, failed or timed_out"
+                                "`{s}` is not a status; use pending, submitted, processing, succeeded, failed, timed_out or canceled"
                             ),
                         )),
                     }

@@ -189,6 +189,39 @@ struct PollRow {
     poll_count: i64,
 }
 
+/// A pending task the dispatcher may send.
+#[derive(Debug, Clone)]
+pub struct DispatchCandidate {
+    pub id: String,
+    pub n: i64,
+    pub created_at_ms: i64,
+    /// An earlier create may have landed: recover before sending again.
+    pub in_doubt: bool,
+}
+
+/// An `Idempotency-Key` to take for a new task.
+#[derive(Debug, Clone)]
+pub struct IdempotencyClaim {
+    /// Whose key it is (the caller); empty while callers are not authenticated.
+    pub scope: String,
+    pub key: String,
+    pub request_hash: String,
+    /// A key taken before this time has expired and may be taken again.
+    pub expired_before_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InsertOutcome {
+    Inserted,
+    /// The key was taken by `task_id`, with the same request or another.
+    Existing {
+        task_id: String,
+        same_request: bool,
+    },
+    /// `max_pending` tasks already wait for dispatch.
+    QueueFull,
+}
+
 /// A parameter for [`Store::explain`].
 #[derive(Debug, Clone)]
 pub enum ExplainArg {
@@ -282,20 +315,72 @@ impl Store {
         })
     }
 
-    /// Stores a new `pending` task, its inputs and its first event in one transaction.
-    pub async fn insert_task(&self, t: &NewTaskRecord) -> Result<()> {
+    /// Stores a new `pending` task, its inputs and its first event in one transaction — unless
+    /// its idempotency key is already taken (the task that took it is returned instead) or
+    /// `max_pending` tasks already wait for dispatch.
+    pub async fn insert_task(
+        &self,
+        t: &NewTaskRecord,
+        idempotency: Option<&IdempotencyClaim>,
+        max_pending: i64,
+    ) -> Result<InsertOutcome> {
         const TASK: &str =
             "INSERT INTO tasks (id, external_task_id, status, model_name, prompt, n, \
             aspect_ratio, metadata, created_at, updated_at, next_dispatch_at) \
-            VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7, $8, $8, $8)";
+            SELECT $1, $2, 'pending', $3, $4, $5, $6, $7, $8, $8, $8 \
+            WHERE (SELECT COUNT(*) FROM tasks WHERE status = 'pending') < $9";
         const INPUTS: &str =
             "INSERT INTO task_inputs (task_id, subject_images, scene_image, style_image) \
             VALUES ($1, $2, $3, $4)";
+        const EXPIRE_KEY: &str =
+            "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND created_at < $3";
+        const CLAIM_KEY: &str =
+            "INSERT INTO idempotency_keys (scope, key, request_hash, task_id, created_at) \
+            VALUES ($1, $2, $3, $4, $5) ON CONFLICT (scope, key) DO NOTHING";
+        const READ_KEY: &str =
+            "SELECT request_hash, task_id FROM idempotency_keys WHERE scope = $1 AND key = $2";
         let metadata = t.metadata.as_ref().map(json_text).transpose()?;
         let subjects = json_text(&t.inputs.subject_images)?;
+        let serialize_submits = matches!(self.pool, Pool::Postgres(_));
         on_pool!(self, p => {
             let mut tx = p.begin().await?;
-            sqlx::query(TASK)
+            if serialize_submits {
+                // Postgres: make the pending count and the insert one atomic step across
+                // sessions (SQLite's single writer already does).
+                sqlx::query("SELECT pg_advisory_xact_lock(72430001)")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if let Some(k) = idempotency {
+                sqlx::query(EXPIRE_KEY)
+                    .bind(&k.scope)
+                    .bind(&k.key)
+                    .bind(k.expired_before_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                let claimed = sqlx::query(CLAIM_KEY)
+                    .bind(&k.scope)
+                    .bind(&k.key)
+                    .bind(&k.request_hash)
+                    .bind(&t.id)
+                    .bind(t.created_at_ms)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if claimed == 0 {
+                    let (hash, task_id): (String, String) = sqlx::query_as(READ_KEY)
+                        .bind(&k.scope)
+                        .bind(&k.key)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    tx.rollback().await?;
+                    return Ok(InsertOutcome::Existing {
+                        task_id,
+                        same_request: hash == k.request_hash,
+                    });
+                }
+            }
+            let inserted = sqlx::query(TASK)
                 .bind(&t.id)
                 .bind(&t.external_task_id)
                 .bind(&t.model_name)
@@ -304,8 +389,14 @@ impl Store {
                 .bind(&t.aspect_ratio)
                 .bind(&metadata)
                 .bind(t.created_at_ms)
+                .bind(max_pending)
                 .execute(&mut *tx)
-                .await?;
+                .await?
+                .rows_affected();
+            if inserted == 0 {
+                tx.rollback().await?;
+                return Ok(InsertOutcome::QueueFull);
+            }
             sqlx::query(INPUTS)
                 .bind(&t.id)
                 .bind(&subjects)
@@ -323,7 +414,33 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
-            Ok(())
+            Ok(InsertOutcome::Inserted)
+        })
+    }
+
+    /// Forgets idempotency keys older than `cutoff_ms`. Returns how many.
+    pub async fn delete_expired_idempotency_keys(&self, cutoff_ms: i64, limit: i64) -> Result<u64> {
+        const SQL: &str = "DELETE FROM idempotency_keys WHERE (scope, key) IN \
+            (SELECT scope, key FROM idempotency_keys WHERE created_at < $1 LIMIT $2)";
+        on_pool!(self, p => {
+            Ok(sqlx::query(SQL).bind(cutoff_ms).bind(limit).execute(p).await?.rows_affected())
+        })
+    }
+
+    /// Units of upstream concurrency our tasks may hold: tasks upstream has (`submitted`,
+    /// `processing`) plus pending tasks whose create may have landed.
+    pub async fn units_in_flight(&self) -> Result<i64> {
+        on_pool!(self, p => {
+            let held: i64 = sqlx::query_scalar(sql::UNITS_HELD).fetch_one(p).await?;
+            let in_doubt: i64 = sqlx::query_scalar(sql::UNITS_IN_DOUBT).fetch_one(p).await?;
+            Ok(held + in_doubt)
+        })
+    }
+
+    /// Tasks waiting for dispatch.
+    pub async fn pending_count(&self) -> Result<i64> {
+        on_pool!(self, p => {
+            Ok(sqlx::query_scalar(sql::PENDING_COUNT).fetch_one(p).await?)
         })
     }
 
@@ -454,11 +571,24 @@ impl Store {
         })
     }
 
-    /// Pending tasks whose dispatch is due, oldest due first.
-    pub async fn due_dispatches(&self, now_ms: i64, limit: i64) -> Result<Vec<String>> {
-        on_pool!(self, p => {
-            Ok(sqlx::query_scalar(sql::DUE_DISPATCHES).bind(now_ms).bind(limit).fetch_all(p).await?)
-        })
+    /// Pending tasks whose dispatch is due, most overdue first.
+    pub async fn dispatch_candidates(
+        &self,
+        now_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<DispatchCandidate>> {
+        let rows: Vec<(String, i64, i64, Option<i64>)> = on_pool!(self, p => {
+            sqlx::query_as(sql::DUE_DISPATCHES).bind(now_ms).bind(limit).fetch_all(p).await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|(id, n, created_at, started)| DispatchCandidate {
+                id,
+                n,
+                created_at_ms: created_at,
+                in_doubt: started.is_some(),
+            })
+            .collect())
     }
 
     /// Claims a due pending task for one create call: marks the call as possibly in flight and
@@ -597,7 +727,8 @@ pub mod sql {
     pub const EVENTS: &str = "SELECT at, source, status, upstream_status, detail FROM task_events \
             WHERE task_id = $1 ORDER BY id";
     /// Pending tasks whose dispatch is due, most overdue first.
-    pub const DUE_DISPATCHES: &str = "SELECT id FROM tasks WHERE next_dispatch_at IS NOT NULL \
+    pub const DUE_DISPATCHES: &str = "SELECT id, n, created_at, dispatch_started_at FROM tasks \
+            WHERE next_dispatch_at IS NOT NULL \
             AND next_dispatch_at <= $1 ORDER BY next_dispatch_at LIMIT $2";
     /// Tasks upstream holds whose next poll is due. Only rows with `poll_due_at` set (submitted or
     /// processing) are in `tasks_poll_due`, so final tasks are never read.
@@ -605,6 +736,14 @@ pub mod sql {
         "SELECT id, upstream_task_id, external_task_id, created_at, poll_count \
             FROM tasks WHERE poll_due_at IS NOT NULL AND poll_due_at <= $1 \
             ORDER BY poll_due_at LIMIT $2";
+    /// Units held by tasks upstream has.
+    pub const UNITS_HELD: &str = "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM tasks \
+        WHERE status IN ('submitted', 'processing')";
+    /// Units of pending tasks whose create may have landed.
+    pub const UNITS_IN_DOUBT: &str = "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM tasks \
+        WHERE dispatch_started_at IS NOT NULL AND status = 'pending'";
+    /// Tasks waiting for dispatch (the backpressure cap).
+    pub const PENDING_COUNT: &str = "SELECT COUNT(*) FROM tasks WHERE status = 'pending'";
     /// Open tasks older than a cutoff. The predicate repeats the partial index's so both
     /// planners use `tasks_open_by_age`.
     pub const EXPIRED_OPEN: &str = "SELECT id FROM tasks \

@@ -1,35 +1,42 @@
-//! Sends pending tasks upstream.
+//! Sends pending tasks upstream, within the account's concurrency, exactly once.
+//!
+//! Each pass counts the units our tasks hold upstream (from the database, so a restart does not
+//! reset it), asks the admission controller which waiting tasks fit, and sends those.
 //!
 //! Before each create call the task is claimed: `dispatch_started_at` marks that the call may
-//! reach upstream and `next_dispatch_at` moves past the call's time limit (a lease). If the process
-//! dies mid-call, the lease lapses and the task is dispatched again with the same
-//! `external_task_id`; upstream refuses that id as a duplicate if the first call landed, and the
-//! task is then found by its `external_task_id` (or by its callback) instead of paid for twice.
+//! reach upstream and `next_dispatch_at` moves past the call's time limit (a lease). A task whose
+//! create may have landed (in doubt) is never re-sent blindly: it is first looked up by its
+//! `external_task_id`; only when upstream answers that it does not have it, or cannot say, is the
+//! create sent again with the same id, which upstream refuses as a duplicate if it has it after all.
+//! See ARCHITECTURE.md, "Exactly once upstream".
 
 use super::{for_each_bounded, jitter};
+use crate::domain::admission::Candidate;
 use crate::domain::schedule::backoff;
-use crate::domain::{EventSource, TaskError, TaskStatus, UpstreamReport, UpstreamStatus};
+use crate::domain::{EventSource, Task, TaskError, TaskStatus, UpstreamReport, UpstreamStatus};
 use crate::service::{ms, now_ms, Relay, ServiceError};
-use crate::storage::DispatchRetry;
+use crate::storage::{DispatchCandidate, DispatchRetry};
 use crate::upstream::{CreateRequest, Lookup, UpstreamError};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Longest sleep between passes when nothing wakes the dispatcher.
-const IDLE: Duration = Duration::from_secs(1);
+const IDLE: Duration = Duration::from_millis(500);
+/// Waiting tasks considered per pass, oldest first.
+const CANDIDATES_PER_PASS: i64 = 256;
 
 pub async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
     tracing::info!("dispatcher started");
     while !shutdown.is_cancelled() {
-        let busy = match step(&relay).await {
-            Ok(n) => n >= batch_size(&relay),
+        let sent_something = match step(&relay).await {
+            Ok(n) => n > 0,
             Err(e) => {
                 tracing::error!(error = %e, "dispatcher pass failed");
                 false
             }
         };
-        if busy {
+        if sent_something {
             continue;
         }
         tokio::select! {
@@ -41,19 +48,37 @@ pub async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
     tracing::info!("dispatcher stopped");
 }
 
-fn batch_size(relay: &Relay) -> usize {
-    relay.settings.dispatch.concurrency * 4
-}
-
-/// One pass: dispatches every task that is due now. Returns how many were attempted.
+/// One pass: recovers tasks in doubt and sends the waiting tasks that fit. Returns how many
+/// tasks it worked on.
 pub async fn step(relay: &Arc<Relay>) -> Result<usize, ServiceError> {
-    let due = relay
+    let now = now_ms();
+    let candidates = relay
         .store
-        .due_dispatches(now_ms(), batch_size(relay) as i64)
+        .dispatch_candidates(now, CANDIDATES_PER_PASS)
         .await?;
-    let n = due.len();
+    if candidates.is_empty() {
+        return Ok(0);
+    }
+    // Tasks in doubt already count in the units in flight, and finding out costs nothing
+    // upstream, so they do not wait for room.
+    let (in_doubt, waiting): (Vec<DispatchCandidate>, Vec<DispatchCandidate>) =
+        candidates.into_iter().partition(|c| c.in_doubt);
+    let mut work: Vec<String> = in_doubt.into_iter().map(|c| c.id).collect();
+    if !waiting.is_empty() {
+        let in_flight = relay.store.units_in_flight().await?;
+        let waiting: Vec<Candidate> = waiting
+            .into_iter()
+            .map(|c| Candidate {
+                id: c.id,
+                n: c.n,
+                waiting_since_ms: c.created_at_ms,
+            })
+            .collect();
+        work.extend(relay.admission().select(now, in_flight, &waiting));
+    }
+    let n = work.len();
     let r = relay.clone();
-    for_each_bounded(due, relay.settings.dispatch.concurrency, move |id| {
+    for_each_bounded(work, relay.settings.dispatch.concurrency, move |id| {
         let relay = r.clone();
         async move {
             if let Err(e) = dispatch_one(&relay, &id).await {
@@ -78,6 +103,13 @@ async fn dispatch_one(relay: &Relay, id: &str) -> Result<(), ServiceError> {
     else {
         return Ok(()); // someone else took it, or it is no longer pending
     };
+    // The mark predates this claim: an earlier create may have landed.
+    let was_in_doubt = task
+        .dispatch_started_at_ms
+        .is_some_and(|t| t != now_claimed);
+    if was_in_doubt && bind_if_upstream_has_it(relay, &task).await? {
+        return Ok(());
+    }
     let Some(inputs) = relay.store.get_inputs(id).await? else {
         relay
             .finish(
@@ -103,6 +135,7 @@ async fn dispatch_one(relay: &Relay, id: &str) -> Result<(), ServiceError> {
     };
     match relay.upstream.create(&request).await {
         Ok(report) => {
+            relay.admission().on_accepted();
             relay
                 .apply_report(id, EventSource::Dispatch, &report)
                 .await?;
@@ -111,35 +144,51 @@ async fn dispatch_one(relay: &Relay, id: &str) -> Result<(), ServiceError> {
             reason,
             retry_after,
             maybe_sent,
+            busy,
         }) => {
-            let s = &relay.settings.dispatch;
-            let attempt =
-                u32::try_from(task.dispatch_attempts.saturating_sub(1)).unwrap_or(u32::MAX);
-            let mut delay = backoff(attempt, s.retry_initial, s.retry_max, jitter());
-            if let Some(ra) = retry_after {
-                delay = delay.max(ra);
-            }
-            tracing::warn!(task_id = %id, %reason, retry_in = ?delay, "dispatch will be retried");
             let now = now_ms();
+            let (next_attempt_at_ms, detail) = if busy {
+                // The account is full: pause all dispatch, and keep this task's place in line.
+                let others = relay.store.units_in_flight().await? - task.n;
+                let pause = relay
+                    .admission()
+                    .on_busy(now, others.max(0), retry_after, jitter());
+                tracing::warn!(task_id = %id, %reason, ?pause, "upstream concurrency full; dispatch paused");
+                (
+                    now,
+                    format!(
+                        "upstream concurrency full ({reason}); dispatch paused for {}",
+                        human(pause)
+                    ),
+                )
+            } else {
+                let s = &relay.settings.dispatch;
+                let attempt =
+                    u32::try_from(task.dispatch_attempts.saturating_sub(1)).unwrap_or(u32::MAX);
+                let mut delay = backoff(attempt, s.retry_initial, s.retry_max, jitter());
+                if let Some(ra) = retry_after {
+                    delay = delay.max(ra);
+                }
+                tracing::warn!(task_id = %id, %reason, retry_in = ?delay, "dispatch will be retried");
+                (
+                    now + ms(delay),
+                    format!(
+                        "attempt {} not accepted ({reason}); retrying in {}",
+                        task.dispatch_attempts,
+                        human(delay)
+                    ),
+                )
+            };
             relay
                 .store
                 .retry_dispatch(
                     id,
                     now,
                     &DispatchRetry {
-                        next_attempt_at_ms: now + ms(delay),
+                        next_attempt_at_ms,
                         // An earlier attempt still in doubt stays in doubt, whatever this one did.
-                        maybe_sent: maybe_sent
-                            || task
-                                .dispatch_started_at_ms
-                                .is_some_and(|t| t != now_claimed),
-                        detail: format!(
-                            "attempt {} not accepted ({reason}); retrying in {}",
-                            task.dispatch_attempts,
-                            humantime::format_duration(Duration::from_millis(
-                                delay.as_millis() as u64
-                            ))
-                        ),
+                        maybe_sent: maybe_sent || was_in_doubt,
+                        detail,
                     },
                 )
                 .await?;
@@ -156,31 +205,57 @@ async fn dispatch_one(relay: &Relay, id: &str) -> Result<(), ServiceError> {
                 .await?;
         }
         Err(UpstreamError::DuplicateExternalId { message }) => {
-            recover_existing(relay, id, &task.external_task_id, &message).await?;
+            recover_existing(relay, &task, &message).await?;
         }
     }
     Ok(())
 }
 
+fn human(d: Duration) -> String {
+    humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
+}
+
+/// For a task in doubt: asks upstream for it by `external_task_id` and binds it if found.
+/// Returns false when upstream does not have it or cannot say, so the create may be sent again.
+async fn bind_if_upstream_has_it(relay: &Relay, task: &Task) -> Result<bool, ServiceError> {
+    match relay
+        .upstream
+        .query_by_external_id(&task.external_task_id)
+        .await
+    {
+        Ok(Lookup::Found(report)) => {
+            tracing::info!(task_id = %task.id, "task in doubt found upstream; bound");
+            relay
+                .apply_report(&task.id, EventSource::Dispatch, &report)
+                .await?;
+            Ok(true)
+        }
+        Ok(Lookup::NotExist) => Ok(false),
+        Err(e) => {
+            tracing::info!(task_id = %task.id, error = %e, "lookup by external_task_id unavailable; re-sending under the same id");
+            Ok(false)
+        }
+    }
+}
+
 /// Upstream already holds this task (an earlier call landed but its answer was lost): bind it
 /// instead of creating a second, paid, task.
-async fn recover_existing(
-    relay: &Relay,
-    id: &str,
-    external_task_id: &str,
-    message: &str,
-) -> Result<(), ServiceError> {
-    tracing::warn!(task_id = %id, "upstream already has this external_task_id; recovering it");
-    let report = match relay.upstream.query_by_external_id(external_task_id).await {
+async fn recover_existing(relay: &Relay, task: &Task, message: &str) -> Result<(), ServiceError> {
+    tracing::warn!(task_id = %task.id, "upstream already has this external_task_id; recovering it");
+    let report = match relay
+        .upstream
+        .query_by_external_id(&task.external_task_id)
+        .await
+    {
         Ok(Lookup::Found(report)) => report,
         // No lookup by external id here: the task is upstream, so treat it as submitted without
         // an upstream id. Its callback carries our task id in the URL and binds it; the poller
         // keeps trying the lookup.
         other => {
-            tracing::info!(task_id = %id, lookup = ?other, "lookup by external_task_id unavailable");
+            tracing::info!(task_id = %task.id, lookup = ?other, "lookup by external_task_id unavailable");
             UpstreamReport {
                 task_id: None,
-                external_task_id: Some(external_task_id.to_owned()),
+                external_task_id: Some(task.external_task_id.clone()),
                 status: UpstreamStatus::Submitted,
                 status_msg: Some(format!(
                     "upstream already holds this external_task_id ({message}); awaiting its callback"
@@ -191,7 +266,7 @@ async fn recover_existing(
         }
     };
     relay
-        .apply_report(id, EventSource::Dispatch, &report)
+        .apply_report(&task.id, EventSource::Dispatch, &report)
         .await?;
     Ok(())
 }

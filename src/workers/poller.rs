@@ -43,7 +43,12 @@ pub async fn step(relay: &Arc<Relay>) -> Result<(usize, usize), ServiceError> {
         }
     })
     .await;
-    Ok((polled, time_out_expired(relay).await?))
+    let timed_out = time_out_expired(relay).await?;
+    relay
+        .store
+        .delete_expired_idempotency_keys(now_ms() - ms(crate::service::IDEMPOTENCY_TTL), 1000)
+        .await?;
+    Ok((polled, timed_out))
 }
 
 async fn poll_one(relay: &Relay, c: PollCandidate) -> Result<(), ServiceError> {

@@ -175,6 +175,8 @@ pub fn fast_settings(db_url: &str) -> Settings {
     s.dispatch.retry_initial = Duration::from_millis(50);
     s.dispatch.retry_max = Duration::from_millis(400);
     s.cometapi.timeout = Duration::from_secs(5);
+    // Roomy by default; the admission tests set their own limits.
+    s.cometapi.max_concurrency = 1000;
     s.poller.first_poll_after = Duration::from_millis(400);
     s.poller.interval = Duration::from_millis(200);
     s.poller.max_interval = Duration::from_secs(1);
@@ -187,6 +189,7 @@ pub fn fast_sim() -> SimConfig {
     SimConfig {
         processing_after: Duration::from_millis(100),
         finish_after: Duration::from_millis(300),
+        concurrency_units: 1000,
         ..SimConfig::default()
     }
 }

@@ -1,0 +1,202 @@
+//! Admission by concurrency units: which pending tasks may be sent upstream now.
+//!
+//! Upstream counts `n` units per task from `submitted` until it ends; over the account's limit a
+//! create answers `1303`. The controller keeps a *working limit* at or below the configured
+//! maximum: a `1303`/429 shrinks it to what is already running and pauses dispatch with
+//! exponential backoff; every task that then ends cleanly grows it back by one unit.
+
+use super::schedule::backoff;
+use std::time::Duration;
+
+/// A pending task waiting for room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub id: String,
+    pub n: i64,
+    /// When it started waiting (its creation).
+    pub waiting_since_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdmissionConfig {
+    pub max_units: i64,
+    /// First pause after a `1303`/429, doubled per consecutive refusal up to `busy_max`.
+    pub busy_initial: Duration,
+    pub busy_max: Duration,
+    /// After waiting this long, a task that does not fit stops smaller ones from overtaking it.
+    pub starvation_after: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admission {
+    cfg: AdmissionConfig,
+    working: i64,
+    paused_until_ms: i64,
+    busy_streak: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct AdmissionSnapshot {
+    pub max_units: i64,
+    pub working_limit: i64,
+    pub paused_until_ms: i64,
+}
+
+impl Admission {
+    pub fn new(cfg: AdmissionConfig) -> Self {
+        Admission {
+            working: cfg.max_units.max(1),
+            cfg,
+            paused_until_ms: 0,
+            busy_streak: 0,
+        }
+    }
+
+    pub fn snapshot(&self) -> AdmissionSnapshot {
+        AdmissionSnapshot {
+            max_units: self.cfg.max_units,
+            working_limit: self.working,
+            paused_until_ms: self.paused_until_ms,
+        }
+    }
+
+    pub fn paused_until_ms(&self) -> i64 {
+        self.paused_until_ms
+    }
+
+    /// Chooses, oldest first, the candidates that fit in the free units.
+    ///
+    /// A task that does not fit is skipped so smaller ones behind it can use the room (no needless
+    /// blocking), until it has waited `starvation_after`: then nothing behind it is sent, the free
+    /// units accumulate, and it goes next (no starvation). A task larger than the working limit
+    /// goes alone when nothing else is in flight.
+    pub fn select(&self, now_ms: i64, in_flight: i64, candidates: &[Candidate]) -> Vec<String> {
+        if now_ms < self.paused_until_ms {
+            return Vec::new();
+        }
+        let starving_ms = i64::try_from(self.cfg.starvation_after.as_millis()).unwrap_or(i64::MAX);
+        let mut free = self.working - in_flight;
+        let mut chosen = Vec::new();
+        for c in candidates {
+            if c.n <= free {
+                free -= c.n;
+                chosen.push(c.id.clone());
+                continue;
+            }
+            if in_flight == 0 && chosen.is_empty() && c.n > self.working {
+                chosen.push(c.id.clone());
+                break;
+            }
+            if now_ms - c.waiting_since_ms >= starving_ms {
+                break;
+            }
+        }
+        chosen
+    }
+
+    /// Upstream said its concurrency is full while `in_flight` of our units were running.
+    /// Returns how long dispatch pauses.
+    pub fn on_busy(
+        &mut self,
+        now_ms: i64,
+        in_flight: i64,
+        retry_after: Option<Duration>,
+        jitter: f64,
+    ) -> Duration {
+        self.working = in_flight.clamp(1, self.working);
+        let mut pause = backoff(
+            self.busy_streak,
+            self.cfg.busy_initial,
+            self.cfg.busy_max,
+            jitter,
+        )
+        .max(self.cfg.busy_initial);
+        if let Some(ra) = retry_after {
+            pause = pause.max(ra);
+        }
+        self.busy_streak = self.busy_streak.saturating_add(1);
+        let until = now_ms.saturating_add(i64::try_from(pause.as_millis()).unwrap_or(i64::MAX));
+        self.paused_until_ms = self.paused_until_ms.max(until);
+        pause
+    }
+
+    /// A create was accepted: the refusals streak is over.
+    pub fn on_accepted(&mut self) {
+        self.busy_streak = 0;
+    }
+
+    /// A task that held units ended cleanly: give one unit of room back.
+    pub fn on_finished(&mut self) {
+        self.working = (self.working + 1).min(self.cfg.max_units.max(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn adm(max: i64) -> Admission {
+        Admission::new(AdmissionConfig {
+            max_units: max,
+            busy_initial: Duration::from_secs(1),
+            busy_max: Duration::from_secs(60),
+            starvation_after: Duration::from_secs(30),
+        })
+    }
+
+    fn c(id: &str, n: i64, since: i64) -> Candidate {
+        Candidate {
+            id: id.into(),
+            n,
+            waiting_since_ms: since,
+        }
+    }
+
+    #[test]
+    fn fills_the_free_units_in_order_and_backfills_small_tasks() {
+        let a = adm(10);
+        let cs = [c("a", 4, 0), c("b", 9, 0), c("c", 3, 0), c("d", 5, 0)];
+        assert_eq!(a.select(1000, 0, &cs), vec!["a", "c"]);
+        assert_eq!(a.select(1000, 8, &cs), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_starving_large_task_reserves_the_room() {
+        let a = adm(10);
+        let cs = [c("big", 9, 0), c("small", 1, 0)];
+        // Fresh: the small one may overtake.
+        assert_eq!(a.select(1_000, 5, &cs), vec!["small"]);
+        // After 30 s of waiting: nothing overtakes it any more.
+        assert!(a.select(31_000, 5, &cs).is_empty());
+        assert_eq!(a.select(31_000, 0, &cs), vec!["big", "small"]);
+    }
+
+    #[test]
+    fn a_task_larger_than_the_limit_goes_alone() {
+        let mut a = adm(10);
+        a.on_busy(0, 3, None, 0.5);
+        let cs = [c("big", 9, 0), c("small", 1, 0)];
+        assert_eq!(a.select(10_000, 0, &cs), vec!["big"]);
+        assert!(a.select(10_000, 1, &cs).len() <= 1);
+    }
+
+    #[test]
+    fn busy_shrinks_pauses_with_backoff_and_finishing_grows_back() {
+        let mut a = adm(10);
+        let p1 = a.on_busy(0, 6, None, 0.0);
+        assert!(p1 >= Duration::from_secs(1), "first pause at least 1 s");
+        assert_eq!(a.snapshot().working_limit, 6);
+        assert!(a.select(500, 0, &[c("x", 1, 0)]).is_empty(), "paused");
+        let p2 = a.on_busy(0, 6, None, 0.0);
+        assert!(p2 > p1, "exponential");
+        let p3 = a.on_busy(0, 6, Some(Duration::from_secs(120)), 0.0);
+        assert!(p3 >= Duration::from_secs(120), "Retry-After honoured");
+        a.on_accepted();
+        for _ in 0..10 {
+            a.on_finished();
+        }
+        assert_eq!(a.snapshot().working_limit, 10, "capped at the maximum");
+        a.on_busy(0, 0, None, 0.0);
+        assert_eq!(a.snapshot().working_limit, 1, "never below one unit");
+    }
+}
