@@ -361,7 +361,7 @@ impl Relay {
                 tracing::info!(task_id = %id, source = source.as_str(), status = %change.status, "task status changed");
                 if task.status.holds_upstream_units() && change.status.is_final() {
                     if matches!(change.status, TaskStatus::Succeeded | TaskStatus::Failed) {
-                        self.admission().on_finished();
+                        self.admission().on_finished(task.n);
                     }
                     // Units were freed: pending work may fit now.
                     self.dispatch_wake.notify_one();

@@ -81,6 +81,12 @@ pub struct Faults {
     pub create_delay_ms: u64,
     /// Create the task, then answer 500 as if the answer was lost on the way.
     pub create_lose_response: bool,
+    /// Probability (0 to 1) that a create answers HTTP 500 without creating anything.
+    pub create_error_rate: f64,
+    /// Probability (0 to 1) that a create creates the task, then answers only after
+    /// `create_hang_ms` (a caller with a shorter timeout never sees the answer).
+    pub create_hang_rate: f64,
+    pub create_hang_ms: u64,
     pub query_fail: Option<Failure>,
     pub query_delay_ms: u64,
 }
@@ -285,9 +291,16 @@ fn failure_response(f: Failure) -> Response {
     }
 }
 
-/// Takes one use of the create fault, if any is armed.
+/// Takes one use of the create fault, if any is armed: (failure, answer delay, lose the answer).
 fn take_create_fault(inner: &Inner) -> (Option<Failure>, u64, bool) {
     let mut f = lock(&inner.faults);
+    let mut rng = rand::thread_rng();
+    if f.create_error_rate > 0.0 && rng.gen::<f64>() < f.create_error_rate {
+        return (Some(Failure::Http500), 0, false);
+    }
+    if f.create_hang_rate > 0.0 && rng.gen::<f64>() < f.create_hang_rate {
+        return (None, f.create_hang_ms, f.create_lose_response);
+    }
     let failure = f.create_fail;
     if failure.is_some() {
         if let Some(left) = f.create_fail_times.as_mut() {

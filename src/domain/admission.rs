@@ -3,7 +3,8 @@
 //! Upstream counts `n` units per task from `submitted` until it ends; over the account's limit a
 //! create answers `1303`. The controller keeps a *working limit* at or below the configured
 //! maximum: a `1303`/429 shrinks it to what is already running and pauses dispatch with
-//! exponential backoff; every task that then ends cleanly grows it back by one unit.
+//! exponential backoff; it grows back by one unit each time a full working limit's worth of units
+//! has finished cleanly (additive increase, so it probes the real limit gently).
 
 use super::schedule::backoff;
 use std::time::Duration;
@@ -33,6 +34,8 @@ pub struct Admission {
     working: i64,
     paused_until_ms: i64,
     busy_streak: u32,
+    /// Units finished cleanly since the working limit last grew.
+    finished_units: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -49,6 +52,7 @@ impl Admission {
             cfg,
             paused_until_ms: 0,
             busy_streak: 0,
+            finished_units: 0,
         }
     }
 
@@ -104,6 +108,7 @@ impl Admission {
         jitter: f64,
     ) -> Duration {
         self.working = in_flight.clamp(1, self.working);
+        self.finished_units = 0;
         let mut pause = backoff(
             self.busy_streak,
             self.cfg.busy_initial,
@@ -125,9 +130,17 @@ impl Admission {
         self.busy_streak = 0;
     }
 
-    /// A task that held units ended cleanly: give one unit of room back.
-    pub fn on_finished(&mut self) {
-        self.working = (self.working + 1).min(self.cfg.max_units.max(1));
+    /// A task that held `units` ended cleanly.
+    pub fn on_finished(&mut self, units: i64) {
+        let max = self.cfg.max_units.max(1);
+        if self.working >= max {
+            return;
+        }
+        self.finished_units += units.max(1);
+        if self.finished_units >= self.working {
+            self.finished_units = 0;
+            self.working += 1;
+        }
     }
 }
 
@@ -192,8 +205,16 @@ mod tests {
         let p3 = a.on_busy(0, 6, Some(Duration::from_secs(120)), 0.0);
         assert!(p3 >= Duration::from_secs(120), "Retry-After honoured");
         a.on_accepted();
-        for _ in 0..10 {
-            a.on_finished();
+        a.on_finished(5);
+        assert_eq!(
+            a.snapshot().working_limit,
+            6,
+            "a full window not finished yet"
+        );
+        a.on_finished(1);
+        assert_eq!(a.snapshot().working_limit, 7, "one unit per window");
+        for _ in 0..100 {
+            a.on_finished(9);
         }
         assert_eq!(a.snapshot().working_limit, 10, "capped at the maximum");
         a.on_busy(0, 0, None, 0.0);

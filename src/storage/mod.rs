@@ -358,21 +358,12 @@ impl Store {
                     .bind(k.expired_before_ms)
                     .execute(&mut *tx)
                     .await?;
-                let claimed = sqlx::query(CLAIM_KEY)
+                let taken: Option<(String, String)> = sqlx::query_as(READ_KEY)
                     .bind(&k.scope)
                     .bind(&k.key)
-                    .bind(&k.request_hash)
-                    .bind(&t.id)
-                    .bind(t.created_at_ms)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                if claimed == 0 {
-                    let (hash, task_id): (String, String) = sqlx::query_as(READ_KEY)
-                        .bind(&k.scope)
-                        .bind(&k.key)
-                        .fetch_one(&mut *tx)
-                        .await?;
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if let Some((hash, task_id)) = taken {
                     tx.rollback().await?;
                     return Ok(InsertOutcome::Existing {
                         task_id,
@@ -396,6 +387,31 @@ impl Store {
             if inserted == 0 {
                 tx.rollback().await?;
                 return Ok(InsertOutcome::QueueFull);
+            }
+            if let Some(k) = idempotency {
+                // A concurrent request may have taken the key since the read above; the primary
+                // key decides, and the loser returns the winner's task.
+                let claimed = sqlx::query(CLAIM_KEY)
+                    .bind(&k.scope)
+                    .bind(&k.key)
+                    .bind(&k.request_hash)
+                    .bind(&t.id)
+                    .bind(t.created_at_ms)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if claimed == 0 {
+                    tx.rollback().await?;
+                    let (hash, task_id): (String, String) = sqlx::query_as(READ_KEY)
+                        .bind(&k.scope)
+                        .bind(&k.key)
+                        .fetch_one(p)
+                        .await?;
+                    return Ok(InsertOutcome::Existing {
+                        task_id,
+                        same_request: hash == k.request_hash,
+                    });
+                }
             }
             sqlx::query(INPUTS)
                 .bind(&t.id)

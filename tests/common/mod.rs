@@ -256,6 +256,8 @@ impl TestApp {
     }
 
     pub async fn spawn_with(backend: Backend, opts: Options) -> TestApp {
+        // Quiet unless RUST_LOG asks for the service's log.
+        kling_relay::telemetry::init(kling_relay::config::LogFormat::Text, "off");
         let db = TestDb::new(backend).await;
         let sim_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sim");
         let sim = Simulator::start(opts.sim, sim_listener)

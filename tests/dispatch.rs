@@ -1,0 +1,345 @@
+//! Issue 3: concurrency-aware dispatch, exactly once upstream, idempotent submits, cancel and
+//! backpressure — on SQLite and on Postgres, driven by the simulator's limit and faults.
+
+mod common;
+
+use common::*;
+use kling_relay::simulator::{Faults, SimConfig};
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+fn body_with_n(n: u8) -> Value {
+    let mut b = valid_body();
+    b["n"] = json!(n);
+    b
+}
+
+/// Submits every body at once and returns the ids of the accepted tasks.
+async fn submit_all(app: &TestApp, bodies: Vec<Value>) -> Vec<String> {
+    let mut set = tokio::task::JoinSet::new();
+    for b in bodies {
+        let http = app.http.clone();
+        let url = format!("{}/v1/tasks", app.base);
+        set.spawn(async move {
+            let r = http.post(url).json(&b).send().await.expect("POST");
+            assert_eq!(r.status(), 202);
+            r.json::<Value>().await.expect("json")["id"]
+                .as_str()
+                .expect("id")
+                .to_owned()
+        });
+    }
+    let mut ids = Vec::new();
+    while let Some(r) = set.join_next().await {
+        ids.push(r.expect("submit task"));
+    }
+    ids
+}
+
+/// Waits until every task is final and returns them.
+async fn wait_all_final(app: &TestApp, expected: usize, within: Duration) -> Vec<Value> {
+    let start = Instant::now();
+    loop {
+        let mut tasks = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/v1/tasks?limit=200&cursor={c}"),
+                None => "/v1/tasks?limit=200".to_owned(),
+            };
+            let (_, page) = app.get_json(&path).await;
+            tasks.extend(page["tasks"].as_array().cloned().unwrap_or_default());
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => break,
+            }
+        }
+        let open = tasks
+            .iter()
+            .filter(|t| {
+                matches!(
+                    t["status"].as_str(),
+                    Some("pending" | "submitted" | "processing")
+                )
+            })
+            .count();
+        if tasks.len() == expected && open == 0 {
+            return tasks;
+        }
+        assert!(
+            start.elapsed() < within,
+            "{open} of {} tasks still open after {within:?}; status: {}",
+            tasks.len(),
+            app.get_json("/v1/status").await.1
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn assert_all_succeeded(tasks: &[Value]) {
+    let failed: Vec<&Value> = tasks
+        .iter()
+        .filter(|t| t["status"] != "succeeded")
+        .collect();
+    assert!(failed.is_empty(), "not succeeded: {failed:#?}");
+    let upstream: HashSet<&str> = tasks
+        .iter()
+        .map(|t| t["upstream_task_id"].as_str().expect("bound upstream id"))
+        .collect();
+    assert_eq!(upstream.len(), tasks.len(), "one upstream task each");
+}
+
+fn limited(max_units: i64, sim_units: i64) -> Options {
+    Options {
+        settings: Box::new(move |s| {
+            s.cometapi.max_concurrency = max_units;
+            s.dispatch.wait = Duration::from_millis(10);
+        }),
+        sim: SimConfig {
+            processing_after: Duration::from_millis(20),
+            finish_after: Duration::from_millis(60),
+            concurrency_units: sim_units,
+            ..SimConfig::default()
+        },
+        callbacks: true,
+    }
+}
+
+/// Case 1: 200 tasks with random n against an upstream limit of 10 units: all succeed, no `1303`,
+/// and upstream never holds more than 10 units.
+async fn two_hundred_tasks_fit_in_ten_units(b: Backend) {
+    let app = TestApp::spawn_with(b, limited(10, 10)).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let bodies: Vec<Value> = (0..200)
+        .map(|_| body_with_n(rng.gen_range(1..=9)))
+        .collect();
+    submit_all(&app, bodies).await;
+    let tasks = wait_all_final(&app, 200, Duration::from_secs(180)).await;
+    assert_all_succeeded(&tasks);
+    let stats = app.sim.stats();
+    assert_eq!(stats.tasks_created, 200);
+    assert_eq!(stats.busy_answers, 0, "never over the limit: {stats:?}");
+    assert!(stats.peak_units_in_use <= 10, "{stats:?}");
+    assert!(stats.peak_units_in_use >= 9, "the room was used: {stats:?}");
+}
+
+/// Case 2: another tenant holds part of the account: upstream's real limit (5) is below
+/// `max_concurrency` (10). The service adapts; every task succeeds with few `1303`s.
+async fn adapts_to_a_lower_real_limit(b: Backend) {
+    let app = TestApp::spawn_with(b, limited(10, 5)).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let bodies: Vec<Value> = (0..40).map(|_| body_with_n(rng.gen_range(1..=3))).collect();
+    submit_all(&app, bodies).await;
+    let tasks = wait_all_final(&app, 40, Duration::from_secs(120)).await;
+    assert_all_succeeded(&tasks);
+    let stats = app.sim.stats();
+    assert_eq!(stats.tasks_created, 40);
+    // Figure: about 1 to 6 refusals for 40 tasks on this machine; 12 leaves room for timing.
+    assert!(
+        stats.busy_answers >= 1,
+        "the lower limit was hit: {stats:?}"
+    );
+    assert!(stats.busy_answers <= 12, "adapted quickly: {stats:?}");
+    let (_, status) = app.get_json("/v1/status").await;
+    let d = &status["dispatch"];
+    assert_eq!(d["max_concurrency"], 10);
+    assert!(d["working_limit"].as_i64().unwrap() <= 10);
+    assert_eq!(d["units_in_flight"], 0);
+    assert_eq!(d["pending"], 0);
+}
+
+/// Case 3: creates fail with 5xx 20% of the time and hang past the timeout after accepting 10% of the
+/// time: every task succeeds, and each one was created upstream exactly once.
+async fn flaky_creates_still_run_exactly_once(b: Backend) {
+    let app = TestApp::spawn_with(
+        b,
+        Options {
+            settings: Box::new(|s| {
+                s.cometapi.timeout = Duration::from_millis(400);
+                s.dispatch.wait = Duration::from_millis(10);
+            }),
+            sim: SimConfig {
+                processing_after: Duration::from_millis(20),
+                finish_after: Duration::from_millis(60),
+                concurrency_units: 1000,
+                ..SimConfig::default()
+            },
+            callbacks: true,
+        },
+    )
+    .await;
+    app.sim.set_faults(Faults {
+        create_error_rate: 0.2,
+        create_hang_rate: 0.1,
+        create_hang_ms: 1200,
+        ..Faults::default()
+    });
+    let bodies: Vec<Value> = (0..60).map(|_| valid_body()).collect();
+    submit_all(&app, bodies).await;
+    let tasks = wait_all_final(&app, 60, Duration::from_secs(120)).await;
+    assert_all_succeeded(&tasks);
+    let stats = app.sim.stats();
+    assert_eq!(
+        stats.tasks_created, 60,
+        "exactly one upstream task per task: {stats:?}"
+    );
+    assert!(stats.create_calls > 60, "faults were hit: {stats:?}");
+}
+
+/// Case 5: Idempotency-Key: replay, conflicting body, expiry, and 20 concurrent requests.
+async fn idempotent_submits(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let post = |key: &str, body: &Value| {
+        app.http
+            .post(format!("{}/v1/tasks", app.base))
+            .header("idempotency-key", key)
+            .json(body)
+            .send()
+    };
+    let r = post("order-1", &valid_body()).await.unwrap();
+    assert_eq!(r.status(), 202);
+    let first: Value = r.json().await.unwrap();
+    // Same key, same body (keys in another order): the original task, 200, nothing new upstream.
+    let reordered: Value = serde_json::from_str(
+        r#"{"aspect_ratio":"1:1","n":2,"prompt":"two cats at a tea party","subject_image_list":[{"subject_image":"https://example.com/a.png"},{"subject_image":"https://example.com/b.png"}]}"#,
+    )
+    .unwrap();
+    let r = post("order-1", &reordered).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let again: Value = r.json().await.unwrap();
+    assert_eq!(again["id"], first["id"]);
+    // Same key, another body: 422.
+    let mut other = valid_body();
+    other["n"] = json!(3);
+    let r = post("order-1", &other).await.unwrap();
+    assert_eq!(r.status(), 422);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    // A bad key, and an invalid body under a fresh key: refused, nothing stored.
+    let r = post("", &valid_body()).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = post("order-2", &json!({"n": 1})).await.unwrap();
+    assert_eq!(r.status(), 422);
+
+    // 20 concurrent requests with one key: one task.
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let http = app.http.clone();
+        let url = format!("{}/v1/tasks", app.base);
+        set.spawn(async move {
+            let r = http
+                .post(url)
+                .header("idempotency-key", "burst")
+                .json(&valid_body())
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap();
+            (status, v["id"].as_str().unwrap().to_owned())
+        });
+    }
+    let mut ids = HashSet::new();
+    let mut created = 0;
+    while let Some(r) = set.join_next().await {
+        let (status, id) = r.unwrap();
+        assert!(status == 200 || status == 202, "{status}");
+        created += usize::from(status == 202);
+        ids.insert(id);
+    }
+    assert_eq!(ids.len(), 1, "one task for one key");
+    assert_eq!(created, 1, "one 202, the rest 200");
+
+    let (_, list) = app.get_json("/v1/tasks?limit=200").await;
+    assert_eq!(list["tasks"].as_array().unwrap().len(), 2);
+    wait_until(Duration::from_secs(10), || async {
+        app.sim.stats().tasks_created == 2
+    })
+    .await;
+
+    // After 24 hours the key is free again.
+    app.db
+        .exec("UPDATE idempotency_keys SET created_at = created_at - 90000000")
+        .await;
+    let r = post("order-1", &valid_body()).await.unwrap();
+    assert_eq!(r.status(), 202);
+    let fresh: Value = r.json().await.unwrap();
+    assert_ne!(fresh["id"], first["id"]);
+}
+
+/// Case 6: cancel before and after dispatch; backpressure at `dispatch.max_pending`.
+async fn cancel_and_backpressure(b: Backend) {
+    let app = TestApp::spawn_with(
+        b,
+        Options {
+            settings: Box::new(|s| {
+                s.cometapi.max_concurrency = 1;
+                s.dispatch.max_pending = 3;
+                s.dispatch.wait = Duration::from_millis(300);
+            }),
+            ..Options::stalled()
+        },
+    )
+    .await;
+    let running = app.submit_ok(&body_with_n(1)).await;
+    assert_eq!(app.task(&running).await["status"], "submitted");
+    // The one unit is taken: these wait.
+    let waiting: Vec<String> = [
+        app.submit_ok(&body_with_n(1)).await,
+        app.submit_ok(&body_with_n(1)).await,
+        app.submit_ok(&body_with_n(1)).await,
+    ]
+    .to_vec();
+    for id in &waiting {
+        assert_eq!(app.task(id).await["status"], "pending");
+    }
+    // The queue is full: 429 with Retry-After, nothing stored.
+    let r = app.submit(&valid_body()).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let (_, list) = app.get_json("/v1/tasks?limit=200").await;
+    assert_eq!(list["tasks"].as_array().unwrap().len(), 4);
+    let (_, status) = app.get_json("/v1/status").await;
+    assert_eq!(status["dispatch"]["pending"], 3);
+    assert_eq!(status["dispatch"]["units_in_flight"], 1);
+
+    // Cancel a waiting task: final `canceled`, and it frees a place in the queue.
+    let cancel = |id: &str| {
+        app.http
+            .post(format!("{}/v1/tasks/{id}/cancel", app.base))
+            .send()
+    };
+    let r = cancel(&waiting[0]).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let t: Value = r.json().await.unwrap();
+    assert_eq!(t["status"], "canceled");
+    assert!(t["completed_at"].is_string());
+    let r = cancel(&waiting[0]).await.unwrap();
+    assert_eq!(r.status(), 200, "canceling twice is harmless");
+    assert_eq!(app.submit(&valid_body()).await.status(), 202);
+    // A task already sent upstream cannot be canceled.
+    let r = cancel(&running).await.unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(app.task(&running).await["status"], "submitted");
+    let r = cancel(&uuid::Uuid::now_v7().to_string()).await.unwrap();
+    assert_eq!(r.status(), 404);
+
+    let events = app.events(&waiting[0]).await;
+    assert_eq!(statuses(&events), ["pending", "canceled"]);
+    assert_eq!(events[1]["source"], "api");
+    let (_, canceled) = app.get_json("/v1/tasks?status=canceled").await;
+    assert_eq!(canceled["tasks"].as_array().unwrap().len(), 1);
+    // The canceled task never reaches upstream.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.sim.stats().tasks_created, 1);
+}
+
+on_both_backends!(
+    two_hundred_tasks_fit_in_ten_units,
+    adapts_to_a_lower_real_limit,
+    flaky_creates_still_run_exactly_once,
+    idempotent_submits,
+    cancel_and_backpressure,
+);
