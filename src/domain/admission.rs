@@ -4,7 +4,9 @@
 //! create answers `1303`. The controller keeps a *working limit* at or below the configured
 //! maximum: a `1303`/429 shrinks it to what is already running and pauses dispatch with
 //! exponential backoff; it grows back by one unit each time a full working limit's worth of units
-//! has finished cleanly (additive increase, so it probes the real limit gently).
+//! has finished cleanly (additive increase). The level that was refused is remembered as a
+//! ceiling: reaching it again takes `PROBE_WINDOWS` windows, so a limit held down by another
+//! tenant is probed rarely, yet regained once that tenant leaves.
 
 use super::schedule::backoff;
 use std::time::Duration;
@@ -28,6 +30,9 @@ pub struct AdmissionConfig {
     pub starvation_after: Duration,
 }
 
+/// Windows of clean finishes needed before the working limit may grow to a level upstream refused.
+const PROBE_WINDOWS: i64 = 8;
+
 #[derive(Debug, Clone)]
 pub struct Admission {
     cfg: AdmissionConfig,
@@ -36,6 +41,8 @@ pub struct Admission {
     busy_streak: u32,
     /// Units finished cleanly since the working limit last grew.
     finished_units: i64,
+    /// Units held (ours) when upstream last refused; growing to it is done cautiously.
+    refused_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -53,6 +60,7 @@ impl Admission {
             paused_until_ms: 0,
             busy_streak: 0,
             finished_units: 0,
+            refused_at: None,
         }
     }
 
@@ -98,17 +106,20 @@ impl Admission {
         chosen
     }
 
-    /// Upstream said its concurrency is full while `in_flight` of our units were running.
-    /// Returns how long dispatch pauses.
+    /// Upstream said its concurrency is full when we asked for `attempted` units while `in_flight`
+    /// of ours were running. Returns how long dispatch pauses.
     pub fn on_busy(
         &mut self,
         now_ms: i64,
         in_flight: i64,
+        attempted: i64,
         retry_after: Option<Duration>,
         jitter: f64,
     ) -> Duration {
         self.working = in_flight.clamp(1, self.working);
         self.finished_units = 0;
+        let refused = (in_flight + attempted).max(1);
+        self.refused_at = Some(self.refused_at.map_or(refused, |r| r.min(refused)));
         let mut pause = backoff(
             self.busy_streak,
             self.cfg.busy_initial,
@@ -137,9 +148,18 @@ impl Admission {
             return;
         }
         self.finished_units += units.max(1);
-        if self.finished_units >= self.working {
+        let next = self.working + 1;
+        let window = match self.refused_at {
+            Some(refused) if next >= refused => self.working * PROBE_WINDOWS,
+            _ => self.working,
+        };
+        if self.finished_units >= window {
             self.finished_units = 0;
-            self.working += 1;
+            self.working = next;
+            if self.refused_at.is_some_and(|r| next >= r) {
+                // The probe is under way: if it is refused again, on_busy sets a new ceiling.
+                self.refused_at = None;
+            }
         }
     }
 }
@@ -187,7 +207,7 @@ mod tests {
     #[test]
     fn a_task_larger_than_the_limit_goes_alone() {
         let mut a = adm(10);
-        a.on_busy(0, 3, None, 0.5);
+        a.on_busy(0, 3, 1, None, 0.5);
         let cs = [c("big", 9, 0), c("small", 1, 0)];
         assert_eq!(a.select(10_000, 0, &cs), vec!["big"]);
         assert!(a.select(10_000, 1, &cs).len() <= 1);
@@ -196,13 +216,13 @@ mod tests {
     #[test]
     fn busy_shrinks_pauses_with_backoff_and_finishing_grows_back() {
         let mut a = adm(10);
-        let p1 = a.on_busy(0, 6, None, 0.0);
+        let p1 = a.on_busy(0, 6, 2, None, 0.0);
         assert!(p1 >= Duration::from_secs(1), "first pause at least 1 s");
         assert_eq!(a.snapshot().working_limit, 6);
         assert!(a.select(500, 0, &[c("x", 1, 0)]).is_empty(), "paused");
-        let p2 = a.on_busy(0, 6, None, 0.0);
+        let p2 = a.on_busy(0, 6, 2, None, 0.0);
         assert!(p2 > p1, "exponential");
-        let p3 = a.on_busy(0, 6, Some(Duration::from_secs(120)), 0.0);
+        let p3 = a.on_busy(0, 6, 2, Some(Duration::from_secs(120)), 0.0);
         assert!(p3 >= Duration::from_secs(120), "Retry-After honoured");
         a.on_accepted();
         a.on_finished(5);
@@ -217,7 +237,7 @@ mod tests {
             a.on_finished(9);
         }
         assert_eq!(a.snapshot().working_limit, 10, "capped at the maximum");
-        a.on_busy(0, 0, None, 0.0);
+        a.on_busy(0, 0, 1, None, 0.0);
         assert_eq!(a.snapshot().working_limit, 1, "never below one unit");
     }
 }
