@@ -46,6 +46,21 @@ pub async fn simulate(
     Ok(sim)
 }
 
+/// Creates (or reuses) the demo client of `serve --simulate` and prints its key, so the
+/// quickstart is one command plus curl.
+pub async fn announce_demo_client(settings: &Settings) -> anyhow::Result<()> {
+    let store = open_store(settings).await?;
+    let (name, key) = crate::service::clients::ensure_demo_client(&store).await?;
+    store.close().await;
+    println!("demo client `{name}`: export KEY={key}");
+    println!(
+        "  curl -H \"authorization: Bearer $KEY\" http://{}/v1/tasks",
+        settings.server.listen
+    );
+    tracing::warn!(client = %name, "demo client ready; its API key is printed on standard output");
+    Ok(())
+}
+
 /// Runs the service on `listener` until `shutdown` fires, then stops the workers at a safe point.
 pub async fn run(
     settings: Settings,
@@ -65,6 +80,7 @@ pub async fn run(
     let mut workers = tokio::task::JoinSet::new();
     workers.spawn(workers::dispatcher::run(relay.clone(), shutdown.clone()));
     workers.spawn(workers::poller::run(relay.clone(), shutdown.clone()));
+    workers.spawn(workers::notifier::run(relay.clone(), shutdown.clone()));
 
     let token = shutdown.clone();
     let served = axum::serve(listener, http::router(relay))

@@ -43,7 +43,47 @@ pub struct Settings {
     pub cometapi: CometApiSettings,
     pub dispatch: DispatchSettings,
     pub poller: PollerSettings,
+    pub auth: AuthSettings,
+    pub limits: LimitSettings,
+    pub notifications: NotificationSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub required: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    pub client_max_pending: i64,
+    pub client_submits_per_minute: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotificationSettings {
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub retry_schedule: Vec<humantime_serde::Serde<Duration>>,
+    pub concurrency: usize,
+    pub per_url_concurrency: usize,
+    #[serde(with = "humantime_serde")]
+    pub secret_rotation_grace: Duration,
+    pub allow_networks: Vec<String>,
+    pub deny_networks: Vec<String>,
+}
+
+impl NotificationSettings {
+    pub fn schedule(&self) -> Vec<Duration> {
+        self.retry_schedule.iter().map(|d| **d).collect()
+    }
+
+    pub fn network_policy(&self) -> Result<crate::domain::notify::NetworkPolicy, String> {
+        crate::domain::notify::NetworkPolicy::parse(&self.allow_networks, &self.deny_networks)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -291,6 +331,34 @@ impl Settings {
         }
         if self.poller.concurrency == 0 {
             return Err(invalid("poller.concurrency", "must be at least 1"));
+        }
+        if self.limits.client_max_pending < 1 {
+            return Err(invalid("limits.client_max_pending", "must be at least 1"));
+        }
+        if self.limits.client_submits_per_minute < 1 {
+            return Err(invalid(
+                "limits.client_submits_per_minute",
+                "must be at least 1",
+            ));
+        }
+        let n = &self.notifications;
+        if n.timeout.is_zero() {
+            return Err(invalid("notifications.timeout", "must be longer than zero"));
+        }
+        if n.retry_schedule.is_empty() {
+            return Err(invalid(
+                "notifications.retry_schedule",
+                "needs at least one entry (the delay before the first attempt)",
+            ));
+        }
+        if n.concurrency == 0 || n.per_url_concurrency == 0 {
+            return Err(invalid(
+                "notifications.concurrency",
+                "and per_url_concurrency must be at least 1",
+            ));
+        }
+        if let Err(e) = n.network_policy() {
+            return Err(invalid("notifications.allow_networks", e));
         }
         if self.server.max_body_bytes < 1024 {
             return Err(invalid("server.max_body_bytes", "must be at least 1024"));

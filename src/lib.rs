@@ -5,6 +5,7 @@ pub mod app;
 pub mod config;
 pub mod domain;
 pub mod http;
+pub mod resource;
 pub mod service;
 pub mod simulator;
 pub mod storage;

@@ -40,6 +40,50 @@ enum Command {
     },
     /// Run the CometAPI simulator on its own.
     Simulator(SimulatorArgs),
+    /// Manage the internal clients that call the API.
+    Clients {
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: ClientsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClientsCommand {
+    /// Create a client; prints its API key (shown only now) and notification signing secret.
+    Create {
+        name: String,
+        /// Default notify URL for the client's tasks.
+        #[arg(long)]
+        notify_url: Option<String>,
+        /// Print {"name", "api_key", "signing_secret"} as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List clients.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a client's API key for good.
+    Revoke { name: String },
+    /// Make a new signing secret; the old one keeps signing beside it for the grace period.
+    RotateSecret {
+        name: String,
+        /// How long the old secret stays valid (default: notifications.secret_rotation_grace).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        grace: Option<Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set (or with --clear, remove) the client's default notify URL.
+    SetNotifyUrl {
+        name: String,
+        url: Option<String>,
+        #[arg(long, conflicts_with = "url")]
+        clear: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -120,7 +164,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {}", settings.server.listen))?;
             let _sim = if simulate {
-                Some(app::simulate(&mut settings, listener.local_addr()?).await?)
+                let sim = app::simulate(&mut settings, listener.local_addr()?).await?;
+                app::announce_demo_client(&settings).await?;
+                Some(sim)
             } else {
                 None
             };
@@ -135,6 +181,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             store.close().await;
             println!("migrations applied ({})", store.backend());
             Ok(())
+        }
+        Command::Clients { config, command } => {
+            let settings = Settings::load(config.as_deref())?;
+            telemetry::init(settings.log.format, "warn");
+            let store = app::open_store(&settings).await?;
+            let result = run_clients(&store, &settings, command).await;
+            store.close().await;
+            result
         }
         Command::Simulator(a) => {
             telemetry::init(kling_relay::config::LogFormat::Text, "info");
@@ -168,6 +222,94 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn run_clients(
+    store: &kling_relay::storage::Store,
+    settings: &Settings,
+    command: ClientsCommand,
+) -> anyhow::Result<()> {
+    use kling_relay::resource::rfc3339;
+    use kling_relay::service::clients as admin;
+    match command {
+        ClientsCommand::Create {
+            name,
+            notify_url,
+            json,
+        } => {
+            let c = admin::create_client(store, &name, notify_url.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string(&c)?);
+            } else {
+                println!("client:         {}", c.name);
+                println!("api key:        {}", c.api_key);
+                println!("signing secret: {}", c.signing_secret);
+                println!("(the API key is shown only now; only its hash is stored)");
+            }
+        }
+        ClientsCommand::List { json } => {
+            let clients = store.list_clients().await?;
+            if json {
+                let list: Vec<serde_json::Value> = clients
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({
+                            "name": c.name,
+                            "api_key_prefix": c.api_key_prefix,
+                            "notify_url": c.notify_url,
+                            "created_at": rfc3339(c.created_at_ms),
+                            "revoked_at": c.revoked_at_ms.map(rfc3339),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string(&list)?);
+            } else {
+                println!("{:<24} {:<12} {:<8} notify url", "name", "key", "state");
+                for c in clients {
+                    println!(
+                        "{:<24} {:<12} {:<8} {}",
+                        c.name,
+                        format!("{}…", c.api_key_prefix),
+                        if c.is_revoked() { "revoked" } else { "active" },
+                        c.notify_url.unwrap_or_default()
+                    );
+                }
+            }
+        }
+        ClientsCommand::Revoke { name } => {
+            store
+                .revoke_client(&name, kling_relay::service::now_ms())
+                .await?;
+            println!("client `{name}` revoked");
+        }
+        ClientsCommand::RotateSecret { name, grace, json } => {
+            let grace = grace.unwrap_or(settings.notifications.secret_rotation_grace);
+            let secret = admin::rotate_secret(store, &name, grace).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"name": name, "signing_secret": secret})
+                );
+            } else {
+                println!("signing secret: {secret}");
+                println!(
+                    "(the previous secret keeps signing for {})",
+                    humantime::format_duration(grace)
+                );
+            }
+        }
+        ClientsCommand::SetNotifyUrl { name, url, clear } => {
+            if url.is_none() && !clear {
+                anyhow::bail!("give a URL, or --clear");
+            }
+            admin::set_notify_url(store, &name, url.as_deref()).await?;
+            println!(
+                "client `{name}` notify url: {}",
+                url.as_deref().unwrap_or("(none)")
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Cancels `token` on Ctrl-C or SIGTERM.

@@ -145,7 +145,7 @@ impl Service {
             .expect("listen set");
         let mut c = command(args);
         c.current_dir(cwd)
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for (k, v) in env {
             c.env(k, v);
@@ -180,6 +180,20 @@ impl Service {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The demo key `serve --simulate` prints on its first line of output.
+    fn demo_key(&mut self) -> String {
+        use std::io::BufRead;
+        let out = self.child.stdout.take().expect("stdout piped");
+        let mut line = String::new();
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .expect("read stdout");
+        line.split("KEY=")
+            .nth(1)
+            .map(|k| k.trim().to_owned())
+            .unwrap_or_else(|| panic!("no key in {line:?}"))
     }
 
     fn kill9(&mut self) {
@@ -220,7 +234,15 @@ async fn quickstart_serve_simulate_runs_the_whole_loop() {
         dir.path().join("data/kling-relay.db").exists(),
         "default SQLite file created"
     );
-    let http = reqwest::Client::new();
+    let key = svc.demo_key();
+    assert!(key.starts_with("klr_"));
+    let anonymous = reqwest::Client::new()
+        .get(format!("{}/v1/tasks", svc.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401, "auth is on by default");
+    let http = client_with_key(&key);
     let r = http
         .post(format!("{}/v1/tasks", svc.base))
         .header("content-type", "application/json")
@@ -355,7 +377,17 @@ async fn kill_dash_nine_at_any_moment_loses_nothing(b: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
     let env = service_env(&listen, &db.url, &sim);
-    let http = reqwest::Client::new();
+    let out = command(&["clients", "create", "tester", "--json"])
+        .env("KLING_RELAY_DATABASE__URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let created: Value = serde_json::from_slice(&out.stdout).expect("clients create --json");
+    let http = client_with_key(created["api_key"].as_str().unwrap());
     let mut accepted: Vec<String> = Vec::new();
 
     // Kill at many moments: mid-POST, mid-dispatch (slow create answers), mid-processing.

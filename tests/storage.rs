@@ -5,7 +5,14 @@ mod common;
 
 use common::*;
 use kling_relay::domain::{Change, EventSource, TaskInputs, TaskStatus};
-use kling_relay::storage::{sql, ExplainArg, ListFilter, NewTaskRecord, Store};
+use kling_relay::storage::{
+    sql, Commit, ExplainArg, ListFilter, NewTaskRecord, PendingCaps, Store,
+};
+
+const CAPS: PendingCaps = PendingCaps {
+    total: 1000,
+    per_client: 1000,
+};
 
 async fn store(db: &TestDb) -> Store {
     let s = Store::connect(&db.url, 4).await.expect("connect");
@@ -29,6 +36,8 @@ fn record(i: i64) -> NewTaskRecord {
             style_image: None,
         },
         created_at_ms: 1_700_000_000_000 + i,
+        client: Some("c1".into()),
+        notify_url: None,
     }
 }
 
@@ -57,7 +66,7 @@ async fn every_hot_query_is_served_by_an_index(b: Backend) {
     let db = TestDb::new(b).await;
     let s = store(&db).await;
     for i in 0..50 {
-        s.insert_task(&record(i), None, 1000).await.unwrap();
+        s.insert_task(&record(i), None, CAPS).await.unwrap();
     }
     let int = ExplainArg::Int;
     let text = |v: &str| ExplainArg::Text(v.to_owned());
@@ -115,7 +124,7 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
     let db = TestDb::new(b).await;
     let s = store(&db).await;
     let r = record(1);
-    s.insert_task(&r, None, 1000).await.unwrap();
+    s.insert_task(&r, None, CAPS).await.unwrap();
     let due = s.dispatch_candidates(i64::MAX, 10).await.unwrap();
     assert_eq!(due.len(), 1);
     assert_eq!(
@@ -132,7 +141,15 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
         detail: None,
     };
     assert!(s
-        .commit_change(&r.id, 0, &submitted, EventSource::Dispatch, 10, Some(20))
+        .commit_change(&Commit {
+            id: &r.id,
+            expected_version: 0,
+            change: &submitted,
+            source: EventSource::Dispatch,
+            now_ms: 10,
+            poll_due_at_ms: Some(20),
+            outbox: None,
+        })
         .await
         .unwrap());
     assert!(s
@@ -149,11 +166,27 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
         ..submitted.clone()
     };
     assert!(!s
-        .commit_change(&r.id, 0, &done, EventSource::Webhook, 30, None)
+        .commit_change(&Commit {
+            id: &r.id,
+            expected_version: 0,
+            change: &done,
+            source: EventSource::Webhook,
+            now_ms: 30,
+            poll_due_at_ms: None,
+            outbox: None,
+        })
         .await
         .unwrap());
     assert!(s
-        .commit_change(&r.id, 1, &done, EventSource::Webhook, 30, None)
+        .commit_change(&Commit {
+            id: &r.id,
+            expected_version: 1,
+            change: &done,
+            source: EventSource::Webhook,
+            now_ms: 30,
+            poll_due_at_ms: None,
+            outbox: None,
+        })
         .await
         .unwrap());
     assert!(s.due_polls(i64::MAX, 10).await.unwrap().is_empty());

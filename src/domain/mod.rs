@@ -5,6 +5,8 @@
 //! the simulator.
 
 pub mod admission;
+pub mod client;
+pub mod notify;
 pub mod schedule;
 pub mod task;
 pub mod validation;

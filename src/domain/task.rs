@@ -400,9 +400,39 @@ pub struct Task {
     /// Set while a create call may have reached upstream without its answer being recorded.
     pub dispatch_started_at_ms: Option<i64>,
     pub poll_count: i64,
+    /// The client that owns the task (None when submitted without authentication).
+    pub client: Option<String>,
+    /// Where status changes are notified, if the task names a destination of its own.
+    pub notify_url: Option<String>,
 }
 
 impl Task {
+    /// The task as it is once `change` is committed at `now_ms`; what notifications carry.
+    pub fn after(&self, change: &Change, now_ms: i64) -> Task {
+        let mut t = self.clone();
+        t.status = change.status;
+        if let Some(s) = change.upstream_status {
+            t.upstream_status = Some(s.as_str().to_owned());
+        }
+        if t.upstream_task_id.is_none() {
+            t.upstream_task_id = change.bind_upstream_task_id.clone();
+        }
+        t.upstream_updated_at_ms = change.upstream_updated_at_ms;
+        if let Some(images) = &change.images {
+            t.images = images.clone();
+        }
+        if change.error.is_some() {
+            t.error = change.error.clone();
+        }
+        t.updated_at_ms = now_ms;
+        if change.status.is_final() {
+            t.completed_at_ms = Some(now_ms);
+        }
+        t.version += 1;
+        t.dispatch_started_at_ms = None;
+        t
+    }
+
     pub fn state(&self) -> TaskState {
         TaskState {
             status: self.status,

@@ -43,12 +43,14 @@ pub struct NewTask {
     pub aspect_ratio: Option<String>,
     pub model_name: String,
     pub metadata: Option<Map<String, Value>>,
+    /// Where to notify the client of status changes (API only).
+    pub notify_url: Option<String>,
 }
 
 /// Which fields besides the upstream ones a caller may send.
 #[derive(Debug, Clone, Copy)]
 pub struct Rules {
-    /// The REST API takes `metadata`; the upstream does not.
+    /// The REST API takes `metadata` and `notify_url`; the upstream does not.
     pub allow_metadata: bool,
     /// The upstream takes `callback_url` and `external_task_id`; the REST API makes its own.
     pub allow_upstream_routing: bool,
@@ -83,7 +85,7 @@ pub fn validate_new_task(body: &Value, rules: Rules) -> Result<NewTask, Vec<Fiel
                 | "n"
                 | "aspect_ratio"
                 | "model_name"
-        ) || (rules.allow_metadata && key == "metadata")
+        ) || (rules.allow_metadata && (key == "metadata" || key == "notify_url"))
             || (rules.allow_upstream_routing
                 && (key == "callback_url" || key == "external_task_id"));
         if !known {
@@ -174,6 +176,18 @@ pub fn validate_new_task(body: &Value, rules: Rules) -> Result<NewTask, Vec<Fiel
         }
     };
 
+    let notify_url = if rules.allow_metadata {
+        let url = optional_string(obj, "notify_url", &mut errors);
+        if let Some(u) = &url {
+            if let Err(msg) = check_notify_url(u) {
+                errors.push(FieldError::new("notify_url", msg));
+            }
+        }
+        url
+    } else {
+        None
+    };
+
     if rules.allow_upstream_routing {
         optional_string(obj, "callback_url", &mut errors);
         optional_string(obj, "external_task_id", &mut errors);
@@ -189,6 +203,7 @@ pub fn validate_new_task(body: &Value, rules: Rules) -> Result<NewTask, Vec<Fiel
             aspect_ratio,
             model_name,
             metadata,
+            notify_url,
         })
     } else {
         Err(errors)
@@ -272,6 +287,17 @@ fn optional_image(
             errors.push(FieldError::new(field, msg));
             None
         }
+    }
+}
+
+/// A notification destination: an absolute http(s) URL of at most 2048 characters.
+pub fn check_notify_url(s: &str) -> Result<(), String> {
+    if s.len() > 2048 {
+        return Err("at most 2048 characters".into());
+    }
+    match url::Url::parse(s) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
+        _ => Err("must be an absolute http or https URL".into()),
     }
 }
 

@@ -73,6 +73,11 @@ impl From<ServiceError> for ApiError {
                 retry_after_secs: 5,
             },
             ServiceError::CannotCancel(_) => ApiError::Conflict(e.to_string()),
+            ServiceError::RateLimited(secs) => ApiError::TooManyRequests {
+                detail: e.to_string(),
+                retry_after_secs: secs,
+            },
+            ServiceError::Unauthorized => ApiError::Unauthorized(e.to_string()),
             ServiceError::Storage(err) => {
                 // Details stay in the log; the caller learns only that it may retry.
                 tracing::error!(error = %err, "storage failure");
@@ -111,6 +116,12 @@ impl IntoResponse for ApiError {
             } => Some(*retry_after_secs),
             _ => None,
         };
+        if matches!(self, ApiError::Unauthorized(_)) {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
         if let Some(secs) = retry_after {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));

@@ -2,12 +2,15 @@
 //! service; errors become problem+json in `error`.
 
 pub mod error;
+mod live;
 mod tasks;
 mod webhooks;
 
 use crate::service::Relay;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, HeaderMap};
+use axum::middleware::{self, Next};
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use error::ApiError;
@@ -18,12 +21,21 @@ pub type AppState = Arc<Relay>;
 
 pub fn router(relay: Arc<Relay>) -> Router {
     let body_limit = relay.settings.server.max_body_bytes;
-    Router::new()
+    let v1 = Router::new()
         .route("/v1/tasks", post(tasks::submit).get(tasks::list))
         .route("/v1/tasks/{id}", get(tasks::get))
         .route("/v1/tasks/{id}/events", get(tasks::events))
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/v1/tasks/{id}/stream", get(live::stream))
+        .route("/v1/tasks/{id}/deliveries", get(tasks::deliveries))
+        .route(
+            "/v1/tasks/{id}/deliveries/{delivery_id}/retry",
+            post(tasks::retry_delivery),
+        )
         .route("/v1/status", get(tasks::status))
+        .route_layer(middleware::from_fn_with_state(relay.clone(), authenticate));
+    Router::new()
+        .merge(v1)
         .route("/webhooks/cometapi/{id}", post(webhooks::cometapi))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
@@ -40,6 +52,33 @@ pub fn router(relay: Arc<Relay>) -> Router {
             }),
         )
         .with_state(relay)
+}
+
+/// Every `/v1/` request carries `Authorization: Bearer <key>`; the caller it names is handed to
+/// the handler. Any failure is one 401 that reveals nothing about existing clients.
+async fn authenticate(
+    State(relay): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let bearer = match req.headers().get(header::AUTHORIZATION) {
+        None => None,
+        Some(v) => {
+            let v = v.to_str().map_err(|_| unauthorized())?;
+            let (scheme, key) = v.split_once(' ').ok_or_else(unauthorized)?;
+            if !scheme.eq_ignore_ascii_case("bearer") {
+                return Err(unauthorized());
+            }
+            Some(key.to_owned())
+        }
+    };
+    let caller = relay.authenticate(bearer.as_deref()).await?;
+    req.extensions_mut().insert(caller);
+    Ok(next.run(req).await)
+}
+
+fn unauthorized() -> ApiError {
+    ApiError::Unauthorized("missing, unknown or revoked API key".into())
 }
 
 /// Refuses a body that is not declared as JSON.

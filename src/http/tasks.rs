@@ -2,67 +2,26 @@
 
 use super::error::ApiError;
 use super::{parse_json, require_json, AppState};
-use crate::domain::{ResultImage, Task, TaskError, TaskEvent, TaskStatus};
+use crate::domain::client::Caller;
+use crate::domain::TaskStatus;
+use crate::resource::{rfc3339, DeliveryView, EventView, TaskView};
+use crate::service::live::MAX_WAIT;
 use crate::storage::ListFilter;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use base64::Engine;
 use serde::Serialize;
 use serde_json::Value;
+use std::time::Duration;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 pub const DEFAULT_LIMIT: i64 = 50;
 pub const MAX_LIMIT: i64 = 200;
-
-#[derive(Serialize)]
-pub struct TaskView {
-    id: String,
-    status: TaskStatus,
-    upstream_task_id: Option<String>,
-    external_task_id: String,
-    model_name: String,
-    prompt: Option<String>,
-    n: i64,
-    aspect_ratio: Option<String>,
-    images: Vec<ResultImage>,
-    error: Option<TaskError>,
-    metadata: Option<Value>,
-    created_at: String,
-    updated_at: String,
-    completed_at: Option<String>,
-}
-
-pub fn rfc3339(ms: i64) -> String {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_default()
-}
-
-impl From<Task> for TaskView {
-    fn from(t: Task) -> Self {
-        TaskView {
-            created_at: rfc3339(t.created_at_ms),
-            updated_at: rfc3339(t.updated_at_ms),
-            completed_at: t.completed_at_ms.map(rfc3339),
-            id: t.id,
-            status: t.status,
-            upstream_task_id: t.upstream_task_id,
-            external_task_id: t.external_task_id,
-            model_name: t.model_name,
-            prompt: t.prompt,
-            n: t.n,
-            aspect_ratio: t.aspect_ratio,
-            images: t.images,
-            error: t.error,
-            metadata: t.metadata,
-        }
-    }
-}
 
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
@@ -87,14 +46,14 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 pub async fn submit(
     State(relay): State<AppState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     require_json(&headers)?;
     let key = idempotency_key(&headers)?;
     let body = parse_json(&body)?;
-    // Callers are not authenticated yet, so every key shares one scope.
-    let submitted = relay.submit(&body, key.as_deref().map(|k| ("", k))).await?;
+    let submitted = relay.submit(&caller, &body, key.as_deref()).await?;
     let location = format!("/v1/tasks/{}", submitted.task.id);
     let status = if submitted.created {
         StatusCode::ACCEPTED
@@ -111,9 +70,33 @@ pub async fn submit(
 
 pub async fn cancel(
     State(relay): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<TaskView>, ApiError> {
-    Ok(Json(relay.cancel(&id).await?.into()))
+    Ok(Json(relay.cancel(&caller, &id).await?.into()))
+}
+
+pub async fn deliveries(
+    State(relay): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let list: Vec<DeliveryView> = relay
+        .deliveries(&caller, &id)
+        .await?
+        .into_iter()
+        .map(DeliveryView::from)
+        .collect();
+    Ok(Json(serde_json::json!({ "deliveries": list })))
+}
+
+pub async fn retry_delivery(
+    State(relay): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((id, delivery_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let d = relay.retry_delivery(&caller, &id, &delivery_id).await?;
+    Ok((StatusCode::ACCEPTED, Json(DeliveryView::from(d))).into_response())
 }
 
 pub async fn status(State(relay): State<AppState>) -> Result<Json<Value>, ApiError> {
@@ -130,40 +113,53 @@ pub async fn status(State(relay): State<AppState>) -> Result<Json<Value>, ApiErr
     })))
 }
 
+/// `GET /v1/tasks/{id}`, optionally long-polling: `?wait=SECONDS` (0 to 60) answers as soon as
+/// the status differs from `status_not` (default: the current status) or the task is final.
 pub async fn get(
     State(relay): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<TaskView>, ApiError> {
-    Ok(Json(relay.get(&id).await?.into()))
-}
-
-#[derive(Serialize)]
-pub struct EventView {
-    at: String,
-    source: String,
-    status: String,
-    upstream_status: Option<String>,
-    detail: Option<String>,
-}
-
-impl From<TaskEvent> for EventView {
-    fn from(e: TaskEvent) -> Self {
-        EventView {
-            at: rfc3339(e.at_ms),
-            source: e.source,
-            status: e.status,
-            upstream_status: e.upstream_status,
-            detail: e.detail,
+    let mut wait = None;
+    let mut status_not = None;
+    let mut errors = Vec::new();
+    for (key, value) in url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match key.as_ref() {
+            "wait" => match value.parse::<u64>() {
+                Ok(s) if s <= MAX_WAIT.as_secs() => wait = Some(Duration::from_secs(s)),
+                _ => errors.push(field_error(
+                    "wait",
+                    "must be a whole number of seconds from 0 to 60",
+                )),
+            },
+            "status_not" => match value.parse::<TaskStatus>() {
+                Ok(s) => status_not = Some(s),
+                Err(_) => errors.push(field_error("status_not", "is not a status")),
+            },
+            other => errors.push(field_error(other, "unknown query parameter")),
         }
     }
+    if !errors.is_empty() {
+        return Err(ApiError::BadRequest {
+            detail: "invalid query parameters".into(),
+            errors,
+        });
+    }
+    let task = match wait {
+        Some(w) => relay.wait_for_change(&caller, &id, status_not, w).await?,
+        None => relay.get(&caller, &id).await?,
+    };
+    Ok(Json(task.into()))
 }
 
 pub async fn events(
     State(relay): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let events: Vec<EventView> = relay
-        .events(&id)
+        .events(&caller, &id)
         .await?
         .into_iter()
         .map(EventView::from)
@@ -179,10 +175,11 @@ pub struct TaskPage {
 
 pub async fn list(
     State(relay): State<AppState>,
+    Extension(caller): Extension<Caller>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<TaskPage>, ApiError> {
     let filter = parse_list_query(query.as_deref().unwrap_or(""))?;
-    let tasks = relay.list(&filter).await?;
+    let tasks = relay.list(&caller, &filter).await?;
     let next_cursor = if tasks.len() as i64 == filter.limit {
         tasks.last().map(|t| encode_cursor(t.created_at_ms, &t.id))
     } else {
@@ -311,11 +308,5 @@ mod tests {
         }
         let f = parse_list_query("created_after=2026-01-01T00:00:00%2B01:00").unwrap();
         assert_eq!(f.created_after_ms, Some(1_767_222_000_000));
-    }
-
-    #[test]
-    fn times_are_rfc3339_utc() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_722_769_557_708), "2024-08-04T11:05:57.708Z");
     }
 }

@@ -53,10 +53,18 @@ macro_rules! on_pool {
     };
 }
 
+mod clients;
+mod deliveries;
+
+pub use clients::ClientError;
+pub use deliveries::{
+    AttemptRecord, Delivery, DeliveryAttempt, DueDelivery, NextStep, OutboxEntry,
+};
+
 const TASK_COLUMNS: &str = "id, external_task_id, upstream_task_id, status, upstream_status, \
     model_name, prompt, n, aspect_ratio, metadata, images, error_code, error_message, created_at, \
     updated_at, completed_at, upstream_updated_at, version, dispatch_attempts, dispatch_started_at, \
-    poll_count";
+    poll_count, client, notify_url";
 
 #[derive(sqlx::FromRow)]
 struct TaskRow {
@@ -81,6 +89,8 @@ struct TaskRow {
     dispatch_attempts: i64,
     dispatch_started_at: Option<i64>,
     poll_count: i64,
+    client: Option<String>,
+    notify_url: Option<String>,
 }
 
 impl TryFrom<TaskRow> for Task {
@@ -126,6 +136,8 @@ impl TryFrom<TaskRow> for Task {
             dispatch_attempts: r.dispatch_attempts,
             dispatch_started_at_ms: r.dispatch_started_at,
             poll_count: r.poll_count,
+            client: r.client,
+            notify_url: r.notify_url,
         })
     }
 }
@@ -158,11 +170,24 @@ pub struct NewTaskRecord {
     pub metadata: Option<serde_json::Value>,
     pub inputs: TaskInputs,
     pub created_at_ms: i64,
+    pub client: Option<String>,
+    pub notify_url: Option<String>,
+}
+
+/// Limits checked atomically with the insert.
+#[derive(Debug, Clone, Copy)]
+pub struct PendingCaps {
+    /// Tasks waiting for dispatch, all clients together.
+    pub total: i64,
+    /// Tasks waiting for dispatch for this task's client.
+    pub per_client: i64,
 }
 
 /// History filter; `before` is the keyset cursor `(created_at, id)` of the last task already seen.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
+    /// Only this client's tasks; None: everyone's.
+    pub client: Option<String>,
     pub statuses: Vec<TaskStatus>,
     pub created_after_ms: Option<i64>,
     pub created_before_ms: Option<i64>,
@@ -220,6 +245,21 @@ pub enum InsertOutcome {
     },
     /// `max_pending` tasks already wait for dispatch.
     QueueFull,
+}
+
+/// A status change to commit.
+#[derive(Debug, Clone, Copy)]
+pub struct Commit<'a> {
+    pub id: &'a str,
+    /// The version the change was decided on.
+    pub expected_version: i64,
+    pub change: &'a Change,
+    pub source: EventSource,
+    pub now_ms: i64,
+    /// When to poll next (set while submitted/processing).
+    pub poll_due_at_ms: Option<i64>,
+    /// The notification written with the change.
+    pub outbox: Option<&'a OutboxEntry>,
 }
 
 /// A parameter for [`Store::explain`].
@@ -322,13 +362,14 @@ impl Store {
         &self,
         t: &NewTaskRecord,
         idempotency: Option<&IdempotencyClaim>,
-        max_pending: i64,
+        caps: PendingCaps,
     ) -> Result<InsertOutcome> {
         const TASK: &str =
             "INSERT INTO tasks (id, external_task_id, status, model_name, prompt, n, \
-            aspect_ratio, metadata, created_at, updated_at, next_dispatch_at) \
-            SELECT $1, $2, 'pending', $3, $4, $5, $6, $7, $8, $8, $8 \
-            WHERE (SELECT COUNT(*) FROM tasks WHERE status = 'pending') < $9";
+            aspect_ratio, metadata, created_at, updated_at, next_dispatch_at, client, notify_url) \
+            SELECT $1, $2, 'pending', $3, $4, $5, $6, $7, $8, $8, $8, $10, $11 \
+            WHERE (SELECT COUNT(*) FROM tasks WHERE status = 'pending') < $9 \
+            AND (SELECT COUNT(*) FROM tasks WHERE client = $10 AND status = 'pending') < $12";
         const INPUTS: &str =
             "INSERT INTO task_inputs (task_id, subject_images, scene_image, style_image) \
             VALUES ($1, $2, $3, $4)";
@@ -380,7 +421,10 @@ impl Store {
                 .bind(&t.aspect_ratio)
                 .bind(&metadata)
                 .bind(t.created_at_ms)
-                .bind(max_pending)
+                .bind(caps.total)
+                .bind(&t.client)
+                .bind(&t.notify_url)
+                .bind(caps.per_client)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
@@ -490,6 +534,9 @@ impl Store {
         let sql = sql::list(f);
         let rows: Vec<TaskRow> = on_pool!(self, p => {
             let mut q = sqlx::query_as(&sql);
+            if let Some(c) = &f.client {
+                q = q.bind(c.clone());
+            }
             for s in &f.statuses {
                 q = q.bind(s.as_str());
             }
@@ -523,17 +570,19 @@ impl Store {
             .collect())
     }
 
-    /// Commits a status change decided on `expected_version`, with its event. Returns false when
-    /// the task changed in between (the caller re-reads and decides again).
-    pub async fn commit_change(
-        &self,
-        id: &str,
-        expected_version: i64,
-        change: &Change,
-        source: EventSource,
-        now_ms: i64,
-        poll_due_at_ms: Option<i64>,
-    ) -> Result<bool> {
+    /// Commits a status change decided on `expected_version`, with its event and its
+    /// notification. Returns false when the task changed in between (the caller re-reads and
+    /// decides again).
+    pub async fn commit_change(&self, c: &Commit<'_>) -> Result<bool> {
+        let Commit {
+            id,
+            expected_version,
+            change,
+            source,
+            now_ms,
+            poll_due_at_ms,
+            outbox,
+        } = *c;
         const SQL: &str = "UPDATE tasks SET status = $2, \
             upstream_status = COALESCE($3, upstream_status), \
             upstream_task_id = COALESCE(upstream_task_id, $4), \
@@ -582,6 +631,19 @@ impl Store {
                 .bind(&change.detail)
                 .execute(&mut *tx)
                 .await?;
+            if let Some(o) = outbox {
+                // The notification is part of the change: both commit, or neither.
+                sqlx::query(deliveries::INSERT_OUTBOX)
+                    .bind(&o.id)
+                    .bind(id)
+                    .bind(&o.client)
+                    .bind(&o.url)
+                    .bind(change.status.as_str())
+                    .bind(&o.payload)
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             tx.commit().await?;
             Ok(true)
         })
@@ -766,7 +828,7 @@ pub mod sql {
             WHERE status IN ('pending', 'submitted', 'processing') AND created_at < $1 \
             ORDER BY created_at LIMIT $2";
 
-    /// The history query for a filter; parameters are bound in the order statuses, created_after,
+    /// The history query for a filter; parameters are bound in the order client, statuses, created_after,
     /// created_before, cursor (created_at, id), limit.
     pub fn list(f: &super::ListFilter) -> String {
         let mut sql = format!("SELECT {} FROM tasks WHERE 1 = 1", super::TASK_COLUMNS);
@@ -775,6 +837,9 @@ pub mod sql {
             n += 1;
             format!("${n}")
         };
+        if f.client.is_some() {
+            sql.push_str(&format!(" AND client = {}", next()));
+        }
         if !f.statuses.is_empty() {
             let marks: Vec<String> = f.statuses.iter().map(|_| next()).collect();
             sql.push_str(&format!(" AND status IN ({})", marks.join(", ")));

@@ -3,6 +3,7 @@
 //! and exposes its single step, so tests can drive it deterministically.
 
 pub mod dispatcher;
+pub mod notifier;
 pub mod poller;
 
 use std::future::Future;

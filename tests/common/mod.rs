@@ -225,7 +225,12 @@ pub async fn fetch_json(http: &reqwest::Client, url: &str) -> Value {
 
 pub struct TestApp {
     pub base: String,
+    /// Sends the test client's API key on every request.
     pub http: reqwest::Client,
+    /// Sends no key.
+    pub anonymous: reqwest::Client,
+    /// The test client: name, API key, signing secret.
+    pub client: kling_relay::service::clients::NewClient,
     pub sim: Simulator,
     pub db: TestDb,
     pub settings: Settings,
@@ -272,9 +277,12 @@ impl TestApp {
         if opts.callbacks {
             settings.server.public_url = format!("http://{addr}");
         }
+        let client = create_client(&db, "tester").await;
         let mut app = TestApp {
             base: format!("http://{addr}"),
-            http: reqwest::Client::new(),
+            http: client_with_key(&client.api_key),
+            anonymous: reqwest::Client::new(),
+            client,
             sim,
             db,
             settings,
@@ -393,6 +401,32 @@ impl TestApp {
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
+}
+
+/// Creates a client directly in the test's database (migrating it first).
+pub async fn create_client(db: &TestDb, name: &str) -> kling_relay::service::clients::NewClient {
+    let store = kling_relay::storage::Store::connect(&db.url, 1)
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    let c = kling_relay::service::clients::create_client(&store, name, None)
+        .await
+        .expect("create client");
+    store.close().await;
+    c
+}
+
+/// An HTTP client that sends `Authorization: Bearer <key>` on every request.
+pub fn client_with_key(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).expect("header"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("client")
 }
 
 impl Drop for TestApp {

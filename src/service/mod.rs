@@ -1,21 +1,29 @@
 //! The relay's use cases: submit, read history, and apply news about a task. HTTP handlers and
 //! background workers both call in here, so every path goes through the same status machine and
-//! the same storage rules.
+//! the same storage rules. `clients` holds authentication and client administration, `live` the
+//! waiting for changes (long-poll and SSE).
+
+pub mod clients;
+pub mod live;
 
 use crate::config::Settings;
 use crate::domain::admission::{Admission, AdmissionConfig, AdmissionSnapshot};
+use crate::domain::client::{Caller, SubmitBudget};
+use crate::domain::notify::NetworkPolicy;
 use crate::domain::{
     apply_report, cancel, finish_with_error, validate_new_task, CancelRefused, EventSource,
     FieldError, IgnoreReason, ReportMismatch, Rules, Task, TaskError, TaskEvent, TaskInputs,
     TaskStatus, Transition, UpstreamReport,
 };
 use crate::storage::{
-    IdempotencyClaim, InsertOutcome, ListFilter, NewTaskRecord, StorageError, Store,
+    Commit, Delivery, IdempotencyClaim, InsertOutcome, ListFilter, NewTaskRecord, OutboxEntry,
+    PendingCaps, StorageError, Store,
 };
 use crate::upstream::CometClient;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{broadcast, Notify};
@@ -41,6 +49,10 @@ pub enum ServiceError {
     IdempotencyConflict,
     #[error("too many tasks are waiting for dispatch; retry later")]
     QueueFull,
+    #[error("too many submits from this client; retry in {0} s")]
+    RateLimited(u64),
+    #[error("missing, unknown or revoked API key")]
+    Unauthorized,
     #[error("the task cannot be canceled: {0}")]
     CannotCancel(CancelRefused),
     #[error(transparent)]
@@ -116,6 +128,12 @@ pub struct Relay {
     pub dispatch_wake: Notify,
     /// Ids of tasks that changed or had a dispatch attempt; waiters filter by id.
     changes: broadcast::Sender<String>,
+    /// Wakes the notifier when a delivery is written.
+    pub notify_wake: Notify,
+    /// Where notifications may go.
+    pub network_policy: NetworkPolicy,
+    /// Per-client submit rate.
+    submit_budgets: Mutex<HashMap<String, SubmitBudget>>,
 }
 
 impl Relay {
@@ -143,7 +161,14 @@ impl Relay {
             busy_max: d.busy_max,
             starvation_after: d.starvation_after,
         }));
+        let network_policy = settings
+            .notifications
+            .network_policy()
+            .map_err(anyhow::Error::msg)?;
         Ok(Relay {
+            notify_wake: Notify::new(),
+            network_policy,
+            submit_budgets: Mutex::new(HashMap::new()),
             store,
             admission,
             upstream,
@@ -198,6 +223,34 @@ impl Relay {
         let _ = self.changes.send(task_id.to_owned());
     }
 
+    fn take_submit_budget(&self, client: &str) -> Result<(), ServiceError> {
+        let per_minute = self.settings.limits.client_submits_per_minute;
+        let mut budgets = self
+            .submit_budgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let budget = budgets
+            .entry(client.to_owned())
+            .or_insert_with(|| SubmitBudget::new(per_minute));
+        budget
+            .take(now_ms())
+            .map_err(|wait| ServiceError::RateLimited(wait.as_secs().max(1)))
+    }
+
+    /// Refuses a notify URL whose host is an address the policy forbids (names are checked
+    /// when the notification is sent, against what they resolve to).
+    fn check_destination_literal(&self, url: &str) -> Result<(), String> {
+        let Ok(u) = url::Url::parse(url) else {
+            return Err("must be an absolute http or https URL".into());
+        };
+        let ip = match u.host() {
+            Some(url::Host::Ipv4(a)) => std::net::IpAddr::V4(a),
+            Some(url::Host::Ipv6(a)) => std::net::IpAddr::V6(a),
+            _ => return Ok(()),
+        };
+        self.network_policy.check(ip)
+    }
+
     pub fn admission(&self) -> MutexGuard<'_, Admission> {
         // The controller's state stays consistent even if a holder panicked.
         self.admission.lock().unwrap_or_else(|p| p.into_inner())
@@ -208,10 +261,22 @@ impl Relay {
     /// (scoped to the caller), a repeat of the same request returns the first task instead.
     pub async fn submit(
         &self,
+        caller: &Caller,
         body: &serde_json::Value,
-        idempotency_key: Option<(&str, &str)>,
+        idempotency_key: Option<&str>,
     ) -> Result<Submitted, ServiceError> {
         let req = validate_new_task(body, Rules::API).map_err(ServiceError::Invalid)?;
+        if let Some(url) = &req.notify_url {
+            self.check_destination_literal(url).map_err(|m| {
+                ServiceError::Invalid(vec![FieldError {
+                    field: "notify_url".into(),
+                    message: m,
+                }])
+            })?;
+        }
+        if let Caller::Client(name) = caller {
+            self.take_submit_budget(name)?;
+        }
         let id = uuid::Uuid::now_v7().to_string();
         let now = now_ms();
         let record = NewTaskRecord {
@@ -228,19 +293,25 @@ impl Relay {
                 style_image: req.style_image,
             },
             created_at_ms: now,
+            client: caller.scope().map(str::to_owned),
+            notify_url: req.notify_url,
         };
-        let claim = idempotency_key.map(|(scope, key)| IdempotencyClaim {
-            scope: scope.to_owned(),
+        let claim = idempotency_key.map(|key| IdempotencyClaim {
+            // Keys are the caller's own: two clients may use the same key.
+            scope: caller.scope().unwrap_or("").to_owned(),
             key: key.to_owned(),
             // serde_json orders object keys, so equal JSON hashes equal.
             request_hash: hex_sha256(body.to_string().as_bytes()),
             expired_before_ms: now - ms(IDEMPOTENCY_TTL),
         });
         let mut changes = self.subscribe();
-        let max_pending = self.settings.dispatch.max_pending;
+        let caps = PendingCaps {
+            total: self.settings.dispatch.max_pending,
+            per_client: self.settings.limits.client_max_pending,
+        };
         match self
             .store
-            .insert_task(&record, claim.as_ref(), max_pending)
+            .insert_task(&record, claim.as_ref(), caps)
             .await?
         {
             InsertOutcome::Inserted => {}
@@ -250,7 +321,7 @@ impl Relay {
                 same_request: true,
             } => {
                 return Ok(Submitted {
-                    task: self.get(&task_id).await?,
+                    task: self.get(caller, &task_id).await?,
                     created: false,
                 })
             }
@@ -270,18 +341,49 @@ impl Relay {
         })
         .await;
         Ok(Submitted {
-            task: self.get(&id).await?,
+            task: self.get(caller, &id).await?,
             created: true,
         })
     }
 
     /// Cancels a task that has not been sent upstream.
-    pub async fn cancel(&self, id: &str) -> Result<Task, ServiceError> {
+    pub async fn cancel(&self, caller: &Caller, id: &str) -> Result<Task, ServiceError> {
+        self.get(caller, id).await?;
         self.decide_and_commit(id, EventSource::Api, |task| {
             cancel(&task.state()).map_err(ServiceError::CannotCancel)
         })
         .await?;
-        self.get(id).await
+        self.get(caller, id).await
+    }
+
+    /// A task's notifications.
+    pub async fn deliveries(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<Vec<Delivery>, ServiceError> {
+        self.get(caller, id).await?;
+        Ok(self.store.list_deliveries(id).await?)
+    }
+
+    /// Sends one notification again, with its original `webhook-id`.
+    pub async fn retry_delivery(
+        &self,
+        caller: &Caller,
+        id: &str,
+        delivery_id: &str,
+    ) -> Result<Delivery, ServiceError> {
+        self.get(caller, id).await?;
+        if !self.store.retry_delivery(id, delivery_id, now_ms()).await? {
+            return Err(ServiceError::NotFound);
+        }
+        self.notify_wake.notify_one();
+        self.store
+            .list_deliveries(id)
+            .await?
+            .into_iter()
+            .find(|d| d.id == delivery_id)
+            .ok_or(ServiceError::NotFound)
     }
 
     pub async fn dispatch_status(&self) -> Result<DispatchStatus, ServiceError> {
@@ -293,19 +395,63 @@ impl Relay {
         })
     }
 
-    pub async fn get(&self, id: &str) -> Result<Task, ServiceError> {
+    /// A task the caller owns. Another client's task is "not found", never "forbidden".
+    pub async fn get(&self, caller: &Caller, id: &str) -> Result<Task, ServiceError> {
+        match self.store.get_task(id).await? {
+            Some(t) if caller.owns(t.client.as_deref()) => Ok(t),
+            _ => Err(ServiceError::NotFound),
+        }
+    }
+
+    /// A task whoever owns it (workers and webhooks).
+    pub async fn get_any(&self, id: &str) -> Result<Task, ServiceError> {
         self.store.get_task(id).await?.ok_or(ServiceError::NotFound)
     }
 
-    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<Task>, ServiceError> {
-        Ok(self.store.list_tasks(filter).await?)
+    pub async fn list(
+        &self,
+        caller: &Caller,
+        filter: &ListFilter,
+    ) -> Result<Vec<Task>, ServiceError> {
+        let mut filter = filter.clone();
+        filter.client = caller.scope().map(str::to_owned);
+        Ok(self.store.list_tasks(&filter).await?)
     }
 
-    pub async fn events(&self, id: &str) -> Result<Vec<TaskEvent>, ServiceError> {
-        if self.store.get_task(id).await?.is_none() {
-            return Err(ServiceError::NotFound);
-        }
+    pub async fn events(&self, caller: &Caller, id: &str) -> Result<Vec<TaskEvent>, ServiceError> {
+        self.get(caller, id).await?;
         Ok(self.store.events(id).await?)
+    }
+
+    /// The notification a change produces: the task as it will be, to the task's own
+    /// `notify_url` or else its client's default.
+    async fn notification_for(
+        &self,
+        task: &Task,
+        change: &crate::domain::Change,
+        now: i64,
+    ) -> Result<Option<OutboxEntry>, ServiceError> {
+        let Some(client) = &task.client else {
+            return Ok(None);
+        };
+        let url = match &task.notify_url {
+            Some(u) => u.clone(),
+            None => match self
+                .store
+                .get_client(client)
+                .await?
+                .and_then(|c| c.notify_url)
+            {
+                Some(u) => u,
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(OutboxEntry {
+            id: format!("msg_{}", uuid::Uuid::now_v7().simple()),
+            client: client.clone(),
+            url,
+            payload: crate::resource::task_json(task.after(change, now)),
+        }))
     }
 
     /// When a task that just moved to `status` should first be polled.
@@ -346,16 +492,25 @@ impl Relay {
         decide: impl Fn(&Task) -> Result<Transition, ServiceError>,
     ) -> Result<ApplyOutcome, ServiceError> {
         for _ in 0..MAX_CHANGE_ATTEMPTS {
-            let task = self.get(id).await?;
+            let task = self.get_any(id).await?;
             let change = match decide(&task)? {
                 Transition::Ignore(reason) => return Ok(ApplyOutcome::Ignored(reason)),
                 Transition::Apply(change) => change,
             };
             let now = now_ms();
             let poll_due = self.poll_due_after_change(change.status, now);
+            let outbox = self.notification_for(&task, &change, now).await?;
             if self
                 .store
-                .commit_change(id, task.version, &change, source, now, poll_due)
+                .commit_change(&Commit {
+                    id,
+                    expected_version: task.version,
+                    change: &change,
+                    source,
+                    now_ms: now,
+                    poll_due_at_ms: poll_due,
+                    outbox: outbox.as_ref(),
+                })
                 .await?
             {
                 tracing::info!(task_id = %id, source = source.as_str(), status = %change.status, "task status changed");
@@ -365,6 +520,9 @@ impl Relay {
                     }
                     // Units were freed: pending work may fit now.
                     self.dispatch_wake.notify_one();
+                }
+                if outbox.is_some() {
+                    self.notify_wake.notify_one();
                 }
                 self.publish(id);
                 return Ok(ApplyOutcome::Applied(change.status));

@@ -1,0 +1,68 @@
+//! `GET /v1/tasks/{id}/stream`: Server-Sent Events, one `status` event per status change (the
+//! first is the task as it is now), closing after the final one.
+
+use super::error::ApiError;
+use super::AppState;
+use crate::domain::client::Caller;
+use crate::domain::TaskStatus;
+use crate::resource::TaskView;
+use axum::extract::{Path, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::Extension;
+use futures_util::stream::{self, Stream};
+use std::convert::Infallible;
+use std::time::Duration;
+
+struct StreamState {
+    relay: AppState,
+    caller: Caller,
+    id: String,
+    changes: tokio::sync::broadcast::Receiver<String>,
+    last: Option<TaskStatus>,
+    done: bool,
+}
+
+pub async fn stream(
+    State(relay): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    // Subscribe before the first read, so a change in between is not missed.
+    let changes = relay.subscribe();
+    relay.get(&caller, &id).await?;
+    let state = StreamState {
+        relay,
+        caller,
+        id,
+        changes,
+        last: None,
+        done: false,
+    };
+    let events = stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        loop {
+            if st.last.is_some() {
+                st.relay.next_change_of(&mut st.changes, &st.id).await;
+            }
+            let task = match st.relay.get(&st.caller, &st.id).await {
+                Ok(t) => t,
+                // The task vanished or the database failed: end the stream; the client reconnects.
+                Err(_) => return None,
+            };
+            if st.last == Some(task.status) {
+                continue;
+            }
+            st.last = Some(task.status);
+            st.done = task.status.is_final();
+            let event = Event::default()
+                .event("status")
+                .id(task.version.to_string())
+                .json_data(TaskView::from(task))
+                .unwrap_or_else(|_| Event::default().event("error"));
+            return Some((Ok(event), st));
+        }
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}

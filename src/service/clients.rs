@@ -1,0 +1,146 @@
+//! Who is calling: API-key authentication, and client administration for the CLI and
+//! `serve --simulate`.
+
+use super::{now_ms, Relay, ServiceError};
+use crate::domain::client::{
+    api_key_from, hash_api_key, key_prefix, signing_secret_from, validate_client_name, Caller,
+    Client,
+};
+use crate::domain::validation::check_notify_url;
+use crate::storage::{ClientError, Store};
+use std::time::Duration;
+
+/// Name of the stored plaintext key of the `--simulate` demo client (a demo convenience: real
+/// clients' keys are only ever stored hashed).
+const DEMO_KEY_SECRET: &str = "demo_client_api_key";
+pub const DEMO_CLIENT: &str = "demo";
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Relay {
+    /// Resolves the `Authorization: Bearer` key. Without a key: anyone, if authentication is
+    /// off. Every failure is the same 401, saying nothing about which clients exist.
+    pub async fn authenticate(&self, bearer: Option<&str>) -> Result<Caller, ServiceError> {
+        let Some(key) = bearer.map(str::trim).filter(|k| !k.is_empty()) else {
+            return if self.settings.auth.required {
+                Err(ServiceError::Unauthorized)
+            } else {
+                Ok(Caller::Anyone)
+            };
+        };
+        let hash = hash_api_key(key);
+        match self.store.client_by_key_hash(&hash).await? {
+            Some((client, stored)) if constant_time_eq(stored.as_bytes(), hash.as_bytes()) => {
+                if client.is_revoked() {
+                    Err(ServiceError::Unauthorized)
+                } else {
+                    Ok(Caller::Client(client.name))
+                }
+            }
+            _ => Err(ServiceError::Unauthorized),
+        }
+    }
+}
+
+/// A client just created: the key is shown this once.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NewClient {
+    pub name: String,
+    pub api_key: String,
+    pub signing_secret: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+}
+
+pub async fn create_client(
+    store: &Store,
+    name: &str,
+    notify_url: Option<&str>,
+) -> Result<NewClient, AdminError> {
+    validate_client_name(name).map_err(AdminError::Invalid)?;
+    if let Some(u) = notify_url {
+        check_notify_url(u).map_err(|m| AdminError::Invalid(format!("notify URL {m}")))?;
+    }
+    let api_key = api_key_from(rand::random());
+    let signing_secret = signing_secret_from(rand::random());
+    let client = Client {
+        name: name.to_owned(),
+        api_key_prefix: key_prefix(&api_key),
+        signing_secret: signing_secret.clone(),
+        previous_signing_secret: None,
+        previous_secret_expires_at_ms: None,
+        notify_url: notify_url.map(str::to_owned),
+        created_at_ms: now_ms(),
+        revoked_at_ms: None,
+    };
+    store
+        .create_client(&client, &hash_api_key(&api_key))
+        .await?;
+    Ok(NewClient {
+        name: name.to_owned(),
+        api_key,
+        signing_secret,
+    })
+}
+
+/// A new signing secret; the old one keeps signing beside it for `grace`.
+pub async fn rotate_secret(
+    store: &Store,
+    name: &str,
+    grace: Duration,
+) -> Result<String, AdminError> {
+    let secret = signing_secret_from(rand::random());
+    let until = now_ms() + super::ms(grace);
+    store.rotate_secret(name, &secret, until).await?;
+    Ok(secret)
+}
+
+pub async fn set_notify_url(
+    store: &Store,
+    name: &str,
+    url: Option<&str>,
+) -> Result<(), AdminError> {
+    if let Some(u) = url {
+        check_notify_url(u).map_err(|m| AdminError::Invalid(format!("notify URL {m}")))?;
+    }
+    store.set_client_notify_url(name, url).await?;
+    Ok(())
+}
+
+/// The demo client of `serve --simulate`: created on first use, its key kept so every start can
+/// print it. Returns (name, key).
+pub async fn ensure_demo_client(store: &Store) -> Result<(String, String), AdminError> {
+    let candidate = api_key_from(rand::random());
+    let key = store.ensure_secret(DEMO_KEY_SECRET, &candidate).await?;
+    let existing = store.get_client(DEMO_CLIENT).await?;
+    match existing {
+        Some(c) if !c.is_revoked() => Ok((DEMO_CLIENT.to_owned(), key)),
+        Some(_) => Err(AdminError::Invalid(
+            "the demo client was revoked; create a client with `kling-relay clients create`".into(),
+        )),
+        None => {
+            let client = Client {
+                name: DEMO_CLIENT.to_owned(),
+                api_key_prefix: key_prefix(&key),
+                signing_secret: signing_secret_from(rand::random()),
+                previous_signing_secret: None,
+                previous_secret_expires_at_ms: None,
+                notify_url: None,
+                created_at_ms: now_ms(),
+                revoked_at_ms: None,
+            };
+            store.create_client(&client, &hash_api_key(&key)).await?;
+            Ok((DEMO_CLIENT.to_owned(), key))
+        }
+    }
+}

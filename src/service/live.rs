@@ -1,0 +1,57 @@
+//! Waiting for a task to change: long-poll (`?wait=`) and the SSE stream. Status changes wake
+//! waiters in process through the change broadcast; a waiter reads the database only when its
+//! own task changed.
+
+use super::{Relay, ServiceError};
+use crate::domain::client::Caller;
+use crate::domain::{Task, TaskStatus};
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+/// Longest a long-poll may wait.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+impl Relay {
+    /// The task as soon as its status differs from `status_not` (or it is final), else after
+    /// `wait`. Without `status_not`, the status at the time of the call is the one to leave.
+    pub async fn wait_for_change(
+        &self,
+        caller: &Caller,
+        id: &str,
+        status_not: Option<TaskStatus>,
+        wait: Duration,
+    ) -> Result<Task, ServiceError> {
+        let mut changes = self.subscribe();
+        let task = self.get(caller, id).await?;
+        let from = status_not.unwrap_or(task.status);
+        if task.status != from || task.status.is_final() {
+            return Ok(task);
+        }
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        loop {
+            match tokio::time::timeout_at(deadline, self.next_change_of(&mut changes, id)).await {
+                Err(_) => return self.get(caller, id).await,
+                Ok(()) => {
+                    let task = self.get(caller, id).await?;
+                    if task.status != from || task.status.is_final() {
+                        return Ok(task);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Resolves when `id` may have changed (or when the broadcast lagged, so nothing is missed).
+    pub async fn next_change_of(&self, changes: &mut broadcast::Receiver<String>, id: &str) {
+        loop {
+            match changes.recv().await {
+                Ok(changed) if changed == id => return,
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(_)) => return,
+                Err(broadcast::error::RecvError::Closed) => {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+}

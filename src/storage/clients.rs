@@ -1,0 +1,165 @@
+//! Clients: create, look up by key hash, list, revoke, rotate secrets, default notify URL.
+
+use super::{Pool, Result, StorageError, Store};
+use crate::domain::client::Client;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("a client named `{0}` exists or existed; names are never reused")]
+    NameTaken(String),
+    #[error("no client named `{0}`")]
+    Unknown(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl From<sqlx::Error> for ClientError {
+    fn from(e: sqlx::Error) -> Self {
+        ClientError::Storage(e.into())
+    }
+}
+
+const COLUMNS: &str = "name, api_key_prefix, signing_secret, previous_signing_secret, \
+    previous_secret_expires_at, notify_url, created_at, revoked_at";
+
+#[derive(sqlx::FromRow)]
+struct ClientRow {
+    name: String,
+    api_key_prefix: String,
+    signing_secret: String,
+    previous_signing_secret: Option<String>,
+    previous_secret_expires_at: Option<i64>,
+    notify_url: Option<String>,
+    created_at: i64,
+    revoked_at: Option<i64>,
+}
+
+impl From<ClientRow> for Client {
+    fn from(r: ClientRow) -> Self {
+        Client {
+            name: r.name,
+            api_key_prefix: r.api_key_prefix,
+            signing_secret: r.signing_secret,
+            previous_signing_secret: r.previous_signing_secret,
+            previous_secret_expires_at_ms: r.previous_secret_expires_at,
+            notify_url: r.notify_url,
+            created_at_ms: r.created_at,
+            revoked_at_ms: r.revoked_at,
+        }
+    }
+}
+
+impl Store {
+    pub async fn create_client(
+        &self,
+        c: &Client,
+        api_key_hash: &str,
+    ) -> std::result::Result<(), ClientError> {
+        const SQL: &str =
+            "INSERT INTO clients (name, api_key_hash, api_key_prefix, signing_secret, \
+            notify_url, created_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING";
+        let inserted = on_pool!(self, p => {
+            sqlx::query(SQL)
+                .bind(&c.name)
+                .bind(api_key_hash)
+                .bind(&c.api_key_prefix)
+                .bind(&c.signing_secret)
+                .bind(&c.notify_url)
+                .bind(c.created_at_ms)
+                .execute(p)
+                .await?
+                .rows_affected()
+        });
+        if inserted == 0 {
+            return Err(ClientError::NameTaken(c.name.clone()));
+        }
+        Ok(())
+    }
+
+    pub async fn get_client(&self, name: &str) -> Result<Option<Client>> {
+        let sql = format!("SELECT {COLUMNS} FROM clients WHERE name = $1");
+        let row: Option<ClientRow> = on_pool!(self, p => {
+            sqlx::query_as(&sql).bind(name).fetch_optional(p).await?
+        });
+        Ok(row.map(Client::from))
+    }
+
+    /// The client holding the key with this hash, revoked or not.
+    pub async fn client_by_key_hash(&self, hash: &str) -> Result<Option<(Client, String)>> {
+        let sql = format!("SELECT {COLUMNS}, api_key_hash FROM clients WHERE api_key_hash = $1");
+        let found: Option<ClientWithHash> = on_pool!(self, p => {
+            sqlx::query_as(&sql).bind(hash).fetch_optional(p).await?
+        });
+        Ok(found.map(|r| (Client::from(r.client), r.api_key_hash)))
+    }
+
+    pub async fn list_clients(&self) -> Result<Vec<Client>> {
+        let sql = format!("SELECT {COLUMNS} FROM clients ORDER BY name");
+        let rows: Vec<ClientRow> = on_pool!(self, p => {
+            sqlx::query_as(&sql).fetch_all(p).await?
+        });
+        Ok(rows.into_iter().map(Client::from).collect())
+    }
+
+    pub async fn revoke_client(
+        &self,
+        name: &str,
+        now_ms: i64,
+    ) -> std::result::Result<(), ClientError> {
+        const SQL: &str =
+            "UPDATE clients SET revoked_at = COALESCE(revoked_at, $2) WHERE name = $1";
+        on_pool!(self, p => {
+            let done = sqlx::query(SQL).bind(name).bind(now_ms).execute(p).await?.rows_affected();
+            if done == 0 {
+                return Err(ClientError::Unknown(name.to_owned()));
+            }
+            Ok(())
+        })
+    }
+
+    /// Makes `new_secret` current; the old one stays valid until `previous_expires_at_ms`.
+    pub async fn rotate_secret(
+        &self,
+        name: &str,
+        new_secret: &str,
+        previous_expires_at_ms: i64,
+    ) -> std::result::Result<(), ClientError> {
+        const SQL: &str = "UPDATE clients SET previous_signing_secret = signing_secret, \
+            signing_secret = $2, previous_secret_expires_at = $3 WHERE name = $1";
+        on_pool!(self, p => {
+            let done = sqlx::query(SQL)
+                .bind(name)
+                .bind(new_secret)
+                .bind(previous_expires_at_ms)
+                .execute(p)
+                .await?
+                .rows_affected();
+            if done == 0 {
+                return Err(ClientError::Unknown(name.to_owned()));
+            }
+            Ok(())
+        })
+    }
+
+    pub async fn set_client_notify_url(
+        &self,
+        name: &str,
+        url: Option<&str>,
+    ) -> std::result::Result<(), ClientError> {
+        const SQL: &str = "UPDATE clients SET notify_url = $2 WHERE name = $1";
+        on_pool!(self, p => {
+            let done = sqlx::query(SQL).bind(name).bind(url).execute(p).await?.rows_affected();
+            if done == 0 {
+                return Err(ClientError::Unknown(name.to_owned()));
+            }
+            Ok(())
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct ClientWithHash {
+    #[sqlx(flatten)]
+    client: ClientRow,
+    api_key_hash: String,
+}
