@@ -195,6 +195,11 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
     assert_eq!(t.status, TaskStatus::Succeeded);
     assert_eq!(t.upstream_task_id.as_deref(), Some("u-1"));
     assert_eq!(t.completed_at_ms, Some(30));
+    assert_eq!(
+        t.client.as_deref(),
+        Some("c1"),
+        "owner stored with the task"
+    );
     assert_eq!(s.events(&r.id).await.unwrap().len(), 3);
     s.close().await;
 }

@@ -2,6 +2,8 @@
 //! database), an in-process simulator, and the service on a loopback port.
 #![allow(dead_code)]
 
+pub mod receiver;
+
 use kling_relay::config::{Secret, Settings};
 use kling_relay::simulator::{SimConfig, Simulator};
 use serde_json::{json, Value};
@@ -182,6 +184,11 @@ pub fn fast_settings(db_url: &str) -> Settings {
     s.poller.max_interval = Duration::from_secs(1);
     s.poller.tick = Duration::from_millis(50);
     s.poller.not_found_grace = Duration::from_secs(3600);
+    s.notifications.timeout = Duration::from_secs(2);
+    s.notifications.retry_schedule = [0, 100, 200, 300]
+        .into_iter()
+        .map(|ms| Duration::from_millis(ms).into())
+        .collect();
     s
 }
 
@@ -309,6 +316,18 @@ impl TestApp {
                 .is_ok_and(|r| r.status().is_success())
         })
         .await;
+    }
+
+    /// Kills the service abruptly (its task is aborted mid-flight, as a crash would) and starts
+    /// it again on the same address and database.
+    pub async fn crash_and_restart(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.abort();
+            let _ = h.await;
+        }
+        let addr = self.base.trim_start_matches("http://").to_owned();
+        let listener = TcpListener::bind(&addr).await.expect("rebind same address");
+        self.start_on(listener).await;
     }
 
     /// Stops the service (gracefully) and starts it again on the same address and database.
