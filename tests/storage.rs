@@ -117,6 +117,36 @@ async fn every_hot_query_is_served_by_an_index(b: Backend) {
         .await
         .unwrap();
     assert_served_by(b, &plan, "tasks_status_created");
+
+    // A client's history, with and without a status filter.
+    let mine = ListFilter {
+        client: Some("c1".into()),
+        limit: 50,
+        ..ListFilter::default()
+    };
+    let plan = s
+        .explain(&sql::list(&mine), &[text("c1"), int(50)])
+        .await
+        .unwrap();
+    assert_served_by(b, &plan, "tasks_client_created");
+    let mine_failed = ListFilter {
+        statuses: vec![TaskStatus::Failed],
+        before: Some((5, "x".into())),
+        ..mine
+    };
+    let plan = s
+        .explain(
+            &sql::list(&mine_failed),
+            &[text("c1"), text("failed"), int(5), text("x"), int(50)],
+        )
+        .await
+        .unwrap();
+    assert_served_by(b, &plan, "tasks_client_status_created");
+    let plan = s
+        .explain(sql::DUE_DELIVERIES, &[int(1), int(10)])
+        .await
+        .unwrap();
+    assert_served_by(b, &plan, "deliveries_due");
     s.close().await;
 }
 

@@ -101,11 +101,8 @@ pub struct AttemptRecord {
 impl Store {
     /// Deliveries whose next attempt is due, oldest first.
     pub async fn due_deliveries(&self, now_ms: i64, limit: i64) -> Result<Vec<DueDelivery>> {
-        const SQL: &str = "SELECT id, task_id, client, url, payload, attempts FROM deliveries \
-            WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= $1 \
-            ORDER BY next_attempt_at LIMIT $2";
         on_pool!(self, p => {
-            Ok(sqlx::query_as(SQL).bind(now_ms).bind(limit).fetch_all(p).await?)
+            Ok(sqlx::query_as(super::sql::DUE_DELIVERIES).bind(now_ms).bind(limit).fetch_all(p).await?)
         })
     }
 

@@ -820,6 +820,10 @@ pub mod sql {
     /// Units of pending tasks whose create may have landed.
     pub const UNITS_IN_DOUBT: &str = "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM tasks \
         WHERE dispatch_started_at IS NOT NULL AND status = 'pending'";
+    /// Notifications whose next attempt is due, oldest first.
+    pub const DUE_DELIVERIES: &str = "SELECT id, task_id, client, url, payload, attempts \
+        FROM deliveries WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= $1 \
+        ORDER BY next_attempt_at LIMIT $2";
     /// Tasks waiting for dispatch (the backpressure cap).
     pub const PENDING_COUNT: &str = "SELECT COUNT(*) FROM tasks WHERE status = 'pending'";
     /// Open tasks older than a cutoff. The predicate repeats the partial index's so both
