@@ -7,6 +7,7 @@ use crate::simulator::{SimConfig, Simulator};
 use crate::storage::Store;
 use crate::{http, workers};
 use anyhow::Context;
+use std::future::IntoFuture;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -73,21 +74,67 @@ pub async fn run(
             "server.public_url is empty: no callback_url is sent upstream, polling carries every task"
         );
     }
+    let shutdown_timeout = settings.server.shutdown_timeout;
     let relay = Arc::new(Relay::new(store.clone(), Arc::new(settings)).await?);
     let addr = listener.local_addr()?;
     tracing::info!(%addr, database = store.backend(), "kling-relay listening");
 
+    // Workers stop on their own token, after the HTTP side has drained, so requests in flight
+    // (a POST waiting for its dispatch) still find them running.
+    let workers_stop = CancellationToken::new();
     let mut workers = tokio::task::JoinSet::new();
-    workers.spawn(workers::dispatcher::run(relay.clone(), shutdown.clone()));
-    workers.spawn(workers::poller::run(relay.clone(), shutdown.clone()));
-    workers.spawn(workers::notifier::run(relay.clone(), shutdown.clone()));
+    workers.spawn(workers::dispatcher::run(
+        relay.clone(),
+        workers_stop.clone(),
+    ));
+    workers.spawn(workers::poller::run(relay.clone(), workers_stop.clone()));
+    workers.spawn(workers::notifier::run(relay.clone(), workers_stop.clone()));
 
-    let token = shutdown.clone();
-    let served = axum::serve(listener, http::router(relay))
-        .with_graceful_shutdown(async move { token.cancelled().await })
-        .await;
-    shutdown.cancel();
-    while workers.join_next().await.is_some() {}
+    let relay_stop = relay.shutdown.clone();
+    let http_stop = shutdown.clone();
+    let mut server = tokio::spawn(
+        axum::serve(listener, http::router(relay))
+            .with_graceful_shutdown(async move {
+                http_stop.cancelled().await;
+                relay_stop.cancel();
+            })
+            .into_future(),
+    );
+    let served = tokio::select! {
+        r = &mut server => Some(r),
+        _ = shutdown.cancelled() => None,
+    };
+    let deadline = tokio::time::Instant::now() + shutdown_timeout;
+    let served = match served {
+        Some(r) => r,
+        None => {
+            tracing::info!(timeout = ?shutdown_timeout, "stopping: draining requests in flight");
+            match tokio::time::timeout_at(deadline, &mut server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!("requests still running at the shutdown deadline; closing them");
+                    server.abort();
+                    Ok(Ok(()))
+                }
+            }
+        }
+    };
+    workers_stop.cancel();
+    if tokio::time::timeout_at(deadline, async {
+        while workers.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        // A worker still inside an upstream call: abandoning it leaves at most a dispatch in
+        // doubt, which the next start resolves by looking the task up.
+        tracing::warn!("workers did not reach a safe point by the shutdown deadline");
+        workers.abort_all();
+    }
     store.close().await;
-    served.context("HTTP server failed")
+    tracing::info!("stopped");
+    match served {
+        Ok(r) => r.context("HTTP server failed"),
+        Err(e) => Err(anyhow::anyhow!("HTTP server task failed: {e}")),
+    }
 }

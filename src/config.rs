@@ -93,6 +93,10 @@ pub struct ServerSettings {
     pub public_url: String,
     pub webhook_secret: Secret,
     pub max_body_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
 }
 
 #[derive(Clone, Deserialize)]
@@ -292,7 +296,9 @@ impl Settings {
                 ))
             }
         }
-        let positive: [(&'static str, Duration); 9] = [
+        let positive: [(&'static str, Duration); 11] = [
+            ("server.request_timeout", self.server.request_timeout),
+            ("server.shutdown_timeout", self.server.shutdown_timeout),
             ("cometapi.timeout", self.cometapi.timeout),
             ("dispatch.retry_initial", self.dispatch.retry_initial),
             ("dispatch.retry_max", self.dispatch.retry_max),

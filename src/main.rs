@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kling_relay::config::Settings;
+use kling_relay::config::{LogFormat, Settings};
 use kling_relay::simulator::{Failure, Faults, SimConfig, Simulator};
 use kling_relay::{app, telemetry};
 use std::net::SocketAddr;
@@ -32,6 +32,9 @@ enum Command {
         /// Run against a built-in CometAPI simulator (offline; results are simulated).
         #[arg(long)]
         simulate: bool,
+        /// Log format: text or json (overrides log.format).
+        #[arg(long, value_parser = parse_log_format)]
+        log_format: Option<LogFormat>,
     },
     /// Apply database migrations and exit.
     Migrate {
@@ -126,6 +129,14 @@ struct SimulatorArgs {
     query_delay: Duration,
 }
 
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!("`{s}`: expected text or json")),
+    }
+}
+
 fn parse_failure(s: &str) -> Result<Failure, String> {
     serde_json::from_value(serde_json::Value::String(s.to_owned()))
         .map_err(|_| format!("`{s}`: expected http500, http503, http429 or code1303"))
@@ -154,10 +165,17 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { config, simulate } => {
+        Command::Serve {
+            config,
+            simulate,
+            log_format,
+        } => {
             let mut settings = Settings::load(config.as_deref())?;
             if !simulate {
                 settings.require_api_key()?;
+            }
+            if let Some(f) = log_format {
+                settings.log.format = f;
             }
             telemetry::init(settings.log.format, &settings.log.level);
             let listener = tokio::net::TcpListener::bind(settings.server.listen)
@@ -191,7 +209,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             result
         }
         Command::Simulator(a) => {
-            telemetry::init(kling_relay::config::LogFormat::Text, "info");
+            telemetry::init(LogFormat::Text, "info");
             let listener = tokio::net::TcpListener::bind(a.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", a.listen))?;

@@ -44,7 +44,12 @@ pub async fn stream(
         }
         loop {
             if st.last.is_some() {
-                st.relay.next_change_of(&mut st.changes, &st.id).await;
+                let shutdown = st.relay.shutdown.clone();
+                tokio::select! {
+                    _ = st.relay.next_change_of(&mut st.changes, &st.id) => {}
+                    // The service is stopping: end the stream; the client reconnects elsewhere.
+                    _ = shutdown.cancelled() => return None,
+                }
             }
             let task = match st.relay.get(&st.caller, &st.id).await {
                 Ok(t) => t,

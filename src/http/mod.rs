@@ -8,13 +8,15 @@ mod webhooks;
 
 use crate::service::Relay;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, HeaderName, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use error::ApiError;
 use std::sync::Arc;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub type AppState = Arc<Relay>;
@@ -34,12 +36,23 @@ pub fn router(relay: Arc<Relay>) -> Router {
         )
         .route("/v1/status", get(tasks::status))
         .route_layer(middleware::from_fn_with_state(relay.clone(), authenticate));
+    let request_timeout = relay.settings.server.request_timeout;
     Router::new()
         .merge(v1)
         .route("/webhooks/cometapi/{id}", post(webhooks::cometapi))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(body_limit))
+        // Outermost last: the request id exists before the span, the span covers everything,
+        // and bare 408/413 answers pass through the problem+json mapper.
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            request_timeout,
+        ))
+        .layer(middleware::from_fn(problem_for_bare_errors))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
         .layer(
             // Spans name the route template, never the URI: callback URLs carry tokens.
             TraceLayer::new_for_http().make_span_with(|req: &Request| {
@@ -48,10 +61,51 @@ pub fn router(relay: Arc<Relay>) -> Router {
                     .get::<MatchedPath>()
                     .map(|m| m.as_str().to_owned())
                     .unwrap_or_else(|| "unmatched".into());
-                tracing::info_span!("http", method = %req.method(), route = %route)
+                let request_id = req
+                    .headers()
+                    .get(&REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                tracing::info_span!("http", method = %req.method(), route = %route, request_id = %request_id)
             }),
         )
+        .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
         .with_state(relay)
+}
+
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Answers that axum or tower produce on their own (body too large, timeout) become
+/// problem+json like every other error.
+async fn problem_for_bare_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let is_problem = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if is_problem {
+        return resp;
+    }
+    match resp.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(
+            "the request body is larger than server.max_body_bytes".into(),
+        )
+        .into_response(),
+        StatusCode::REQUEST_TIMEOUT => {
+            ApiError::RequestTimeout("the request took longer than server.request_timeout".into())
+                .into_response()
+        }
+        _ => resp,
+    }
+}
+
+/// Ready when the database answers and its migrations are current. Says why not, and nothing
+/// about the configuration.
+async fn readyz(State(relay): State<AppState>) -> Response {
+    match relay.store.readiness().await {
+        Ok(()) => "ready".into_response(),
+        Err(reason) => ApiError::Unavailable(format!("not ready: {reason}")).into_response(),
+    }
 }
 
 /// Every `/v1/` request carries `Authorization: Bearer <key>`; the caller it names is handed to

@@ -29,7 +29,12 @@ impl Relay {
         }
         let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
         loop {
-            match tokio::time::timeout_at(deadline, self.next_change_of(&mut changes, id)).await {
+            let change = tokio::select! {
+                c = tokio::time::timeout_at(deadline, self.next_change_of(&mut changes, id)) => c,
+                // Shutting down: answer now rather than hold the drain.
+                _ = self.shutdown.cancelled() => return self.get(caller, id).await,
+            };
+            match change {
                 Err(_) => return self.get(caller, id).await,
                 Ok(()) => {
                     let task = self.get(caller, id).await?;

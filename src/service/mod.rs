@@ -134,6 +134,8 @@ pub struct Relay {
     pub network_policy: NetworkPolicy,
     /// Per-client submit rate.
     submit_budgets: Mutex<HashMap<String, SubmitBudget>>,
+    /// Fires when the service stops: long-lived answers (long-poll, SSE) end early.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl Relay {
@@ -169,6 +171,7 @@ impl Relay {
             notify_wake: Notify::new(),
             network_policy,
             submit_budgets: Mutex::new(HashMap::new()),
+            shutdown: tokio_util::sync::CancellationToken::new(),
             store,
             admission,
             upstream,

@@ -338,6 +338,35 @@ impl Store {
         Ok(())
     }
 
+    /// Ready to serve: the database answers and every migration this binary knows is applied.
+    pub async fn readiness(&self) -> std::result::Result<(), String> {
+        let (migrator, applied): (&sqlx::migrate::Migrator, Result<Vec<i64>>) = match &self.pool {
+            Pool::Sqlite(p) => (
+                &SQLITE_MIGRATIONS,
+                sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                    .fetch_all(p)
+                    .await
+                    .map_err(Into::into),
+            ),
+            Pool::Postgres(p) => (
+                &POSTGRES_MIGRATIONS,
+                sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                    .fetch_all(p)
+                    .await
+                    .map_err(Into::into),
+            ),
+        };
+        let applied = applied.map_err(|_| "database unreachable".to_owned())?;
+        let missing = migrator
+            .iter()
+            .filter(|m| !applied.contains(&m.version))
+            .count();
+        if missing > 0 {
+            return Err(format!("{missing} migration(s) not applied"));
+        }
+        Ok(())
+    }
+
     pub async fn close(&self) {
         on_pool!(self, p => p.close().await)
     }
