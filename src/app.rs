@@ -90,6 +90,24 @@ pub async fn run(
     workers.spawn(workers::poller::run(relay.clone(), workers_stop.clone()));
     workers.spawn(workers::notifier::run(relay.clone(), workers_stop.clone()));
 
+    crate::telemetry::metrics::handle();
+    if !relay.settings.server.metrics_listen.is_empty() {
+        let addr = relay.settings.server.metrics_listen.clone();
+        let metrics_listener = TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on server.metrics_listen {addr}"))?;
+        tracing::info!(%addr, "metrics on their own listener");
+        let stop = shutdown.clone();
+        let router = http::metrics_router(relay.clone());
+        tokio::spawn(async move {
+            let served = axum::serve(metrics_listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "metrics listener failed");
+            }
+        });
+    }
     let relay_stop = relay.shutdown.clone();
     let http_stop = shutdown.clone();
     let mut server = tokio::spawn(

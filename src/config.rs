@@ -93,6 +93,7 @@ pub struct ServerSettings {
     pub public_url: String,
     pub webhook_secret: Secret,
     pub max_body_bytes: usize,
+    pub metrics_listen: String,
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -337,6 +338,14 @@ impl Settings {
         }
         if self.poller.concurrency == 0 {
             return Err(invalid("poller.concurrency", "must be at least 1"));
+        }
+        if !self.server.metrics_listen.is_empty()
+            && self.server.metrics_listen.parse::<SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "server.metrics_listen",
+                "must be empty or an address such as 127.0.0.1:9100",
+            ));
         }
         if self.limits.client_max_pending < 1 {
             return Err(invalid("limits.client_max_pending", "must be at least 1"));

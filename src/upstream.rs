@@ -114,6 +114,7 @@ impl CometClient {
 
     pub async fn create(&self, req: &CreateRequest<'_>) -> Result<UpstreamReport, UpstreamError> {
         let url = format!("{}{}", self.base_url, CREATE_PATH);
+        let started = std::time::Instant::now();
         let resp = self
             .http
             .post(url)
@@ -121,8 +122,19 @@ impl CometClient {
             .json(&self.create_body(req))
             .send()
             .await;
-        let (status, retry_after, body) = read(resp).await?;
-        classify_create(status, retry_after, &body)
+        let answer = match read(resp).await {
+            Ok((status, retry_after, body)) => classify_create(status, retry_after, &body),
+            Err(e) => Err(e),
+        };
+        record(
+            "create",
+            started,
+            match &answer {
+                Ok(_) => "accepted",
+                Err(e) => error_label(e),
+            },
+        );
+        answer
     }
 
     pub async fn query(&self, task_id: &str) -> Result<Lookup, UpstreamError> {
@@ -132,13 +144,14 @@ impl CometClient {
             CREATE_PATH,
             urlencode_segment(task_id)
         );
-        self.lookup(self.http.get(url)).await
+        self.lookup("query", self.http.get(url)).await
     }
 
     /// Kling's form of the query by `external_task_id`; CometAPI may or may not relay it.
     pub async fn query_by_external_id(&self, external_id: &str) -> Result<Lookup, UpstreamError> {
         let url = format!("{}{}", self.base_url, CREATE_PATH);
         self.lookup(
+            "query_by_external_id",
             self.http
                 .get(url)
                 .query(&[("external_task_id", external_id)]),
@@ -146,11 +159,44 @@ impl CometClient {
         .await
     }
 
-    async fn lookup(&self, req: reqwest::RequestBuilder) -> Result<Lookup, UpstreamError> {
+    async fn lookup(
+        &self,
+        endpoint: &'static str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<Lookup, UpstreamError> {
+        let started = std::time::Instant::now();
         let resp = req.bearer_auth(self.api_key.expose()).send().await;
-        let (status, retry_after, body) = read(resp).await?;
-        classify_query(status, retry_after, &body)
+        let answer = match read(resp).await {
+            Ok((status, retry_after, body)) => classify_query(status, retry_after, &body),
+            Err(e) => Err(e),
+        };
+        record(
+            endpoint,
+            started,
+            match &answer {
+                Ok(Lookup::Found(_)) => "found",
+                Ok(Lookup::NotExist) => "not_exist",
+                Err(e) => error_label(e),
+            },
+        );
+        answer
     }
+}
+
+fn error_label(e: &UpstreamError) -> &'static str {
+    match e {
+        UpstreamError::Retryable { busy: true, .. } => "busy",
+        UpstreamError::Retryable { .. } => "retryable",
+        UpstreamError::Rejected { .. } => "rejected",
+        UpstreamError::DuplicateExternalId { .. } => "duplicate",
+    }
+}
+
+fn record(endpoint: &'static str, started: std::time::Instant, result: &'static str) {
+    metrics::counter!("klr_upstream_requests_total", "endpoint" => endpoint, "result" => result)
+        .increment(1);
+    metrics::histogram!("klr_upstream_request_duration_seconds", "endpoint" => endpoint)
+        .record(started.elapsed().as_secs_f64());
 }
 
 fn urlencode_segment(s: &str) -> String {

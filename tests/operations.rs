@@ -111,7 +111,100 @@ async fn limits_answer_in_problem_json(b: Backend) {
     assert_eq!(r.headers()["content-type"], "application/problem+json");
 }
 
+async fn metrics_cover_the_service_with_low_cardinality_labels(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let rx = common::receiver::Receiver::start().await;
+    app.sim.set_faults(kling_relay::simulator::Faults {
+        drop_callbacks: 0.5,
+        ..Default::default()
+    });
+    let mut body = valid_body();
+    body["notify_url"] = Value::String(rx.url("/hook"));
+    let id = app.submit_ok(&body).await;
+    app.wait_for_status(&id, "succeeded", Duration::from_secs(15))
+        .await;
+    // A rejected callback, for the intake counters.
+    let (status, _) = app
+        .post_callback(
+            &format!("{}/webhooks/cometapi/{id}?token=bad", app.base),
+            &callback("1", "succeed", 1),
+        )
+        .await;
+    assert_eq!(status, 401);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let r = app
+        .anonymous
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "no key needed");
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = r.text().await.unwrap();
+    for series in [
+        r#"klr_http_requests_total{method="POST",route="/v1/tasks",status="202"}"#,
+        r#"klr_http_request_duration_seconds_bucket{method="POST",route="/v1/tasks""#,
+        r#"klr_tasks{status="pending"}"#,
+        r#"klr_task_status_changes_total{status="succeeded""#,
+        r#"klr_webhooks_total{outcome="rejected_token"}"#,
+        r#"klr_upstream_requests_total{endpoint="create",result="accepted"}"#,
+        r#"klr_upstream_request_duration_seconds_bucket{endpoint="create""#,
+        "klr_dispatch_units_in_flight ",
+        "klr_dispatch_working_limit ",
+        "klr_dispatch_pending ",
+        "klr_notification_backlog ",
+        r#"klr_notification_attempts_total{result="delivered"}"#,
+        "# HELP klr_webhooks_total",
+    ] {
+        assert!(text.contains(series), "missing {series} in:\n{text}");
+    }
+    // Route templates, never ids.
+    assert!(text.contains(r#"route="/v1/tasks/{id}""#));
+    assert!(!text.contains(&id), "a task id in a label");
+}
+
+async fn metrics_can_have_their_own_listener(b: Backend) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let app = TestApp::spawn_with(
+        b,
+        Options {
+            settings: Box::new(move |s| s.server.metrics_listen = format!("127.0.0.1:{port}")),
+            ..Options::default()
+        },
+    )
+    .await;
+    let r = app
+        .anonymous
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "not on the main listener");
+    let r = app
+        .anonymous
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("klr_dispatch_working_limit"));
+}
+
 on_both_backends!(
+    metrics_cover_the_service_with_low_cardinality_labels,
+    metrics_can_have_their_own_listener,
     health_and_readiness,
     request_ids_are_returned,
     limits_answer_in_problem_json,

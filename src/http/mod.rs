@@ -37,14 +37,22 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .route("/v1/status", get(tasks::status))
         .route_layer(middleware::from_fn_with_state(relay.clone(), authenticate));
     let request_timeout = relay.settings.server.request_timeout;
+    // /metrics is served here unless it has a listener of its own.
+    let metrics_here = if relay.settings.server.metrics_listen.is_empty() {
+        Router::new().route("/metrics", get(render_metrics))
+    } else {
+        Router::new()
+    };
     Router::new()
         .merge(v1)
         .route("/webhooks/cometapi/{id}", post(webhooks::cometapi))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .merge(metrics_here)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(record_http_metrics))
         // Outermost last: the request id exists before the span, the span covers everything,
         // and bare 408/413 answers pass through the problem+json mapper.
         .layer(TimeoutLayer::with_status_code(
@@ -97,6 +105,57 @@ async fn problem_for_bare_errors(req: Request, next: Next) -> Response {
         }
         _ => resp,
     }
+}
+
+async fn record_http_metrics(req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!("klr_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status).increment(1);
+    metrics::histogram!("klr_http_request_duration_seconds", "method" => method, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// Prometheus text: counters and histograms as recorded, plus gauges read now.
+pub async fn render_metrics(State(relay): State<AppState>) -> Response {
+    let handle = crate::telemetry::metrics::handle();
+    if let Ok(d) = relay.dispatch_status().await {
+        metrics::gauge!("klr_dispatch_units_in_flight").set(d.units_in_flight as f64);
+        metrics::gauge!("klr_dispatch_working_limit").set(d.admission.working_limit as f64);
+        metrics::gauge!("klr_dispatch_max_units").set(d.admission.max_units as f64);
+        metrics::gauge!("klr_dispatch_pending").set(d.pending as f64);
+    }
+    if let Ok(open) = relay.store.open_tasks_by_status().await {
+        for status in ["pending", "submitted", "processing"] {
+            let n = open
+                .iter()
+                .find(|(s, _)| s == status)
+                .map_or(0, |(_, n)| *n);
+            metrics::gauge!("klr_tasks", "status" => status).set(n as f64);
+        }
+    }
+    if let Ok(n) = relay.store.pending_deliveries().await {
+        metrics::gauge!("klr_notification_backlog").set(n as f64);
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response()
+}
+
+/// The metrics endpoint alone, for `server.metrics_listen`.
+pub fn metrics_router(relay: Arc<Relay>) -> Router {
+    Router::new()
+        .route("/metrics", get(render_metrics))
+        .with_state(relay)
 }
 
 /// Ready when the database answers and its migrations are current. Says why not, and nothing

@@ -25,23 +25,37 @@ pub async fn cometapi(
         .find(|(k, _)| k == "token")
         .map(|(_, v)| v.into_owned())
         .unwrap_or_default();
+    let rejected = |reason: &'static str| {
+        metrics::counter!("klr_webhooks_total", "outcome" => format!("rejected_{reason}"))
+            .increment(1);
+    };
     if token.is_empty() || !relay.verify_webhook_token(&id, &token) {
+        rejected("token");
         return Err(ApiError::Unauthorized(
             "missing or invalid callback token".into(),
         ));
     }
-    require_json(&headers)?;
-    let body = parse_json(&body)?;
+    require_json(&headers).inspect_err(|_| rejected("content_type"))?;
+    let body = parse_json(&body).inspect_err(|_| rejected("malformed"))?;
     let report = parse_callback(&body).ok_or_else(|| {
+        rejected("not_a_callback");
         ApiError::bad_request("not a task callback: expected task_id and a known task_status")
     })?;
     let outcome = relay
         .apply_report(&id, EventSource::Webhook, &report)
-        .await?;
+        .await
+        .inspect_err(|e| {
+            rejected(match e {
+                crate::service::ServiceError::Mismatch(_) => "mismatch",
+                crate::service::ServiceError::NotFound => "unknown_task",
+                _ => "error",
+            })
+        })?;
     let (outcome, status) = match outcome {
         ApplyOutcome::Applied(s) => ("applied", Some(s)),
         ApplyOutcome::Ignored(reason) => (reason.as_str(), None),
     };
+    metrics::counter!("klr_webhooks_total", "outcome" => outcome).increment(1);
     tracing::info!(task_id = %id, outcome, "callback received");
     Ok(Json(json!({ "outcome": outcome, "status": status })))
 }

@@ -517,6 +517,7 @@ impl Relay {
                 .await?
             {
                 tracing::info!(task_id = %id, source = source.as_str(), status = %change.status, "task status changed");
+                metrics::counter!("klr_task_status_changes_total", "status" => change.status.as_str(), "source" => source.as_str()).increment(1);
                 if task.status.holds_upstream_units() && change.status.is_final() {
                     if matches!(change.status, TaskStatus::Succeeded | TaskStatus::Failed) {
                         self.admission().on_finished(task.n);

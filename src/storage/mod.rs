@@ -526,6 +526,13 @@ impl Store {
         })
     }
 
+    /// How many tasks are in each open status.
+    pub async fn open_tasks_by_status(&self) -> Result<Vec<(String, i64)>> {
+        on_pool!(self, p => {
+            Ok(sqlx::query_as(sql::OPEN_BY_STATUS).fetch_all(p).await?)
+        })
+    }
+
     /// Tasks waiting for dispatch.
     pub async fn pending_count(&self) -> Result<i64> {
         on_pool!(self, p => {
@@ -853,6 +860,9 @@ pub mod sql {
     pub const DUE_DELIVERIES: &str = "SELECT id, task_id, client, url, payload, attempts \
         FROM deliveries WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= $1 \
         ORDER BY next_attempt_at LIMIT $2";
+    /// Open tasks per status (for metrics); final tasks are not read.
+    pub const OPEN_BY_STATUS: &str = "SELECT status, COUNT(*) FROM tasks \
+        WHERE status IN ('pending', 'submitted', 'processing') GROUP BY status";
     /// Tasks waiting for dispatch (the backpressure cap).
     pub const PENDING_COUNT: &str = "SELECT COUNT(*) FROM tasks WHERE status = 'pending'";
     /// Open tasks older than a cutoff. The predicate repeats the partial index's so both

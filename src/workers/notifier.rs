@@ -198,6 +198,13 @@ impl Notifier {
             },
         };
         tracing::info!(delivery_id = %d.id, task_id = %d.task_id, status = ?record.status_code, next = ?record.next, "notification attempt");
+        let result = match record.next {
+            NextStep::Delivered => "delivered",
+            NextStep::RetryAt(_) => "failed",
+            NextStep::Dead => "dead",
+            NextStep::Disabled => "disabled",
+        };
+        metrics::counter!("klr_notification_attempts_total", "result" => result).increment(1);
         self.relay.store.record_attempt(&d, &record).await?;
         Ok(())
     }

@@ -63,11 +63,21 @@ async fn poll_one(relay: &Relay, c: PollCandidate) -> Result<(), ServiceError> {
         }
     };
     let now = now_ms();
+    let outcome =
+        |o: &'static str| metrics::counter!("klr_polls_total", "outcome" => o).increment(1);
+    match &lookup {
+        Ok(Lookup::NotExist) => outcome("not_exist"),
+        Err(_) => outcome("error"),
+        Ok(Lookup::Found(_)) => {}
+    }
     match lookup {
         Ok(Lookup::Found(report)) => {
             match relay.apply_report(&c.id, EventSource::Poll, &report).await {
-                Ok(ApplyOutcome::Applied(_)) => return Ok(()),
-                Ok(ApplyOutcome::Ignored(_)) => {}
+                Ok(ApplyOutcome::Applied(_)) => {
+                    outcome("changed");
+                    return Ok(());
+                }
+                Ok(ApplyOutcome::Ignored(_)) => outcome("unchanged"),
                 Err(ServiceError::Mismatch(e)) => {
                     tracing::error!(task_id = %c.id, error = %e, "poll answer does not match the task");
                 }
