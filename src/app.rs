@@ -99,7 +99,7 @@ pub async fn run(
         tracing::info!(%addr, "metrics on their own listener");
         let stop = shutdown.clone();
         let router = http::metrics_router(relay.clone());
-        tokio::spawn(async move {
+        workers.spawn(async move {
             let served = axum::serve(metrics_listener, router)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await;
@@ -110,7 +110,9 @@ pub async fn run(
     }
     let relay_stop = relay.shutdown.clone();
     let http_stop = shutdown.clone();
-    let mut server = tokio::spawn(
+    // In a JoinSet, so that if this future is dropped (aborted) the server goes with it.
+    let mut server = tokio::task::JoinSet::new();
+    server.spawn(
         axum::serve(listener, http::router(relay))
             .with_graceful_shutdown(async move {
                 http_stop.cancelled().await;
@@ -119,7 +121,7 @@ pub async fn run(
             .into_future(),
     );
     let served = tokio::select! {
-        r = &mut server => Some(r),
+        r = server.join_next() => r,
         _ = shutdown.cancelled() => None,
     };
     let deadline = tokio::time::Instant::now() + shutdown_timeout;
@@ -127,11 +129,12 @@ pub async fn run(
         Some(r) => r,
         None => {
             tracing::info!(timeout = ?shutdown_timeout, "stopping: draining requests in flight");
-            match tokio::time::timeout_at(deadline, &mut server).await {
-                Ok(r) => r,
+            match tokio::time::timeout_at(deadline, server.join_next()).await {
+                Ok(Some(r)) => r,
+                Ok(None) => Ok(Ok(())),
                 Err(_) => {
                     tracing::warn!("requests still running at the shutdown deadline; closing them");
-                    server.abort();
+                    server.abort_all();
                     Ok(Ok(()))
                 }
             }
