@@ -43,6 +43,13 @@ enum Command {
     },
     /// Run the CometAPI simulator on its own.
     Simulator(SimulatorArgs),
+    /// Submit a task to a running service (local images are sent as Base64).
+    Submit(kling_relay::cli_client::SubmitArgs),
+    /// Read your tasks from a running service.
+    Tasks {
+        #[command(subcommand)]
+        command: kling_relay::cli_client::TasksCommand,
+    },
     /// Manage the internal clients that call the API.
     Clients {
         #[arg(long, global = true)]
@@ -154,17 +161,35 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+    // The client commands have exit codes of their own: 0 ok, 1 task failed, 2 usage/connection.
+    let client = match cli.command {
+        Command::Submit(a) => Some(runtime.block_on(kling_relay::cli_client::submit(a))),
+        Command::Tasks { command } => {
+            Some(runtime.block_on(kling_relay::cli_client::tasks(command)))
         }
+        other => {
+            return match runtime.block_on(run(other)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    };
+    match client {
+        Some(Ok(code)) => ExitCode::from(code),
+        Some(Err(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(kling_relay::cli_client::EXIT_USAGE)
+        }
+        None => ExitCode::SUCCESS,
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Submit(_) | Command::Tasks { .. } => Ok(()),
         Command::Serve {
             config,
             simulate,

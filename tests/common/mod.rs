@@ -352,16 +352,29 @@ impl TestApp {
             h.abort();
             let _ = h.await;
         }
-        let addr = self.base.trim_start_matches("http://").to_owned();
-        let listener = TcpListener::bind(&addr).await.expect("rebind same address");
+        let listener = self.rebind().await;
         self.start_on(listener).await;
+    }
+
+    /// The service's address again; an aborted server's tasks release it a moment later.
+    async fn rebind(&self) -> TcpListener {
+        let addr = self.base.trim_start_matches("http://").to_owned();
+        let start = Instant::now();
+        loop {
+            match TcpListener::bind(&addr).await {
+                Ok(l) => return l,
+                Err(e) if start.elapsed() > Duration::from_secs(5) => {
+                    panic!("cannot rebind {addr}: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
     }
 
     /// Stops the service (gracefully) and starts it again on the same address and database.
     pub async fn restart(&mut self) {
         self.stop().await;
-        let addr = self.base.trim_start_matches("http://").to_owned();
-        let listener = TcpListener::bind(&addr).await.expect("rebind same address");
+        let listener = self.rebind().await;
         self.start_on(listener).await;
     }
 
