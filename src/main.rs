@@ -50,6 +50,11 @@ enum Command {
         #[command(subcommand)]
         command: kling_relay::cli_client::TasksCommand,
     },
+    /// Exit 0 if the service answers /healthz (for container health checks).
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
+        url: String,
+    },
     /// Manage the internal clients that call the API.
     Clients {
         #[arg(long, global = true)]
@@ -190,6 +195,21 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Submit(_) | Command::Tasks { .. } => Ok(()),
+        Command::Healthcheck { url } => {
+            let resp = reqwest::Client::builder()
+                .timeout(Duration::from_secs(3))
+                .build()?
+                .get(&url)
+                .send()
+                .await
+                .with_context(|| format!("{url} does not answer"))?;
+            anyhow::ensure!(
+                resp.status().is_success(),
+                "{url} answered {}",
+                resp.status()
+            );
+            Ok(())
+        }
         Command::Serve {
             config,
             simulate,

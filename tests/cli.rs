@@ -155,4 +155,22 @@ async fn usage_and_connection_errors_exit_2(b: Backend) {
     assert!(String::from_utf8_lossy(&o.stderr).contains("401"));
 }
 
-on_both_backends!(submit_wait_and_download, usage_and_connection_errors_exit_2);
+async fn healthcheck_command_for_containers(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let url = format!("{}/healthz", app.base);
+    let o = tokio::task::block_in_place(|| run(&app, &["healthcheck", "--url", &url]));
+    assert_eq!(o.status.code(), Some(0));
+    let o = tokio::task::block_in_place(|| {
+        run(
+            &app,
+            &["healthcheck", "--url", "http://127.0.0.1:9/healthz"],
+        )
+    });
+    assert_ne!(o.status.code(), Some(0));
+}
+
+on_both_backends!(
+    submit_wait_and_download,
+    usage_and_connection_errors_exit_2,
+    healthcheck_command_for_containers,
+);
