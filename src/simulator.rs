@@ -520,7 +520,8 @@ async fn send_callback(inner: &Arc<Inner>, faults: &Faults, url: Option<String>,
             // Upstream promises no retry, so neither do we: the receiver must cope.
             let sent = inner.http.post(&url).json(&body).send().await;
             if let Err(e) = sent {
-                tracing::debug!(error = %e, "simulator callback failed");
+                // Without the URL: it carries the receiver's callback token.
+                tracing::debug!(error = %e.without_url(), "simulator callback failed");
             }
             lock(&inner.state).stats.callbacks_sent += 1;
         }
