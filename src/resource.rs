@@ -7,6 +7,7 @@ use serde::Serialize;
 use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
+use utoipa::ToSchema;
 
 /// RFC 3339 in UTC from Unix milliseconds.
 pub fn rfc3339(ms: i64) -> String {
@@ -16,22 +17,69 @@ pub fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-#[derive(Serialize)]
+/// A task status, as this service reports it.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)] // only describes the strings TaskStatus serialises to
+pub enum StatusSchema {
+    Pending,
+    Submitted,
+    Processing,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Canceled,
+}
+
+/// A result image; upstream clears these URLs after about 30 days.
+#[derive(Serialize, ToSchema)]
+pub struct ImageView {
+    #[schema(example = 0)]
+    index: u32,
+    #[schema(example = "https://cdn.example/0.png")]
+    url: String,
+}
+
+/// Why a task failed.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorView {
+    /// Upstream's code for a refused create (e.g. `1201`), or `upstream_failed`,
+    /// `task_not_exist`, `timed_out`, `inputs_missing`.
+    #[schema(example = "upstream_failed")]
+    code: String,
+    #[schema(example = "content moderation: the prompt was flagged")]
+    message: String,
+}
+
+/// A task: what was asked and everything learnt since.
+#[derive(Serialize, ToSchema)]
 pub struct TaskView {
+    /// UUIDv7, made by this service.
+    #[schema(example = "01a20ba8-cf40-726e-9ab2-608b4835a844")]
     id: String,
+    #[schema(value_type = StatusSchema)]
     status: TaskStatus,
+    #[schema(example = "878106242831892487")]
     upstream_task_id: Option<String>,
+    #[schema(example = "klr-01a20ba8-cf40-726e-9ab2-608b4835a844")]
     external_task_id: String,
+    #[schema(example = "kling-v2")]
     model_name: String,
     prompt: Option<String>,
+    #[schema(example = 2)]
     n: i64,
+    #[schema(example = "1:1")]
     aspect_ratio: Option<String>,
-    images: Vec<ResultImage>,
-    error: Option<TaskError>,
+    images: Vec<ImageView>,
+    error: Option<ErrorView>,
+    /// The caller's own JSON object, returned as given.
+    #[schema(value_type = Option<Object>)]
     metadata: Option<Value>,
     /// The owning client's name (only ever the caller's own).
     client: Option<String>,
     notify_url: Option<String>,
+    /// RFC 3339, UTC.
+    #[schema(example = "2026-11-24T03:45:42.208Z")]
     created_at: String,
     updated_at: String,
     completed_at: Option<String>,
@@ -51,8 +99,8 @@ impl From<Task> for TaskView {
             prompt: t.prompt,
             n: t.n,
             aspect_ratio: t.aspect_ratio,
-            images: t.images,
-            error: t.error,
+            images: t.images.into_iter().map(ImageView::from).collect(),
+            error: t.error.map(ErrorView::from),
             metadata: t.metadata,
             client: t.client,
             notify_url: t.notify_url,
@@ -60,11 +108,42 @@ impl From<Task> for TaskView {
     }
 }
 
-#[derive(Serialize)]
+impl From<ResultImage> for ImageView {
+    fn from(i: ResultImage) -> Self {
+        ImageView {
+            index: i.index,
+            url: i.url,
+        }
+    }
+}
+
+impl From<TaskError> for ErrorView {
+    fn from(e: TaskError) -> Self {
+        ErrorView {
+            code: e.code,
+            message: e.message,
+        }
+    }
+}
+
+/// A page of tasks, newest first.
+#[derive(Serialize, ToSchema)]
+pub struct TaskPage {
+    pub tasks: Vec<TaskView>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// One entry of a task's timeline.
+#[derive(Serialize, ToSchema)]
 pub struct EventView {
     at: String,
+    /// `api`, `dispatch`, `webhook`, `poll` or `system`.
+    #[schema(example = "webhook")]
     source: String,
+    #[schema(example = "processing")]
     status: String,
+    #[schema(example = "processing")]
     upstream_status: Option<String>,
     detail: Option<String>,
 }
@@ -81,7 +160,12 @@ impl From<TaskEvent> for EventView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+pub struct EventList {
+    pub events: Vec<EventView>,
+}
+
+#[derive(Serialize, ToSchema)]
 pub struct AttemptView {
     at: String,
     status_code: Option<i64>,
@@ -100,11 +184,17 @@ impl From<DeliveryAttempt> for AttemptView {
     }
 }
 
-#[derive(Serialize)]
+/// One notification of a status change to the client.
+#[derive(Serialize, ToSchema)]
 pub struct DeliveryView {
+    /// The Standard Webhooks `webhook-id`, stable across attempts.
+    #[schema(example = "msg_01a20bc5f57876a2b6994633fad7e034")]
     id: String,
+    /// The task status this notification reports.
     event: String,
     url: String,
+    /// `pending`, `delivered`, `dead` or `disabled`.
+    #[schema(example = "delivered")]
     state: String,
     attempts: i64,
     last_status_code: Option<i64>,
@@ -131,6 +221,113 @@ impl From<Delivery> for DeliveryView {
             attempt_log: d.attempt_log.into_iter().map(AttemptView::from).collect(),
         }
     }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DeliveryList {
+    pub deliveries: Vec<DeliveryView>,
+}
+
+/// Upstream concurrency and the dispatch queue.
+#[derive(Serialize, ToSchema)]
+pub struct DispatchView {
+    pub max_concurrency: i64,
+    pub working_limit: i64,
+    pub units_in_flight: i64,
+    pub pending: i64,
+    /// End of a pause after `1303`/429, or null.
+    pub paused_until: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct StatusView {
+    pub dispatch: DispatchView,
+}
+
+/// One Server-Sent Event of `/v1/tasks/{id}/stream`.
+#[derive(ToSchema)]
+#[allow(dead_code)] // describes the stream's events
+pub struct StatusEvent {
+    /// Always `status`.
+    #[schema(example = "status")]
+    event: String,
+    /// The task (a `TaskView`) as JSON text.
+    data: String,
+    /// The task's version: increases with every change.
+    id: Option<String>,
+}
+
+/// What a callback did.
+#[derive(Serialize, ToSchema)]
+pub struct CallbackOutcome {
+    /// `applied`, `duplicate`, `stale` or `already_final`.
+    #[schema(example = "applied")]
+    pub outcome: &'static str,
+    #[schema(value_type = Option<StatusSchema>)]
+    pub status: Option<TaskStatus>,
+}
+
+/// One failing field.
+#[derive(Serialize, ToSchema)]
+pub struct FieldErrorView {
+    #[schema(example = "subject_image_list[1].subject_image")]
+    pub field: String,
+    #[schema(example = "decoded image is larger than 10485760 bytes (10 MB)")]
+    pub message: String,
+}
+
+/// RFC 9457 problem details (`application/problem+json`).
+#[derive(Serialize, ToSchema)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    #[schema(example = "about:blank")]
+    pub kind: String,
+    #[schema(example = "Unprocessable Entity")]
+    pub title: String,
+    #[schema(example = 422)]
+    pub status: u16,
+    pub detail: String,
+    /// Every failing field, for validation errors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<FieldErrorView>>,
+}
+
+/// An image: an http(s) URL, or raw Base64 of a JPEG or PNG (at most 10 MB decoded, no `data:`
+/// prefix).
+#[derive(ToSchema)]
+#[allow(dead_code)] // describes the request body, which is validated field by field
+pub struct SubjectImage {
+    #[schema(example = "https://example.com/a.png")]
+    subject_image: String,
+}
+
+/// A task to create. Unknown fields are refused by name.
+#[derive(ToSchema)]
+#[schema(example = json!({"subject_image_list": [{"subject_image": "https://example.com/a.png"}, {"subject_image": "https://example.com/b.png"}], "prompt": "two cats at a tea party", "n": 2, "aspect_ratio": "1:1"}))]
+#[allow(dead_code)]
+pub struct TaskRequest {
+    /// 2 to 4 subject images.
+    #[schema(min_items = 2, max_items = 4)]
+    subject_image_list: Vec<SubjectImage>,
+    /// At most 2500 characters.
+    #[schema(max_length = 2500)]
+    prompt: Option<String>,
+    /// Sent upstream under `cometapi.scene_image_field`; `scence_image` is accepted too.
+    scene_image: Option<String>,
+    style_image: Option<String>,
+    /// Number of images, 1 to 9.
+    #[schema(minimum = 1, maximum = 9, default = 1)]
+    n: Option<u8>,
+    /// One of 16:9, 9:16, 1:1, 4:3, 3:4, 3:2, 2:3, 21:9.
+    #[schema(example = "1:1")]
+    aspect_ratio: Option<String>,
+    #[schema(default = "kling-v2")]
+    model_name: Option<String>,
+    /// Any JSON object of at most 4 KiB, returned as given.
+    #[schema(value_type = Option<Object>)]
+    metadata: Option<Value>,
+    /// Where to POST the task on every status change (Standard Webhooks signed).
+    notify_url: Option<String>,
 }
 
 /// The task resource as JSON text (the body of a notification).

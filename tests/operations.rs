@@ -202,7 +202,112 @@ async fn metrics_can_have_their_own_listener(b: Backend) {
         .contains("klr_dispatch_working_limit"));
 }
 
+async fn openapi_document_and_docs_describe_every_route(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let r = app
+        .anonymous
+        .get(format!("{}/openapi.json", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let doc: Value = r.json().await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let expected = [
+        ("post", "/v1/tasks"),
+        ("get", "/v1/tasks"),
+        ("get", "/v1/tasks/{id}"),
+        ("get", "/v1/tasks/{id}/events"),
+        ("post", "/v1/tasks/{id}/cancel"),
+        ("get", "/v1/tasks/{id}/stream"),
+        ("get", "/v1/tasks/{id}/deliveries"),
+        ("post", "/v1/tasks/{id}/deliveries/{delivery_id}/retry"),
+        ("get", "/v1/status"),
+        ("post", "/webhooks/cometapi/{id}"),
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+        ("get", "/metrics"),
+        ("get", "/openapi.json"),
+        ("get", "/docs"),
+    ];
+    let documented: usize = doc["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|item| item.as_object().unwrap().len())
+        .sum();
+    assert_eq!(documented, expected.len(), "no route more, no route less");
+    for (method, path) in expected {
+        let op = &doc["paths"][path][method];
+        assert!(op.is_object(), "{method} {path} undocumented");
+        assert!(op["responses"].as_object().unwrap().len() >= 1);
+        if path.starts_with("/v1/") {
+            assert_eq!(
+                op["security"][0]["api_key"],
+                serde_json::json!([]),
+                "{path} secured"
+            );
+            assert!(op["responses"]["401"].is_object(), "{path} documents 401");
+        }
+        // The documented route exists: whatever it answers, it is not "no such route".
+        let url = format!(
+            "{}{}",
+            app.base,
+            path.replace("{id}", "01a20bc5-f578-76a2-b699-4633fad7e034")
+                .replace("{delivery_id}", "msg_x")
+        );
+        let req = if method == "post" {
+            app.http.post(&url)
+        } else {
+            app.http.get(&url)
+        };
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = if path.ends_with("/stream") {
+            String::new()
+        } else {
+            resp.text().await.unwrap_or_default()
+        };
+        assert!(
+            status != 405 && !text.contains("no such route"),
+            "{method} {path}: {status} {text}"
+        );
+    }
+    assert_eq!(
+        doc["components"]["securitySchemes"]["api_key"]["scheme"],
+        "bearer"
+    );
+    for schema in [
+        "TaskView",
+        "TaskRequest",
+        "Problem",
+        "TaskPage",
+        "DeliveryView",
+    ] {
+        assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
+    }
+    let html = app
+        .anonymous
+        .get(format!("{}/docs", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.starts_with("<!doctype html>"));
+    for path in [
+        "/v1/tasks/{id}/deliveries",
+        "/webhooks/cometapi/{id}",
+        "schema-TaskView",
+    ] {
+        assert!(html.contains(path), "/docs lacks {path}");
+    }
+    assert!(!html.contains("<script"), "no script needed");
+}
+
 on_both_backends!(
+    openapi_document_and_docs_describe_every_route,
     metrics_cover_the_service_with_low_cardinality_labels,
     metrics_can_have_their_own_listener,
     health_and_readiness,

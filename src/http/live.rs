@@ -22,6 +22,15 @@ struct StreamState {
     done: bool,
 }
 
+/// Server-Sent Events: a `status` event (data: the task) now and at every change, closing after
+/// the final one.
+#[utoipa::path(get, path = "/v1/tasks/{id}/stream", tag = "tasks",
+    params(("id" = String, Path, description = "Task id")),
+    responses(
+        (status = 200, description = "An event stream; each `status` event's data is the task", body = crate::resource::StatusEvent, content_type = "text/event-stream"),
+        (status = 404, description = "No such task", body = crate::resource::Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
 pub async fn stream(
     State(relay): State<AppState>,
     Extension(caller): Extension<Caller>,

@@ -3,6 +3,7 @@
 
 pub mod error;
 mod live;
+pub mod openapi;
 mod tasks;
 mod webhooks;
 
@@ -39,15 +40,17 @@ pub fn router(relay: Arc<Relay>) -> Router {
     let request_timeout = relay.settings.server.request_timeout;
     // /metrics is served here unless it has a listener of its own.
     let metrics_here = if relay.settings.server.metrics_listen.is_empty() {
-        Router::new().route("/metrics", get(render_metrics))
+        Router::new().route("/metrics", get(openapi::metrics))
     } else {
         Router::new()
     };
     Router::new()
         .merge(v1)
         .route("/webhooks/cometapi/{id}", post(webhooks::cometapi))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
+        .route("/healthz", get(openapi::healthz))
+        .route("/readyz", get(openapi::readyz))
+        .route("/openapi.json", get(openapi::openapi_json))
+        .route("/docs", get(openapi::docs))
         .merge(metrics_here)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -160,7 +163,7 @@ pub fn metrics_router(relay: Arc<Relay>) -> Router {
 
 /// Ready when the database answers and its migrations are current. Says why not, and nothing
 /// about the configuration.
-async fn readyz(State(relay): State<AppState>) -> Response {
+pub(crate) async fn readyz(State(relay): State<AppState>) -> Response {
     match relay.store.readiness().await {
         Ok(()) => "ready".into_response(),
         Err(reason) => ApiError::Unavailable(format!("not ready: {reason}")).into_response(),

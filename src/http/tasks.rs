@@ -4,7 +4,10 @@ use super::error::ApiError;
 use super::{parse_json, require_json, AppState};
 use crate::domain::client::Caller;
 use crate::domain::TaskStatus;
-use crate::resource::{rfc3339, DeliveryView, EventView, TaskView};
+use crate::resource::{
+    rfc3339, DeliveryList, DeliveryView, DispatchView, EventList, EventView, Problem, StatusSchema,
+    StatusView, TaskPage, TaskRequest, TaskView,
+};
 use crate::service::live::MAX_WAIT;
 use crate::storage::ListFilter;
 use axum::body::Bytes;
@@ -14,8 +17,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
 use base64::Engine;
-use serde::Serialize;
-use serde_json::Value;
 use std::time::Duration;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -44,6 +45,22 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
 }
 
+/// Create a task.
+///
+/// The task is stored before anything is sent upstream; the answer comes after at most
+/// `dispatch.wait`, usually already `submitted`.
+#[utoipa::path(post, path = "/v1/tasks", tag = "tasks",
+    params(("Idempotency-Key" = Option<String>, Header, description = "The same key and body within 24 h return the first task (200)")),
+    request_body(content = TaskRequest, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Accepted and stored", body = TaskView),
+        (status = 200, description = "An earlier task with this Idempotency-Key", body = TaskView),
+        (status = 400, description = "Not JSON, or a bad Idempotency-Key", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not declared as JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Every failing field, or a reused Idempotency-Key with another body", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many tasks waiting, or too many submits", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
 pub async fn submit(
     State(relay): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -68,6 +85,15 @@ pub async fn submit(
         .into_response())
 }
 
+/// Cancel a task that has not been sent upstream.
+#[utoipa::path(post, path = "/v1/tasks/{id}/cancel", tag = "tasks",
+    params(("id" = String, Path, description = "Task id")),
+    responses(
+        (status = 200, description = "Canceled (or already canceled)", body = TaskView),
+        (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already sent upstream, or already final", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
 pub async fn cancel(
     State(relay): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -76,20 +102,36 @@ pub async fn cancel(
     Ok(Json(relay.cancel(&caller, &id).await?.into()))
 }
 
+/// The task's notifications, with their attempts.
+#[utoipa::path(get, path = "/v1/tasks/{id}/deliveries", tag = "notifications",
+    params(("id" = String, Path, description = "Task id")),
+    responses(
+        (status = 200, description = "Deliveries, oldest first", body = DeliveryList),
+        (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
 pub async fn deliveries(
     State(relay): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DeliveryList>, ApiError> {
     let list: Vec<DeliveryView> = relay
         .deliveries(&caller, &id)
         .await?
         .into_iter()
         .map(DeliveryView::from)
         .collect();
-    Ok(Json(serde_json::json!({ "deliveries": list })))
+    Ok(Json(DeliveryList { deliveries: list }))
 }
 
+/// Send one notification again, under its original `webhook-id`.
+#[utoipa::path(post, path = "/v1/tasks/{id}/deliveries/{delivery_id}/retry", tag = "notifications",
+    params(("id" = String, Path, description = "Task id"), ("delivery_id" = String, Path, description = "Delivery id (the webhook-id)")),
+    responses(
+        (status = 202, description = "Queued for delivery", body = DeliveryView),
+        (status = 404, description = "No such task or delivery", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
 pub async fn retry_delivery(
     State(relay): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -99,22 +141,37 @@ pub async fn retry_delivery(
     Ok((StatusCode::ACCEPTED, Json(DeliveryView::from(d))).into_response())
 }
 
-pub async fn status(State(relay): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// Upstream concurrency and the dispatch queue.
+#[utoipa::path(get, path = "/v1/status", tag = "operations",
+    responses((status = 200, description = "Dispatch state", body = StatusView)),
+    security(("api_key" = [])))]
+pub async fn status(State(relay): State<AppState>) -> Result<Json<StatusView>, ApiError> {
     let d = relay.dispatch_status().await?;
-    Ok(Json(serde_json::json!({
-        "dispatch": {
-            "max_concurrency": d.admission.max_units,
-            "working_limit": d.admission.working_limit,
-            "units_in_flight": d.units_in_flight,
-            "pending": d.pending,
-            "paused_until": (d.admission.paused_until_ms > crate::service::now_ms())
+    Ok(Json(StatusView {
+        dispatch: DispatchView {
+            max_concurrency: d.admission.max_units,
+            working_limit: d.admission.working_limit,
+            units_in_flight: d.units_in_flight,
+            pending: d.pending,
+            paused_until: (d.admission.paused_until_ms > crate::service::now_ms())
                 .then(|| rfc3339(d.admission.paused_until_ms)),
-        }
-    })))
+        },
+    }))
 }
 
-/// `GET /v1/tasks/{id}`, optionally long-polling: `?wait=SECONDS` (0 to 60) answers as soon as
-/// the status differs from `status_not` (default: the current status) or the task is final.
+/// Get a task, optionally waiting for it to change (long-poll).
+#[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks",
+    params(
+        ("id" = String, Path, description = "Task id"),
+        ("wait" = Option<u32>, Query, minimum = 0, maximum = 60, description = "Seconds to wait for a change"),
+        ("status_not" = Option<StatusSchema>, Query, description = "Answer once the status differs from this (default: the current status)"),
+    ),
+    responses(
+        (status = 200, description = "The task", body = TaskView),
+        (status = 400, description = "Bad query parameters", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
 pub async fn get(
     State(relay): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -153,26 +210,42 @@ pub async fn get(
     Ok(Json(task.into()))
 }
 
+/// The task's timeline, oldest first.
+#[utoipa::path(get, path = "/v1/tasks/{id}/events", tag = "tasks",
+    params(("id" = String, Path, description = "Task id")),
+    responses(
+        (status = 200, description = "Events", body = EventList),
+        (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
 pub async fn events(
     State(relay): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<EventList>, ApiError> {
     let events: Vec<EventView> = relay
         .events(&caller, &id)
         .await?
         .into_iter()
         .map(EventView::from)
         .collect();
-    Ok(Json(serde_json::json!({ "events": events })))
+    Ok(Json(EventList { events }))
 }
 
-#[derive(Serialize)]
-pub struct TaskPage {
-    tasks: Vec<TaskView>,
-    next_cursor: Option<String>,
-}
-
+/// List your tasks, newest first, with keyset paging.
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks",
+    params(
+        ("status" = Option<Vec<StatusSchema>>, Query, explode = true, description = "Only these statuses (repeat, or comma-separate)"),
+        ("created_after" = Option<String>, Query, description = "RFC 3339 time, inclusive"),
+        ("created_before" = Option<String>, Query, description = "RFC 3339 time, exclusive"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size, default 50"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of tasks", body = TaskPage),
+        (status = 400, description = "Bad query parameters", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])))]
 pub async fn list(
     State(relay): State<AppState>,
     Extension(caller): Extension<Caller>,

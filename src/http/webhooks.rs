@@ -6,21 +6,33 @@
 use super::error::ApiError;
 use super::{parse_json, require_json, AppState};
 use crate::domain::EventSource;
+use crate::resource::{CallbackOutcome, Problem};
 use crate::service::ApplyOutcome;
 use crate::upstream::parse_callback;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::Json;
-use serde_json::{json, Value};
 
+/// CometAPI's callback for one task (the `callback_url` sent with the create call).
+#[utoipa::path(post, path = "/webhooks/cometapi/{id}", tag = "webhooks",
+    params(("id" = String, Path, description = "Task id"), ("token" = Option<String>, Query, description = "The task's callback token")),
+    request_body(content = Object, content_type = "application/json", description = "The task object, bare or in the {code, message, data} envelope"),
+    responses(
+        (status = 200, description = "Committed (or changed nothing)", body = CallbackOutcome),
+        (status = 400, description = "Not JSON, or not a task callback", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or wrong token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The payload belongs to another task", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not declared as JSON", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub async fn cometapi(
     State(relay): State<AppState>,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CallbackOutcome>, ApiError> {
     let token = url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
         .find(|(k, _)| k == "token")
         .map(|(_, v)| v.into_owned())
@@ -57,5 +69,5 @@ pub async fn cometapi(
     };
     metrics::counter!("klr_webhooks_total", "outcome" => outcome).increment(1);
     tracing::info!(task_id = %id, outcome, "callback received");
-    Ok(Json(json!({ "outcome": outcome, "status": status })))
+    Ok(Json(CallbackOutcome { outcome, status }))
 }
