@@ -102,6 +102,8 @@ pub struct SimStats {
     pub busy_answers: u64,
     /// Highest `units_in_use` seen.
     pub peak_units_in_use: i64,
+    /// The `x-request-id` of the last create call, if it had one.
+    pub last_create_request_id: Option<String>,
     pub callbacks_sent: u64,
     pub units_in_use: i64,
 }
@@ -343,7 +345,14 @@ fn task_json(t: &SimTask, base_url: &str) -> Value {
 }
 
 async fn create(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: String) -> Response {
-    lock(&inner.state).stats.create_calls += 1;
+    {
+        let mut st = lock(&inner.state);
+        st.stats.create_calls += 1;
+        st.stats.last_create_request_id = headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+    }
     if !authorized(&inner, &headers) {
         return unauthorized();
     }

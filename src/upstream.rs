@@ -48,6 +48,8 @@ pub struct CreateRequest<'a> {
     pub inputs: &'a TaskInputs,
     pub callback_url: Option<String>,
     pub external_task_id: &'a str,
+    /// Sent as `x-request-id`, so one id follows the task across both services.
+    pub request_id: Option<&'a str>,
 }
 
 #[derive(Clone)]
@@ -115,13 +117,15 @@ impl CometClient {
     pub async fn create(&self, req: &CreateRequest<'_>) -> Result<UpstreamReport, UpstreamError> {
         let url = format!("{}{}", self.base_url, CREATE_PATH);
         let started = std::time::Instant::now();
-        let resp = self
+        let mut call = self
             .http
             .post(url)
             .bearer_auth(self.api_key.expose())
-            .json(&self.create_body(req))
-            .send()
-            .await;
+            .json(&self.create_body(req));
+        if let Some(id) = req.request_id {
+            call = call.header("x-request-id", id);
+        }
+        let resp = call.send().await;
         let answer = match read(resp).await {
             Ok((status, retry_after, body)) => classify_create(status, retry_after, &body),
             Err(e) => Err(e),

@@ -69,6 +69,21 @@ async fn request_ids_are_returned(b: Backend) {
         "trace-me-42",
         "kept when given"
     );
+    // The submit's request id travels upstream with the create call.
+    let r = app
+        .http
+        .post(format!("{}/v1/tasks", app.base))
+        .header("x-request-id", "submit-77")
+        .json(&valid_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.headers()["x-request-id"], "submit-77");
+    assert_eq!(
+        app.sim.stats().last_create_request_id.as_deref(),
+        Some("submit-77")
+    );
 }
 
 async fn limits_answer_in_problem_json(b: Backend) {

@@ -38,6 +38,7 @@ fn record(i: i64) -> NewTaskRecord {
         created_at_ms: 1_700_000_000_000 + i,
         client: Some("c1".into()),
         notify_url: None,
+        request_id: None,
     }
 }
 

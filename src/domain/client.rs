@@ -4,7 +4,7 @@ use base64::Engine;
 use sha2::{Digest, Sha256};
 
 /// A client of the relay, as stored (its API key only as a hash).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Client {
     pub name: String,
     pub api_key_prefix: String,
@@ -14,6 +14,19 @@ pub struct Client {
     pub notify_url: Option<String>,
     pub created_at_ms: i64,
     pub revoked_at_ms: Option<i64>,
+}
+
+impl std::fmt::Debug for Client {
+    // Signing secrets never print.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("name", &self.name)
+            .field("api_key_prefix", &self.api_key_prefix)
+            .field("signing_secret", &"[redacted]")
+            .field("notify_url", &self.notify_url)
+            .field("revoked_at_ms", &self.revoked_at_ms)
+            .finish()
+    }
 }
 
 impl Client {
@@ -192,5 +205,8 @@ mod tests {
         };
         assert_eq!(c.signing_secrets(99), vec!["new", "old"]);
         assert_eq!(c.signing_secrets(100), vec!["new"]);
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("new") && !shown.contains("old"), "{shown}");
+        assert!(shown.contains("[redacted]"));
     }
 }

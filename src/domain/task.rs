@@ -404,6 +404,8 @@ pub struct Task {
     pub client: Option<String>,
     /// Where status changes are notified, if the task names a destination of its own.
     pub notify_url: Option<String>,
+    /// The request id of the submit, carried upstream with the create call.
+    pub request_id: Option<String>,
 }
 
 impl Task {

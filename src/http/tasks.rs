@@ -70,7 +70,12 @@ pub async fn submit(
     require_json(&headers)?;
     let key = idempotency_key(&headers)?;
     let body = parse_json(&body)?;
-    let submitted = relay.submit(&caller, &body, key.as_deref()).await?;
+    let request_id = headers
+        .get(&super::REQUEST_ID)
+        .and_then(|v| v.to_str().ok());
+    let submitted = relay
+        .submit(&caller, &body, key.as_deref(), request_id)
+        .await?;
     let location = format!("/v1/tasks/{}", submitted.task.id);
     let status = if submitted.created {
         StatusCode::ACCEPTED

@@ -45,11 +45,21 @@ impl Relay {
 }
 
 /// A client just created: the key is shown this once.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Clone, serde::Serialize)]
 pub struct NewClient {
     pub name: String,
     pub api_key: String,
     pub signing_secret: String,
+}
+
+impl std::fmt::Debug for NewClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewClient")
+            .field("name", &self.name)
+            .field("api_key", &"[redacted]")
+            .field("signing_secret", &"[redacted]")
+            .finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

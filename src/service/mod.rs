@@ -267,6 +267,7 @@ impl Relay {
         caller: &Caller,
         body: &serde_json::Value,
         idempotency_key: Option<&str>,
+        request_id: Option<&str>,
     ) -> Result<Submitted, ServiceError> {
         let req = validate_new_task(body, Rules::API).map_err(ServiceError::Invalid)?;
         if let Some(url) = &req.notify_url {
@@ -298,6 +299,7 @@ impl Relay {
             created_at_ms: now,
             client: caller.scope().map(str::to_owned),
             notify_url: req.notify_url,
+            request_id: request_id.map(str::to_owned),
         };
         let claim = idempotency_key.map(|key| IdempotencyClaim {
             // Keys are the caller's own: two clients may use the same key.

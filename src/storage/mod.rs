@@ -64,7 +64,7 @@ pub use deliveries::{
 const TASK_COLUMNS: &str = "id, external_task_id, upstream_task_id, status, upstream_status, \
     model_name, prompt, n, aspect_ratio, metadata, images, error_code, error_message, created_at, \
     updated_at, completed_at, upstream_updated_at, version, dispatch_attempts, dispatch_started_at, \
-    poll_count, client, notify_url";
+    poll_count, client, notify_url, request_id";
 
 #[derive(sqlx::FromRow)]
 struct TaskRow {
@@ -91,6 +91,7 @@ struct TaskRow {
     poll_count: i64,
     client: Option<String>,
     notify_url: Option<String>,
+    request_id: Option<String>,
 }
 
 impl TryFrom<TaskRow> for Task {
@@ -138,6 +139,7 @@ impl TryFrom<TaskRow> for Task {
             poll_count: r.poll_count,
             client: r.client,
             notify_url: r.notify_url,
+            request_id: r.request_id,
         })
     }
 }
@@ -172,6 +174,7 @@ pub struct NewTaskRecord {
     pub created_at_ms: i64,
     pub client: Option<String>,
     pub notify_url: Option<String>,
+    pub request_id: Option<String>,
 }
 
 /// Limits checked atomically with the insert.
@@ -395,8 +398,9 @@ impl Store {
     ) -> Result<InsertOutcome> {
         const TASK: &str =
             "INSERT INTO tasks (id, external_task_id, status, model_name, prompt, n, \
-            aspect_ratio, metadata, created_at, updated_at, next_dispatch_at, client, notify_url) \
-            SELECT $1, $2, 'pending', $3, $4, $5, $6, $7, $8, $8, $8, $10, $11 \
+            aspect_ratio, metadata, created_at, updated_at, next_dispatch_at, client, notify_url, \
+            request_id) \
+            SELECT $1, $2, 'pending', $3, $4, $5, $6, $7, $8, $8, $8, $10, $11, $13 \
             WHERE (SELECT COUNT(*) FROM tasks WHERE status = 'pending') < $9 \
             AND (SELECT COUNT(*) FROM tasks WHERE client = $10 AND status = 'pending') < $12";
         const INPUTS: &str =
@@ -454,6 +458,7 @@ impl Store {
                 .bind(&t.client)
                 .bind(&t.notify_url)
                 .bind(caps.per_client)
+                .bind(&t.request_id)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();

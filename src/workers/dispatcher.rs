@@ -132,6 +132,7 @@ async fn dispatch_one(relay: &Relay, id: &str) -> Result<(), ServiceError> {
         inputs: &inputs,
         callback_url: relay.callback_url(id),
         external_task_id: &task.external_task_id,
+        request_id: task.request_id.as_deref(),
     };
     match relay.upstream.create(&request).await {
         Ok(report) => {
