@@ -53,6 +53,7 @@ macro_rules! on_pool {
     };
 }
 
+mod bench;
 mod clients;
 mod deliveries;
 

@@ -1,0 +1,73 @@
+//! Statements used only by `kling-relay-bench`: the storage limit it measures against, and bulk
+//! seeding. Kept here so all SQL lives in the storage module.
+
+use super::{Pool, Result, Store};
+
+impl Store {
+    /// One single-row update transaction: the storage limit of webhook intake.
+    #[doc(hidden)]
+    pub async fn bench_update_one(&self, id: &str, at: i64) -> Result<()> {
+        const SQL: &str = "UPDATE tasks SET updated_at = $2 WHERE id = $1";
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            sqlx::query(SQL).bind(id).bind(at).execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Inserts `n` final tasks of `client` (80% succeeded, 20% failed) with ids from `id_of` and
+    /// `created_at` 1_700_000_000_000 + i, in multi-row statements.
+    #[doc(hidden)]
+    pub async fn bench_bulk_insert(
+        &self,
+        n: usize,
+        client: &str,
+        id_of: fn(usize) -> String,
+    ) -> Result<()> {
+        const ROWS: usize = 500;
+        let mut start = 0;
+        while start < n {
+            let end = (start + ROWS).min(n);
+            let mut sql = String::from(
+                "INSERT INTO tasks (id, external_task_id, status, model_name, prompt, n, \
+                 created_at, updated_at, completed_at, client, images) VALUES ",
+            );
+            let mut k = 0;
+            for i in start..end {
+                if i > start {
+                    sql.push(',');
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, 'kling-v2', ${}, 2, ${}, ${}, ${}, ${}, '[]')",
+                    k + 1,
+                    k + 2,
+                    k + 3,
+                    k + 4,
+                    k + 5,
+                    k + 5,
+                    k + 5,
+                    k + 6
+                ));
+                k += 6;
+            }
+            on_pool!(self, p => {
+                let mut q = sqlx::query(&sql);
+                for i in start..end {
+                    let id = id_of(i);
+                    let status = if i % 5 == 0 { "failed" } else { "succeeded" };
+                    q = q
+                        .bind(format!("klr-{id}"))
+                        .bind(id)
+                        .bind(status)
+                        .bind(format!("bench task {i}"))
+                        .bind(1_700_000_000_000i64 + i as i64)
+                        .bind(client.to_owned());
+                }
+                q.execute(p).await?;
+            });
+            start = end;
+        }
+        Ok(())
+    }
+}
