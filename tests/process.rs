@@ -368,6 +368,38 @@ async fn simulator_cli_serves_the_upstream_with_fault_switches() {
     let _ = child.wait();
 }
 
+/// A simulator with short delays and room for everything.
+async fn start_sim() -> Simulator {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Simulator::start(
+        SimConfig {
+            processing_after: Duration::from_millis(200),
+            finish_after: Duration::from_millis(400),
+            concurrency_units: 10_000,
+            ..SimConfig::default()
+        },
+        listener,
+    )
+    .await
+    .unwrap()
+}
+
+/// Creates a client with `kling-relay clients create --json` and returns an HTTP client that
+/// sends its key.
+fn client_from_cli(db: &TestDb) -> reqwest::Client {
+    let out = command(&["clients", "create", "tester", "--json"])
+        .env("KLING_RELAY_DATABASE__URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let created: Value = serde_json::from_slice(&out.stdout).expect("clients create --json");
+    client_with_key(created["api_key"].as_str().unwrap())
+}
+
 fn service_env(listen: &str, db: &str, sim: &Simulator) -> Vec<(String, String)> {
     [
         ("KLING_RELAY_SERVER__LISTEN", listen.to_owned()),
@@ -394,32 +426,11 @@ fn service_env(listen: &str, db: &str, sim: &Simulator) -> Vec<(String, String)>
 /// restart; every stored task runs upstream exactly once.
 async fn kill_dash_nine_at_any_moment_loses_nothing(b: Backend) {
     let db = TestDb::new(b).await;
-    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim = Simulator::start(
-        SimConfig {
-            processing_after: Duration::from_millis(200),
-            finish_after: Duration::from_millis(400),
-            concurrency_units: 10_000,
-            ..SimConfig::default()
-        },
-        sim_listener,
-    )
-    .await
-    .unwrap();
+    let sim = start_sim().await;
     let dir = tempfile::tempdir().unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
     let env = service_env(&listen, &db.url, &sim);
-    let out = command(&["clients", "create", "tester", "--json"])
-        .env("KLING_RELAY_DATABASE__URL", &db.url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let created: Value = serde_json::from_slice(&out.stdout).expect("clients create --json");
-    let http = client_with_key(created["api_key"].as_str().unwrap());
+    let http = client_from_cli(&db);
     let mut accepted: Vec<String> = Vec::new();
 
     // Kill at many moments: mid-POST, mid-dispatch (slow create answers), mid-processing.
@@ -510,18 +521,7 @@ async fn kill_dash_nine_at_any_moment_loses_nothing(b: Backend) {
 /// exits 0 within the deadline; nothing acknowledged is lost and nothing is left half-dispatched.
 async fn sigterm_under_load_loses_nothing(b: Backend) {
     let db = TestDb::new(b).await;
-    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim = Simulator::start(
-        SimConfig {
-            processing_after: Duration::from_millis(200),
-            finish_after: Duration::from_millis(400),
-            concurrency_units: 10_000,
-            ..SimConfig::default()
-        },
-        sim_listener,
-    )
-    .await
-    .unwrap();
+    let sim = start_sim().await;
     sim.set_faults(Faults {
         create_delay_ms: 50,
         ..Faults::default()
@@ -532,12 +532,7 @@ async fn sigterm_under_load_loses_nothing(b: Backend) {
     env.push(("KLING_RELAY_SERVER__SHUTDOWN_TIMEOUT".into(), "10s".into()));
     env.push(("KLING_RELAY_DISPATCH__WAIT".into(), "1s".into()));
     env.push(("RUST_LOG".into(), "info".into()));
-    let out = command(&["clients", "create", "tester", "--json"])
-        .env("KLING_RELAY_DATABASE__URL", &db.url)
-        .output()
-        .unwrap();
-    let created: Value = serde_json::from_slice(&out.stdout).expect("clients create --json");
-    let http = client_with_key(created["api_key"].as_str().unwrap());
+    let http = client_from_cli(&db);
 
     let mut svc = Service::spawn(&["serve", "--log-format", "json"], &env, dir.path());
     svc.wait_ready().await;
