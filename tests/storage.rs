@@ -63,6 +63,21 @@ fn assert_served_by(backend: Backend, plan: &[String], index: &str) {
     }
 }
 
+/// Asserts the keyset cursor is part of the index range (not a filter over every newer row), so
+/// a page 10,000 pages deep costs what the first page costs.
+fn assert_cursor_in_index_range(backend: Backend, plan: &[String]) {
+    let text = plan.join("\n");
+    let ranged = match backend {
+        Backend::Sqlite => plan
+            .iter()
+            .any(|l| l.starts_with("SEARCH") && l.contains("created_at")),
+        Backend::Postgres => plan
+            .iter()
+            .any(|l| l.contains("Index Cond") && l.contains("created_at")),
+    };
+    assert!(ranged, "the cursor is not in the index range:\n{text}");
+}
+
 async fn every_hot_query_is_served_by_an_index(b: Backend) {
     let db = TestDb::new(b).await;
     let s = store(&db).await;
@@ -105,6 +120,7 @@ async fn every_hot_query_is_served_by_an_index(b: Backend) {
         .await
         .unwrap();
     assert_served_by(b, &plan, "tasks_created");
+    assert_cursor_in_index_range(b, &plan);
     let by_status = ListFilter {
         statuses: vec![TaskStatus::Failed],
         before: Some((5, "x".into())),
@@ -118,6 +134,7 @@ async fn every_hot_query_is_served_by_an_index(b: Backend) {
         .await
         .unwrap();
     assert_served_by(b, &plan, "tasks_status_created");
+    assert_cursor_in_index_range(b, &plan);
 
     // A client's history, with and without a status filter.
     let mine = ListFilter {
@@ -143,6 +160,22 @@ async fn every_hot_query_is_served_by_an_index(b: Backend) {
         .await
         .unwrap();
     assert_served_by(b, &plan, "tasks_client_status_created");
+    assert_cursor_in_index_range(b, &plan);
+    let mine_deep = ListFilter {
+        client: Some("c1".into()),
+        before: Some((5, "x".into())),
+        limit: 50,
+        ..ListFilter::default()
+    };
+    let plan = s
+        .explain(
+            &sql::list(&mine_deep),
+            &[text("c1"), int(5), text("x"), int(50)],
+        )
+        .await
+        .unwrap();
+    assert_served_by(b, &plan, "tasks_client_created");
+    assert_cursor_in_index_range(b, &plan);
     let plan = s
         .explain(sql::DUE_DELIVERIES, &[int(1), int(10)])
         .await

@@ -900,10 +900,11 @@ pub mod sql {
             sql.push_str(&format!(" AND created_at < {}", next()));
         }
         if f.before.is_some() {
+            // A row-value comparison, not `a < x OR (a = x AND b < y)`: both planners turn it
+            // into a range on the (…, created_at, id) index, so a deep page costs what the
+            // first page costs instead of walking every newer row.
             let (a, b) = (next(), next());
-            sql.push_str(&format!(
-                " AND (created_at < {a} OR (created_at = {a} AND id < {b}))"
-            ));
+            sql.push_str(&format!(" AND (created_at, id) < ({a}, {b})"));
         }
         sql.push_str(&format!(
             " ORDER BY created_at DESC, id DESC LIMIT {}",
