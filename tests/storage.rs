@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use kling_relay::domain::{Change, EventSource, TaskInputs, TaskStatus};
+use kling_relay::domain::{Change, EventSource, TaskInputs, TaskStatus, Transition};
 use kling_relay::storage::{
     sql, Commit, ExplainArg, ListFilter, NewTaskRecord, PendingCaps, Store,
 };
@@ -268,6 +268,42 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
     s.close().await;
 }
 
+async fn a_claim_defeats_a_cancel_decided_before_it(b: Backend) {
+    let db = TestDb::new(b).await;
+    let s = store(&db).await;
+    let r = record(7);
+    s.insert_task(&r, None, CAPS).await.unwrap();
+    let before = s.get_task(&r.id).await.unwrap().unwrap();
+    // The dispatcher claims the task (its create call may now reach upstream)...
+    assert!(s
+        .claim_dispatch(&r.id, i64::MAX / 2, i64::MAX / 2 + 1)
+        .await
+        .unwrap()
+        .is_some());
+    // ...so a cancel decided on the version read before the claim must not commit.
+    let Transition::Apply(cancel) = kling_relay::domain::cancel(&before.state()).unwrap() else {
+        panic!("cancel applies to a waiting task")
+    };
+    let committed = s
+        .commit_change(&Commit {
+            id: &r.id,
+            expected_version: before.version,
+            change: &cancel,
+            source: EventSource::Api,
+            now_ms: 1,
+            poll_due_at_ms: None,
+            outbox: None,
+        })
+        .await
+        .unwrap();
+    assert!(!committed, "a claimed task was canceled");
+    assert_eq!(
+        s.get_task(&r.id).await.unwrap().unwrap().status,
+        TaskStatus::Pending
+    );
+    s.close().await;
+}
+
 async fn the_generated_webhook_secret_is_kept(b: Backend) {
     let db = TestDb::new(b).await;
     let s = store(&db).await;
@@ -280,6 +316,7 @@ async fn the_generated_webhook_secret_is_kept(b: Backend) {
 }
 
 on_both_backends!(
+    a_claim_defeats_a_cancel_decided_before_it,
     every_hot_query_is_served_by_an_index,
     final_tasks_leave_the_work_indexes,
     the_generated_webhook_secret_is_kept,

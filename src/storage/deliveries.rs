@@ -109,6 +109,7 @@ impl Store {
     /// Takes a due delivery for one attempt; its next attempt moves to `lease_until_ms`, so a
     /// crash mid-attempt leads to another attempt, never to a lost notification.
     pub async fn claim_delivery(&self, id: &str, now_ms: i64, lease_until_ms: i64) -> Result<bool> {
+        let _writer = self.writer().await;
         const SQL: &str = "UPDATE deliveries SET next_attempt_at = $3, attempts = attempts + 1, \
             updated_at = $2 WHERE id = $1 AND state = 'pending' AND next_attempt_at <= $2";
         on_pool!(self, p => {
@@ -119,6 +120,7 @@ impl Store {
 
     /// Records an attempt and moves the delivery on.
     pub async fn record_attempt(&self, d: &DueDelivery, r: &AttemptRecord) -> Result<()> {
+        let _writer = self.writer().await;
         const ATTEMPT: &str =
             "INSERT INTO delivery_attempts (delivery_id, at, status_code, error, \
             duration_ms) VALUES ($1, $2, $3, $4, $5)";

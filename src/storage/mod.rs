@@ -41,6 +41,9 @@ enum Pool {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: Pool,
+    /// SQLite has one writer at a time. Writers of this process queue here, on an async lock,
+    /// instead of in SQLite's busy handler, whose sleeps (up to 100 ms each) make latency spiky.
+    write_lock: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
 }
 
 /// Runs `$body` with `$p` bound to whichever pool this store has.
@@ -324,7 +327,17 @@ impl Store {
                     .await?,
             )
         };
-        Ok(Store { pool })
+        let write_lock = matches!(pool, Pool::Sqlite(_))
+            .then(|| std::sync::Arc::new(tokio::sync::Mutex::new(())));
+        Ok(Store { pool, write_lock })
+    }
+
+    /// Held for the length of a write transaction (SQLite only; Postgres writers run in parallel).
+    async fn writer(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.write_lock {
+            Some(l) => Some(l.lock().await),
+            None => None,
+        }
     }
 
     pub fn backend(&self) -> &'static str {
@@ -397,6 +410,7 @@ impl Store {
         idempotency: Option<&IdempotencyClaim>,
         caps: PendingCaps,
     ) -> Result<InsertOutcome> {
+        let _writer = self.writer().await;
         const TASK: &str =
             "INSERT INTO tasks (id, external_task_id, status, model_name, prompt, n, \
             aspect_ratio, metadata, created_at, updated_at, next_dispatch_at, client, notify_url, \
@@ -616,6 +630,7 @@ impl Store {
     /// notification. Returns false when the task changed in between (the caller re-reads and
     /// decides again).
     pub async fn commit_change(&self, c: &Commit<'_>) -> Result<bool> {
+        let _writer = self.writer().await;
         let Commit {
             id,
             expected_version,
@@ -720,9 +735,11 @@ impl Store {
         now_ms: i64,
         lease_until_ms: i64,
     ) -> Result<Option<Task>> {
+        let _writer = self.writer().await;
+        // The version bump makes a cancel decided before the claim fail its compare-and-set.
         const SQL: &str =
             "UPDATE tasks SET dispatch_started_at = COALESCE(dispatch_started_at, $2), \
-            dispatch_attempts = dispatch_attempts + 1, next_dispatch_at = $3 \
+            dispatch_attempts = dispatch_attempts + 1, next_dispatch_at = $3, version = version + 1 \
             WHERE id = $1 AND status = 'pending' AND next_dispatch_at IS NOT NULL \
             AND next_dispatch_at <= $2";
         let claimed = on_pool!(self, p => {
@@ -737,6 +754,7 @@ impl Store {
 
     /// Records a dispatch attempt that did not land; the task stays pending.
     pub async fn retry_dispatch(&self, id: &str, now_ms: i64, r: &DispatchRetry) -> Result<()> {
+        let _writer = self.writer().await;
         const SQL: &str = "UPDATE tasks SET next_dispatch_at = $2, \
             dispatch_started_at = CASE WHEN $3 = 1 THEN dispatch_started_at ELSE NULL END \
             WHERE id = $1 AND status = 'pending'";
@@ -783,6 +801,7 @@ impl Store {
 
     /// Sets the next poll of a still-open task after a poll that brought no change.
     pub async fn reschedule_poll(&self, id: &str, due_at_ms: i64, poll_count: i64) -> Result<()> {
+        let _writer = self.writer().await;
         const SQL: &str = "UPDATE tasks SET poll_due_at = $2, poll_count = $3 \
             WHERE id = $1 AND poll_due_at IS NOT NULL";
         on_pool!(self, p => {
