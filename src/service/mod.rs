@@ -136,7 +136,13 @@ pub struct Relay {
     submit_budgets: Mutex<HashMap<String, SubmitBudget>>,
     /// Fires when the service stops: long-lived answers (long-poll, SSE) end early.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Clients' default notify URLs, read at most every CLIENT_URL_TTL: every status change needs
+    /// one, and a database read per change was the largest cost of webhook intake after the write.
+    client_urls: Mutex<HashMap<String, (Option<String>, i64)>>,
 }
+
+/// How long a client's default notify URL is cached; a change with the CLI applies within it.
+const CLIENT_URL_TTL: Duration = Duration::from_secs(5);
 
 impl Relay {
     pub async fn new(store: Store, settings: Arc<Settings>) -> anyhow::Result<Relay> {
@@ -172,6 +178,7 @@ impl Relay {
             network_policy,
             submit_budgets: Mutex::new(HashMap::new()),
             shutdown: tokio_util::sync::CancellationToken::new(),
+            client_urls: Mutex::new(HashMap::new()),
             store,
             admission,
             upstream,
@@ -441,12 +448,7 @@ impl Relay {
         };
         let url = match &task.notify_url {
             Some(u) => u.clone(),
-            None => match self
-                .store
-                .get_client(client)
-                .await?
-                .and_then(|c| c.notify_url)
-            {
+            None => match self.client_default_url(client, now).await? {
                 Some(u) => u,
                 None => return Ok(None),
             },
@@ -457,6 +459,33 @@ impl Relay {
             url,
             payload: crate::resource::task_json(task.after(change, now)),
         }))
+    }
+
+    async fn client_default_url(
+        &self,
+        client: &str,
+        now: i64,
+    ) -> Result<Option<String>, ServiceError> {
+        let cached = self
+            .client_urls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(client)
+            .filter(|(_, at)| now - at < ms(CLIENT_URL_TTL))
+            .map(|(url, _)| url.clone());
+        if let Some(url) = cached {
+            return Ok(url);
+        }
+        let url = self
+            .store
+            .get_client(client)
+            .await?
+            .and_then(|c| c.notify_url);
+        self.client_urls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(client.to_owned(), (url.clone(), now));
+        Ok(url)
     }
 
     /// When a task that just moved to `status` should first be polled.
