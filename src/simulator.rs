@@ -213,6 +213,15 @@ impl Simulator {
         lock(&self.inner.state).tasks.get(task_id).map(|t| t.status)
     }
 
+    /// When upstream finished a task (its final `updated_at`, Unix ms), if it has.
+    pub fn finished_at(&self, task_id: &str) -> Option<i64> {
+        lock(&self.inner.state)
+            .tasks
+            .get(task_id)
+            .filter(|t| t.status == "succeed" || t.status == "failed")
+            .map(|t| t.updated_at)
+    }
+
     /// Forgets every task, as upstream does when records expire: queries then answer
     /// `task_not_exist` and no more callbacks are sent.
     pub fn expire_all(&self) {

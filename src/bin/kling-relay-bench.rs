@@ -23,7 +23,7 @@ const WEBHOOK_SECRET: &str = "bench-webhook-secret";
 #[derive(Parser, Clone)]
 #[command(about = "Benchmarks for kling-relay (loopback only)")]
 struct Args {
-    /// webhook-ingest, submit, history, or all.
+    /// webhook-ingest, submit, history, poll-scale, end-to-end, or all.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// sqlite, postgres, or both.
@@ -644,6 +644,179 @@ async fn history(args: &Args, kind: &'static str) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// Scenario 4: the cost of one poller pass's "what is due" query with few and with many open
+/// tasks (100,000 final tasks beside them either way), and the upstream queries per second the
+/// poller sustains when all of them are due.
+async fn poll_scale(args: &Args, kind: &'static str) -> anyhow::Result<Vec<Row>> {
+    let sizes: [usize; 2] = if args.smoke {
+        [100, 1_000]
+    } else {
+        [1_000, 100_000]
+    };
+    let finals = if args.smoke { 1_000 } else { 100_000 };
+    let mut rows: Vec<Row> = Vec::new();
+    for open in sizes {
+        let db = Db::create(kind, &args.postgres_url).await?;
+        let store = Store::connect(&db.url, 4).await?;
+        store.migrate().await?;
+        client_key(&store).await?;
+        let now = kling_relay::service::now_ms();
+        store.bench_bulk_insert(finals, "bench", bench_id).await?;
+        store.bench_seed_open(open, "bench", now).await?;
+        let reps = if args.smoke { 50 } else { 1000 };
+        let s2 = store.clone();
+        let due = load(
+            &format!("poll-scale due query ({open} open)"),
+            reps,
+            1,
+            move |_| {
+                let s = s2.clone();
+                async move {
+                    let got = s
+                        .due_polls(i64::MAX / 2, 64)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if got.is_empty() {
+                        return Err("nothing due".into());
+                    }
+                    Ok(())
+                }
+            },
+        )
+        .await;
+        let mut row = due.row(
+            "poll-scale",
+            kind,
+            &format!("due query, {open} open + {finals} final"),
+        );
+        if let Some(first) = rows.iter().find(|r| r.measure.starts_with("due query")) {
+            row.of_limit = Some(row.p99_ms / first.p99_ms.max(1e-9));
+        }
+        rows.push(row);
+
+        // The poller itself, every task due: upstream queries per second over a window.
+        let sim = simulator(Duration::from_secs(3600), Duration::from_secs(3600)).await?;
+        let svc = Service::start(
+            &db,
+            &sim,
+            &[
+                ("KLING_RELAY_POLLER__TICK", "20ms".into()),
+                ("KLING_RELAY_POLLER__NOT_FOUND_GRACE", "1000h".into()),
+                ("KLING_RELAY_POLLER__GIVE_UP_AFTER", "1000h".into()),
+            ],
+        )
+        .await?;
+        let window = if args.smoke {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(5)
+        };
+        let before = sim.stats().query_calls;
+        let started = Instant::now();
+        tokio::time::sleep(window).await;
+        let queries = (sim.stats().query_calls - before) as usize;
+        let secs = started.elapsed().as_secs_f64();
+        let (_, peak) = svc.rss_mb();
+        drop(svc);
+        sim.stop();
+        store.close().await;
+        db.remove().await;
+        rows.push(Row {
+            scenario: "poll-scale".into(),
+            db: kind.into(),
+            measure: format!("poller upstream queries, {open} due"),
+            ops: queries,
+            seconds: secs,
+            per_second: queries as f64 / secs,
+            p50_ms: 0.0,
+            p90_ms: 0.0,
+            p99_ms: 0.0,
+            max_ms: 0.0,
+            errors: 0,
+            of_limit: None,
+            service_peak_rss_mb: peak,
+            service_idle_rss_mb: None,
+        });
+    }
+    Ok(rows)
+}
+
+/// Scenario 5: tasks through the whole loop with the simulator's default delays and 10% of
+/// callbacks dropped; how long after upstream finished each task is final here.
+async fn end_to_end(args: &Args, kind: &'static str) -> anyhow::Result<Vec<Row>> {
+    let n = if args.smoke { 50 } else { 10_000 };
+    let db = Db::create(kind, &args.postgres_url).await?;
+    let store = Store::connect(&db.url, 4).await?;
+    store.migrate().await?;
+    let key = client_key(&store).await?;
+    let defaults = SimConfig::default();
+    let sim = simulator(defaults.processing_after, defaults.finish_after).await?;
+    sim.set_faults(kling_relay::simulator::Faults {
+        drop_callbacks: 0.1,
+        ..Default::default()
+    });
+    // First poll after the poller's interval: the target is "within the interval plus 5 s".
+    let interval = if args.smoke { "2s" } else { "20s" };
+    let svc = Service::start(
+        &db,
+        &sim,
+        &[
+            ("KLING_RELAY_POLLER__FIRST_POLL_AFTER", interval.into()),
+            ("KLING_RELAY_POLLER__INTERVAL", interval.into()),
+        ],
+    )
+    .await?;
+    let http = http_client(Some(&key));
+    let base = svc.base.clone();
+    let submits = load("end-to-end submit", n, args.concurrency, move |_| {
+        let (base, h) = (base.clone(), http.clone());
+        async move {
+            let r = h
+                .post(format!("{base}/v1/tasks"))
+                .json(&task_body())
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            (r.status() == 202)
+                .then_some(())
+                .ok_or_else(|| r.status().to_string())
+        }
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(if args.smoke { 30 } else { 300 });
+    let completions = loop {
+        let c = store.bench_completions().await?;
+        if c.len() >= n || Instant::now() > deadline {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let (_, peak) = svc.rss_mb();
+    let lag: Vec<Duration> = completions
+        .iter()
+        .filter_map(|(upstream, completed)| {
+            let finished = sim.finished_at(upstream)?;
+            Some(Duration::from_millis((completed - finished).max(0) as u64))
+        })
+        .collect();
+    let stats = Stats {
+        errors: n.saturating_sub(lag.len()) + submits.errors,
+        latencies: lag,
+        elapsed: submits.elapsed,
+    };
+    drop(svc);
+    sim.stop();
+    store.close().await;
+    db.remove().await;
+    let mut row = stats.row(
+        "end-to-end",
+        kind,
+        &format!("upstream finished -> final here (poll every {interval})"),
+    );
+    row.service_peak_rss_mb = peak;
+    Ok(vec![row])
+}
+
 /// Seeded ids are fixed so a cursor can be built without reading the database.
 fn bench_id(i: usize) -> String {
     format!("00000000-0000-7000-8000-{i:012}")
@@ -703,7 +876,13 @@ async fn main() -> std::process::ExitCode {
         _ => vec!["sqlite", "postgres"],
     };
     let scenarios: Vec<&str> = match args.scenario.as_str() {
-        "all" => vec!["webhook-ingest", "submit", "history"],
+        "all" => vec![
+            "webhook-ingest",
+            "submit",
+            "history",
+            "poll-scale",
+            "end-to-end",
+        ],
         s => vec![s],
     };
     let mut rows = Vec::new();
@@ -717,6 +896,8 @@ async fn main() -> std::process::ExitCode {
                     "webhook-ingest" => webhook_ingest(&args, db).await,
                     "submit" => submit(&args, db).await,
                     "history" => history(&args, db).await,
+                    "poll-scale" => poll_scale(&args, db).await,
+                    "end-to-end" => end_to_end(&args, db).await,
                     other => Err(anyhow::anyhow!("unknown scenario `{other}`")),
                 }
             })

@@ -70,4 +70,60 @@ impl Store {
         }
         Ok(())
     }
+
+    /// (upstream task id, completed_at) of every completed task.
+    #[doc(hidden)]
+    pub async fn bench_completions(&self) -> Result<Vec<(String, i64)>> {
+        const SQL: &str = "SELECT upstream_task_id, completed_at FROM tasks \
+            WHERE completed_at IS NOT NULL AND upstream_task_id IS NOT NULL";
+        on_pool!(self, p => {
+            Ok(sqlx::query_as(SQL).fetch_all(p).await?)
+        })
+    }
+
+    /// Inserts `n` open tasks of `client`, `submitted` upstream as `u{i}` and due for a poll now.
+    #[doc(hidden)]
+    pub async fn bench_seed_open(&self, n: usize, client: &str, now_ms: i64) -> Result<()> {
+        const ROWS: usize = 500;
+        let mut start = 0;
+        while start < n {
+            let end = (start + ROWS).min(n);
+            let mut sql = String::from(
+                "INSERT INTO tasks (id, external_task_id, upstream_task_id, status, model_name, n, \
+                 created_at, updated_at, poll_due_at, client) VALUES ",
+            );
+            let mut k = 0;
+            for i in start..end {
+                if i > start {
+                    sql.push(',');
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, 'submitted', 'kling-v2', 1, ${}, ${}, ${}, ${})",
+                    k + 1,
+                    k + 2,
+                    k + 3,
+                    k + 4,
+                    k + 4,
+                    k + 4,
+                    k + 5
+                ));
+                k += 5;
+            }
+            on_pool!(self, p => {
+                let mut q = sqlx::query(&sql);
+                for i in start..end {
+                    let id = uuid::Uuid::now_v7().to_string();
+                    q = q
+                        .bind(id.clone())
+                        .bind(format!("klr-{id}"))
+                        .bind(format!("u{i}"))
+                        .bind(now_ms)
+                        .bind(client.to_owned());
+                }
+                q.execute(p).await?;
+            });
+            start = end;
+        }
+        Ok(())
+    }
 }
