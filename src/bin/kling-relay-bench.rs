@@ -339,6 +339,20 @@ fn http_client(key: Option<&str>) -> reqwest::Client {
         .unwrap_or_default()
 }
 
+/// Submits one task; the task as answered with 202.
+async fn post_task(h: &reqwest::Client, base: &str) -> Result<Value, String> {
+    let r = h
+        .post(format!("{base}/v1/tasks"))
+        .json(&task_body())
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.status() != 202 {
+        return Err(r.status().to_string());
+    }
+    r.json().await.map_err(|e| e.to_string())
+}
+
 fn task_body() -> Value {
     json!({
         "subject_image_list": [{"subject_image": "https://example.com/a.png"}, {"subject_image": "https://example.com/b.png"}],
@@ -542,16 +556,7 @@ async fn submit(args: &Args, kind: &'static str) -> anyhow::Result<Vec<Row>> {
     let stats = load("submit", n, args.concurrency, move |_| {
         let (base, h) = (base.clone(), http.clone());
         async move {
-            let r = h
-                .post(format!("{base}/v1/tasks"))
-                .json(&task_body())
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            if r.status() != 202 {
-                return Err(r.status().to_string());
-            }
-            let v: Value = r.json().await.map_err(|e| e.to_string())?;
+            let v = post_task(&h, &base).await?;
             // Accept-to-submitted: the POST answers once the dispatch landed (dispatch.wait).
             if v["status"] == "pending" {
                 return Err("answered pending".into());
@@ -770,17 +775,7 @@ async fn end_to_end(args: &Args, kind: &'static str) -> anyhow::Result<Vec<Row>>
     let base = svc.base.clone();
     let submits = load("end-to-end submit", n, args.concurrency, move |_| {
         let (base, h) = (base.clone(), http.clone());
-        async move {
-            let r = h
-                .post(format!("{base}/v1/tasks"))
-                .json(&task_body())
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            (r.status() == 202)
-                .then_some(())
-                .ok_or_else(|| r.status().to_string())
-        }
+        async move { post_task(&h, &base).await.map(|_| ()) }
     })
     .await;
     let deadline = Instant::now() + Duration::from_secs(if args.smoke { 30 } else { 300 });
