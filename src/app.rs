@@ -68,6 +68,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Held until this function returns: one serving instance per SQLite file.
+    let _instance =
+        Store::lock_single_instance(&settings.database.url).map_err(anyhow::Error::msg)?;
     let store = open_store(&settings).await?;
     if settings.server.public_url.is_empty() {
         tracing::warn!(

@@ -629,6 +629,37 @@ async fn sigterm_under_load_loses_nothing(b: Backend) {
     sim.stop();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_on_one_sqlite_file_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/one.db", dir.path().display());
+    let env = |port: u16| -> Vec<(String, String)> {
+        vec![
+            (
+                "KLING_RELAY_SERVER__LISTEN".into(),
+                format!("127.0.0.1:{port}"),
+            ),
+            ("KLING_RELAY_DATABASE__URL".into(), db.clone()),
+            ("COMETAPI_KEY".into(), "k".into()),
+        ]
+    };
+    let mut first = Service::spawn(&["serve"], &env(free_port()), dir.path());
+    first.wait_ready().await;
+    let second = command(&["serve"])
+        .envs(env(free_port()))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!second.status.success(), "the second instance started");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("another kling-relay instance"), "{err}");
+    // Once the first is gone, the file is free again.
+    first.kill9();
+    let mut again = Service::spawn(&["serve"], &env(free_port()), dir.path());
+    again.wait_ready().await;
+    again.kill9();
+}
+
 on_both_backends!(
     sigterm_under_load_loses_nothing,
     migrate_creates_and_upgrades_the_database,

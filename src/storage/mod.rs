@@ -340,6 +340,40 @@ impl Store {
         }
     }
 
+    /// SQLite serves one instance: takes an exclusive lock on `<database>.lock` for as long as the
+    /// returned file is held, or says which file another instance holds. Postgres: None (any
+    /// number of instances may share it).
+    pub fn lock_single_instance(url: &str) -> std::result::Result<Option<std::fs::File>, String> {
+        if !url.starts_with("sqlite:") {
+            return Ok(None);
+        }
+        let opts = SqliteConnectOptions::from_str(url).map_err(|e| e.to_string())?;
+        let mut path = opts.get_filename().as_os_str().to_owned();
+        path.push(".lock");
+        let path = std::path::PathBuf::from(path);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+                "another kling-relay instance is serving this SQLite database (it holds {}); \
+                 SQLite supports one instance: stop the other one, or use Postgres for several",
+                path.display()
+            )),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(format!("cannot lock {}: {e}", path.display()))
+            }
+        }
+    }
+
     pub fn backend(&self) -> &'static str {
         match self.pool {
             Pool::Sqlite(_) => "sqlite",
