@@ -212,14 +212,18 @@ async fn read(
 ) -> Result<(u16, Option<Duration>, Option<Value>), UpstreamError> {
     let resp = resp.map_err(transport_error)?;
     let status = resp.status().as_u16();
-    let retry_after = resp
-        .headers()
+    let retry_after = retry_after(resp.headers());
+    let bytes = resp.bytes().await.map_err(transport_error)?;
+    Ok((status, retry_after, serde_json::from_slice(&bytes).ok()))
+}
+
+/// A `Retry-After` given in seconds (the HTTP-date form is not used by these peers).
+pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
-    let bytes = resp.bytes().await.map_err(transport_error)?;
-    Ok((status, retry_after, serde_json::from_slice(&bytes).ok()))
+        .map(Duration::from_secs)
 }
 
 fn transport_error(e: reqwest::Error) -> UpstreamError {

@@ -144,7 +144,12 @@ pub fn signing_secret_from(random: [u8; 32]) -> String {
 /// How an API key is stored and looked up. Keys carry 256 random bits, so a fast hash is enough:
 /// there is nothing to brute-force.
 pub fn hash_api_key(key: &str) -> String {
-    Sha256::digest(key.as_bytes())
+    hex_sha256(key.as_bytes())
+}
+
+/// SHA-256 as lowercase hex.
+pub fn hex_sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()

@@ -69,6 +69,17 @@ const ALWAYS_REFUSED: [&str; 9] = [
     "255.255.255.255/32",
 ];
 
+/// ALWAYS_REFUSED, parsed once.
+fn always_refused() -> &'static [IpNet] {
+    static NETS: std::sync::OnceLock<Vec<IpNet>> = std::sync::OnceLock::new();
+    NETS.get_or_init(|| {
+        ALWAYS_REFUSED
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    })
+}
+
 impl NetworkPolicy {
     /// Parses CIDR lists (a bare address means a single host).
     pub fn parse(allow: &[String], deny: &[String]) -> Result<Self, String> {
@@ -101,10 +112,7 @@ impl NetworkPolicy {
         if !self.allow.is_empty() && !explicitly_allowed {
             return Err(format!("{ip} is not in an allowed network"));
         }
-        let refused = ALWAYS_REFUSED
-            .iter()
-            .filter_map(|n| n.parse::<IpNet>().ok())
-            .any(|n| n.contains(&ip));
+        let refused = always_refused().iter().any(|n| n.contains(&ip));
         if refused && !explicitly_allowed {
             return Err(format!(
                 "{ip} is a link-local, metadata or non-unicast address"

@@ -67,11 +67,7 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .layer(
             // Spans name the route template, never the URI: callback URLs carry tokens.
             TraceLayer::new_for_http().make_span_with(|req: &Request| {
-                let route = req
-                    .extensions()
-                    .get::<MatchedPath>()
-                    .map(|m| m.as_str().to_owned())
-                    .unwrap_or_else(|| "unmatched".into());
+                let route = route_of(req);
                 let request_id = req
                     .headers()
                     .get(&REQUEST_ID)
@@ -110,14 +106,19 @@ async fn problem_for_bare_errors(req: Request, next: Next) -> Response {
     }
 }
 
+/// The matched route template, for spans and metric labels (never the URI: it may carry ids
+/// and callback tokens).
+fn route_of(req: &Request) -> String {
+    req.extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into())
+}
+
 async fn record_http_metrics(req: Request, next: Next) -> Response {
     let started = std::time::Instant::now();
     let method = req.method().as_str().to_owned();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".into());
+    let route = route_of(&req);
     let resp = next.run(req).await;
     let status = resp.status().as_u16().to_string();
     metrics::counter!("klr_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status).increment(1);

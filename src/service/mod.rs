@@ -8,7 +8,7 @@ pub mod live;
 
 use crate::config::Settings;
 use crate::domain::admission::{Admission, AdmissionConfig, AdmissionSnapshot};
-use crate::domain::client::{Caller, SubmitBudget};
+use crate::domain::client::{hex_sha256, Caller, SubmitBudget};
 use crate::domain::notify::NetworkPolicy;
 use crate::domain::{
     apply_report, cancel, finish_with_error, validate_new_task, CancelRefused, EventSource,
@@ -64,14 +64,6 @@ pub enum ServiceError {
 pub enum ApplyOutcome {
     Applied(TaskStatus),
     Ignored(IgnoreReason),
-}
-
-fn hex_sha256(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 pub fn now_ms() -> i64 {

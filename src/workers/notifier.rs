@@ -236,15 +236,10 @@ impl Notifier {
             .send()
             .await;
         match resp {
-            Ok(r) => {
-                let retry_after = r
-                    .headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs);
-                Sent::Status(r.status().as_u16(), retry_after)
-            }
+            Ok(r) => Sent::Status(
+                r.status().as_u16(),
+                crate::upstream::retry_after(r.headers()),
+            ),
             Err(e) if e.is_timeout() => Sent::Failed("timed out".into()),
             Err(e) if e.is_connect() => Sent::Failed("connection failed".into()),
             Err(_) => Sent::Failed("request failed".into()),
