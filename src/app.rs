@@ -92,6 +92,7 @@ pub async fn run(
     ));
     workers.spawn(workers::poller::run(relay.clone(), workers_stop.clone()));
     workers.spawn(workers::notifier::run(relay.clone(), workers_stop.clone()));
+    workers.spawn(workers::changes::run(relay.clone(), workers_stop.clone()));
 
     crate::telemetry::metrics::handle();
     if !relay.settings.server.metrics_listen.is_empty() {

@@ -184,12 +184,26 @@ async fn every_hot_query_is_served_by_an_index(b: Backend) {
     s.close().await;
 }
 
+/// The tasks due for dispatch, read through a claim that takes none of them.
+async fn due_dispatches(s: &Store) -> Vec<kling_relay::storage::DispatchCandidate> {
+    let mut seen = Vec::new();
+    let claimed = s
+        .claim_dispatches(i64::MAX, 10, i64::MAX, |_, due| {
+            seen = due;
+            Vec::new()
+        })
+        .await
+        .unwrap();
+    assert!(claimed.is_empty());
+    seen
+}
+
 async fn final_tasks_leave_the_work_indexes(b: Backend) {
     let db = TestDb::new(b).await;
     let s = store(&db).await;
     let r = record(1);
     s.insert_task(&r, None, CAPS).await.unwrap();
-    let due = s.dispatch_candidates(i64::MAX, 10).await.unwrap();
+    let due = due_dispatches(&s).await;
     assert_eq!(due.len(), 1);
     assert_eq!(
         (due[0].id.as_str(), due[0].n, due[0].in_doubt),
@@ -216,11 +230,7 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
         })
         .await
         .unwrap());
-    assert!(s
-        .dispatch_candidates(i64::MAX, 10)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(due_dispatches(&s).await.is_empty());
     assert_eq!(s.due_polls(20, 10).await.unwrap().len(), 1);
     assert!(s.due_polls(19, 10).await.unwrap().is_empty(), "not due yet");
 
@@ -275,11 +285,13 @@ async fn a_claim_defeats_a_cancel_decided_before_it(b: Backend) {
     s.insert_task(&r, None, CAPS).await.unwrap();
     let before = s.get_task(&r.id).await.unwrap().unwrap();
     // The dispatcher claims the task (its create call may now reach upstream)...
-    assert!(s
-        .claim_dispatch(&r.id, i64::MAX / 2, i64::MAX / 2 + 1)
+    let claimed = s
+        .claim_dispatches(i64::MAX / 2, 10, i64::MAX / 2 + 1, |_, due| {
+            due.into_iter().map(|c| c.id).collect()
+        })
         .await
-        .unwrap()
-        .is_some());
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
     // ...so a cancel decided on the version read before the claim must not commit.
     let Transition::Apply(cancel) = kling_relay::domain::cancel(&before.state()).unwrap() else {
         panic!("cancel applies to a waiting task")

@@ -50,7 +50,7 @@ impl Relay {
     pub async fn next_change_of(&self, changes: &mut broadcast::Receiver<String>, id: &str) {
         loop {
             match changes.recv().await {
-                Ok(changed) if changed == id => return,
+                Ok(changed) if changed == id || changed == super::EVERY_TASK => return,
                 Ok(_) => continue,
                 Err(broadcast::error::RecvError::Lagged(_)) => return,
                 Err(broadcast::error::RecvError::Closed) => {

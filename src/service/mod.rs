@@ -32,6 +32,8 @@ use tokio::sync::{broadcast, Notify};
 const WEBHOOK_SECRET_NAME: &str = "webhook_token_key";
 /// How often a status change is re-decided when another writer got in first.
 const MAX_CHANGE_ATTEMPTS: usize = 8;
+/// Published instead of a task id when any task may have changed (never a task id: those are UUIDs).
+pub(crate) const EVERY_TASK: &str = "*";
 /// How long an `Idempotency-Key` keeps returning its task.
 pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -223,6 +225,11 @@ impl Relay {
     pub fn publish(&self, task_id: &str) {
         // No receivers is fine: nobody is waiting.
         let _ = self.changes.send(task_id.to_owned());
+    }
+
+    /// Wakes every waiter to re-read: changes may have been missed.
+    pub fn publish_all(&self) {
+        self.publish(EVERY_TASK);
     }
 
     fn take_submit_budget(&self, client: &str) -> Result<(), ServiceError> {

@@ -99,25 +99,6 @@ pub struct AttemptRecord {
 }
 
 impl Store {
-    /// Deliveries whose next attempt is due, oldest first.
-    pub async fn due_deliveries(&self, now_ms: i64, limit: i64) -> Result<Vec<DueDelivery>> {
-        on_pool!(self, p => {
-            Ok(sqlx::query_as(super::sql::DUE_DELIVERIES).bind(now_ms).bind(limit).fetch_all(p).await?)
-        })
-    }
-
-    /// Takes a due delivery for one attempt; its next attempt moves to `lease_until_ms`, so a
-    /// crash mid-attempt leads to another attempt, never to a lost notification.
-    pub async fn claim_delivery(&self, id: &str, now_ms: i64, lease_until_ms: i64) -> Result<bool> {
-        let _writer = self.writer().await;
-        const SQL: &str = "UPDATE deliveries SET next_attempt_at = $3, attempts = attempts + 1, \
-            updated_at = $2 WHERE id = $1 AND state = 'pending' AND next_attempt_at <= $2";
-        on_pool!(self, p => {
-            Ok(sqlx::query(SQL).bind(id).bind(now_ms).bind(lease_until_ms).execute(p).await?
-                .rows_affected() == 1)
-        })
-    }
-
     /// Records an attempt and moves the delivery on.
     pub async fn record_attempt(&self, d: &DueDelivery, r: &AttemptRecord) -> Result<()> {
         let _writer = self.writer().await;

@@ -44,6 +44,8 @@ pub struct Store {
     /// SQLite has one writer at a time. Writers of this process queue here, on an async lock,
     /// instead of in SQLite's busy handler, whose sleeps (up to 100 ms each) make latency spiky.
     write_lock: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
+    /// Tags this process's change notifications, so its own feed skips them.
+    instance: std::sync::Arc<str>,
 }
 
 /// Runs `$body` with `$p` bound to whichever pool this store has.
@@ -57,13 +59,16 @@ macro_rules! on_pool {
 }
 
 mod bench;
+mod claims;
 mod clients;
 mod deliveries;
+mod feed;
 
 pub use clients::ClientError;
 pub use deliveries::{
     AttemptRecord, Delivery, DeliveryAttempt, DueDelivery, NextStep, OutboxEntry,
 };
+pub use feed::{ChangeFeed, FeedEvent};
 
 const TASK_COLUMNS: &str = "id, external_task_id, upstream_task_id, status, upstream_status, \
     model_name, prompt, n, aspect_ratio, metadata, images, error_code, error_message, created_at, \
@@ -221,6 +226,18 @@ struct PollRow {
     poll_count: i64,
 }
 
+impl From<PollRow> for PollCandidate {
+    fn from(r: PollRow) -> PollCandidate {
+        PollCandidate {
+            id: r.id,
+            upstream_task_id: r.upstream_task_id,
+            external_task_id: r.external_task_id,
+            created_at_ms: r.created_at,
+            poll_count: r.poll_count,
+        }
+    }
+}
+
 /// A pending task the dispatcher may send.
 #[derive(Debug, Clone)]
 pub struct DispatchCandidate {
@@ -329,7 +346,11 @@ impl Store {
         };
         let write_lock = matches!(pool, Pool::Sqlite(_))
             .then(|| std::sync::Arc::new(tokio::sync::Mutex::new(())));
-        Ok(Store { pool, write_lock })
+        Ok(Store {
+            pool,
+            write_lock,
+            instance: uuid::Uuid::now_v7().simple().to_string().into(),
+        })
     }
 
     /// Held for the length of a write transaction (SQLite only; Postgres writers run in parallel).
@@ -686,6 +707,8 @@ impl Store {
             poll_due_at = $11, poll_count = 0, version = version + 1 \
             WHERE id = $1 AND version = $12";
         let images = change.images.as_ref().map(json_text).transpose()?;
+        let is_postgres = matches!(self.pool, Pool::Postgres(_));
+        let payload = self.change_payload(id);
         let upstream_status = change.upstream_status.map(|s| s.as_str());
         let completed_at = change.status.is_final().then_some(now_ms);
         let (code, message) = match &change.error {
@@ -735,55 +758,17 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
             }
+            if is_postgres {
+                // Delivered at commit: other replicas' waiters hear of the change (storage::feed).
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(feed::CHANNEL)
+                    .bind(&payload)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             tx.commit().await?;
             Ok(true)
         })
-    }
-
-    /// Pending tasks whose dispatch is due, most overdue first.
-    pub async fn dispatch_candidates(
-        &self,
-        now_ms: i64,
-        limit: i64,
-    ) -> Result<Vec<DispatchCandidate>> {
-        let rows: Vec<(String, i64, i64, Option<i64>)> = on_pool!(self, p => {
-            sqlx::query_as(sql::DUE_DISPATCHES).bind(now_ms).bind(limit).fetch_all(p).await?
-        });
-        Ok(rows
-            .into_iter()
-            .map(|(id, n, created_at, started)| DispatchCandidate {
-                id,
-                n,
-                created_at_ms: created_at,
-                in_doubt: started.is_some(),
-            })
-            .collect())
-    }
-
-    /// Claims a due pending task for one create call: marks the call as possibly in flight and
-    /// pushes its due time past `lease_until_ms`, so a crash mid-call leads to a recovery attempt
-    /// rather than a silent loss. Returns the task as claimed, or None if it was not claimable.
-    pub async fn claim_dispatch(
-        &self,
-        id: &str,
-        now_ms: i64,
-        lease_until_ms: i64,
-    ) -> Result<Option<Task>> {
-        let _writer = self.writer().await;
-        // The version bump makes a cancel decided before the claim fail its compare-and-set.
-        const SQL: &str =
-            "UPDATE tasks SET dispatch_started_at = COALESCE(dispatch_started_at, $2), \
-            dispatch_attempts = dispatch_attempts + 1, next_dispatch_at = $3, version = version + 1 \
-            WHERE id = $1 AND status = 'pending' AND next_dispatch_at IS NOT NULL \
-            AND next_dispatch_at <= $2";
-        let claimed = on_pool!(self, p => {
-            sqlx::query(SQL).bind(id).bind(now_ms).bind(lease_until_ms).execute(p).await?
-                .rows_affected()
-        });
-        if claimed == 0 {
-            return Ok(None);
-        }
-        self.get_task(id).await
     }
 
     /// Records a dispatch attempt that did not land; the task stays pending.
@@ -821,16 +806,7 @@ impl Store {
         let rows: Vec<PollRow> = on_pool!(self, p => {
             sqlx::query_as(sql::DUE_POLLS).bind(now_ms).bind(limit).fetch_all(p).await?
         });
-        Ok(rows
-            .into_iter()
-            .map(|r| PollCandidate {
-                id: r.id,
-                upstream_task_id: r.upstream_task_id,
-                external_task_id: r.external_task_id,
-                created_at_ms: r.created_at,
-                poll_count: r.poll_count,
-            })
-            .collect())
+        Ok(rows.into_iter().map(PollCandidate::from).collect())
     }
 
     /// Sets the next poll of a still-open task after a poll that brought no change.

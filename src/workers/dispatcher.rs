@@ -48,40 +48,50 @@ pub async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
     tracing::info!("dispatcher stopped");
 }
 
-/// One pass: recovers tasks in doubt and sends the waiting tasks that fit. Returns how many
-/// tasks it worked on.
+/// One pass: claims the tasks in doubt and the waiting tasks that fit the upstream budget, then
+/// works on them. Returns how many tasks it worked on.
 pub async fn step(relay: &Arc<Relay>) -> Result<usize, ServiceError> {
     let now = now_ms();
-    let candidates = relay
+    let concurrency = relay.settings.dispatch.concurrency.max(1);
+    // Past any answer the pass can still get: a lookup and a create, each within the call's
+    // time limit, and a second for the commit. See `storage::claims` on leases.
+    let lease_until = now + 2 * ms(relay.settings.cometapi.timeout) + 1000;
+    let claimed = relay
         .store
-        .dispatch_candidates(now, CANDIDATES_PER_PASS)
+        .claim_dispatches(
+            now,
+            CANDIDATES_PER_PASS,
+            lease_until,
+            |in_flight, candidates| {
+                // Tasks in doubt already count in the units in flight, and finding out costs
+                // nothing upstream, so they do not wait for room.
+                let (in_doubt, waiting): (Vec<DispatchCandidate>, Vec<DispatchCandidate>) =
+                    candidates.into_iter().partition(|c| c.in_doubt);
+                let mut work: Vec<String> = in_doubt.into_iter().map(|c| c.id).collect();
+                let waiting: Vec<Candidate> = waiting
+                    .into_iter()
+                    .map(|c| Candidate {
+                        id: c.id,
+                        n: c.n,
+                        waiting_since_ms: c.created_at_ms,
+                    })
+                    .collect();
+                if !waiting.is_empty() {
+                    work.extend(relay.admission().select(now, in_flight, &waiting));
+                }
+                // Claim only what starts now, so no lease runs out while its task waits for a slot.
+                work.truncate(concurrency);
+                work
+            },
+        )
         .await?;
-    if candidates.is_empty() {
-        return Ok(0);
-    }
-    // Tasks in doubt already count in the units in flight, and finding out costs nothing
-    // upstream, so they do not wait for room.
-    let (in_doubt, waiting): (Vec<DispatchCandidate>, Vec<DispatchCandidate>) =
-        candidates.into_iter().partition(|c| c.in_doubt);
-    let mut work: Vec<String> = in_doubt.into_iter().map(|c| c.id).collect();
-    if !waiting.is_empty() {
-        let in_flight = relay.store.units_in_flight().await?;
-        let waiting: Vec<Candidate> = waiting
-            .into_iter()
-            .map(|c| Candidate {
-                id: c.id,
-                n: c.n,
-                waiting_since_ms: c.created_at_ms,
-            })
-            .collect();
-        work.extend(relay.admission().select(now, in_flight, &waiting));
-    }
-    let n = work.len();
+    let n = claimed.len();
     let r = relay.clone();
-    for_each_bounded(work, relay.settings.dispatch.concurrency, move |id| {
+    for_each_bounded(claimed, concurrency, move |task| {
         let relay = r.clone();
         async move {
-            if let Err(e) = dispatch_one(&relay, &id).await {
+            let id = task.id.clone();
+            if let Err(e) = dispatch_one(&relay, task, now).await {
                 tracing::error!(task_id = %id, error = %e, "dispatch failed");
             }
             relay.publish(&id);
@@ -91,18 +101,9 @@ pub async fn step(relay: &Arc<Relay>) -> Result<usize, ServiceError> {
     Ok(n)
 }
 
-async fn dispatch_one(relay: &Relay, id: &str) -> Result<(), ServiceError> {
-    let now_claimed = now_ms();
-    let timeout = relay.settings.cometapi.timeout;
-    // Past any answer the call can still get: twice its time limit, and a second for the commit.
-    let lease_until = now_claimed + 2 * ms(timeout) + 1000;
-    let Some(task) = relay
-        .store
-        .claim_dispatch(id, now_claimed, lease_until)
-        .await?
-    else {
-        return Ok(()); // someone else took it, or it is no longer pending
-    };
+/// Sends one claimed task upstream (after recovering it, if an earlier create may have landed).
+async fn dispatch_one(relay: &Relay, task: Task, now_claimed: i64) -> Result<(), ServiceError> {
+    let id = task.id.as_str();
     // The mark predates this claim: an earlier create may have landed.
     let was_in_doubt = task
         .dispatch_started_at_ms

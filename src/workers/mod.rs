@@ -2,6 +2,7 @@
 //! tasks with no news and times out the ones that never finish. Each loop takes a shutdown token
 //! and exposes its single step, so tests can drive it deterministically.
 
+pub mod changes;
 pub mod dispatcher;
 pub mod notifier;
 pub mod poller;

@@ -110,23 +110,19 @@ impl Notifier {
         in_flight: &mut tokio::task::JoinSet<()>,
     ) -> Result<(), ServiceError> {
         let now = now_ms();
-        let due = self.relay.store.due_deliveries(now, 256).await?;
         let lease = ms(self.relay.settings.notifications.timeout) + 5_000;
-        for d in due {
-            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-                break;
-            };
-            let Ok(url_slot) = self.url_slots(&d.url).try_acquire_owned() else {
-                continue; // this URL is busy; others go ahead
-            };
-            if !self
-                .relay
-                .store
-                .claim_delivery(&d.id, now, now + lease)
-                .await?
-            {
-                continue;
-            }
+        let claimed = self
+            .relay
+            .store
+            .claim_deliveries(now, 256, now + lease, |d| {
+                // Only what can start now is claimed: a busy URL's deliveries stay due for a
+                // later pass (or another replica) instead of sitting out a lease.
+                let slot = self.slots.clone().try_acquire_owned().ok()?;
+                let url_slot = self.url_slots(&d.url).try_acquire_owned().ok()?;
+                Some((slot, url_slot))
+            })
+            .await?;
+        for (d, (slot, url_slot)) in claimed {
             let me = self.clone();
             in_flight.spawn(async move {
                 let id = d.id.clone();

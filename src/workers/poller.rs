@@ -10,6 +10,9 @@ use crate::upstream::Lookup;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+/// Rounds of `poller.concurrency` polls a pass may run before it times out old tasks.
+const ROUNDS_PER_PASS: usize = 8;
+
 pub async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
     tracing::info!("poller started");
     while !shutdown.is_cancelled() {
@@ -27,22 +30,35 @@ pub async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
 /// One pass: polls what is due and times out what is too old. Returns (polled, timed out).
 pub async fn step(relay: &Arc<Relay>) -> Result<(usize, usize), ServiceError> {
     let s = &relay.settings.poller;
-    let due = relay
-        .store
-        .due_polls(now_ms(), (s.concurrency * 8) as i64)
-        .await?;
-    let polled = due.len();
-    let r = relay.clone();
-    for_each_bounded(due, s.concurrency, move |c| {
-        let relay = r.clone();
-        async move {
-            let id = c.id.clone();
-            if let Err(e) = poll_one(&relay, c).await {
-                tracing::error!(task_id = %id, error = %e, "poll failed");
+    let batch = s.concurrency.max(1);
+    let mut polled = 0;
+    // Claim one round at a time, so every lease starts when its poll does; a busy pass goes
+    // round again, up to ROUNDS_PER_PASS times.
+    for _ in 0..ROUNDS_PER_PASS {
+        let now = now_ms();
+        // Outlasts the poll's one upstream call and its commit; see `storage::claims` on leases.
+        let lease_until = now + ms(relay.settings.cometapi.timeout) + 5_000;
+        let due = relay
+            .store
+            .claim_due_polls(now, batch as i64, lease_until)
+            .await?;
+        let round = due.len();
+        polled += round;
+        let r = relay.clone();
+        for_each_bounded(due, batch, move |c| {
+            let relay = r.clone();
+            async move {
+                let id = c.id.clone();
+                if let Err(e) = poll_one(&relay, c).await {
+                    tracing::error!(task_id = %id, error = %e, "poll failed");
+                }
             }
+        })
+        .await;
+        if round < batch {
+            break;
         }
-    })
-    .await;
+    }
     let timed_out = time_out_expired(relay).await?;
     relay
         .store

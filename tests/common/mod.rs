@@ -371,6 +371,31 @@ impl TestApp {
         }
     }
 
+    /// A second instance of the service on the same database and upstream (a replica), on its own
+    /// address; it stops when dropped.
+    pub async fn replica(&self) -> Replica {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind replica");
+        let addr = listener.local_addr().expect("addr");
+        let mut settings = self.settings.clone();
+        if !settings.server.public_url.is_empty() {
+            settings.server.public_url = format!("http://{addr}");
+        }
+        let shutdown = CancellationToken::new();
+        tokio::spawn(kling_relay::app::run(settings, listener, shutdown.clone()));
+        let base = format!("http://{addr}");
+        wait_until(Duration::from_secs(10), || async {
+            self.http
+                .get(format!("{base}/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+        Replica { base, shutdown }
+    }
+
     /// Stops the service (gracefully) and starts it again on the same address and database.
     pub async fn restart(&mut self) {
         self.stop().await;
@@ -486,6 +511,18 @@ pub fn client_with_key(key: &str) -> reqwest::Client {
         .default_headers(headers)
         .build()
         .expect("client")
+}
+
+/// An extra in-process instance of the service; see `TestApp::replica`.
+pub struct Replica {
+    pub base: String,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
 }
 
 impl Drop for TestApp {

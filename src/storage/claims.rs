@@ -1,0 +1,184 @@
+//! Taking background work: how any number of replicas share one database without doing paid
+//! work twice.
+//!
+//! Every claim is one short transaction that selects due rows with `FOR UPDATE SKIP LOCKED`
+//! (Postgres; SQLite serves one instance and its writers queue on the write lock instead), and
+//! moves each claimed row's due time to the end of a lease. While the lease runs, the row is not
+//! due for anyone else; if the replica that took it dies, the lease lapses and the row is due
+//! again, so another replica takes it over. Leases are sized to outlast the work they cover (one
+//! upstream or receiver HTTP call, each with a hard time limit), so they never need renewing, and
+//! whatever a late worker still commits goes through the version compare-and-set like any change.
+//!
+//! Dispatch also shares the upstream concurrency budget: its claim holds a transaction-scoped
+//! advisory lock while it sums the units in flight and picks what fits, so two replicas never
+//! both spend the same free units. Claimed tasks count as in flight from the commit on.
+
+use super::{
+    sql, DispatchCandidate, DueDelivery, PollCandidate, PollRow, Pool, Result, Store, Task,
+    TaskRow, TASK_COLUMNS,
+};
+
+/// Key of the advisory lock that serialises dispatch admission across replicas ("klr\x01").
+const ADMISSION_LOCK_KEY: i64 = 0x6b6c_7201;
+
+impl Store {
+    /// Row locks of a claim's select: other replicas skip rows a claim is working on instead of
+    /// waiting for it.
+    fn skip_locked(&self) -> &'static str {
+        match self.pool {
+            Pool::Sqlite(_) => "",
+            Pool::Postgres(_) => " FOR UPDATE SKIP LOCKED",
+        }
+    }
+
+    /// How a claim's transaction begins. SQLite: take the write lock up front, so a claim that
+    /// reads before it writes waits for another process's writer (the CLI's, say) in the busy
+    /// handler instead of failing on the lock upgrade.
+    fn begin_claim(&self) -> &'static str {
+        match self.pool {
+            Pool::Sqlite(_) => "BEGIN IMMEDIATE",
+            Pool::Postgres(_) => "BEGIN",
+        }
+    }
+
+    /// Claims due pending tasks for one create call each. `decide` gets the units our tasks hold
+    /// upstream (across all replicas) and the due tasks, most overdue first, and names the ones
+    /// to send; each is marked as possibly in flight (`dispatch_started_at`), so it counts
+    /// against the budget at once and a crash mid-call leads to recovery, not a loss, and its next
+    /// dispatch moves to `lease_until_ms`. Returns the claimed tasks.
+    pub async fn claim_dispatches<F>(
+        &self,
+        now_ms: i64,
+        limit: i64,
+        lease_until_ms: i64,
+        decide: F,
+    ) -> Result<Vec<Task>>
+    where
+        F: FnOnce(i64, Vec<DispatchCandidate>) -> Vec<String>,
+    {
+        let _writer = self.writer().await;
+        let select = format!("{}{}", sql::DUE_DISPATCHES, self.skip_locked());
+        // The version bump makes a cancel decided before the claim fail its compare-and-set.
+        let claim = format!(
+            "UPDATE tasks SET dispatch_started_at = COALESCE(dispatch_started_at, $2), \
+            dispatch_attempts = dispatch_attempts + 1, next_dispatch_at = $3, version = version + 1 \
+            WHERE id = $1 AND status = 'pending' AND next_dispatch_at IS NOT NULL \
+            AND next_dispatch_at <= $2 RETURNING {TASK_COLUMNS}"
+        );
+        let is_postgres = matches!(self.pool, Pool::Postgres(_));
+        let begin = self.begin_claim();
+        let rows: Vec<TaskRow> = on_pool!(self, p => {
+            let mut tx = p.begin_with(begin).await?;
+            if is_postgres {
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(ADMISSION_LOCK_KEY)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let due: Vec<(String, i64, i64, Option<i64>)> = sqlx::query_as(&select)
+                .bind(now_ms)
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?;
+            if due.is_empty() {
+                tx.rollback().await?;
+                return Ok(Vec::new());
+            }
+            let held: i64 = sqlx::query_scalar(sql::UNITS_HELD).fetch_one(&mut *tx).await?;
+            let in_doubt: i64 = sqlx::query_scalar(sql::UNITS_IN_DOUBT).fetch_one(&mut *tx).await?;
+            let candidates = due
+                .into_iter()
+                .map(|(id, n, created_at, started)| DispatchCandidate {
+                    id,
+                    n,
+                    created_at_ms: created_at,
+                    in_doubt: started.is_some(),
+                })
+                .collect();
+            let mut claimed = Vec::new();
+            for id in decide(held + in_doubt, candidates) {
+                let row: Option<TaskRow> = sqlx::query_as(&claim)
+                    .bind(&id)
+                    .bind(now_ms)
+                    .bind(lease_until_ms)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                claimed.extend(row);
+            }
+            tx.commit().await?;
+            claimed
+        });
+        rows.into_iter().map(Task::try_from).collect()
+    }
+
+    /// Claims up to `limit` tasks whose poll is due, most overdue first; their next poll moves to
+    /// `lease_until_ms` until the poll reschedules or changes them.
+    pub async fn claim_due_polls(
+        &self,
+        now_ms: i64,
+        limit: i64,
+        lease_until_ms: i64,
+    ) -> Result<Vec<PollCandidate>> {
+        let _writer = self.writer().await;
+        let claim = format!(
+            "UPDATE tasks SET poll_due_at = $3 WHERE id IN (SELECT id FROM tasks \
+            WHERE poll_due_at IS NOT NULL AND poll_due_at <= $1 \
+            ORDER BY poll_due_at LIMIT $2{}) \
+            RETURNING id, upstream_task_id, external_task_id, created_at, poll_count",
+            self.skip_locked()
+        );
+        let rows: Vec<PollRow> = on_pool!(self, p => {
+            sqlx::query_as(&claim)
+                .bind(now_ms)
+                .bind(limit)
+                .bind(lease_until_ms)
+                .fetch_all(p)
+                .await?
+        });
+        Ok(rows.into_iter().map(PollCandidate::from).collect())
+    }
+
+    /// Claims due deliveries for one attempt each. `take` sees each due delivery, oldest first,
+    /// and returns what holds its place (a free delivery slot) or None to leave it for later.
+    /// A claimed delivery's next attempt moves to `lease_until_ms`, so a crash mid-attempt leads
+    /// to another attempt, never to a lost notification.
+    pub async fn claim_deliveries<T, F>(
+        &self,
+        now_ms: i64,
+        limit: i64,
+        lease_until_ms: i64,
+        mut take: F,
+    ) -> Result<Vec<(DueDelivery, T)>>
+    where
+        F: FnMut(&DueDelivery) -> Option<T>,
+    {
+        let _writer = self.writer().await;
+        let select = format!("{}{}", sql::DUE_DELIVERIES, self.skip_locked());
+        let begin = self.begin_claim();
+        const CLAIM: &str = "UPDATE deliveries SET next_attempt_at = $3, attempts = attempts + 1, \
+            updated_at = $2 WHERE id = $1 AND state = 'pending' AND next_attempt_at <= $2";
+        on_pool!(self, p => {
+            let mut tx = p.begin_with(begin).await?;
+            let due: Vec<DueDelivery> = sqlx::query_as(&select)
+                .bind(now_ms)
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?;
+            let mut claimed = Vec::new();
+            for d in due {
+                let Some(slot) = take(&d) else { continue };
+                let done = sqlx::query(CLAIM)
+                    .bind(&d.id)
+                    .bind(now_ms)
+                    .bind(lease_until_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                if done.rows_affected() == 1 {
+                    claimed.push((d, slot));
+                }
+            }
+            tx.commit().await?;
+            Ok(claimed)
+        })
+    }
+}

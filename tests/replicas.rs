@@ -1,0 +1,391 @@
+//! Several replicas on one database: claims never hand the same work to two of them, the
+//! upstream budget is shared, a dead replica's leases lapse and its work is taken over, and
+//! waiters hear of changes made elsewhere. Each "replica" here is its own connection pool (a
+//! `Store`) or its own in-process service on the same database.
+
+mod common;
+
+use common::*;
+use kling_relay::domain::{Change, EventSource, TaskInputs, TaskStatus};
+use kling_relay::storage::{Commit, FeedEvent, NewTaskRecord, OutboxEntry, PendingCaps, Store};
+use serde_json::json;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+const CAPS: PendingCaps = PendingCaps {
+    total: 100_000,
+    per_client: 100_000,
+};
+
+async fn store(db: &TestDb) -> Store {
+    let s = Store::connect(&db.url, 4).await.expect("connect");
+    s.migrate().await.expect("migrate");
+    s
+}
+
+fn record(n: i64) -> NewTaskRecord {
+    let id = uuid::Uuid::now_v7().to_string();
+    NewTaskRecord {
+        external_task_id: format!("klr-{id}"),
+        id,
+        model_name: "kling-v2".into(),
+        prompt: Some("replicas".into()),
+        n,
+        aspect_ratio: None,
+        metadata: None,
+        inputs: TaskInputs {
+            subject_images: vec!["https://e.x/a.png".into(), "https://e.x/b.png".into()],
+            scene_image: None,
+            style_image: None,
+        },
+        created_at_ms: 1_700_000_000_000,
+        client: None,
+        notify_url: None,
+        request_id: None,
+    }
+}
+
+fn submitted(upstream_id: &str) -> Change {
+    Change {
+        status: TaskStatus::Submitted,
+        upstream_status: None,
+        bind_upstream_task_id: Some(upstream_id.into()),
+        upstream_updated_at_ms: None,
+        images: None,
+        error: None,
+        detail: None,
+    }
+}
+
+/// Many replicas claiming at once: no task is claimed twice, and the units claimed never
+/// exceed the shared budget, although each replica decides on its own.
+async fn concurrent_claims_share_the_budget_and_never_overlap(b: Backend) {
+    const BUDGET: i64 = 10;
+    let db = TestDb::new(b).await;
+    let mut replicas = Vec::new();
+    for _ in 0..4 {
+        replicas.push(store(&db).await);
+    }
+    for i in 0..60 {
+        replicas[0]
+            .insert_task(&record(1 + i % 3), None, CAPS)
+            .await
+            .unwrap();
+    }
+    let mut rounds = tokio::task::JoinSet::new();
+    for i in 0..12 {
+        let s = replicas[i % replicas.len()].clone();
+        rounds.spawn(async move {
+            // Few candidates per claim, so concurrent claims lock different rows.
+            s.claim_dispatches(i64::MAX / 2, 3, i64::MAX / 2 + 1, |in_flight, due| {
+                // What any replica's admission does: fill the free units, oldest first.
+                let mut free = BUDGET - in_flight;
+                let mut take = Vec::new();
+                for c in due {
+                    if c.n <= free {
+                        free -= c.n;
+                        take.push(c.id);
+                    }
+                }
+                take
+            })
+            .await
+            .unwrap()
+        });
+    }
+    let mut seen = HashSet::new();
+    let mut units = 0;
+    while let Some(claimed) = rounds.join_next().await {
+        for t in claimed.unwrap() {
+            assert!(seen.insert(t.id.clone()), "task {} claimed twice", t.id);
+            units += t.n;
+        }
+    }
+    assert!(units > 0, "something was claimed");
+    assert!(
+        units <= BUDGET,
+        "replicas claimed {units} units against a budget of {BUDGET}"
+    );
+    println!(
+        "claims: 12 concurrent rounds on 4 replicas claimed {units} of {BUDGET} units, 0 twice"
+    );
+}
+
+/// A replica that dies holding a claim: the task is not due for anyone while the lease runs, then
+/// another replica takes it over, in doubt (its create may have landed).
+async fn a_lapsed_dispatch_lease_is_taken_over(b: Backend) {
+    let db = TestDb::new(b).await;
+    let (dead, alive) = (store(&db).await, store(&db).await);
+    let r = record(1);
+    dead.insert_task(&r, None, CAPS).await.unwrap();
+    let take_all = |_: i64, due: Vec<kling_relay::storage::DispatchCandidate>| {
+        due.into_iter().map(|c| c.id).collect::<Vec<_>>()
+    };
+    const T: i64 = 1_800_000_000_000;
+    let first = dead
+        .claim_dispatches(T, 10, T + 1_000, take_all)
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    // `dead` never reports back.
+    let early = alive
+        .claim_dispatches(T + 999, 10, T + 5_000, take_all)
+        .await
+        .unwrap();
+    assert!(early.is_empty(), "taken while the lease ran");
+    let late = alive
+        .claim_dispatches(T + 1_000, 10, T + 5_000, take_all)
+        .await
+        .unwrap();
+    assert_eq!(late.len(), 1, "taken over once the lease lapsed");
+    assert_eq!(late[0].id, r.id);
+    assert_eq!(
+        late[0].dispatch_started_at_ms,
+        Some(T),
+        "the takeover knows the first create may have landed"
+    );
+    assert_eq!(late[0].dispatch_attempts, 2);
+}
+
+/// Polls: disjoint claims across replicas, due again once a dead replica's lease lapses.
+async fn poll_claims_are_disjoint_and_lapse(b: Backend) {
+    let db = TestDb::new(b).await;
+    let (a, bb) = (store(&db).await, store(&db).await);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let r = record(1);
+        a.insert_task(&r, None, CAPS).await.unwrap();
+        assert!(a
+            .commit_change(&Commit {
+                id: &r.id,
+                expected_version: 0,
+                change: &submitted(&format!("u-{i}")),
+                source: EventSource::Dispatch,
+                now_ms: 10,
+                poll_due_at_ms: Some(100),
+                outbox: None,
+            })
+            .await
+            .unwrap());
+        ids.push(r.id);
+    }
+    let (x, y) = tokio::join!(
+        a.claim_due_polls(100, 15, 5_000),
+        bb.claim_due_polls(100, 15, 5_000)
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+    let mut seen = HashSet::new();
+    for c in x.iter().chain(&y) {
+        assert!(seen.insert(c.id.clone()), "poll of {} claimed twice", c.id);
+    }
+    assert_eq!(seen.len(), 20, "all due polls claimed between the two");
+    assert!(a
+        .claim_due_polls(4_999, 50, 9_000)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        bb.claim_due_polls(5_000, 50, 9_000).await.unwrap().len(),
+        20,
+        "due again once the lease lapsed"
+    );
+}
+
+/// Notifications: disjoint claims across replicas; `take` declining leaves a delivery due.
+async fn delivery_claims_are_disjoint(b: Backend) {
+    let db = TestDb::new(b).await;
+    let (a, bb) = (store(&db).await, store(&db).await);
+    let client = create_client(&db, "c1").await;
+    for i in 0..12 {
+        let mut r = record(1);
+        r.client = Some(client.name.clone());
+        a.insert_task(&r, None, CAPS).await.unwrap();
+        assert!(a
+            .commit_change(&Commit {
+                id: &r.id,
+                expected_version: 0,
+                change: &submitted(&format!("u-{i}")),
+                source: EventSource::Dispatch,
+                now_ms: 10,
+                poll_due_at_ms: None,
+                outbox: Some(&OutboxEntry {
+                    id: format!("msg_{i}"),
+                    client: client.name.clone(),
+                    url: format!("https://receiver.test/{i}"),
+                    payload: "{}".into(),
+                }),
+            })
+            .await
+            .unwrap());
+    }
+    let (x, y) = tokio::join!(
+        a.claim_deliveries(i64::MAX / 2, 100, i64::MAX / 2 + 1, |_| Some(())),
+        bb.claim_deliveries(i64::MAX / 2, 100, i64::MAX / 2 + 1, |_| Some(()))
+    );
+    let mut seen = HashSet::new();
+    for (d, ()) in x.unwrap().iter().chain(&y.unwrap()) {
+        assert!(seen.insert(d.id.clone()), "delivery {} claimed twice", d.id);
+    }
+    assert_eq!(seen.len(), 12);
+
+    // A replica with no free slot claims nothing and leaves the delivery due.
+    let c = create_client(&db, "c2").await;
+    let mut r = record(1);
+    r.client = Some(c.name.clone());
+    a.insert_task(&r, None, CAPS).await.unwrap();
+    assert!(a
+        .commit_change(&Commit {
+            id: &r.id,
+            expected_version: 0,
+            change: &submitted("u-x"),
+            source: EventSource::Dispatch,
+            now_ms: 10,
+            poll_due_at_ms: None,
+            outbox: Some(&OutboxEntry {
+                id: "msg_x".into(),
+                client: c.name.clone(),
+                url: "https://receiver.test/x".into(),
+                payload: "{}".into(),
+            }),
+        })
+        .await
+        .unwrap());
+    let none = a
+        .claim_deliveries(i64::MAX / 2, 100, i64::MAX / 2 + 1, |_| None::<()>)
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    let later = bb
+        .claim_deliveries(i64::MAX / 2, 100, i64::MAX / 2 + 1, |_| Some(()))
+        .await
+        .unwrap();
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].0.id, "msg_x");
+}
+
+// SQLite serves one instance, so only the takeover (by the same instance after a restart) and
+// single-claimer behaviour apply there.
+on_both_backends!(a_lapsed_dispatch_lease_is_taken_over);
+
+macro_rules! on_postgres {
+    ($($name:ident),* $(,)?) => {
+        mod postgres_replicas {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(()) = $crate::common::postgres_or_skip() {
+                        super::$name($crate::common::Backend::Postgres).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_postgres!(
+    concurrent_claims_share_the_budget_and_never_overlap,
+    poll_claims_are_disjoint_and_lapse,
+    delivery_claims_are_disjoint,
+);
+
+/// Postgres: a change committed through one store is heard by every other store's feed, not by
+/// its own, and only once committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_replicas_hear_committed_changes() {
+    if postgres_or_skip().is_none() {
+        return;
+    }
+    let db = TestDb::new(Backend::Postgres).await;
+    let (a, bb) = (store(&db).await, store(&db).await);
+    let mut feed_a = a.change_feed().await.unwrap().expect("Postgres has a feed");
+    let mut feed_b = bb
+        .change_feed()
+        .await
+        .unwrap()
+        .expect("Postgres has a feed");
+    let r = record(1);
+    a.insert_task(&r, None, CAPS).await.unwrap();
+    assert!(a
+        .commit_change(&Commit {
+            id: &r.id,
+            expected_version: 0,
+            change: &submitted("u-1"),
+            source: EventSource::Dispatch,
+            now_ms: 10,
+            poll_due_at_ms: None,
+            outbox: None,
+        })
+        .await
+        .unwrap());
+    let heard = tokio::time::timeout(Duration::from_secs(5), feed_b.next())
+        .await
+        .expect("heard within 5 s")
+        .unwrap();
+    assert_eq!(heard, FeedEvent::Changed(r.id.clone()));
+    // A stale compare-and-set commits nothing and says nothing.
+    assert!(!bb
+        .commit_change(&Commit {
+            id: &r.id,
+            expected_version: 0,
+            change: &submitted("u-1"),
+            source: EventSource::Dispatch,
+            now_ms: 11,
+            poll_due_at_ms: None,
+            outbox: None,
+        })
+        .await
+        .unwrap());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), feed_a.next())
+            .await
+            .is_err(),
+        "a store does not hear its own changes, nor rolled-back ones"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_has_no_change_feed() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    assert!(store(&db).await.change_feed().await.unwrap().is_none());
+}
+
+/// Long-poll on one replica, webhook on another: the waiter answers as soon as the change
+/// commits, not at the end of its wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_hears_a_webhook_that_landed_on_another_replica() {
+    if postgres_or_skip().is_none() {
+        return;
+    }
+    let app = TestApp::spawn_with(Backend::Postgres, Options::stalled()).await;
+    let other = app.replica().await;
+    let id = app.submit_ok(&valid_body()).await;
+    app.wait_for_status(&id, "submitted", Duration::from_secs(10))
+        .await;
+    let waiter = {
+        let http = app.http.clone();
+        let url = format!("{}/v1/tasks/{id}?wait=20&status_not=submitted", other.base);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let v: serde_json::Value = http.get(url).send().await.unwrap().json().await.unwrap();
+            (v, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let upstream_id = app.task(&id).await["upstream_task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (code, _) = app
+        .post_callback(
+            &app.callback_url(&id),
+            &callback(&upstream_id, "processing", 1_700_000_000_500),
+        )
+        .await;
+    assert_eq!(code, 200);
+    let (task, waited) = waiter.await.unwrap();
+    assert_eq!(task["status"], json!("processing"), "{task}");
+    assert!(
+        waited < Duration::from_secs(5),
+        "the other replica's waiter woke after {waited:?}"
+    );
+}
