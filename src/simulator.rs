@@ -89,6 +89,20 @@ pub struct Faults {
     pub create_hang_ms: u64,
     pub query_fail: Option<Failure>,
     pub query_delay_ms: u64,
+    /// Answer queries with something that is not a valid task answer.
+    pub query_garbage: Option<Garbage>,
+}
+
+/// Ways a query answer can be wrong, for the misbehaving-upstream tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Garbage {
+    /// HTTP 200 whose body is not JSON.
+    MalformedJson,
+    /// A well-formed answer whose `task_status` is not one the page lists.
+    UnknownStatus,
+    /// A well-formed answer about another task (its `task_id` differs).
+    OtherTask,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -135,6 +149,8 @@ struct SimState {
     tasks: HashMap<String, SimTask>,
     by_external: HashMap<String, String>,
     stats: SimStats,
+    /// (task_id, task_status) of every callback the receiver answered with 2xx.
+    acknowledged: Vec<(String, String)>,
 }
 
 /// A running simulator; dropping it does not stop it, [`Simulator::stop`] does.
@@ -206,6 +222,11 @@ impl Simulator {
 
     pub fn stats(&self) -> SimStats {
         lock(&self.inner.state).stats.clone()
+    }
+
+    /// (task_id, task_status) of every callback the receiver acknowledged with a 2xx, in order.
+    pub fn acknowledged_callbacks(&self) -> Vec<(String, String)> {
+        lock(&self.inner.state).acknowledged.clone()
     }
 
     /// The upstream status of a task, as the simulator holds it.
@@ -524,6 +545,10 @@ async fn send_callback(inner: &Arc<Inner>, faults: &Faults, url: Option<String>,
     if faults.drop_callbacks > 0.0 && rand::thread_rng().gen::<f64>() < faults.drop_callbacks {
         return;
     }
+    let about = (
+        data["task_id"].as_str().unwrap_or_default().to_owned(),
+        data["task_status"].as_str().unwrap_or_default().to_owned(),
+    );
     let body = if faults.callback_envelope {
         envelope(json!(0), "SUCCEED", data)
     } else {
@@ -537,11 +562,14 @@ async fn send_callback(inner: &Arc<Inner>, faults: &Faults, url: Option<String>,
         for _ in 0..copies {
             // Upstream promises no retry, so neither do we: the receiver must cope.
             let sent = inner.http.post(&url).json(&body).send().await;
-            if let Err(e) = sent {
+            let mut st = lock(&inner.state);
+            match sent {
+                Ok(r) if r.status().is_success() => st.acknowledged.push(about.clone()),
+                Ok(_) => {}
                 // Without the URL: it carries the receiver's callback token.
-                tracing::debug!(error = %e.without_url(), "simulator callback failed");
+                Err(e) => tracing::debug!(error = %e.without_url(), "simulator callback failed"),
             }
-            lock(&inner.state).stats.callbacks_sent += 1;
+            st.stats.callbacks_sent += 1;
         }
     };
     if delay.is_zero() {
@@ -552,14 +580,45 @@ async fn send_callback(inner: &Arc<Inner>, faults: &Faults, url: Option<String>,
 }
 
 async fn query_fault(inner: &Inner) -> Option<Response> {
-    let (failure, delay) = {
+    let (failure, delay, garbage) = {
         let f = lock(&inner.faults);
-        (f.query_fail, f.query_delay_ms)
+        (f.query_fail, f.query_delay_ms, f.query_garbage)
     };
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
+    if let Some(g) = garbage {
+        return Some(garbage_response(g));
+    }
     failure.map(failure_response)
+}
+
+fn garbage_response(g: Garbage) -> Response {
+    match g {
+        Garbage::MalformedJson => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            "{\"code\": 0, \"data\": {\"task_status\": ",
+        )
+            .into_response(),
+        Garbage::UnknownStatus => reply(
+            StatusCode::OK,
+            envelope(
+                json!(0),
+                "SUCCEED",
+                json!({"task_id": "whatever", "task_status": "teleporting", "created_at": 1, "updated_at": 2}),
+            ),
+        ),
+        Garbage::OtherTask => reply(
+            StatusCode::OK,
+            envelope(
+                json!(0),
+                "SUCCEED",
+                json!({"task_id": "someone-elses-task", "task_status": "succeed", "created_at": 1, "updated_at": 2,
+                       "task_result": {"images": [{"index": 0, "url": "https://elsewhere.example/x.png"}]}}),
+            ),
+        ),
+    }
 }
 
 fn not_exist() -> Response {

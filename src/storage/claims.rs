@@ -84,8 +84,8 @@ impl Store {
                 tx.rollback().await?;
                 return Ok(Vec::new());
             }
-            let held: i64 = sqlx::query_scalar(sql::UNITS_HELD).fetch_one(&mut *tx).await?;
-            let in_doubt: i64 = sqlx::query_scalar(sql::UNITS_IN_DOUBT).fetch_one(&mut *tx).await?;
+            let in_flight: i64 =
+                sqlx::query_scalar(sql::UNITS_IN_FLIGHT).fetch_one(&mut *tx).await?;
             let candidates = due
                 .into_iter()
                 .map(|(id, n, created_at, started)| DispatchCandidate {
@@ -96,7 +96,7 @@ impl Store {
                 })
                 .collect();
             let mut claimed = Vec::new();
-            for id in decide(held + in_doubt, candidates) {
+            for id in decide(in_flight, candidates) {
                 let row: Option<TaskRow> = sqlx::query_as(&claim)
                     .bind(&id)
                     .bind(now_ms)

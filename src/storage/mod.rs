@@ -595,9 +595,7 @@ impl Store {
     /// `processing`) plus pending tasks whose create may have landed.
     pub async fn units_in_flight(&self) -> Result<i64> {
         on_pool!(self, p => {
-            let held: i64 = sqlx::query_scalar(sql::UNITS_HELD).fetch_one(p).await?;
-            let in_doubt: i64 = sqlx::query_scalar(sql::UNITS_IN_DOUBT).fetch_one(p).await?;
-            Ok(held + in_doubt)
+            Ok(sqlx::query_scalar(sql::UNITS_IN_FLIGHT).fetch_one(p).await?)
         })
     }
 
@@ -885,12 +883,15 @@ pub mod sql {
         "SELECT id, upstream_task_id, external_task_id, created_at, poll_count \
             FROM tasks WHERE poll_due_at IS NOT NULL AND poll_due_at <= $1 \
             ORDER BY poll_due_at LIMIT $2";
-    /// Units held by tasks upstream has.
-    pub const UNITS_HELD: &str = "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM tasks \
-        WHERE status IN ('submitted', 'processing')";
-    /// Units of pending tasks whose create may have landed.
-    pub const UNITS_IN_DOUBT: &str = "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM tasks \
-        WHERE dispatch_started_at IS NOT NULL AND status = 'pending'";
+    /// Units our tasks may hold upstream: those upstream has (`submitted`, `processing`) plus
+    /// pending tasks whose create may have landed. One statement, so both sums come from one
+    /// snapshot: read apart, a task moving from in doubt to submitted between them (another
+    /// replica's commit) would be counted in neither, and the budget overspent.
+    pub const UNITS_IN_FLIGHT: &str = "SELECT \
+        (SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM tasks \
+            WHERE status IN ('submitted', 'processing')) + \
+        (SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM tasks \
+            WHERE dispatch_started_at IS NOT NULL AND status = 'pending')";
     /// Notifications whose next attempt is due, oldest first.
     pub const DUE_DELIVERIES: &str = "SELECT id, task_id, client, url, payload, attempts \
         FROM deliveries WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= $1 \

@@ -2,6 +2,7 @@
 //! database), an in-process simulator, and the service on a loopback port.
 #![allow(dead_code)]
 
+pub mod process;
 pub mod receiver;
 
 use kling_relay::config::{Secret, Settings};
