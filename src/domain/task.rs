@@ -60,7 +60,7 @@ impl TaskStatus {
 
     /// Position in the only order a task may move in. Final statuses share the top rank: once one is
     /// reached nothing moves the task again.
-    fn rank(self) -> u8 {
+    pub fn rank(self) -> u8 {
         match self {
             TaskStatus::Pending => 0,
             TaskStatus::Submitted => 1,
