@@ -97,11 +97,10 @@ async fn three_replicas_one_killed_mid_run_lose_nothing_and_pay_once() {
     let sim = sim_with_units(UNITS).await;
     let rx = Receiver::start().await;
     let http = client_from_cli(&db);
-    let set_url = command(&["clients", "set-notify-url", "tester", &rx.url("/hook")])
-        .env("KLING_RELAY_DATABASE__URL", &db.url)
-        .output()
-        .unwrap();
-    assert!(set_url.status.success());
+    cli_ok(
+        &db,
+        &["clients", "set-notify-url", "tester", &rx.url("/hook")],
+    );
     let dir = tempfile::tempdir().unwrap();
     let mut replicas = Vec::new();
     for _ in 0..3 {
@@ -182,7 +181,7 @@ async fn three_replicas_one_killed_mid_run_lose_nothing_and_pay_once() {
     let unbound = db
         .count("SELECT COUNT(*) FROM tasks WHERE upstream_task_id IS NULL OR status <> 'succeeded'")
         .await;
-    println!(
+    record_figures(&format!(
         "chaos: replicas=3 killed=1 tasks={stored} acknowledged={} lost={lost} \
          duplicated={duplicated} created_upstream={} busy_answers={} peak_units={}/{UNITS} \
          notifications_received={} elapsed={:.1}s",
@@ -192,7 +191,7 @@ async fn three_replicas_one_killed_mid_run_lose_nothing_and_pay_once() {
         stats.peak_units_in_use,
         rx.received("/hook").len(),
         elapsed.as_secs_f64()
-    );
+    ));
     assert_eq!(lost, 0, "acknowledged tasks missing");
     assert_eq!(
         duplicated, 0,
@@ -249,12 +248,7 @@ async fn postgres_outages_answer_503_and_recover_without_a_restart() {
                     continue;
                 };
                 let status = r.status().as_u16();
-                let ctype = r
-                    .headers()
-                    .get("content-type")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_owned();
+                let ctype = content_type(&r);
                 let v: Value = r.json().await.unwrap_or(Value::Null);
                 if status == 503 {
                     assert_eq!(ctype, "application/problem+json", "{v}");
@@ -352,14 +346,14 @@ async fn postgres_outages_answer_503_and_recover_without_a_restart() {
         }
     }
     let duplicated = app.sim.stats().tasks_created as i64 - stored;
-    println!(
+    record_figures(&format!(
         "chaos: postgres connections_terminated={terminated} outage=1.5s submits={} \
          acknowledged={} answered_503={refused} lost={lost} duplicated={duplicated} \
          recovered_in={:.1}s",
         answers.len(),
         acked.len(),
         recovery.as_secs_f64()
-    );
+    ));
     assert!(acked.len() > 10, "the load ran");
     assert_eq!(lost, 0);
     assert_eq!(duplicated, 0);
@@ -380,11 +374,10 @@ async fn sqlite_survives_kill_dash_nine_at_random_moments() {
     let sim = start_sim().await;
     let rx = Receiver::start().await;
     let http = client_from_cli(&db);
-    let set_url = command(&["clients", "set-notify-url", "tester", &rx.url("/hook")])
-        .env("KLING_RELAY_DATABASE__URL", &db.url)
-        .output()
-        .unwrap();
-    assert!(set_url.status.success());
+    cli_ok(
+        &db,
+        &["clients", "set-notify-url", "tester", &rx.url("/hook")],
+    );
     let dir = tempfile::tempdir().unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
     let env = service_env(&listen, &db.url, &sim);
@@ -449,11 +442,11 @@ async fn sqlite_survives_kill_dash_nine_at_random_moments() {
     let stored = db.count("SELECT COUNT(*) FROM tasks").await;
     let duplicated = sim.stats().tasks_created as i64 - stored;
     let acked = acked.lock().unwrap().len();
-    println!(
+    record_figures(&format!(
         "chaos: sqlite kills={RUNS} kill_points_ms={kill_points:?} acknowledged={acked} \
          stored={stored} callbacks_acknowledged={} integrity=ok lost=0 duplicated={duplicated}",
         sim.acknowledged_callbacks().len()
-    );
+    ));
     assert!(acked > 0);
     assert_eq!(duplicated, 0, "each task created upstream exactly once");
     sim.stop();

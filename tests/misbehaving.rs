@@ -148,10 +148,10 @@ async fn thirty_second_stalls_hold_up_nothing(b: Backend) {
         elapsed < Duration::from_secs(20),
         "took {elapsed:?} under 30 s stalls"
     );
-    println!(
-        "misbehaving: 10 tasks under 30 s query stalls and 50% hanging creates finished in {:.1}s",
+    record_figures(&format!(
+        "misbehaving: {b:?} 10 tasks under 30 s query stalls and 50% hanging creates finished in {:.1}s",
         elapsed.as_secs_f64()
-    );
+    ));
 }
 
 on_both_backends!(

@@ -96,15 +96,7 @@ fn environment_overrides_the_config_file() {
 async fn migrate_creates_and_upgrades_the_database(b: Backend) {
     let db = TestDb::new(b).await;
     for _ in 0..2 {
-        let out = command(&["migrate"])
-            .env("KLING_RELAY_DATABASE__URL", &db.url)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = cli_ok(&db, &["migrate"]);
         assert!(String::from_utf8_lossy(&out.stdout).contains("migrations applied"));
     }
     if b == Backend::Sqlite {

@@ -6,8 +6,8 @@
 mod common;
 
 use common::*;
-use kling_relay::domain::{Change, EventSource, TaskInputs, TaskStatus};
-use kling_relay::storage::{Commit, FeedEvent, NewTaskRecord, OutboxEntry, PendingCaps, Store};
+use kling_relay::domain::{Change, EventSource, TaskStatus};
+use kling_relay::storage::{Commit, FeedEvent, OutboxEntry, PendingCaps, Store};
 use serde_json::json;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -17,32 +17,12 @@ const CAPS: PendingCaps = PendingCaps {
     per_client: 100_000,
 };
 
-async fn store(db: &TestDb) -> Store {
-    let s = Store::connect(&db.url, 4).await.expect("connect");
-    s.migrate().await.expect("migrate");
-    s
-}
-
-fn record(n: i64) -> NewTaskRecord {
-    let id = uuid::Uuid::now_v7().to_string();
-    NewTaskRecord {
-        external_task_id: format!("klr-{id}"),
-        id,
-        model_name: "kling-v2".into(),
-        prompt: Some("replicas".into()),
-        n,
-        aspect_ratio: None,
-        metadata: None,
-        inputs: TaskInputs {
-            subject_images: vec!["https://e.x/a.png".into(), "https://e.x/b.png".into()],
-            scene_image: None,
-            style_image: None,
-        },
-        created_at_ms: 1_700_000_000_000,
-        client: None,
-        notify_url: None,
-        request_id: None,
-    }
+/// A task of `n` units, owned by nobody.
+fn record(n: i64) -> kling_relay::storage::NewTaskRecord {
+    let mut r = task_record(0);
+    r.n = n;
+    r.client = None;
+    r
 }
 
 fn submitted(upstream_id: &str) -> Change {
@@ -57,6 +37,39 @@ fn submitted(upstream_id: &str) -> Change {
     }
 }
 
+/// Stores a task (owned by `client`) and commits it as `submitted` to upstream task `upstream`,
+/// with a poll due at `poll_due_at_ms` and, when `notify` names a URL, a notification to it.
+async fn submitted_task(
+    s: &Store,
+    client: Option<&str>,
+    upstream: &str,
+    poll_due_at_ms: Option<i64>,
+    notify: Option<(&str, &str)>,
+) -> String {
+    let mut r = record(1);
+    r.client = client.map(str::to_owned);
+    s.insert_task(&r, None, CAPS).await.unwrap();
+    let outbox = notify.map(|(id, url)| OutboxEntry {
+        id: id.into(),
+        client: client.unwrap_or_default().into(),
+        url: url.into(),
+        payload: "{}".into(),
+    });
+    assert!(s
+        .commit_change(&Commit {
+            id: &r.id,
+            expected_version: 0,
+            change: &submitted(upstream),
+            source: EventSource::Dispatch,
+            now_ms: 10,
+            poll_due_at_ms,
+            outbox: outbox.as_ref(),
+        })
+        .await
+        .unwrap());
+    r.id
+}
+
 /// Many replicas claiming at once: no task is claimed twice, and the units claimed never
 /// exceed the shared budget, although each replica decides on its own.
 async fn concurrent_claims_share_the_budget_and_never_overlap(b: Backend) {
@@ -64,7 +77,7 @@ async fn concurrent_claims_share_the_budget_and_never_overlap(b: Backend) {
     let db = TestDb::new(b).await;
     let mut replicas = Vec::new();
     for _ in 0..4 {
-        replicas.push(store(&db).await);
+        replicas.push(open_store(&db).await);
     }
     for i in 0..60 {
         replicas[0]
@@ -106,16 +119,16 @@ async fn concurrent_claims_share_the_budget_and_never_overlap(b: Backend) {
         units <= BUDGET,
         "replicas claimed {units} units against a budget of {BUDGET}"
     );
-    println!(
+    record_figures(&format!(
         "claims: 12 concurrent rounds on 4 replicas claimed {units} of {BUDGET} units, 0 twice"
-    );
+    ));
 }
 
 /// A replica that dies holding a claim: the task is not due for anyone while the lease runs, then
 /// another replica takes it over, in doubt (its create may have landed).
 async fn a_lapsed_dispatch_lease_is_taken_over(b: Backend) {
     let db = TestDb::new(b).await;
-    let (dead, alive) = (store(&db).await, store(&db).await);
+    let (dead, alive) = (open_store(&db).await, open_store(&db).await);
     let r = record(1);
     dead.insert_task(&r, None, CAPS).await.unwrap();
     let take_all = |_: i64, due: Vec<kling_relay::storage::DispatchCandidate>| {
@@ -150,24 +163,9 @@ async fn a_lapsed_dispatch_lease_is_taken_over(b: Backend) {
 /// Polls: disjoint claims across replicas, due again once a dead replica's lease lapses.
 async fn poll_claims_are_disjoint_and_lapse(b: Backend) {
     let db = TestDb::new(b).await;
-    let (a, bb) = (store(&db).await, store(&db).await);
-    let mut ids = Vec::new();
+    let (a, bb) = (open_store(&db).await, open_store(&db).await);
     for i in 0..20 {
-        let r = record(1);
-        a.insert_task(&r, None, CAPS).await.unwrap();
-        assert!(a
-            .commit_change(&Commit {
-                id: &r.id,
-                expected_version: 0,
-                change: &submitted(&format!("u-{i}")),
-                source: EventSource::Dispatch,
-                now_ms: 10,
-                poll_due_at_ms: Some(100),
-                outbox: None,
-            })
-            .await
-            .unwrap());
-        ids.push(r.id);
+        submitted_task(&a, None, &format!("u-{i}"), Some(100), None).await;
     }
     let (x, y) = tokio::join!(
         a.claim_due_polls(100, 15, 5_000),
@@ -194,29 +192,18 @@ async fn poll_claims_are_disjoint_and_lapse(b: Backend) {
 /// Notifications: disjoint claims across replicas; `take` declining leaves a delivery due.
 async fn delivery_claims_are_disjoint(b: Backend) {
     let db = TestDb::new(b).await;
-    let (a, bb) = (store(&db).await, store(&db).await);
+    let (a, bb) = (open_store(&db).await, open_store(&db).await);
     let client = create_client(&db, "c1").await;
     for i in 0..12 {
-        let mut r = record(1);
-        r.client = Some(client.name.clone());
-        a.insert_task(&r, None, CAPS).await.unwrap();
-        assert!(a
-            .commit_change(&Commit {
-                id: &r.id,
-                expected_version: 0,
-                change: &submitted(&format!("u-{i}")),
-                source: EventSource::Dispatch,
-                now_ms: 10,
-                poll_due_at_ms: None,
-                outbox: Some(&OutboxEntry {
-                    id: format!("msg_{i}"),
-                    client: client.name.clone(),
-                    url: format!("https://receiver.test/{i}"),
-                    payload: "{}".into(),
-                }),
-            })
-            .await
-            .unwrap());
+        let (id, url) = (format!("msg_{i}"), format!("https://receiver.test/{i}"));
+        submitted_task(
+            &a,
+            Some(&client.name),
+            &format!("u-{i}"),
+            None,
+            Some((&id, &url)),
+        )
+        .await;
     }
     let (x, y) = tokio::join!(
         a.claim_deliveries(i64::MAX / 2, 100, i64::MAX / 2 + 1, |_| Some(())),
@@ -230,26 +217,8 @@ async fn delivery_claims_are_disjoint(b: Backend) {
 
     // A replica with no free slot claims nothing and leaves the delivery due.
     let c = create_client(&db, "c2").await;
-    let mut r = record(1);
-    r.client = Some(c.name.clone());
-    a.insert_task(&r, None, CAPS).await.unwrap();
-    assert!(a
-        .commit_change(&Commit {
-            id: &r.id,
-            expected_version: 0,
-            change: &submitted("u-x"),
-            source: EventSource::Dispatch,
-            now_ms: 10,
-            poll_due_at_ms: None,
-            outbox: Some(&OutboxEntry {
-                id: "msg_x".into(),
-                client: c.name.clone(),
-                url: "https://receiver.test/x".into(),
-                payload: "{}".into(),
-            }),
-        })
-        .await
-        .unwrap());
+    let notify = Some(("msg_x", "https://receiver.test/x"));
+    submitted_task(&a, Some(&c.name), "u-x", None, notify).await;
     let none = a
         .claim_deliveries(i64::MAX / 2, 100, i64::MAX / 2 + 1, |_| None::<()>)
         .await
@@ -296,7 +265,7 @@ async fn other_replicas_hear_committed_changes() {
         return;
     }
     let db = TestDb::new(Backend::Postgres).await;
-    let (a, bb) = (store(&db).await, store(&db).await);
+    let (a, bb) = (open_store(&db).await, open_store(&db).await);
     let mut feed_a = a.change_feed().await.unwrap().expect("Postgres has a feed");
     let mut feed_b = bb
         .change_feed()
@@ -346,7 +315,7 @@ async fn other_replicas_hear_committed_changes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_has_no_change_feed() {
     let db = TestDb::new(Backend::Sqlite).await;
-    assert!(store(&db).await.change_feed().await.unwrap().is_none());
+    assert!(open_store(&db).await.change_feed().await.unwrap().is_none());
 }
 
 /// Long-poll on one replica, webhook on another: the waiter answers as soon as the change

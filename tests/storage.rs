@@ -4,43 +4,13 @@
 mod common;
 
 use common::*;
-use kling_relay::domain::{Change, EventSource, TaskInputs, TaskStatus, Transition};
-use kling_relay::storage::{
-    sql, Commit, ExplainArg, ListFilter, NewTaskRecord, PendingCaps, Store,
-};
+use kling_relay::domain::{Change, EventSource, TaskStatus, Transition};
+use kling_relay::storage::{sql, Commit, ExplainArg, ListFilter, PendingCaps, Store};
 
 const CAPS: PendingCaps = PendingCaps {
     total: 1000,
     per_client: 1000,
 };
-
-async fn store(db: &TestDb) -> Store {
-    let s = Store::connect(&db.url, 4).await.expect("connect");
-    s.migrate().await.expect("migrate");
-    s
-}
-
-fn record(i: i64) -> NewTaskRecord {
-    let id = uuid::Uuid::now_v7().to_string();
-    NewTaskRecord {
-        external_task_id: format!("klr-{id}"),
-        id,
-        model_name: "kling-v2".into(),
-        prompt: Some(format!("task {i}")),
-        n: 1,
-        aspect_ratio: None,
-        metadata: None,
-        inputs: TaskInputs {
-            subject_images: vec!["https://e.x/a.png".into(), "https://e.x/b.png".into()],
-            scene_image: None,
-            style_image: None,
-        },
-        created_at_ms: 1_700_000_000_000 + i,
-        client: Some("c1".into()),
-        notify_url: None,
-        request_id: None,
-    }
-}
 
 /// Asserts the plan reads through `index` (or one of `|`-separated alternatives), never by a
 /// full scan.
@@ -80,9 +50,9 @@ fn assert_cursor_in_index_range(backend: Backend, plan: &[String]) {
 
 async fn every_hot_query_is_served_by_an_index(b: Backend) {
     let db = TestDb::new(b).await;
-    let s = store(&db).await;
+    let s = open_store(&db).await;
     for i in 0..50 {
-        s.insert_task(&record(i), None, CAPS).await.unwrap();
+        s.insert_task(&task_record(i), None, CAPS).await.unwrap();
     }
     let int = ExplainArg::Int;
     let text = |v: &str| ExplainArg::Text(v.to_owned());
@@ -200,8 +170,8 @@ async fn due_dispatches(s: &Store) -> Vec<kling_relay::storage::DispatchCandidat
 
 async fn final_tasks_leave_the_work_indexes(b: Backend) {
     let db = TestDb::new(b).await;
-    let s = store(&db).await;
-    let r = record(1);
+    let s = open_store(&db).await;
+    let r = task_record(1);
     s.insert_task(&r, None, CAPS).await.unwrap();
     let due = due_dispatches(&s).await;
     assert_eq!(due.len(), 1);
@@ -280,8 +250,8 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
 
 async fn a_claim_defeats_a_cancel_decided_before_it(b: Backend) {
     let db = TestDb::new(b).await;
-    let s = store(&db).await;
-    let r = record(7);
+    let s = open_store(&db).await;
+    let r = task_record(7);
     s.insert_task(&r, None, CAPS).await.unwrap();
     let before = s.get_task(&r.id).await.unwrap().unwrap();
     // The dispatcher claims the task (its create call may now reach upstream)...
@@ -318,11 +288,11 @@ async fn a_claim_defeats_a_cancel_decided_before_it(b: Backend) {
 
 async fn the_generated_webhook_secret_is_kept(b: Backend) {
     let db = TestDb::new(b).await;
-    let s = store(&db).await;
+    let s = open_store(&db).await;
     assert_eq!(s.ensure_secret("k", "first").await.unwrap(), "first");
     assert_eq!(s.ensure_secret("k", "second").await.unwrap(), "first");
     s.close().await;
-    let again = store(&db).await;
+    let again = open_store(&db).await;
     assert_eq!(again.ensure_secret("k", "third").await.unwrap(), "first");
     again.close().await;
 }

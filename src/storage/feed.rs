@@ -32,7 +32,13 @@ impl Store {
         let Pool::Postgres(pool) = &self.pool else {
             return Ok(None);
         };
-        let mut listener = PgListener::connect_with(pool).await?;
+        // Its own one-connection pool: the listener holds its connection for good, and taking it
+        // from the work pool would leave one connection fewer for requests.
+        let own = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with((*pool.connect_options()).clone())
+            .await?;
+        let mut listener = PgListener::connect_with(&own).await?;
         listener.listen(CHANNEL).await?;
         Ok(Some(ChangeFeed {
             listener,

@@ -488,6 +488,62 @@ impl TestApp {
     }
 }
 
+/// The content type an answer declares ("" when none).
+pub fn content_type(r: &reqwest::Response) -> String {
+    r.headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Prints a fault test's figures and appends them to `target/tmp/reliability.txt`, which
+/// `.ci/run` shows after the suite (the README's Reliability section quotes them).
+pub fn record_figures(line: &str) {
+    use std::io::Write;
+    println!("{line}");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("reliability.txt");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+/// A store on the test's database, migrated: what one replica of the service opens.
+pub async fn open_store(db: &TestDb) -> kling_relay::storage::Store {
+    let s = kling_relay::storage::Store::connect(&db.url, 4)
+        .await
+        .expect("connect");
+    s.migrate().await.expect("migrate");
+    s
+}
+
+/// A task to insert directly (owned by client `c1`, which need not exist), created at `1.7e12 + i`.
+pub fn task_record(i: i64) -> kling_relay::storage::NewTaskRecord {
+    let id = uuid::Uuid::now_v7().to_string();
+    kling_relay::storage::NewTaskRecord {
+        external_task_id: format!("klr-{id}"),
+        id,
+        model_name: "kling-v2".into(),
+        prompt: Some(format!("task {i}")),
+        n: 1,
+        aspect_ratio: None,
+        metadata: None,
+        inputs: kling_relay::domain::TaskInputs {
+            subject_images: vec!["https://e.x/a.png".into(), "https://e.x/b.png".into()],
+            scene_image: None,
+            style_image: None,
+        },
+        created_at_ms: 1_700_000_000_000 + i,
+        client: Some("c1".into()),
+        notify_url: None,
+        request_id: None,
+    }
+}
+
 /// Creates a client directly in the test's database (migrating it first).
 pub async fn create_client(db: &TestDb, name: &str) -> kling_relay::service::clients::NewClient {
     let store = kling_relay::storage::Store::connect(&db.url, 1)

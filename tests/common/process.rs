@@ -162,18 +162,24 @@ pub async fn start_sim() -> Simulator {
     .unwrap()
 }
 
+/// Runs `kling-relay ARGS` on the test's database and asserts it succeeded.
+pub fn cli_ok(db: &TestDb, args: &[&str]) -> std::process::Output {
+    let out = command(args)
+        .env("KLING_RELAY_DATABASE__URL", &db.url)
+        .output()
+        .expect("run the binary");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Creates a client with `kling-relay clients create --json` and returns an HTTP client that
 /// sends its key.
 pub fn client_from_cli(db: &TestDb) -> reqwest::Client {
-    let out = command(&["clients", "create", "tester", "--json"])
-        .env("KLING_RELAY_DATABASE__URL", &db.url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = cli_ok(db, &["clients", "create", "tester", "--json"]);
     let created: Value = serde_json::from_slice(&out.stdout).expect("clients create --json");
     client_with_key(created["api_key"].as_str().unwrap())
 }
