@@ -14,15 +14,6 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn rank(status: &str) -> u8 {
-    match status {
-        "pending" => 0,
-        "submitted" => 1,
-        "processing" => 2,
-        _ => 3,
-    }
-}
-
 async fn sim_with_units(units: i64) -> Simulator {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     Simulator::start(
@@ -424,7 +415,7 @@ async fn sqlite_survives_kill_dash_nine_at_random_moments() {
                 s => s,
             };
             assert!(
-                rank(ours) >= rank(theirs),
+                status_rank(ours) >= status_rank(theirs),
                 "acknowledged {status} for {upstream_id}, stored {ours}"
             );
         }

@@ -232,8 +232,8 @@ async fn arbitrary_webhook_bodies_never_5xx_and_change_nothing_unless_valid(b: B
                     before["status"].as_str().unwrap_or_default(),
                     after["status"].as_str().unwrap_or_default(),
                 );
-                prop_assert!(rank(now) >= rank(was), "{was} -> {now}");
-                if rank(was) == 3 {
+                prop_assert!(status_rank(now) >= status_rank(was), "{was} -> {now}");
+                if status_rank(was) == 3 {
                     prop_assert_eq!(&after, &before, "a final task changed");
                 }
             } else {
@@ -377,15 +377,6 @@ on_both_backends!(
     arbitrary_submit_bodies_never_5xx_and_store_only_valid_tasks,
     malformed_shapes_get_a_clear_4xx,
 );
-
-fn rank(status: &str) -> u8 {
-    match status {
-        "pending" => 0,
-        "submitted" => 1,
-        "processing" => 2,
-        _ => 3,
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The status machine under arbitrary sequences of upstream events

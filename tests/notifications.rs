@@ -13,15 +13,6 @@ use std::time::{Duration, Instant};
 
 const WITHIN: Duration = Duration::from_secs(15);
 
-fn rank(s: &str) -> u8 {
-    match s {
-        "pending" => 0,
-        "submitted" => 1,
-        "processing" => 2,
-        _ => 3,
-    }
-}
-
 async fn submit_notified(app: &TestApp, url: &str) -> String {
     let mut body = valid_body();
     body["notify_url"] = json!(url);
@@ -65,7 +56,7 @@ async fn every_status_change_is_notified_signed_and_after_commit(b: Backend) {
         .map(|r| r.json()["status"].as_str().unwrap().to_owned())
         .collect();
     let mut sorted = statuses.clone();
-    sorted.sort_by_key(|s| rank(s));
+    sorted.sort_by_key(|s| status_rank(s));
     assert_eq!(sorted, ["submitted", "processing", "succeeded"]);
     let ids: HashSet<&str> = got.iter().map(|r| r.header("webhook-id")).collect();
     assert_eq!(ids.len(), 3, "one webhook-id per event");
@@ -78,7 +69,7 @@ async fn every_status_change_is_notified_signed_and_after_commit(b: Backend) {
         let notified = r.json()["status"].as_str().unwrap().to_owned();
         let committed = r.committed_status.clone().expect("status looked up");
         assert!(
-            rank(&committed) >= rank(&notified),
+            status_rank(&committed) >= status_rank(&notified),
             "{notified} arrived while {committed}"
         );
         assert_eq!(r.json()["id"], id.as_str());

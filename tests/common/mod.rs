@@ -488,6 +488,16 @@ impl TestApp {
     }
 }
 
+/// A task status's place in the order tasks move in (any final status is 3).
+pub fn status_rank(status: &str) -> u8 {
+    match status {
+        "pending" => 0,
+        "submitted" => 1,
+        "processing" => 2,
+        _ => 3,
+    }
+}
+
 /// The content type an answer declares ("" when none).
 pub fn content_type(r: &reqwest::Response) -> String {
     r.headers()
