@@ -141,15 +141,17 @@ async fn three_replicas_one_killed_mid_run_lose_nothing_and_pay_once() {
     let open = "SELECT COUNT(*) FROM tasks WHERE status IN ('pending', 'submitted', 'processing')";
     let undelivered = "SELECT COUNT(*) FROM tasks t WHERE NOT EXISTS (SELECT 1 FROM deliveries d \
         WHERE d.task_id = t.id AND d.event_status = t.status AND d.state = 'delivered')";
+    let outstanding = "SELECT COUNT(*) FROM deliveries WHERE state <> 'delivered'";
     let deadline = Instant::now() + Duration::from_secs(150);
     loop {
         let (o, u) = (db.count(open).await, db.count(undelivered).await);
-        if o == 0 && u == 0 {
+        let d = db.count(outstanding).await;
+        if o == 0 && u == 0 && d == 0 {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "{o} tasks still open, {u} final notifications undelivered"
+            "{o} tasks still open, {u} final notifications undelivered, {d} deliveries outstanding"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
