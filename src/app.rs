@@ -40,6 +40,8 @@ pub async fn simulate(
         reachable.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
     settings.server.public_url = format!("http://{reachable}");
+    // The simulator serves its result images over plain http on loopback.
+    settings.archive.allow_http = true;
     tracing::warn!(
         simulator = %sim.base_url(),
         "SIMULATION MODE: no request reaches CometAPI; every result is simulated"
@@ -93,6 +95,7 @@ pub async fn run(
     workers.spawn(workers::poller::run(relay.clone(), workers_stop.clone()));
     workers.spawn(workers::notifier::run(relay.clone(), workers_stop.clone()));
     workers.spawn(workers::changes::run(relay.clone(), workers_stop.clone()));
+    workers.spawn(workers::archiver::run(relay.clone(), workers_stop.clone()));
 
     crate::telemetry::metrics::handle();
     if !relay.settings.server.metrics_listen.is_empty() {

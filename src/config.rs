@@ -46,7 +46,56 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub limits: LimitSettings,
     pub notifications: NotificationSettings,
+    pub archive: ArchiveSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArchiveBackend {
+    Local,
+    S3,
+    Memory,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveSettings {
+    pub enabled: bool,
+    pub backend: ArchiveBackend,
+    pub path: String,
+    pub s3_bucket: String,
+    pub s3_prefix: String,
+    pub s3_endpoint: String,
+    pub s3_region: String,
+    pub s3_access_key_id: Secret,
+    pub s3_secret_access_key: Secret,
+    pub s3_allow_http: bool,
+    pub concurrency: usize,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub max_image_bytes: u64,
+    pub max_attempts: i64,
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    pub allowed_hosts: Vec<String>,
+    pub allow_http: bool,
+    pub max_redirects: usize,
+    #[serde(deserialize_with = "retention")]
+    pub retention: Option<Duration>,
+}
+
+/// "forever" (None) or a duration.
+fn retention<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let raw = String::deserialize(d)?;
+    if raw.trim().eq_ignore_ascii_case("forever") {
+        return Ok(None);
+    }
+    humantime::parse_duration(raw.trim())
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("`forever` or a duration: {e}")))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -374,6 +423,45 @@ impl Settings {
         }
         if let Err(e) = n.network_policy() {
             return Err(invalid("notifications.allow_networks", e));
+        }
+        let a = &self.archive;
+        if a.enabled {
+            if a.backend == ArchiveBackend::S3 && a.s3_bucket.trim().is_empty() {
+                return Err(invalid(
+                    "archive.s3_bucket",
+                    "is required with backend = \"s3\"",
+                ));
+            }
+            if a.backend == ArchiveBackend::Local && a.path.trim().is_empty() {
+                return Err(invalid(
+                    "archive.path",
+                    "is required with backend = \"local\"",
+                ));
+            }
+            if a.concurrency == 0 {
+                return Err(invalid("archive.concurrency", "must be at least 1"));
+            }
+            if a.max_attempts < 1 {
+                return Err(invalid("archive.max_attempts", "must be at least 1"));
+            }
+            if a.max_image_bytes == 0 {
+                return Err(invalid("archive.max_image_bytes", "must be at least 1"));
+            }
+            for (key, d) in [
+                ("archive.timeout", a.timeout),
+                ("archive.retry_initial", a.retry_initial),
+                ("archive.retry_max", a.retry_max),
+            ] {
+                if d.is_zero() {
+                    return Err(invalid(key, "must be longer than zero"));
+                }
+            }
+            if a.retention.is_some_and(|r| r.is_zero()) {
+                return Err(invalid(
+                    "archive.retention",
+                    "must be `forever` or longer than zero",
+                ));
+            }
         }
         if self.server.max_body_bytes < 1024 {
             return Err(invalid("server.max_body_bytes", "must be at least 1024"));

@@ -2,6 +2,7 @@
 //! See ARCHITECTURE.md for the map of modules.
 
 pub mod app;
+pub mod archive;
 pub mod cli_client;
 pub mod config;
 pub mod domain;

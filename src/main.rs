@@ -55,12 +55,30 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
         url: String,
     },
+    /// The image archive.
+    Archive {
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: ArchiveCommand,
+    },
     /// Manage the internal clients that call the API.
     Clients {
         #[arg(long, global = true)]
         config: Option<PathBuf>,
         #[command(subcommand)]
         command: ClientsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ArchiveCommand {
+    /// Archive the images of tasks that succeeded before archiving was on. Resumable: tasks
+    /// already queued are skipped, so run it again after an interruption.
+    Backfill {
+        /// Tasks queued (and archived) per round.
+        #[arg(long, default_value_t = 200)]
+        batch: i64,
     },
 }
 
@@ -243,6 +261,42 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let store = app::open_store(&settings).await?;
             store.close().await;
             println!("migrations applied ({})", store.backend());
+            Ok(())
+        }
+        Command::Archive {
+            config,
+            command: ArchiveCommand::Backfill { batch },
+        } => {
+            let settings = Settings::load(config.as_deref())?;
+            telemetry::init(settings.log.format, "warn");
+            if !settings.archive.enabled {
+                anyhow::bail!("archive.enabled is false: turn archiving on first");
+            }
+            let store = app::open_store(&settings).await?;
+            let relay = std::sync::Arc::new(
+                kling_relay::service::Relay::new(store.clone(), std::sync::Arc::new(settings))
+                    .await?,
+            );
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} backfill [{bar:30}] {pos}/{len} tasks ({per_sec}, eta {eta})",
+                )
+                .map(|s| s.progress_chars("=> "))
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let report = kling_relay::workers::archiver::backfill(relay, batch, |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })
+            .await;
+            bar.finish_and_clear();
+            store.close().await;
+            let report = report?;
+            println!(
+                "backfill: {} tasks queued; images stored {}, failed {}, pending {} (the service retries pending ones)",
+                report.tasks_queued, report.stored, report.failed, report.pending
+            );
             Ok(())
         }
         Command::Clients { config, command } => {

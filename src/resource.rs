@@ -1,6 +1,7 @@
 //! The JSON representation of tasks, events and deliveries: what the REST API answers and what
 //! notifications carry, so both always agree.
 
+use crate::domain::archive::{ArchiveState, ArchivedImage};
 use crate::domain::{ResultImage, Task, TaskError, TaskEvent, TaskStatus};
 use crate::storage::{Delivery, DeliveryAttempt};
 use serde::Serialize;
@@ -31,13 +32,77 @@ pub enum StatusSchema {
     Canceled,
 }
 
-/// A result image; upstream clears these URLs after about 30 days.
+/// A result image; upstream clears its `url` after about 30 days, `archived_url` is our copy.
 #[derive(Serialize, ToSchema)]
 pub struct ImageView {
     #[schema(example = 0)]
     index: u32,
+    /// Upstream's URL.
     #[schema(example = "https://cdn.example/0.png")]
     url: String,
+    /// Our archived copy (`GET /v1/tasks/{id}/images/{index}`, relative to this service), once
+    /// it is stored; null before, after a failure, and after the retention sweep.
+    #[schema(example = "/v1/tasks/01a20ba8-cf40-726e-9ab2-608b4835a844/images/0")]
+    archived_url: Option<String>,
+    /// Where the image stands in the archive; null when archiving was off as the task succeeded.
+    archive: Option<ArchiveView>,
+}
+
+/// An archive state, as this service reports it.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)] // only describes the strings ArchiveState serialises to
+pub enum ArchiveStateSchema {
+    Pending,
+    Stored,
+    Failed,
+    Deleted,
+}
+
+/// One image's archive record.
+#[derive(Serialize, ToSchema)]
+pub struct ArchiveView {
+    #[schema(value_type = ArchiveStateSchema)]
+    state: ArchiveState,
+    /// Why the last fetch failed (kept while retrying, and once failed).
+    error: Option<String>,
+    /// `image/png` or `image/jpeg`, from the bytes themselves.
+    content_type: Option<String>,
+    size_bytes: Option<i64>,
+    /// Hex SHA-256 of the bytes; the image route's ETag.
+    sha256: Option<String>,
+    attempts: i64,
+    stored_at: Option<String>,
+    /// When the retention sweep removed our copy.
+    deleted_at: Option<String>,
+}
+
+impl TaskView {
+    /// Adds the archive records of this task's images (records of other tasks are ignored).
+    pub fn with_archive(mut self, records: &[ArchivedImage]) -> TaskView {
+        for img in &mut self.images {
+            let Some(r) = records
+                .iter()
+                .find(|r| r.task_id == self.id && r.index == img.index)
+            else {
+                continue;
+            };
+            if r.state == ArchiveState::Stored {
+                img.archived_url = Some(format!("/v1/tasks/{}/images/{}", self.id, img.index));
+            }
+            img.archive = Some(ArchiveView {
+                state: r.state,
+                error: r.error.clone(),
+                content_type: r.content_type.clone(),
+                size_bytes: r.size_bytes,
+                sha256: r.sha256.clone(),
+                attempts: r.attempts,
+                stored_at: r.stored_at_ms.map(rfc3339),
+                deleted_at: r.deleted_at_ms.map(rfc3339),
+            });
+        }
+        self
+    }
 }
 
 /// Why a task failed.
@@ -113,6 +178,8 @@ impl From<ResultImage> for ImageView {
         ImageView {
             index: i.index,
             url: i.url,
+            archived_url: None,
+            archive: None,
         }
     }
 }

@@ -91,6 +91,26 @@ pub struct Faults {
     pub query_delay_ms: u64,
     /// Answer queries with something that is not a valid task answer.
     pub query_garbage: Option<Garbage>,
+    /// What the result image URLs answer instead of the PNG.
+    pub image_fault: Option<ImageFault>,
+    /// Answer image requests this late.
+    pub image_delay_ms: u64,
+}
+
+/// Ways a result image URL can misbehave, for the archive tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageFault {
+    /// 404 Not Found (the URL expired).
+    NotFound,
+    /// 200 with an HTML page.
+    Html,
+    /// 200 with a 2 MB body that starts like a PNG.
+    Huge,
+    /// A redirect to the cloud metadata address.
+    RedirectToMetadata,
+    /// 503, as if overloaded.
+    Unavailable,
 }
 
 /// Ways a query answer can be wrong, for the misbehaving-upstream tests.
@@ -119,6 +139,8 @@ pub struct SimStats {
     /// The `x-request-id` of the last create call, if it had one.
     pub last_create_request_id: Option<String>,
     pub callbacks_sent: u64,
+    /// Requests for result images.
+    pub image_requests: u64,
     pub units_in_use: i64,
 }
 
@@ -691,9 +713,44 @@ async fn image(
     State(inner): State<Arc<Inner>>,
     Path((task_id, file)): Path<(String, String)>,
 ) -> Response {
-    let known = lock(&inner.state).tasks.contains_key(&task_id);
+    let known = {
+        let mut st = lock(&inner.state);
+        st.stats.image_requests += 1;
+        st.tasks.contains_key(&task_id)
+    };
+    let (fault, delay) = {
+        let f = lock(&inner.faults);
+        (f.image_fault, f.image_delay_ms)
+    };
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     if !known || !file.ends_with(".png") {
         return StatusCode::NOT_FOUND.into_response();
+    }
+    match fault {
+        None => {}
+        Some(ImageFault::NotFound) => return StatusCode::NOT_FOUND.into_response(),
+        Some(ImageFault::Unavailable) => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
+        Some(ImageFault::Html) => {
+            return (
+                [(header::CONTENT_TYPE, "text/html")],
+                "<!doctype html><title>Expired</title><p>This link has expired.",
+            )
+                .into_response()
+        }
+        Some(ImageFault::Huge) => {
+            let mut body = b"\x89PNG\r\n\x1a\n".to_vec();
+            body.resize(2 * 1024 * 1024, 0);
+            return ([(header::CONTENT_TYPE, "image/png")], body).into_response();
+        }
+        Some(ImageFault::RedirectToMetadata) => {
+            return (
+                StatusCode::FOUND,
+                [(header::LOCATION, "http://169.254.169.254/latest/meta-data/")],
+            )
+                .into_response()
+        }
     }
     match base64::engine::general_purpose::STANDARD.decode(PNG_BASE64) {
         Ok(png) => ([(header::CONTENT_TYPE, "image/png")], png).into_response(),

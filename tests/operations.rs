@@ -233,6 +233,7 @@ async fn openapi_document_and_docs_describe_every_route(b: Backend) {
         ("get", "/v1/tasks"),
         ("get", "/v1/tasks/{id}"),
         ("get", "/v1/tasks/{id}/events"),
+        ("get", "/v1/tasks/{id}/images/{index}"),
         ("post", "/v1/tasks/{id}/cancel"),
         ("get", "/v1/tasks/{id}/stream"),
         ("get", "/v1/tasks/{id}/deliveries"),

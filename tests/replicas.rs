@@ -64,6 +64,7 @@ async fn submitted_task(
             now_ms: 10,
             poll_due_at_ms,
             outbox: outbox.as_ref(),
+            archive: false,
         })
         .await
         .unwrap());
@@ -283,6 +284,7 @@ async fn other_replicas_hear_committed_changes() {
             now_ms: 10,
             poll_due_at_ms: None,
             outbox: None,
+            archive: false,
         })
         .await
         .unwrap());
@@ -301,6 +303,7 @@ async fn other_replicas_hear_committed_changes() {
             now_ms: 11,
             poll_due_at_ms: None,
             outbox: None,
+            archive: false,
         })
         .await
         .unwrap());

@@ -197,6 +197,7 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
             now_ms: 10,
             poll_due_at_ms: Some(20),
             outbox: None,
+            archive: false,
         })
         .await
         .unwrap());
@@ -218,6 +219,7 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
             now_ms: 30,
             poll_due_at_ms: None,
             outbox: None,
+            archive: false,
         })
         .await
         .unwrap());
@@ -230,6 +232,7 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
             now_ms: 30,
             poll_due_at_ms: None,
             outbox: None,
+            archive: false,
         })
         .await
         .unwrap());
@@ -275,6 +278,7 @@ async fn a_claim_defeats_a_cancel_decided_before_it(b: Backend) {
             now_ms: 1,
             poll_due_at_ms: None,
             outbox: None,
+            archive: false,
         })
         .await
         .unwrap();

@@ -5,6 +5,7 @@
 //! the simulator.
 
 pub mod admission;
+pub mod archive;
 pub mod client;
 pub mod notify;
 pub mod schedule;

@@ -87,6 +87,11 @@ impl From<ServiceError> for ApiError {
                 retry_after_secs: secs,
             },
             ServiceError::Unauthorized => ApiError::Unauthorized(e.to_string()),
+            ServiceError::ImageUnavailable(detail) => ApiError::NotFound(detail),
+            ServiceError::Archive(err) => {
+                tracing::error!(error = %err, "archive failure");
+                ApiError::Unavailable("the image archive is unavailable; retry later".into())
+            }
             ServiceError::Storage(err) => {
                 // Details stay in the log; the caller learns only that it may retry.
                 tracing::error!(error = %err, "storage failure");

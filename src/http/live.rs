@@ -70,10 +70,15 @@ pub async fn stream(
             }
             st.last = Some(task.status);
             st.done = task.status.is_final();
+            let archive = st
+                .relay
+                .archive_records(std::slice::from_ref(&task))
+                .await
+                .unwrap_or_default();
             let event = Event::default()
                 .event("status")
                 .id(task.version.to_string())
-                .json_data(TaskView::from(task))
+                .json_data(TaskView::from(task).with_archive(&archive))
                 .unwrap_or_else(|_| Event::default().event("error"));
             return Some((Ok(event), st));
         }

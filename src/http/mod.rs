@@ -2,6 +2,7 @@
 //! service; errors become problem+json in `error`.
 
 pub mod error;
+mod images;
 mod live;
 pub mod openapi;
 mod tasks;
@@ -28,6 +29,7 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .route("/v1/tasks", post(tasks::submit).get(tasks::list))
         .route("/v1/tasks/{id}", get(tasks::get))
         .route("/v1/tasks/{id}/events", get(tasks::events))
+        .route("/v1/tasks/{id}/images/{index}", get(images::image))
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
         .route("/v1/tasks/{id}/stream", get(live::stream))
         .route("/v1/tasks/{id}/deliveries", get(tasks::deliveries))

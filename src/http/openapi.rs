@@ -2,11 +2,11 @@
 //! it cannot drift from the code, and `/docs`, a reference page rendered from it on the server
 //! (no script, no internet).
 
-use super::{live, tasks, webhooks};
+use super::{images, live, tasks, webhooks};
 use crate::resource::{
-    AttemptView, CallbackOutcome, DeliveryList, DeliveryView, DispatchView, ErrorView, EventList,
-    EventView, FieldErrorView, ImageView, Problem, StatusEvent, StatusSchema, StatusView,
-    SubjectImage, TaskPage, TaskRequest, TaskView,
+    ArchiveStateSchema, ArchiveView, AttemptView, CallbackOutcome, DeliveryList, DeliveryView,
+    DispatchView, ErrorView, EventList, EventView, FieldErrorView, ImageView, Problem, StatusEvent,
+    StatusSchema, StatusView, SubjectImage, TaskPage, TaskRequest, TaskView,
 };
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
@@ -27,10 +27,12 @@ use utoipa::{Modify, OpenApi};
     paths(
         tasks::submit, tasks::list, tasks::get, tasks::events, tasks::cancel, live::stream,
         tasks::deliveries, tasks::retry_delivery, tasks::status, webhooks::cometapi,
+        images::image,
         healthz, readyz, metrics, openapi_json, docs,
     ),
     components(schemas(
-        TaskRequest, SubjectImage, TaskView, ImageView, ErrorView, StatusSchema, TaskPage,
+        TaskRequest, SubjectImage, TaskView, ImageView, ArchiveView, ArchiveStateSchema,
+        ErrorView, StatusSchema, TaskPage,
         EventView, EventList, DeliveryView, AttemptView, DeliveryList, DispatchView, StatusView,
         CallbackOutcome, Problem, FieldErrorView, StatusEvent,
     )),

@@ -212,7 +212,8 @@ pub async fn get(
         Some(w) => relay.wait_for_change(&caller, &id, status_not, w).await?,
         None => relay.get(&caller, &id).await?,
     };
-    Ok(Json(task.into()))
+    let archive = relay.archive_records(std::slice::from_ref(&task)).await?;
+    Ok(Json(TaskView::from(task).with_archive(&archive)))
 }
 
 /// The task's timeline, oldest first.
@@ -263,8 +264,12 @@ pub async fn list(
     } else {
         None
     };
+    let archive = relay.archive_records(&tasks).await?;
     Ok(Json(TaskPage {
-        tasks: tasks.into_iter().map(TaskView::from).collect(),
+        tasks: tasks
+            .into_iter()
+            .map(|t| TaskView::from(t).with_archive(&archive))
+            .collect(),
         next_cursor,
     }))
 }

@@ -57,6 +57,10 @@ pub enum ServiceError {
     Unauthorized,
     #[error("the task cannot be canceled: {0}")]
     CannotCancel(CancelRefused),
+    #[error("{0}")]
+    ImageUnavailable(String),
+    #[error(transparent)]
+    Archive(#[from] crate::archive::ArchiveError),
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -124,6 +128,10 @@ pub struct Relay {
     changes: broadcast::Sender<String>,
     /// Wakes the notifier when a delivery is written.
     pub notify_wake: Notify,
+    /// Wakes the archiver when a task's images are queued.
+    pub archive_wake: Notify,
+    /// Where archived images are kept.
+    pub archive: crate::archive::Archive,
     /// Where notifications may go.
     pub network_policy: NetworkPolicy,
     /// Per-client submit rate.
@@ -167,8 +175,15 @@ impl Relay {
             .notifications
             .network_policy()
             .map_err(anyhow::Error::msg)?;
+        let archive = if settings.archive.enabled {
+            crate::archive::Archive::from_settings(&settings.archive)?
+        } else {
+            crate::archive::Archive::in_memory()
+        };
         Ok(Relay {
             notify_wake: Notify::new(),
+            archive_wake: Notify::new(),
+            archive,
             network_policy,
             submit_budgets: Mutex::new(HashMap::new()),
             shutdown: tokio_util::sync::CancellationToken::new(),
@@ -357,6 +372,56 @@ impl Relay {
         })
     }
 
+    /// The archive records of these tasks' images (only succeeded tasks have any).
+    pub async fn archive_records(
+        &self,
+        tasks: &[Task],
+    ) -> Result<Vec<crate::domain::archive::ArchivedImage>, ServiceError> {
+        let ids: Vec<String> = tasks
+            .iter()
+            .filter(|t| t.status == TaskStatus::Succeeded && !t.images.is_empty())
+            .map(|t| t.id.clone())
+            .collect();
+        Ok(self.store.images_of_tasks(&ids).await?)
+    }
+
+    /// Image `index` of one of the caller's tasks, from the archive: its record and its bytes.
+    pub async fn archived_image(
+        &self,
+        caller: &Caller,
+        id: &str,
+        index: u32,
+    ) -> Result<
+        (
+            crate::domain::archive::ArchivedImage,
+            crate::archive::Object,
+        ),
+        ServiceError,
+    > {
+        self.get(caller, id).await?;
+        let records = self.store.task_images(id).await?;
+        let Some(record) = records.into_iter().find(|r| r.index == index) else {
+            return Err(ServiceError::ImageUnavailable(format!(
+                "task {id} has no archived image {index}"
+            )));
+        };
+        let key = match (&record.state, &record.object_key) {
+            (crate::domain::archive::ArchiveState::Stored, Some(key)) => key.clone(),
+            (state, _) => {
+                return Err(ServiceError::ImageUnavailable(format!(
+                    "image {index} of task {id} is not in the archive (state {state})"
+                )))
+            }
+        };
+        let object = self.archive.get(&key).await.map_err(|e| match e {
+            crate::archive::ArchiveError::NotFound => ServiceError::ImageUnavailable(format!(
+                "image {index} of task {id} is missing from the archive"
+            )),
+            other => ServiceError::Archive(other),
+        })?;
+        Ok((record, object))
+    }
+
     /// Cancels a task that has not been sent upstream.
     pub async fn cancel(&self, caller: &Caller, id: &str) -> Result<Task, ServiceError> {
         self.get(caller, id).await?;
@@ -543,9 +608,13 @@ impl Relay {
                     now_ms: now,
                     poll_due_at_ms: poll_due,
                     outbox: outbox.as_ref(),
+                    archive: self.settings.archive.enabled,
                 })
                 .await?
             {
+                if self.settings.archive.enabled && change.status == TaskStatus::Succeeded {
+                    self.archive_wake.notify_one();
+                }
                 tracing::info!(task_id = %id, source = source.as_str(), status = %change.status, "task status changed");
                 metrics::counter!("klr_task_status_changes_total", "status" => change.status.as_str(), "source" => source.as_str()).increment(1);
                 if task.status.holds_upstream_units() && change.status.is_final() {

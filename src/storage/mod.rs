@@ -58,12 +58,14 @@ macro_rules! on_pool {
     };
 }
 
+mod archive;
 mod bench;
 mod claims;
 mod clients;
 mod deliveries;
 mod feed;
 
+pub use archive::{ArchiveSetback, StoredImage};
 pub use clients::ClientError;
 pub use deliveries::{
     AttemptRecord, Delivery, DeliveryAttempt, DueDelivery, NextStep, OutboxEntry,
@@ -284,6 +286,8 @@ pub struct Commit<'a> {
     pub poll_due_at_ms: Option<i64>,
     /// The notification written with the change.
     pub outbox: Option<&'a OutboxEntry>,
+    /// Queue the images of a success for the archive, in the same transaction.
+    pub archive: bool,
 }
 
 /// A parameter for [`Store::explain`].
@@ -692,6 +696,7 @@ impl Store {
             now_ms,
             poll_due_at_ms,
             outbox,
+            archive,
         } = *c;
         const SQL: &str = "UPDATE tasks SET status = $2, \
             upstream_status = COALESCE($3, upstream_status), \
@@ -755,6 +760,19 @@ impl Store {
                     .bind(now_ms)
                     .execute(&mut *tx)
                     .await?;
+            }
+            if let (true, TaskStatus::Succeeded, Some(images)) =
+                (archive, change.status, &change.images)
+            {
+                for img in images {
+                    sqlx::query(archive::ENQUEUE)
+                        .bind(id)
+                        .bind(i64::from(img.index))
+                        .bind(&img.url)
+                        .bind(now_ms)
+                        .execute(&mut *tx)
+                        .await?;
+                }
             }
             if is_postgres {
                 // Delivered at commit: other replicas' waiters hear of the change (storage::feed).

@@ -5,13 +5,12 @@
 //! intake, dispatch or polling. A claimed delivery's next attempt is pushed past the request's
 //! time limit first, so a crash mid-attempt means another attempt, never a lost notification.
 
-use super::jitter;
-use crate::domain::notify::{next_delay, signature_header, NetworkPolicy};
+use super::{jitter, PolicyResolver};
+use crate::domain::notify::{next_delay, signature_header};
 use crate::service::{ms, now_ms, Relay, ServiceError};
 use crate::storage::{AttemptRecord, DueDelivery, NextStep};
-use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -19,29 +18,6 @@ use tokio_util::sync::CancellationToken;
 
 /// How often the outbox is checked when nothing wakes the notifier.
 const TICK: Duration = Duration::from_millis(250);
-
-/// Resolves names and keeps only addresses the policy allows, so a name cannot be pointed at a
-/// forbidden address after it was checked.
-struct PolicyResolver {
-    policy: NetworkPolicy,
-}
-
-impl Resolve for PolicyResolver {
-    fn resolve(&self, name: Name) -> Resolving {
-        let policy = self.policy.clone();
-        Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0))
-                .await?
-                .filter(|a| policy.check(a.ip()).is_ok())
-                .collect();
-            if addrs.is_empty() {
-                return Err(format!("{} resolves to no allowed address", name.as_str()).into());
-            }
-            let addrs: Addrs = Box::new(addrs.into_iter());
-            Ok(addrs)
-        })
-    }
-}
 
 struct Notifier {
     relay: Arc<Relay>,

@@ -213,6 +213,9 @@ pub fn fast_settings(db_url: &str) -> Settings {
     s.poller.tick = Duration::from_millis(50);
     s.poller.not_found_grace = Duration::from_secs(3600);
     s.notifications.timeout = Duration::from_secs(2);
+    // In memory, and the simulator's images come over plain http; tests/archive.rs sets its own.
+    s.archive.backend = kling_relay::config::ArchiveBackend::Memory;
+    s.archive.allow_http = true;
     s.notifications.retry_schedule = [0, 100, 200, 300]
         .into_iter()
         .map(|ms| Duration::from_millis(ms).into())
