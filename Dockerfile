@@ -31,7 +31,8 @@ USER 10001
 WORKDIR /data
 # Configuration comes from the environment (KLING_RELAY_<SECTION>__<KEY>, COMETAPI_KEY).
 ENV KLING_RELAY_SERVER__LISTEN=0.0.0.0:8080 \
-    KLING_RELAY_DATABASE__URL=sqlite:///data/kling-relay.db
+    KLING_RELAY_DATABASE__URL=sqlite:///data/kling-relay.db \
+    KLING_RELAY_ARCHIVE__PATH=/data/archive
 VOLUME ["/data"]
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
