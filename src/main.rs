@@ -320,8 +320,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 lookup_by_external_id: !a.no_external_lookup,
                 ..SimConfig::default()
             };
-            let sim = Simulator::start(cfg, listener).await?;
-            sim.set_faults(Faults {
+            let faults = Faults {
                 drop_callbacks: a.drop_callbacks,
                 duplicate_callbacks: a.duplicate_callbacks,
                 reorder_callbacks: a.reorder_callbacks,
@@ -331,7 +330,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 create_delay_ms: a.create_delay.as_millis() as u64,
                 query_delay_ms: a.query_delay.as_millis() as u64,
                 ..Faults::default()
-            });
+            };
+            let sim = Simulator::start_with_faults(cfg, faults, listener).await?;
             tracing::info!(url = %sim.base_url(), "CometAPI simulator listening; faults at PUT /_sim/faults");
             let shutdown = CancellationToken::new();
             stop_on_signal(shutdown.clone()).await;

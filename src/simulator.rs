@@ -197,6 +197,15 @@ fn now_ms() -> i64 {
 impl Simulator {
     /// Serves the simulator on `listener` until [`Simulator::stop`].
     pub async fn start(cfg: SimConfig, listener: tokio::net::TcpListener) -> std::io::Result<Self> {
+        Self::start_with_faults(cfg, Faults::default(), listener).await
+    }
+
+    /// Starts with `faults` already switched on, so not even the first request escapes them.
+    pub async fn start_with_faults(
+        cfg: SimConfig,
+        faults: Faults,
+        listener: tokio::net::TcpListener,
+    ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
@@ -205,7 +214,7 @@ impl Simulator {
         let inner = Arc::new(Inner {
             cfg,
             base_url: format!("http://{addr}"),
-            faults: Mutex::new(Faults::default()),
+            faults: Mutex::new(faults),
             state: Mutex::new(SimState::default()),
             http,
             shutdown: CancellationToken::new(),

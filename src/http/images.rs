@@ -40,12 +40,24 @@ pub async fn image(
     Path((id, index)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    serve(&relay, &caller, &id, &index, &headers).await
+}
+
+/// Streams image `index` of task `id` as `caller` may see it (the API's route and the
+/// dashboard's).
+pub(super) async fn serve(
+    relay: &AppState,
+    caller: &Caller,
+    id: &str,
+    index: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
     let Ok(index) = index.parse::<u32>() else {
         return Err(ApiError::bad_request(
             "the image index must be a whole number from 0",
         ));
     };
-    let (record, object) = relay.archived_image(&caller, &id, index).await?;
+    let (record, object) = relay.archived_image(caller, id, index).await?;
     let etag = format!("\"{}\"", record.sha256.as_deref().unwrap_or_default());
     let matches = headers
         .get(header::IF_NONE_MATCH)

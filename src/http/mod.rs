@@ -6,6 +6,7 @@ mod images;
 mod live;
 pub mod openapi;
 mod tasks;
+mod ui;
 mod webhooks;
 
 use crate::service::Relay;
@@ -54,6 +55,7 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/docs", get(openapi::docs))
         .merge(metrics_here)
+        .merge(ui::routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(body_limit))

@@ -274,11 +274,11 @@ pub async fn list(
     }))
 }
 
-fn encode_cursor(created_at_ms: i64, id: &str) -> String {
+pub(super) fn encode_cursor(created_at_ms: i64, id: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{created_at_ms}:{id}"))
 }
 
-fn decode_cursor(s: &str) -> Option<(i64, String)> {
+pub(super) fn decode_cursor(s: &str) -> Option<(i64, String)> {
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(s)
         .ok()?;

@@ -4,6 +4,7 @@
 //! waiting for changes (long-poll and SSE).
 
 pub mod clients;
+pub mod dashboard;
 pub mod live;
 
 use crate::config::Settings;

@@ -64,6 +64,7 @@ mod claims;
 mod clients;
 mod deliveries;
 mod feed;
+mod overview;
 
 pub use archive::{ArchiveSetback, StoredImage};
 pub use clients::ClientError;
@@ -205,6 +206,9 @@ pub struct ListFilter {
     pub statuses: Vec<TaskStatus>,
     pub created_after_ms: Option<i64>,
     pub created_before_ms: Option<i64>,
+    /// Case-insensitive substring of the prompt or the metadata's JSON text (the dashboard's
+    /// search); a filter, not an index-served query.
+    pub text: Option<String>,
     pub before: Option<(i64, String)>,
     pub limit: i64,
 }
@@ -659,6 +663,9 @@ impl Store {
             if let Some(v) = f.created_before_ms {
                 q = q.bind(v);
             }
+            if let Some(t) = &f.text {
+                q = q.bind(like_pattern(t));
+            }
             if let Some((at, id)) = &f.before {
                 q = q.bind(*at).bind(id.clone());
             }
@@ -882,6 +889,19 @@ impl Store {
     }
 }
 
+/// `%text%` in lower case, with LIKE's own wildcards escaped.
+fn like_pattern(text: &str) -> String {
+    let mut p = String::from("%");
+    for c in text.to_lowercase().chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p.push('%');
+    p
+}
+
 const INSERT_EVENT: &str =
     "INSERT INTO task_events (task_id, at, source, status, upstream_status, detail) \
     VALUES ($1, $2, $3, $4, $5, $6)";
@@ -946,6 +966,13 @@ pub mod sql {
         }
         if f.created_before_ms.is_some() {
             sql.push_str(&format!(" AND created_at < {}", next()));
+        }
+        if f.text.is_some() {
+            let p = next();
+            sql.push_str(&format!(
+                " AND (LOWER(COALESCE(prompt, '')) LIKE {p} ESCAPE '\\' \
+                 OR LOWER(COALESCE(metadata, '')) LIKE {p} ESCAPE '\\')"
+            ));
         }
         if f.before.is_some() {
             // A row-value comparison, not `a < x OR (a = x AND b < y)`: both planners turn it

@@ -1,0 +1,404 @@
+//! The dashboard's HTML, server-rendered with maud. Every control has a label, status is shown
+//! in words (colour only repeats it), and tables turn into cards on narrow screens.
+
+use crate::domain::archive::{ArchiveState, ArchivedImage};
+use crate::domain::{Task, TaskEvent, TaskInputs, TaskStatus};
+use crate::resource::rfc3339;
+use crate::service::dashboard::Overview;
+use crate::storage::Delivery;
+use maud::{html, Markup, DOCTYPE};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Nav {
+    Overview,
+    Tasks,
+    None,
+}
+
+pub fn layout(title: &str, who: Option<&str>, current: Nav, body: Markup) -> Markup {
+    let here = |n: Nav| (current == n).then_some("page");
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · kling-relay" }
+                link rel="stylesheet" href="/ui/assets/ui.css";
+            }
+            body {
+                a.skip href="#main" { "Skip to content" }
+                header {
+                    span.brand { "kling-relay" }
+                    @if let Some(who) = who {
+                        nav aria-label="Main" {
+                            ul {
+                                li { a href="/ui/overview" aria-current=[here(Nav::Overview)] { "Overview" } }
+                                li { a href="/ui/tasks" aria-current=[here(Nav::Tasks)] { "Tasks" } }
+                            }
+                        }
+                        div.who {
+                            span { "Signed in as " strong { (who) } }
+                            form method="post" action="/ui/logout" {
+                                button.secondary type="submit" { "Sign out" }
+                            }
+                        }
+                    }
+                }
+                main #main tabindex="-1" { (body) }
+                script src="/ui/assets/ui.js" defer {}
+            }
+        }
+    }
+}
+
+pub fn login(error: Option<&str>) -> Markup {
+    layout(
+        "Sign in",
+        None,
+        Nav::None,
+        html! {
+            form.login method="post" action="/ui/login" {
+                h1 { "Sign in" }
+                p.muted { "Use a client API key (from " code { "kling-relay clients create" } "). It is kept in this browser session only." }
+                @if let Some(e) = error {
+                    p.error role="alert" { (e) }
+                }
+                label for="api_key" { "API key"
+                    input #api_key name="api_key" type="password" autocomplete="current-password" required autofocus;
+                }
+                button type="submit" { "Sign in" }
+            }
+        },
+    )
+}
+
+pub fn error_page(who: Option<&str>, status: u16, message: &str) -> Markup {
+    layout(
+        "Error",
+        who,
+        Nav::None,
+        html! {
+            h1 { "Error " (status) }
+            p role="alert" { (message) }
+            p { a href="/ui/tasks" { "Back to tasks" } }
+        },
+    )
+}
+
+fn badge(status: TaskStatus) -> Markup {
+    html! { span class={ "badge " (status.as_str()) } { (status.as_str().replace('_', " ")) } }
+}
+
+fn time(ms: i64) -> Markup {
+    let t = rfc3339(ms);
+    let short = t.get(..19).unwrap_or(&t).replace('T', " ");
+    html! { time datetime=(t) { (short) " UTC" } }
+}
+
+fn stored<'a>(archive: &'a [ArchivedImage], task: &str, index: u32) -> Option<&'a ArchivedImage> {
+    archive
+        .iter()
+        .find(|a| a.task_id == task && a.index == index && a.state == ArchiveState::Stored)
+}
+
+/// The values the list's filter form shows (as typed).
+#[derive(Default)]
+pub struct ListForm {
+    pub statuses: Vec<TaskStatus>,
+    pub created_after: String,
+    pub created_before: String,
+    pub q: String,
+}
+
+const ALL_STATUSES: [TaskStatus; 7] = [
+    TaskStatus::Pending,
+    TaskStatus::Submitted,
+    TaskStatus::Processing,
+    TaskStatus::Succeeded,
+    TaskStatus::Failed,
+    TaskStatus::TimedOut,
+    TaskStatus::Canceled,
+];
+
+pub fn task_list(
+    who: &str,
+    form: &ListForm,
+    tasks: &[Task],
+    archive: &[ArchivedImage],
+    older: Option<String>,
+) -> Markup {
+    let running = tasks.iter().any(|t| !t.status.is_final());
+    layout(
+        "Tasks",
+        Some(who),
+        Nav::Tasks,
+        html! {
+            h1 { "Tasks" }
+            form.filters method="get" action="/ui/tasks" role="search" {
+                fieldset {
+                    legend { "Status" }
+                    @for s in ALL_STATUSES {
+                        label.check {
+                            input type="checkbox" name="status" value=(s.as_str()) checked[form.statuses.contains(&s)];
+                            (s.as_str().replace('_', " "))
+                        }
+                    }
+                }
+                label { "Created after (UTC)"
+                    input type="datetime-local" name="created_after" value=(form.created_after);
+                }
+                label { "Created before (UTC)"
+                    input type="datetime-local" name="created_before" value=(form.created_before);
+                }
+                label { "Search prompt and metadata"
+                    input type="search" name="q" value=(form.q);
+                }
+                button type="submit" { "Filter" }
+                a href="/ui/tasks" { "Clear" }
+            }
+            div data-refresh=(if running { "running" } else { "idle" }) aria-live="polite" {
+                @if tasks.is_empty() {
+                    p.muted { "No tasks match." }
+                } @else {
+                    table.cards #tasks {
+                        caption { "Newest first" @if running { " · running tasks refresh by themselves" } }
+                        thead { tr { th scope="col" { "Status" } th scope="col" { "Created" } th scope="col" { "Prompt" } th scope="col" { "Images" } th scope="col" { "Task" } } }
+                        tbody {
+                            @for t in tasks {
+                                tr data-task=(t.id) data-status=(t.status.as_str()) {
+                                    td data-label="Status" { (badge(t.status)) }
+                                    td data-label="Created" { (time(t.created_at_ms)) }
+                                    td data-label="Prompt" { (t.prompt.as_deref().map(|p| truncate(p, 80)).unwrap_or_default()) }
+                                    td data-label="Images" {
+                                        div.thumbs {
+                                            @for img in &t.images {
+                                                @if stored(archive, &t.id, img.index).is_some() {
+                                                    img src={ "/ui/tasks/" (t.id) "/images/" (img.index) } alt={ "Result image " (img.index + 1) } loading="lazy" width="56" height="56";
+                                                }
+                                            }
+                                            @if t.images.is_empty() { span.muted { "—" } }
+                                        }
+                                    }
+                                    td data-label="Task" { a href={ "/ui/tasks/" (t.id) } { "Open " span.muted { (short_id(&t.id)) } } }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            @if let Some(href) = older {
+                p.pager { a href=(href) rel="next" { "Older tasks →" } }
+            }
+        },
+    )
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_owned()
+    } else {
+        format!("{}…", s.chars().take(max).collect::<String>())
+    }
+}
+
+fn short_id(id: &str) -> &str {
+    id.get(id.len().saturating_sub(8)..).unwrap_or(id)
+}
+
+/// An input image as something a browser can show: the URL, or Base64 as a data URI.
+fn input_src(raw: &str) -> String {
+    if raw.starts_with("http://") || raw.starts_with("https://") || raw.starts_with("data:") {
+        return raw.to_owned();
+    }
+    let mime = if raw.starts_with("/9j/") {
+        "image/jpeg"
+    } else {
+        "image/png"
+    };
+    format!("data:{mime};base64,{raw}")
+}
+
+pub struct TaskPage<'a> {
+    pub task: &'a Task,
+    pub inputs: Option<&'a TaskInputs>,
+    pub archive: &'a [ArchivedImage],
+    pub events: &'a [TaskEvent],
+    pub deliveries: &'a [Delivery],
+    pub raw_task: String,
+    pub notice: Option<&'a str>,
+}
+
+pub fn task_page(who: &str, p: &TaskPage<'_>) -> Markup {
+    let t = p.task;
+    let running = !t.status.is_final();
+    layout(
+        &format!("Task {}", short_id(&t.id)),
+        Some(who),
+        Nav::Tasks,
+        html! {
+            p { a href="/ui/tasks" { "← All tasks" } }
+            div data-refresh=(if running { "running" } else { "idle" }) aria-live="polite" {
+                h1 { "Task " (t.id) " " (badge(t.status)) }
+                @if let Some(n) = p.notice { p role="status" { (n) } }
+                dl.facts {
+                    dt { "Status" } dd { (t.status.as_str()) @if let Some(u) = &t.upstream_status { span.muted { " (upstream: " (u) ")" } } }
+                    @if let Some(e) = &t.error { dt { "Error" } dd.error { code { (e.code) } " " (e.message) } }
+                    dt { "Model" } dd { (t.model_name) }
+                    dt { "Images requested" } dd { (t.n) }
+                    dt { "Aspect ratio" } dd { (t.aspect_ratio.as_deref().unwrap_or("default")) }
+                    dt { "Created" } dd { (time(t.created_at_ms)) }
+                    dt { "Updated" } dd { (time(t.updated_at_ms)) }
+                    @if let Some(c) = t.completed_at_ms { dt { "Completed" } dd { (time(c)) } }
+                    dt { "Upstream task" } dd { (t.upstream_task_id.as_deref().unwrap_or("—")) }
+                    dt { "external_task_id" } dd { (t.external_task_id) }
+                }
+                h2 { "Prompt" }
+                p { (t.prompt.as_deref().unwrap_or("(none)")) }
+                h2 { "Results" }
+                @if t.images.is_empty() {
+                    p.muted { "No result images yet." }
+                } @else {
+                    div.full #results {
+                        @for img in &t.images {
+                            @let ours = stored(p.archive, &t.id, img.index);
+                            @let state = p.archive.iter().find(|a| a.index == img.index);
+                            figure {
+                                @let src = if ours.is_some() { format!("/ui/tasks/{}/images/{}", t.id, img.index) } else { img.url.clone() };
+                                img src=(src) alt={ "Result image " (img.index + 1) };
+                                figcaption {
+                                    "Image " (img.index + 1) " · "
+                                    @match state {
+                                        Some(a) => { "archive: " (a.state.as_str()) @if let Some(e) = &a.error { " (" (e) ")" } }
+                                        None => { "not archived" }
+                                    }
+                                    " · " a href=(img.url) { "upstream URL" }
+                                }
+                            }
+                        }
+                    }
+                }
+                h2 { "Timeline" }
+                table.cards #timeline {
+                    thead { tr { th scope="col" { "When" } th scope="col" { "Source" } th scope="col" { "Status" } th scope="col" { "Upstream" } th scope="col" { "Detail" } } }
+                    tbody {
+                        @for e in p.events {
+                            tr {
+                                td data-label="When" { (time(e.at_ms)) }
+                                td data-label="Source" { (e.source) }
+                                td data-label="Status" { (e.status) }
+                                td data-label="Upstream" { (e.upstream_status.as_deref().unwrap_or("")) }
+                                td data-label="Detail" { (e.detail.as_deref().unwrap_or("")) }
+                            }
+                        }
+                    }
+                }
+            }
+            @if let Some(inputs) = p.inputs {
+                h2 { "Inputs" }
+                div.thumbs #inputs {
+                    @for (i, s) in inputs.subject_images.iter().enumerate() {
+                        img src=(input_src(s)) alt={ "Subject image " (i + 1) };
+                    }
+                    @if let Some(s) = &inputs.scene_image { img src=(input_src(s)) alt="Scene image"; }
+                    @if let Some(s) = &inputs.style_image { img src=(input_src(s)) alt="Style image"; }
+                }
+            }
+            h2 #deliveries { "Notifications" }
+            @if p.deliveries.is_empty() {
+                p.muted { "No notifications for this task." }
+            } @else {
+                table.cards {
+                    thead { tr { th scope="col" { "Event" } th scope="col" { "To" } th scope="col" { "State" } th scope="col" { "Attempts" } th scope="col" { "Last answer" } th scope="col" { span.skip { "Actions" } } } }
+                    tbody {
+                        @for d in p.deliveries {
+                            tr data-delivery=(d.id) {
+                                td data-label="Event" { (d.event_status) }
+                                td data-label="To" { (d.url) }
+                                td data-label="State" { (d.state) }
+                                td data-label="Attempts" { (d.attempts) }
+                                td data-label="Last answer" {
+                                    @if let Some(c) = d.last_status_code { "HTTP " (c) }
+                                    @if let Some(e) = &d.last_error { " " (e) }
+                                }
+                                td {
+                                    form method="post" action={ "/ui/tasks/" (t.id) "/deliveries/" (d.id) "/replay" } {
+                                        button type="submit" aria-label={ "Replay the " (d.event_status) " notification" } { "Replay" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            h2 { "Raw data" }
+            details {
+                summary { "The task as the API returns it (JSON)" }
+                pre { code { (p.raw_task) } }
+            }
+        },
+    )
+}
+
+pub fn overview(who: &str, o: &Overview) -> Markup {
+    let total: i64 = o.status_counts.iter().map(|(_, n)| n).sum();
+    let pct = |n: i64, of: i64| {
+        if of > 0 {
+            (n * 100 / of).clamp(0, 100)
+        } else {
+            0
+        }
+    };
+    layout(
+        "Overview",
+        Some(who),
+        Nav::Overview,
+        html! {
+            h1 { "Overview" }
+            h2 { "Tasks in the last 24 hours" }
+            @if total == 0 {
+                p.muted { "No tasks in the last 24 hours." }
+            } @else {
+                table #status-counts {
+                    caption { (total) " tasks" }
+                    thead { tr { th scope="col" { "Status" } th scope="col" { "Tasks" } th scope="col" { "Share" } } }
+                    tbody {
+                        @for s in ALL_STATUSES {
+                            @let n = o.status_counts.iter().find(|(k, _)| k == s.as_str()).map_or(0, |(_, n)| *n);
+                            @if n > 0 {
+                                tr {
+                                    td { (badge(s)) }
+                                    td { (n) }
+                                    td { div.bar role="img" aria-label={ (pct(n, total)) " percent" } { span style={ "width:" (pct(n, total)) "%" } {} } }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            h2 { "Upstream concurrency" }
+            p #units {
+                label for="units-meter" { (o.units_in_flight) " of " (o.working_limit) " units in flight" }
+                " "
+                meter #units-meter min="0" max=(o.working_limit.max(1)) value=(o.units_in_flight) {}
+                @if o.working_limit < o.max_units {
+                    span.muted { " (limit lowered from " (o.max_units) " after upstream said it was full)" }
+                }
+            }
+            p { (o.pending) " tasks waiting for dispatch." }
+            h2 { "Failure reasons (last 24 hours)" }
+            @if o.failure_reasons.is_empty() {
+                p.muted { "No failures." }
+            } @else {
+                table #failures {
+                    thead { tr { th scope="col" { "Code" } th scope="col" { "Example message" } th scope="col" { "Tasks" } } }
+                    tbody {
+                        @for (code, message, n) in &o.failure_reasons {
+                            tr { td { code { (code) } } td { (message) } td { (n) } }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}

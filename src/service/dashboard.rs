@@ -1,0 +1,53 @@
+//! What the dashboard shows beyond the API's own reads: a task's inputs and the overview.
+
+use super::{now_ms, Relay, ServiceError};
+use crate::domain::client::Caller;
+use crate::domain::TaskInputs;
+
+/// The overview page's figures.
+#[derive(Debug, Clone)]
+pub struct Overview {
+    /// Tasks created in the last 24 hours, per status.
+    pub status_counts: Vec<(String, i64)>,
+    /// (code, a message, count) of failures in the last 24 hours, most frequent first.
+    pub failure_reasons: Vec<(String, String, i64)>,
+    pub units_in_flight: i64,
+    pub working_limit: i64,
+    pub max_units: i64,
+    pub pending: i64,
+}
+
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+impl Relay {
+    /// The input images of one of the caller's tasks.
+    pub async fn inputs(&self, caller: &Caller, id: &str) -> Result<TaskInputs, ServiceError> {
+        self.get(caller, id).await?;
+        self.store
+            .get_inputs(id)
+            .await?
+            .ok_or(ServiceError::NotFound)
+    }
+
+    /// The last 24 hours of the caller's tasks, and the upstream budget (shared by everyone).
+    pub async fn overview(&self, caller: &Caller) -> Result<Overview, ServiceError> {
+        let since = now_ms() - DAY_MS;
+        let status_counts = self
+            .store
+            .status_counts_since(caller.scope(), since)
+            .await?;
+        let failure_reasons = self
+            .store
+            .failure_reasons_since(caller.scope(), since, 10)
+            .await?;
+        let d = self.dispatch_status().await?;
+        Ok(Overview {
+            status_counts,
+            failure_reasons,
+            units_in_flight: d.units_in_flight,
+            working_limit: d.admission.working_limit,
+            max_units: d.admission.max_units,
+            pending: d.pending,
+        })
+    }
+}
