@@ -428,6 +428,7 @@ pub fn parse_task_data(data: &Value) -> Option<UpstreamReport> {
             .map(str::to_owned),
         updated_at_ms: millis(data.get("updated_at")),
         images,
+        raw: Some(data.clone()),
     })
 }
 

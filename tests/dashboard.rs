@@ -307,9 +307,30 @@ async fn the_dashboard_in_a_real_browser() {
         Duration::from_secs(5),
     )
     .await;
+    // What upstream sent, on demand: the payloads behind the timeline's changes.
+    let payloads = c
+        .find_all(Locator::Css("details.upstream-payload"))
+        .await
+        .unwrap();
+    assert!(payloads.len() >= 3, "create answer and two callbacks");
+    let last = payloads.last().unwrap();
+    last.find(Locator::Css("summary"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let sent = last
+        .find(Locator::Css("pre"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(sent.contains("\"task_status\": \"succeed\""), "{sent}");
     let raw = c
         .execute(
-            "return document.querySelector('details pre').textContent;",
+            "return document.querySelector('#raw-task pre').textContent;",
             vec![],
         )
         .await

@@ -420,6 +420,7 @@ fn arb_report() -> impl Strategy<Value = UpstreamReport> {
                         url: format!("https://img.example/{u}.png"),
                     })
                     .collect(),
+                raw: None,
             },
         )
 }

@@ -65,6 +65,7 @@ async fn submitted_task(
             poll_due_at_ms,
             outbox: outbox.as_ref(),
             archive: false,
+            upstream_payload: None,
         })
         .await
         .unwrap());
@@ -285,6 +286,7 @@ async fn other_replicas_hear_committed_changes() {
             poll_due_at_ms: None,
             outbox: None,
             archive: false,
+            upstream_payload: None,
         })
         .await
         .unwrap());
@@ -304,6 +306,7 @@ async fn other_replicas_hear_committed_changes() {
             poll_due_at_ms: None,
             outbox: None,
             archive: false,
+            upstream_payload: None,
         })
         .await
         .unwrap());

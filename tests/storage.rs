@@ -198,6 +198,7 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
             poll_due_at_ms: Some(20),
             outbox: None,
             archive: false,
+            upstream_payload: None,
         })
         .await
         .unwrap());
@@ -220,6 +221,7 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
             poll_due_at_ms: None,
             outbox: None,
             archive: false,
+            upstream_payload: None,
         })
         .await
         .unwrap());
@@ -233,6 +235,7 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
             poll_due_at_ms: None,
             outbox: None,
             archive: false,
+            upstream_payload: None,
         })
         .await
         .unwrap());
@@ -279,6 +282,7 @@ async fn a_claim_defeats_a_cancel_decided_before_it(b: Backend) {
             poll_due_at_ms: None,
             outbox: None,
             archive: false,
+            upstream_payload: None,
         })
         .await
         .unwrap();

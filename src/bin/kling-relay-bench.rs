@@ -425,6 +425,7 @@ async fn seed_submitted(store: &Store, n: usize) -> anyhow::Result<Vec<String>> 
                 poll_due_at_ms: None,
                 outbox: None,
                 archive: false,
+                upstream_payload: None,
             })
             .await?;
         ids.push(r.id);

@@ -189,6 +189,8 @@ pub struct UpstreamReport {
     /// Upstream's own `updated_at`, Unix milliseconds.
     pub updated_at_ms: Option<i64>,
     pub images: Vec<ResultImage>,
+    /// The task object as upstream sent it, kept with the change it causes.
+    pub raw: Option<serde_json::Value>,
 }
 
 /// The part of a stored task the status machine needs to decide.
@@ -454,6 +456,8 @@ pub struct TaskEvent {
     pub status: String,
     pub upstream_status: Option<String>,
     pub detail: Option<String>,
+    /// What upstream sent with this change, as JSON text (None for our own changes).
+    pub upstream_payload: Option<String>,
 }
 
 /// The request's images, kept until the task is dispatched.
@@ -486,6 +490,7 @@ mod tests {
             status_msg: None,
             updated_at_ms: Some(updated),
             images: vec![],
+            raw: None,
         }
     }
 

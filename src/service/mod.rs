@@ -426,7 +426,7 @@ impl Relay {
     /// Cancels a task that has not been sent upstream.
     pub async fn cancel(&self, caller: &Caller, id: &str) -> Result<Task, ServiceError> {
         self.get(caller, id).await?;
-        self.decide_and_commit(id, EventSource::Api, |task| {
+        self.decide_and_commit(id, EventSource::Api, None, |task| {
             cancel(&task.state()).map_err(ServiceError::CannotCancel)
         })
         .await?;
@@ -566,8 +566,11 @@ impl Relay {
         source: EventSource,
         report: &UpstreamReport,
     ) -> Result<ApplyOutcome, ServiceError> {
-        self.decide_and_commit(id, source, |task| Ok(apply_report(&task.state(), report)?))
-            .await
+        let payload = report.raw.as_ref().map(|v| v.to_string());
+        self.decide_and_commit(id, source, payload.as_deref(), |task| {
+            Ok(apply_report(&task.state(), report)?)
+        })
+        .await
     }
 
     /// Ends a task with an error unless it is already final.
@@ -578,7 +581,7 @@ impl Relay {
         status: TaskStatus,
         error: TaskError,
     ) -> Result<ApplyOutcome, ServiceError> {
-        self.decide_and_commit(id, source, |task| {
+        self.decide_and_commit(id, source, None, |task| {
             Ok(finish_with_error(&task.state(), status, error.clone()))
         })
         .await
@@ -588,6 +591,7 @@ impl Relay {
         &self,
         id: &str,
         source: EventSource,
+        upstream_payload: Option<&str>,
         decide: impl Fn(&Task) -> Result<Transition, ServiceError>,
     ) -> Result<ApplyOutcome, ServiceError> {
         for _ in 0..MAX_CHANGE_ATTEMPTS {
@@ -610,6 +614,7 @@ impl Relay {
                     poll_due_at_ms: poll_due,
                     outbox: outbox.as_ref(),
                     archive: self.settings.archive.enabled,
+                    upstream_payload,
                 })
                 .await?
             {

@@ -163,6 +163,7 @@ struct EventRow {
     status: String,
     upstream_status: Option<String>,
     detail: Option<String>,
+    upstream_payload: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -292,6 +293,8 @@ pub struct Commit<'a> {
     pub outbox: Option<&'a OutboxEntry>,
     /// Queue the images of a success for the archive, in the same transaction.
     pub archive: bool,
+    /// What upstream sent, kept with the event (JSON text).
+    pub upstream_payload: Option<&'a str>,
 }
 
 /// A parameter for [`Store::explain`].
@@ -686,6 +689,7 @@ impl Store {
                 status: r.status,
                 upstream_status: r.upstream_status,
                 detail: r.detail,
+                upstream_payload: r.upstream_payload,
             })
             .collect())
     }
@@ -704,6 +708,7 @@ impl Store {
             poll_due_at_ms,
             outbox,
             archive,
+            upstream_payload,
         } = *c;
         const SQL: &str = "UPDATE tasks SET status = $2, \
             upstream_status = COALESCE($3, upstream_status), \
@@ -746,13 +751,14 @@ impl Store {
                 tx.rollback().await?;
                 return Ok(false);
             }
-            sqlx::query(INSERT_EVENT)
+            sqlx::query(INSERT_EVENT_WITH_PAYLOAD)
                 .bind(id)
                 .bind(now_ms)
                 .bind(source.as_str())
                 .bind(change.status.as_str())
                 .bind(upstream_status)
                 .bind(&change.detail)
+                .bind(upstream_payload)
                 .execute(&mut *tx)
                 .await?;
             if let Some(o) = outbox {
@@ -905,11 +911,16 @@ fn like_pattern(text: &str) -> String {
 const INSERT_EVENT: &str =
     "INSERT INTO task_events (task_id, at, source, status, upstream_status, detail) \
     VALUES ($1, $2, $3, $4, $5, $6)";
+const INSERT_EVENT_WITH_PAYLOAD: &str = "INSERT INTO task_events \
+    (task_id, at, source, status, upstream_status, detail, upstream_payload) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
 /// The read queries behind history and background work, public so tests can check their plans.
 pub mod sql {
     /// A task's timeline, oldest first.
-    pub const EVENTS: &str = "SELECT at, source, status, upstream_status, detail FROM task_events \
+    pub const EVENTS: &str =
+        "SELECT at, source, status, upstream_status, detail, upstream_payload \
+            FROM task_events \
             WHERE task_id = $1 ORDER BY id";
     /// Pending tasks whose dispatch is due, most overdue first.
     pub const DUE_DISPATCHES: &str = "SELECT id, n, created_at, dispatch_started_at FROM tasks \

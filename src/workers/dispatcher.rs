@@ -265,6 +265,7 @@ async fn recover_existing(relay: &Relay, task: &Task, message: &str) -> Result<(
                 )),
                 updated_at_ms: None,
                 images: Vec::new(),
+                raw: None,
             }
         }
     };

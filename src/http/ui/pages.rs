@@ -194,6 +194,14 @@ pub fn task_list(
     )
 }
 
+/// JSON text, indented (as stored when it does not parse).
+fn pretty(raw: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(raw)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or_else(|| raw.to_owned())
+}
+
 fn truncate(s: &str, max: usize) -> String {
     if s.chars().count() <= max {
         s.to_owned()
@@ -332,9 +340,17 @@ pub fn task_page(who: &str, p: &TaskPage<'_>) -> Markup {
                 }
             }
             h2 { "Raw data" }
-            details {
+            details #raw-task {
                 summary { "The task as the API returns it (JSON)" }
                 pre { code { (p.raw_task) } }
+            }
+            @for (i, e) in p.events.iter().enumerate() {
+                @if let Some(raw) = &e.upstream_payload {
+                    details.upstream-payload id={ "payload-" (i) } {
+                        summary { "What upstream sent: " (e.source) ", " (e.upstream_status.as_deref().unwrap_or(&e.status)) ", " (time(e.at_ms)) }
+                        pre { code { (pretty(raw)) } }
+                    }
+                }
             }
         },
     )
@@ -360,7 +376,7 @@ pub fn overview(who: &str, o: &Overview) -> Markup {
                 p.muted { "No tasks in the last 24 hours." }
             } @else {
                 table #status-counts {
-                    caption { (total) " tasks" }
+                    caption { (total) @if total == 1 { " task" } @else { " tasks" } }
                     thead { tr { th scope="col" { "Status" } th scope="col" { "Tasks" } th scope="col" { "Share" } } }
                     tbody {
                         @for s in ALL_STATUSES {
