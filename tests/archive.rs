@@ -156,6 +156,15 @@ async fn image_happy_path(app: &TestApp, dir: Option<&Path>) {
     }
 }
 
+/// GET /v1/tasks/{id}/images/{index} with the test client's key.
+async fn get_image(app: &TestApp, id: &str, index: u32) -> reqwest::Response {
+    app.http
+        .get(format!("{}/v1/tasks/{id}/images/{index}", app.base))
+        .send()
+        .await
+        .unwrap()
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -210,12 +219,7 @@ async fn bad_sources_fail_the_image_never_the_task(b: Backend) {
             assert!(error.contains(reason), "{faults:?}: {error}");
             assert!(img["archived_url"].is_null());
         }
-        let r = app
-            .http
-            .get(format!("{}/v1/tasks/{id}/images/0", app.base))
-            .send()
-            .await
-            .unwrap();
+        let r = get_image(&app, &id, 0).await;
         assert_eq!(r.status(), 404);
         assert_eq!(r.headers()["content-type"], "application/problem+json");
     }
@@ -335,12 +339,7 @@ async fn backfill_archives_earlier_successes_and_resumes(b: Backend) {
         for img in t["images"].as_array().unwrap() {
             assert_eq!(img["archive"]["state"], "stored", "{img}");
         }
-        let r = app
-            .http
-            .get(format!("{}/v1/tasks/{id}/images/1", app.base))
-            .send()
-            .await
-            .unwrap();
+        let r = get_image(&app, id, 1).await;
         assert_eq!(r.status(), 200);
     }
     assert_eq!(files_under(&dir.path().join("archive")).len(), 6);
@@ -377,12 +376,7 @@ async fn the_retention_sweep_deletes_old_images_and_records_it(b: Backend) {
     }
     assert_eq!(swept["status"], "succeeded");
     assert!(files_under(&dir.path().join("archive")).is_empty());
-    let r = app
-        .http
-        .get(format!("{}/v1/tasks/{id}/images/0", app.base))
-        .send()
-        .await
-        .unwrap();
+    let r = get_image(&app, &id, 0).await;
     assert_eq!(r.status(), 404);
 }
 

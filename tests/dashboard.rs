@@ -104,6 +104,24 @@ async fn shoot(c: &Client, name: &str) {
     std::fs::write(screenshots().join(name), png).expect("write screenshot");
 }
 
+async fn click(c: &Client, css: &str) {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("click {css}: {e}"));
+}
+
+async fn text(c: &Client, css: &str) -> String {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("text of {css}: {e}"))
+}
+
 /// Polls a condition in the page (a JavaScript expression) until it is true.
 async fn until_js(c: &Client, expr: &str, within: Duration) {
     let start = Instant::now();
@@ -149,12 +167,7 @@ async fn the_dashboard_in_a_real_browser() {
     assert!(c.current_url().await.unwrap().path().ends_with("/ui/login"));
     let key_field = c.find(Locator::Css("#api_key")).await.unwrap();
     key_field.send_keys("klr_wrong").await.unwrap();
-    c.find(Locator::Css("form.login button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "form.login button").await;
     until_js(
         &c,
         "document.querySelector('[role=alert]')",
@@ -163,12 +176,7 @@ async fn the_dashboard_in_a_real_browser() {
     .await;
     let key_field = c.find(Locator::Css("#api_key")).await.unwrap();
     key_field.send_keys(&app.client.api_key).await.unwrap();
-    c.find(Locator::Css("form.login button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "form.login button").await;
     until_js(
         &c,
         "location.pathname === '/ui/tasks'",
@@ -237,24 +245,14 @@ async fn the_dashboard_in_a_real_browser() {
     )
     .await;
     c.goto(&format!("{}/ui/tasks", app.base)).await.unwrap();
-    c.find(Locator::Css("input[name=status][value=succeeded]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "input[name=status][value=succeeded]").await;
     c.find(Locator::Css("input[name=q]"))
         .await
         .unwrap()
         .send_keys("A-1042")
         .await
         .unwrap();
-    c.find(Locator::Css("form.filters button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "form.filters button").await;
     until_js(
         &c,
         &format!(
@@ -283,21 +281,9 @@ async fn the_dashboard_in_a_real_browser() {
         Duration::from_secs(10),
     )
     .await;
-    let h1 = c
-        .find(Locator::Css("h1"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let h1 = text(&c, "h1").await;
     assert!(h1.contains(&id) && h1.contains("succeeded"), "{h1}");
-    let timeline = c
-        .find(Locator::Css("#timeline"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let timeline = text(&c, "#timeline").await;
     for word in ["api", "dispatch", "webhook", "succeeded"] {
         assert!(timeline.contains(word), "timeline lacks {word}: {timeline}");
     }
@@ -370,21 +356,9 @@ async fn the_dashboard_in_a_real_browser() {
 
     // The overview.
     c.goto(&format!("{}/ui/overview", app.base)).await.unwrap();
-    let counts = c
-        .find(Locator::Css("#status-counts"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let counts = text(&c, "#status-counts").await;
     assert!(counts.contains("succeeded"), "{counts}");
-    let units = c
-        .find(Locator::Css("#units"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let units = text(&c, "#units").await;
     assert!(units.contains("units in flight"), "{units}");
     shoot(&c, "overview.png").await;
 
@@ -422,12 +396,7 @@ async fn the_dashboard_in_a_real_browser() {
 
     // Signing out ends the session.
     c.set_window_size(1280, 900).await.unwrap();
-    c.find(Locator::Css("header form button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "header form button").await;
     until_js(
         &c,
         "location.pathname === '/ui/login'",

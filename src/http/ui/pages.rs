@@ -111,16 +111,6 @@ pub struct ListForm {
     pub q: String,
 }
 
-const ALL_STATUSES: [TaskStatus; 7] = [
-    TaskStatus::Pending,
-    TaskStatus::Submitted,
-    TaskStatus::Processing,
-    TaskStatus::Succeeded,
-    TaskStatus::Failed,
-    TaskStatus::TimedOut,
-    TaskStatus::Canceled,
-];
-
 pub fn task_list(
     who: &str,
     form: &ListForm,
@@ -138,7 +128,7 @@ pub fn task_list(
             form.filters method="get" action="/ui/tasks" role="search" {
                 fieldset {
                     legend { "Status" }
-                    @for s in ALL_STATUSES {
+                    @for s in TaskStatus::ALL {
                         label.check {
                             input type="checkbox" name="status" value=(s.as_str()) checked[form.statuses.contains(&s)];
                             (s.as_str().replace('_', " "))
@@ -379,7 +369,7 @@ pub fn overview(who: &str, o: &Overview) -> Markup {
                     caption { (total) @if total == 1 { " task" } @else { " tasks" } }
                     thead { tr { th scope="col" { "Status" } th scope="col" { "Tasks" } th scope="col" { "Share" } } }
                     tbody {
-                        @for s in ALL_STATUSES {
+                        @for s in TaskStatus::ALL {
                             @let n = o.status_counts.iter().find(|(k, _)| k == s.as_str()).map_or(0, |(_, n)| *n);
                             @if n > 0 {
                                 tr {
