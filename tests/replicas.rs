@@ -324,8 +324,46 @@ async fn sqlite_has_no_change_feed() {
     assert!(open_store(&db).await.change_feed().await.unwrap().is_none());
 }
 
+/// Long-polls `id` on `other` while a callback moving it to `status` lands on `app`; returns
+/// how long the waiter waited.
+async fn wake_across(
+    app: &TestApp,
+    other: &Replica,
+    id: &str,
+    from: &str,
+    to: &str,
+    at: i64,
+) -> Duration {
+    let waiter = {
+        let http = app.http.clone();
+        let url = format!("{}/v1/tasks/{id}?wait=20&status_not={from}", other.base);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let v: serde_json::Value = http.get(url).send().await.unwrap().json().await.unwrap();
+            (v, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let upstream_id = app.task(id).await["upstream_task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let upstream_status = if to == "succeeded" { "succeed" } else { to };
+    let (code, _) = app
+        .post_callback(
+            &app.callback_url(id),
+            &callback(&upstream_id, upstream_status, at),
+        )
+        .await;
+    assert_eq!(code, 200);
+    let (task, waited) = waiter.await.unwrap();
+    assert_eq!(task["status"], json!(to), "{task}");
+    waited
+}
+
 /// Long-poll on one replica, webhook on another: the waiter answers as soon as the change
-/// commits, not at the end of its wait.
+/// commits, not at the end of its wait. Also after the database dropped every connection,
+/// the listener's included: the feed reconnects by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_poll_hears_a_webhook_that_landed_on_another_replica() {
     if postgres_or_skip().is_none() {
@@ -336,31 +374,48 @@ async fn a_long_poll_hears_a_webhook_that_landed_on_another_replica() {
     let id = app.submit_ok(&valid_body()).await;
     app.wait_for_status(&id, "submitted", Duration::from_secs(10))
         .await;
-    let waiter = {
-        let http = app.http.clone();
-        let url = format!("{}/v1/tasks/{id}?wait=20&status_not=submitted", other.base);
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let v: serde_json::Value = http.get(url).send().await.unwrap().json().await.unwrap();
-            (v, started.elapsed())
-        })
+    let waited = wake_across(
+        &app,
+        &other,
+        &id,
+        "submitted",
+        "processing",
+        1_700_000_000_500,
+    )
+    .await;
+    assert!(waited < Duration::from_secs(5), "woke after {waited:?}");
+
+    // Every connection to the database dropped, the listening ones too.
+    let name = url::Url::parse(&app.db.url).unwrap().path()[1..].to_owned();
+    let mut admin = {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect(&postgres_admin_url())
+            .await
+            .unwrap()
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let upstream_id = app.task(&id).await["upstream_task_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let (code, _) = app
-        .post_callback(
-            &app.callback_url(&id),
-            &callback(&upstream_id, "processing", 1_700_000_000_500),
-        )
-        .await;
-    assert_eq!(code, 200);
-    let (task, waited) = waiter.await.unwrap();
-    assert_eq!(task["status"], json!("processing"), "{task}");
+    let dropped: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+    ))
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(
+        dropped >= 2,
+        "the service's connections, listeners included: {dropped}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let waited = wake_across(
+        &app,
+        &other,
+        &id,
+        "processing",
+        "succeeded",
+        1_700_000_000_900,
+    )
+    .await;
     assert!(
         waited < Duration::from_secs(5),
-        "the other replica's waiter woke after {waited:?}"
+        "after the connections dropped, the waiter woke after {waited:?}"
     );
 }
