@@ -501,3 +501,36 @@ async fn dashboard_access_rules() {
         .unwrap();
     assert_eq!(bad.status(), 303);
 }
+
+/// With `auth.required = false` there is no sign-in: every page shows every task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_auth_the_dashboard_needs_no_sign_in() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        Options {
+            settings: Box::new(|s| s.auth.required = false),
+            ..Options::default()
+        },
+    )
+    .await;
+    let id = app.submit_ok(&valid_body()).await;
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = plain
+        .get(format!("{}/ui/tasks", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let page = r.text().await.unwrap();
+    assert!(page.contains("everyone (auth off)"), "{page}");
+    assert!(page.contains(&id));
+    let r = plain
+        .get(format!("{}/ui/overview", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
