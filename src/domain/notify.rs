@@ -98,6 +98,16 @@ impl NetworkPolicy {
         })
     }
 
+    /// Checks a URL whose host is an address literal (which is never resolved, so the resolver's
+    /// check never sees it); a host name is checked later, on what it resolves to.
+    pub fn check_url_host(&self, url: &url::Url) -> Result<(), String> {
+        match url.host() {
+            Some(url::Host::Ipv4(a)) => self.check(IpAddr::V4(a)),
+            Some(url::Host::Ipv6(a)) => self.check(IpAddr::V6(a)),
+            _ => Ok(()),
+        }
+    }
+
     /// Ok, or why the address is refused.
     pub fn check(&self, ip: IpAddr) -> Result<(), String> {
         let ip = match ip {

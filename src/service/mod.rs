@@ -200,12 +200,7 @@ impl Relay {
     }
 
     fn mac(&self, task_id: &str) -> Hmac<Sha256> {
-        // HMAC accepts keys of any length, so this cannot fail.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.token_key)
-            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
-        mac.update(b"cometapi-callback:");
-        mac.update(task_id.as_bytes());
-        mac
+        token_mac(&self.token_key, task_id)
     }
 
     /// The unguessable token that authorises callbacks for one task.
@@ -268,12 +263,7 @@ impl Relay {
         let Ok(u) = url::Url::parse(url) else {
             return Err("must be an absolute http or https URL".into());
         };
-        let ip = match u.host() {
-            Some(url::Host::Ipv4(a)) => std::net::IpAddr::V4(a),
-            Some(url::Host::Ipv6(a)) => std::net::IpAddr::V6(a),
-            _ => return Ok(()),
-        };
-        self.network_policy.check(ip)
+        self.network_policy.check_url_host(&u)
     }
 
     pub fn admission(&self) -> MutexGuard<'_, Admission> {

@@ -82,10 +82,7 @@ impl Store {
         lease_until_ms: i64,
     ) -> Result<Vec<ArchivedImage>> {
         let _writer = self.writer().await;
-        let skip = match self.pool {
-            Pool::Sqlite(_) => "",
-            Pool::Postgres(_) => " FOR UPDATE SKIP LOCKED",
-        };
+        let skip = self.skip_locked();
         let sql = format!(
             "UPDATE task_images SET next_attempt_at = $3, attempts = attempts + 1 \
             WHERE (task_id, idx) IN (SELECT task_id, idx FROM task_images \

@@ -24,7 +24,7 @@ const ADMISSION_LOCK_KEY: i64 = 0x6b6c_7201;
 impl Store {
     /// Row locks of a claim's select: other replicas skip rows a claim is working on instead of
     /// waiting for it.
-    fn skip_locked(&self) -> &'static str {
+    pub(super) fn skip_locked(&self) -> &'static str {
         match self.pool {
             Pool::Sqlite(_) => "",
             Pool::Postgres(_) => " FOR UPDATE SKIP LOCKED",

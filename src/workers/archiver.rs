@@ -65,15 +65,7 @@ fn check_source(
     url: &url::Url,
 ) -> Result<(), String> {
     source.check(url)?;
-    let ip = match url.host() {
-        Some(url::Host::Ipv4(a)) => Some(std::net::IpAddr::V4(a)),
-        Some(url::Host::Ipv6(a)) => Some(std::net::IpAddr::V6(a)),
-        _ => None,
-    };
-    match ip {
-        Some(ip) => network.check(ip),
-        None => Ok(()),
-    }
+    network.check_url_host(url)
 }
 
 pub struct Archiver {
