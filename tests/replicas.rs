@@ -238,22 +238,8 @@ async fn delivery_claims_are_disjoint(b: Backend) {
 // single-claimer behaviour apply there.
 on_both_backends!(a_lapsed_dispatch_lease_is_taken_over);
 
-macro_rules! on_postgres {
-    ($($name:ident),* $(,)?) => {
-        mod postgres_replicas {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if let Some(()) = $crate::common::postgres_or_skip() {
-                        super::$name($crate::common::Backend::Postgres).await
-                    }
-                }
-            )*
-        }
-    };
-}
-
 on_postgres!(
+    postgres_replicas;
     concurrent_claims_share_the_budget_and_never_overlap,
     poll_claims_are_disjoint_and_lapse,
     delivery_claims_are_disjoint,

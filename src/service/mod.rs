@@ -556,8 +556,7 @@ impl Relay {
         source: EventSource,
         report: &UpstreamReport,
     ) -> Result<ApplyOutcome, ServiceError> {
-        let payload = report.raw.as_ref().map(|v| v.to_string());
-        self.decide_and_commit(id, source, payload.as_deref(), |task| {
+        self.decide_and_commit(id, source, report.raw.as_ref(), |task| {
             Ok(apply_report(&task.state(), report)?)
         })
         .await
@@ -581,15 +580,20 @@ impl Relay {
         &self,
         id: &str,
         source: EventSource,
-        upstream_payload: Option<&str>,
+        upstream_payload: Option<&serde_json::Value>,
         decide: impl Fn(&Task) -> Result<Transition, ServiceError>,
     ) -> Result<ApplyOutcome, ServiceError> {
+        // Written only with a change: most reports (duplicates, unchanged polls) are ignored.
+        let mut payload_text: Option<String> = None;
         for _ in 0..MAX_CHANGE_ATTEMPTS {
             let task = self.get_any(id).await?;
             let change = match decide(&task)? {
                 Transition::Ignore(reason) => return Ok(ApplyOutcome::Ignored(reason)),
                 Transition::Apply(change) => change,
             };
+            if payload_text.is_none() {
+                payload_text = upstream_payload.map(|v| v.to_string());
+            }
             let now = now_ms();
             let poll_due = self.poll_due_after_change(change.status, now);
             let outbox = self.notification_for(&task, &change, now).await?;
@@ -604,7 +608,7 @@ impl Relay {
                     poll_due_at_ms: poll_due,
                     outbox: outbox.as_ref(),
                     archive: self.settings.archive.enabled,
-                    upstream_payload,
+                    upstream_payload: payload_text.as_deref(),
                 })
                 .await?
             {

@@ -34,7 +34,16 @@ macro_rules! on_both_backends {
                 }
             )*
         }
-        mod postgres {
+        $crate::on_postgres!(postgres; $($name),*);
+    };
+}
+
+/// Runs each listed `async fn name(Backend)` on Postgres only, as `<module>::name` (skipped when
+/// Postgres is unreachable, except under CI).
+#[macro_export]
+macro_rules! on_postgres {
+    ($module:ident; $($name:ident),* $(,)?) => {
+        mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
@@ -120,51 +129,38 @@ impl TestDb {
     }
 }
 
-impl TestDb {
-    /// Runs one statement on the test's database from outside the service.
-    pub async fn exec(&self, sql: &str) {
+/// Runs `$body` with `$c` bound to a fresh connection to the test's database, whichever backend.
+macro_rules! with_connection {
+    ($db:expr, $c:ident => $body:expr) => {{
         use sqlx::Connection;
-        match self.backend {
+        match $db.backend {
             Backend::Sqlite => {
-                let mut c = sqlx::SqliteConnection::connect(&self.url)
+                let mut $c = sqlx::SqliteConnection::connect(&$db.url)
                     .await
                     .expect("connect");
-                sqlx::query(sql).execute(&mut c).await.expect("exec");
+                $body
             }
             Backend::Postgres => {
-                let mut c = sqlx::PgConnection::connect(&self.url)
+                let mut $c = sqlx::PgConnection::connect(&$db.url)
                     .await
                     .expect("connect");
-                sqlx::query(sql).execute(&mut c).await.expect("exec");
+                $body
             }
         }
-    }
+    }};
 }
 
 impl TestDb {
+    /// Runs one statement on the test's database from outside the service.
+    pub async fn exec(&self, sql: &str) {
+        with_connection!(self, c => {
+            sqlx::query(sql).execute(&mut c).await.expect("exec");
+        })
+    }
+
     /// The single integer a counting query returns.
     pub async fn count(&self, sql: &str) -> i64 {
-        use sqlx::Connection;
-        match self.backend {
-            Backend::Sqlite => {
-                let mut c = sqlx::SqliteConnection::connect(&self.url)
-                    .await
-                    .expect("connect");
-                sqlx::query_scalar(sql)
-                    .fetch_one(&mut c)
-                    .await
-                    .expect("count")
-            }
-            Backend::Postgres => {
-                let mut c = sqlx::PgConnection::connect(&self.url)
-                    .await
-                    .expect("connect");
-                sqlx::query_scalar(sql)
-                    .fetch_one(&mut c)
-                    .await
-                    .expect("count")
-            }
-        }
+        with_connection!(self, c => sqlx::query_scalar(sql).fetch_one(&mut c).await.expect("count"))
     }
 }
 
