@@ -31,9 +31,15 @@ pub async fn simulate(
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .context("cannot bind the simulator")?;
-    let sim = Simulator::start(SimConfig::default(), listener).await?;
+    let cfg = SimConfig {
+        profile: settings.cometapi.profile,
+        ..SimConfig::default()
+    };
+    let sim = Simulator::start(cfg.clone(), listener).await?;
     settings.cometapi.base_url = sim.base_url();
     settings.cometapi.api_key = Secret::new(sim.api_key());
+    settings.cometapi.access_key = Secret::new(cfg.access_key);
+    settings.cometapi.secret_key = Secret::new(cfg.secret_key);
     let mut reachable = service_addr;
     if reachable.ip().is_unspecified() {
         // Listening on every interface: loopback reaches it from the in-process simulator.

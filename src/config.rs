@@ -177,15 +177,53 @@ pub fn redact_url(raw: &str) -> String {
     }
 }
 
+/// Which upstream wire description `cometapi.profile` selects; see `upstream::profile`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamProfile {
+    /// Today's CometAPI multi-image page: `/kling/v1/images/multi-image2image`.
+    Cometapi,
+    /// The user's original CometAPI page: `/kling/v1/images/generations`, `scence_image`.
+    CometapiGenerations,
+    /// Kling's own API, authenticated with a JWT from an access key and a secret key.
+    Kling,
+}
+
+impl UpstreamProfile {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamProfile::Cometapi => "cometapi",
+            UpstreamProfile::CometapiGenerations => "cometapi-generations",
+            UpstreamProfile::Kling => "kling",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CometApiSettings {
+    pub profile: UpstreamProfile,
+    /// Empty: the profile's.
     pub base_url: String,
     pub api_key: Secret,
+    /// For the `kling` profile.
+    pub access_key: Secret,
+    pub secret_key: Secret,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Each of these, empty (or 0), takes the profile's value.
+    pub create_path: String,
+    pub query_path: String,
     pub scene_image_field: String,
+    pub default_model: String,
+    pub models: Vec<String>,
+    pub min_subject_images: usize,
+    pub max_subject_images: usize,
+    pub external_lookup: String,
     pub max_concurrency: i64,
+    /// Attempts of a create answered with a code outside the published table before the task
+    /// fails with it.
+    pub unknown_code_attempts: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -205,6 +243,12 @@ pub struct DispatchSettings {
     #[serde(with = "humantime_serde")]
     pub starvation_after: Duration,
     pub max_pending: i64,
+    /// While dispatch is halted (bad key, account out of credit): first and longest delay
+    /// between probes.
+    #[serde(with = "humantime_serde")]
+    pub halt_probe_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub halt_probe_max: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -311,8 +355,18 @@ impl Settings {
         fig = fig
             .merge(prefixed.filter(|k| k.as_str().contains("__")).split("__"))
             .merge(
-                raw.only(&["COMETAPI_KEY"])
+                raw.clone()
+                    .only(&["COMETAPI_KEY"])
                     .map(|_| "cometapi.api_key".into()),
+            )
+            .merge(
+                raw.clone()
+                    .only(&["KLING_ACCESS_KEY"])
+                    .map(|_| "cometapi.access_key".into()),
+            )
+            .merge(
+                raw.only(&["KLING_SECRET_KEY"])
+                    .map(|_| "cometapi.secret_key".into()),
             );
         let settings: Settings = fig.extract().map_err(|e| ConfigError::Load(Box::new(e)))?;
         settings.validate()?;
@@ -320,7 +374,9 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        check_http_url("cometapi.base_url", &self.cometapi.base_url)?;
+        if !self.cometapi.base_url.is_empty() {
+            check_http_url("cometapi.base_url", &self.cometapi.base_url)?;
+        }
         if !self.server.public_url.is_empty() {
             check_http_url("server.public_url", &self.server.public_url)?;
         }
@@ -337,16 +393,13 @@ impl Settings {
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
         }
-        match self.cometapi.scene_image_field.as_str() {
-            "scence_image" | "scene_image" => {}
-            _ => {
-                return Err(invalid(
-                    "cometapi.scene_image_field",
-                    "must be `scence_image` or `scene_image`",
-                ))
-            }
-        }
-        let positive: [(&'static str, Duration); 11] = [
+        self.validate_upstream()?;
+        let positive: [(&'static str, Duration); 13] = [
+            (
+                "dispatch.halt_probe_initial",
+                self.dispatch.halt_probe_initial,
+            ),
+            ("dispatch.halt_probe_max", self.dispatch.halt_probe_max),
             ("server.request_timeout", self.server.request_timeout),
             ("server.shutdown_timeout", self.server.shutdown_timeout),
             ("cometapi.timeout", self.cometapi.timeout),
@@ -472,8 +525,104 @@ impl Settings {
         Ok(())
     }
 
-    /// Without `--simulate` the upstream key is required.
+    fn validate_upstream(&self) -> Result<(), ConfigError> {
+        let c = &self.cometapi;
+        match c.scene_image_field.as_str() {
+            "" | "scence_image" | "scene_image" => {}
+            _ => {
+                return Err(invalid(
+                    "cometapi.scene_image_field",
+                    "must be `scence_image` or `scene_image` (or empty for the profile's)",
+                ))
+            }
+        }
+        for (key, path) in [
+            ("cometapi.create_path", &c.create_path),
+            ("cometapi.query_path", &c.query_path),
+        ] {
+            if !path.is_empty() && !path.starts_with('/') {
+                return Err(invalid(
+                    key,
+                    "must start with `/` (or be empty for the profile's)",
+                ));
+            }
+        }
+        if !c.query_path.is_empty() && !c.query_path.contains("{task_id}") {
+            return Err(invalid(
+                "cometapi.query_path",
+                "must contain `{task_id}` where the task id goes",
+            ));
+        }
+        match c.external_lookup.as_str() {
+            "" | "query" | "path" | "none" => {}
+            _ => {
+                return Err(invalid(
+                    "cometapi.external_lookup",
+                    "must be `query`, `path` or `none` (or empty for the profile's)",
+                ))
+            }
+        }
+        if c.max_subject_images > 4 || c.min_subject_images > 4 {
+            return Err(invalid(
+                "cometapi.max_subject_images",
+                "upstream takes at most 4 subject images",
+            ));
+        }
+        if c.max_subject_images > 0 && c.min_subject_images > c.max_subject_images {
+            return Err(invalid(
+                "cometapi.min_subject_images",
+                "must not exceed cometapi.max_subject_images",
+            ));
+        }
+        if let Some(bad) = c.models.iter().find(|m| !crate::domain::is_model_name(m)) {
+            return Err(invalid(
+                "cometapi.models",
+                format!("`{bad}` is not a model name (letters, digits, `-`, `_`, `.`)"),
+            ));
+        }
+        if !c.default_model.is_empty()
+            && !c.models.is_empty()
+            && !c.models.contains(&c.default_model)
+        {
+            return Err(invalid(
+                "cometapi.default_model",
+                format!("`{}` is not in cometapi.models", c.default_model),
+            ));
+        }
+        if c.unknown_code_attempts < 1 {
+            return Err(invalid(
+                "cometapi.unknown_code_attempts",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Without `--simulate` the upstream credentials are required: the key, or for the `kling`
+    /// profile the access key and secret key.
     pub fn require_api_key(&self) -> Result<(), ConfigError> {
+        if self.cometapi.profile == UpstreamProfile::Kling {
+            for (key, value, env) in [
+                (
+                    "cometapi.access_key",
+                    &self.cometapi.access_key,
+                    "KLING_ACCESS_KEY",
+                ),
+                (
+                    "cometapi.secret_key",
+                    &self.cometapi.secret_key,
+                    "KLING_SECRET_KEY",
+                ),
+            ] {
+                if value.is_empty() {
+                    return Err(invalid(
+                        key,
+                        format!("is missing: the `kling` profile signs requests with it; set {env}, or run with --simulate"),
+                    ));
+                }
+            }
+            return Ok(());
+        }
         if self.cometapi.api_key.is_empty() {
             return Err(invalid(
                 "cometapi.api_key",
@@ -500,8 +649,8 @@ mod tests {
         let s = Settings::defaults().unwrap();
         assert_eq!(s.server.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(s.database.url, "sqlite://data/kling-relay.db");
-        assert_eq!(s.cometapi.base_url, "https://api.cometapi.com");
-        assert_eq!(s.cometapi.scene_image_field, "scence_image");
+        assert_eq!(s.cometapi.profile, UpstreamProfile::Cometapi);
+        assert_eq!(s.cometapi.base_url, "");
         assert!(s.cometapi.api_key.is_empty());
         assert!(s.require_api_key().is_err());
     }

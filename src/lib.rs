@@ -5,6 +5,7 @@ pub mod app;
 pub mod archive;
 pub mod cli_client;
 pub mod config;
+pub mod doctor;
 pub mod domain;
 pub mod http;
 pub mod resource;

@@ -2,8 +2,8 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kling_relay::config::{LogFormat, Settings};
-use kling_relay::simulator::{Failure, Faults, SimConfig, Simulator};
+use kling_relay::config::{LogFormat, Settings, UpstreamProfile};
+use kling_relay::simulator::{AnswerStyle, Failure, Faults, SimConfig, Simulator};
 use kling_relay::{app, telemetry};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,6 +35,17 @@ enum Command {
         /// Log format: text or json (overrides log.format).
         #[arg(long, value_parser = parse_log_format)]
         log_format: Option<LogFormat>,
+    },
+    /// Check, with calls that cost nothing, that this configuration works against the real
+    /// upstream: key, create and query paths, lookup by external_task_id, public URL, clock.
+    /// Exits 0 when every check passes, 1 when one fails.
+    Doctor {
+        /// Settings file layered over config/default.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the report as JSON (for scripts).
+        #[arg(long)]
+        json: bool,
     },
     /// Apply database migrations and exit.
     Migrate {
@@ -123,9 +134,37 @@ enum ClientsCommand {
 struct SimulatorArgs {
     #[arg(long, default_value = "127.0.0.1:9090")]
     listen: SocketAddr,
-    /// Bearer key the simulator expects.
+    /// Which upstream to behave as: cometapi, cometapi-generations or kling (routes, field
+    /// names, subject bounds, authentication).
+    #[arg(long, default_value = "cometapi", value_parser = parse_profile)]
+    profile: UpstreamProfile,
+    /// Bearer key the simulator expects (cometapi profiles).
     #[arg(long, default_value = "sk-simulator")]
     api_key: String,
+    /// Access key and secret key of the kling profile (its JWT is checked against them).
+    #[arg(long, default_value = "ak-simulator")]
+    access_key: String,
+    #[arg(long, default_value = "sk-simulator-secret")]
+    secret_key: String,
+    /// Error answers as Kling's table has them (kling) or reshaped by a gateway into HTTP 400
+    /// {"code":"task_failed"} (relay).
+    #[arg(long, default_value = "kling", value_parser = parse_answer_style)]
+    answer_style: AnswerStyle,
+    /// Send callbacks without the callback URL's query string (as some proxies do).
+    #[arg(long)]
+    strip_callback_query: bool,
+    /// Callbacks carry a task_id other than the create answer's.
+    #[arg(long)]
+    callback_task_id_renamed: bool,
+    /// Create answers carry data.task_id but no task_status.
+    #[arg(long)]
+    create_without_status: bool,
+    /// The account is out of credit: creates answer 1102.
+    #[arg(long)]
+    out_of_credit: bool,
+    /// The key is revoked: every call answers 1002 (HTTP 401).
+    #[arg(long)]
+    key_revoked: bool,
     /// Time from submitted to processing.
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     processing_after: Duration,
@@ -165,6 +204,16 @@ fn parse_log_format(s: &str) -> Result<LogFormat, String> {
         "json" => Ok(LogFormat::Json),
         _ => Err(format!("`{s}`: expected text or json")),
     }
+}
+
+fn parse_profile(s: &str) -> Result<UpstreamProfile, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|_| format!("`{s}`: expected cometapi, cometapi-generations or kling"))
+}
+
+fn parse_answer_style(s: &str) -> Result<AnswerStyle, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|_| format!("`{s}`: expected kling or relay"))
 }
 
 fn parse_failure(s: &str) -> Result<Failure, String> {
@@ -299,6 +348,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Doctor { config, json } => {
+            let settings = Settings::load(config.as_deref())?;
+            telemetry::init(settings.log.format, "error");
+            let store = app::open_store(&settings).await.ok();
+            let report = kling_relay::doctor::run(&settings, store.as_ref()).await;
+            if let Some(s) = store {
+                s.close().await;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", kling_relay::doctor::render(&report));
+            }
+            anyhow::ensure!(report.ok, "doctor: some checks failed");
+            Ok(())
+        }
         Command::Clients { config, command } => {
             let settings = Settings::load(config.as_deref())?;
             telemetry::init(settings.log.format, "warn");
@@ -313,7 +378,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {}", a.listen))?;
             let cfg = SimConfig {
+                profile: a.profile,
                 api_key: a.api_key,
+                access_key: a.access_key,
+                secret_key: a.secret_key,
                 processing_after: a.processing_after,
                 finish_after: a.finish_after,
                 concurrency_units: a.concurrency_units,
@@ -321,6 +389,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 ..SimConfig::default()
             };
             let faults = Faults {
+                answer_style: a.answer_style,
+                strip_callback_query: a.strip_callback_query,
+                callback_task_id_renamed: a.callback_task_id_renamed,
+                create_without_status: a.create_without_status,
+                out_of_credit: a.out_of_credit,
+                key_revoked: a.key_revoked,
                 drop_callbacks: a.drop_callbacks,
                 duplicate_callbacks: a.duplicate_callbacks,
                 reorder_callbacks: a.reorder_callbacks,

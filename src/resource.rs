@@ -128,11 +128,15 @@ pub struct TaskView {
     upstream_task_id: Option<String>,
     #[schema(example = "klr-01a20ba8-cf40-726e-9ab2-608b4835a844")]
     external_task_id: String,
-    #[schema(example = "kling-v2")]
+    #[schema(example = "kling-v2-1")]
     model_name: String,
     prompt: Option<String>,
     #[schema(example = 2)]
     n: i64,
+    /// Units upstream deducted for the task (`final_unit_deduction`, as upstream wrote it);
+    /// null until upstream says.
+    #[schema(example = "2")]
+    final_unit_deduction: Option<String>,
     #[schema(example = "1:1")]
     aspect_ratio: Option<String>,
     images: Vec<ImageView>,
@@ -163,6 +167,7 @@ impl From<Task> for TaskView {
             model_name: t.model_name,
             prompt: t.prompt,
             n: t.n,
+            final_unit_deduction: t.final_unit_deduction,
             aspect_ratio: t.aspect_ratio,
             images: t.images.into_iter().map(ImageView::from).collect(),
             error: t.error.map(ErrorView::from),
@@ -304,6 +309,28 @@ pub struct DispatchView {
     pub pending: i64,
     /// End of a pause after `1303`/429, or null.
     pub paused_until: Option<String>,
+    /// Null, or why all dispatch is halted: upstream refuses the setup (key, IP, account,
+    /// route), so every task waits and none fails.
+    pub halted: Option<HaltView>,
+}
+
+/// Why dispatch is halted.
+#[derive(Serialize, ToSchema)]
+pub struct HaltView {
+    /// `authentication`, `ip_whitelist`, `account` or `route`.
+    #[schema(example = "account")]
+    pub reason: &'static str,
+    /// When the halt began (RFC 3339).
+    pub since: String,
+    /// Upstream's code (`1102`, or `http_401` when it sent none).
+    #[schema(example = "1102")]
+    pub upstream_code: String,
+    /// Upstream's message.
+    pub message: String,
+    /// What the operator should do.
+    pub advice: &'static str,
+    /// When upstream is next asked whether the problem is gone (RFC 3339).
+    pub next_probe: String,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -327,7 +354,8 @@ pub struct StatusEvent {
 /// What a callback did.
 #[derive(Serialize, ToSchema)]
 pub struct CallbackOutcome {
-    /// `applied`, `duplicate`, `stale` or `already_final`.
+    /// `applied`, `duplicate`, `stale`, `already_final`, or `polling` (the callback's ids do not
+    /// match the task: nothing was applied, and the task is polled at once).
     #[schema(example = "applied")]
     pub outcome: &'static str,
     #[schema(value_type = Option<StatusSchema>)]
@@ -373,12 +401,19 @@ pub struct SubjectImage {
 #[schema(example = json!({"subject_image_list": [{"subject_image": "https://example.com/a.png"}, {"subject_image": "https://example.com/b.png"}], "prompt": "two cats at a tea party", "n": 2, "aspect_ratio": "1:1"}))]
 #[allow(dead_code)]
 pub struct TaskRequest {
-    /// 2 to 4 subject images.
-    #[schema(min_items = 2, max_items = 4)]
+    /// 1 to 4 subject images (2 to 4 under the `cometapi-generations` profile). Base64 images
+    /// must be JPEG or PNG, each side at least 300 px, aspect ratio within 1:2.5 to 2.5:1.
+    #[schema(min_items = 1, max_items = 4)]
     subject_image_list: Vec<SubjectImage>,
     /// At most 2500 characters.
     #[schema(max_length = 2500)]
     prompt: Option<String>,
+    /// What the images should not show; at most 2500 characters.
+    #[schema(max_length = 2500)]
+    negative_prompt: Option<String>,
+    /// Upstream's watermark switch, forwarded as given, e.g. `{"enabled": true}`.
+    #[schema(value_type = Option<Object>)]
+    watermark_info: Option<Value>,
     /// Sent upstream under `cometapi.scene_image_field`; `scence_image` is accepted too.
     scene_image: Option<String>,
     style_image: Option<String>,
@@ -388,7 +423,9 @@ pub struct TaskRequest {
     /// One of 16:9, 9:16, 1:1, 4:3, 3:4, 3:2, 2:3, 21:9.
     #[schema(example = "1:1")]
     aspect_ratio: Option<String>,
-    #[schema(default = "kling-v2")]
+    /// One of `cometapi.models`; default `cometapi.default_model` (the profile's: `kling-v2-1`,
+    /// or `kling-v2` under `cometapi-generations`).
+    #[schema(example = "kling-v2-1")]
     model_name: Option<String>,
     /// Any JSON object of at most 4 KiB, returned as given.
     #[schema(value_type = Option<Object>)]

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::time::Duration;
 
-const PNG_B64: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
+const PNG_B64: &str = PNG_300;
 
 async fn assert_problem(r: reqwest::Response, status: u16) -> Value {
     assert_eq!(r.status().as_u16(), status);
@@ -49,7 +49,7 @@ async fn every_validation_rule_is_enforced_and_nothing_is_stored(b: Backend) {
     let cases: Vec<(Value, Vec<&str>)> = vec![
         (json!({}), vec!["subject_image_list"]),
         (
-            with(json!({"subject_image_list": [{"subject_image": "https://e.x/a.png"}]})),
+            with(json!({"subject_image_list": []})),
             vec!["subject_image_list"],
         ),
         (
@@ -97,6 +97,14 @@ async fn every_validation_rule_is_enforced_and_nothing_is_stored(b: Backend) {
             vec!["subject_image_list[1].subject_image"],
         ),
         (with(json!({"prompt": "x".repeat(2501)})), vec!["prompt"]),
+        (
+            with(json!({"negative_prompt": "x".repeat(2501)})),
+            vec!["negative_prompt"],
+        ),
+        (
+            with(json!({"watermark_info": true})),
+            vec!["watermark_info"],
+        ),
         (with(json!({"prompt": 7})), vec!["prompt"]),
         (with(json!({"n": 0})), vec!["n"]),
         (with(json!({"n": 10})), vec!["n"]),
@@ -177,6 +185,31 @@ async fn every_validation_rule_is_enforced_and_nothing_is_stored(b: Backend) {
     assert_eq!(app.sim.stats().create_calls, 0, "nothing dispatched");
 }
 
+async fn base64_inputs_upstream_would_refuse_are_refused_before_they_cost_anything(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    for (image, rule) in [
+        (PNG_1PX, "at least 300 px"),
+        (PNG_TOO_WIDE, "aspect ratio"),
+        ("aGVsbG8gd29ybGQ=", "JPEG or PNG"),
+    ] {
+        let body = json!({"subject_image_list": [{"subject_image": PNG_300}, {"subject_image": image}],
+            "style_image": image});
+        let v = assert_problem(app.submit(&body).await, 422).await;
+        let errors = v["errors"].as_array().unwrap();
+        let mut fields = error_fields(&v);
+        fields.sort();
+        assert_eq!(
+            fields,
+            ["style_image", "subject_image_list[1].subject_image"]
+        );
+        for e in errors {
+            assert!(e["message"].as_str().unwrap().contains(rule), "{e}");
+        }
+    }
+    assert_eq!(task_count(&app).await, 0, "nothing stored");
+    assert_eq!(app.sim.stats().create_calls, 0, "nothing sent");
+}
+
 async fn valid_variants_are_accepted_and_forwarded(b: Backend) {
     let app = TestApp::spawn(b).await;
     let body = json!({
@@ -186,10 +219,19 @@ async fn valid_variants_are_accepted_and_forwarded(b: Backend) {
         "style_image": PNG_B64,
         "n": 9,
         "aspect_ratio": "21:9",
+        "negative_prompt": "blurry",
+        "watermark_info": {"enabled": true},
         "metadata": {"order": 42, "tags": ["a", "b"]}
     });
     let r = app.submit(&body).await;
     assert_eq!(r.status(), 202);
+    // Forwarded under today's names: the scene image as `scene_image`.
+    let sent = app.sim.stats().last_create_body.expect("a create was sent");
+    assert_eq!(sent["scene_image"], "https://e.x/scene.png");
+    assert!(sent.get("scence_image").is_none());
+    assert_eq!(sent["negative_prompt"], "blurry");
+    assert_eq!(sent["watermark_info"], json!({"enabled": true}));
+    assert_eq!(sent["model_name"], "kling-v2-1");
     let t: Value = r.json().await.unwrap();
     assert_eq!(t["metadata"], json!({"order": 42, "tags": ["a", "b"]}));
     assert!(t["prompt"].is_null());
@@ -366,7 +408,7 @@ async fn webhook_requires_a_valid_token_and_a_matching_task(b: Backend) {
     let bare = format!("{}/webhooks/cometapi/{id}", app.base);
     let wrong = format!("{bare}?token=AAAA");
     let foreign = app.callback_url(&other).replace(&other, &id);
-    for url in [bare.clone(), wrong, foreign] {
+    for url in [bare.clone(), wrong, format!("{bare}/AAAA"), foreign] {
         let r = app.http.post(&url).json(&body).send().await.unwrap();
         assert_problem(r, 401).await;
     }
@@ -402,25 +444,38 @@ async fn webhook_requires_a_valid_token_and_a_matching_task(b: Backend) {
         )
         .await;
     assert_eq!(status, 400);
-    // A payload for another upstream task.
-    let (status, _) = app
+    // A payload naming another upstream task (a gateway renamed it, or it is not ours): not
+    // applied, noted on the timeline, and the task is polled instead.
+    let (status, v) = app
         .post_callback(&good, &callback("999999", "succeed", 10))
         .await;
-    assert_eq!(status, 409);
+    assert_eq!((status, v["outcome"].as_str()), (200, Some("polling")));
     let mut foreign_ext = callback(&upstream, "succeed", 10);
     foreign_ext["task_info"] = json!({"external_task_id": "someone-else"});
-    let (status, _) = app.post_callback(&good, &foreign_ext).await;
-    assert_eq!(status, 409);
+    let (status, v) = app.post_callback(&good, &foreign_ext).await;
+    assert_eq!((status, v["outcome"].as_str()), (200, Some("polling")));
     assert_eq!(
         app.task(&id).await["status"],
         "submitted",
         "nothing changed"
     );
-    assert_eq!(app.events(&id).await.len(), 2);
+    let events = app.events(&id).await;
+    assert_eq!(
+        statuses(&events),
+        ["pending", "submitted", "submitted", "submitted"]
+    );
+    assert!(
+        events[2]["detail"].as_str().unwrap().contains("polling"),
+        "{events:?}"
+    );
 
-    // The real thing, then a duplicate, then a stale one.
+    // The real thing (by the older query-string form of the URL, still accepted), then a
+    // duplicate, then a stale one.
     let (status, v) = app
-        .post_callback(&good, &callback(&upstream, "processing", t0 + 5))
+        .post_callback(
+            &app.callback_url_query_form(&id),
+            &callback(&upstream, "processing", t0 + 5),
+        )
         .await;
     assert_eq!((status, v["outcome"].as_str()), (200, Some("applied")));
     let (_, v) = app
@@ -444,7 +499,14 @@ async fn webhook_requires_a_valid_token_and_a_matching_task(b: Backend) {
     assert_eq!(t["images"][0]["url"], "https://cdn.example/0.png");
     assert_eq!(
         statuses(&app.events(&id).await),
-        ["pending", "submitted", "processing", "succeeded"]
+        [
+            "pending",
+            "submitted",
+            "submitted",
+            "submitted",
+            "processing",
+            "succeeded"
+        ]
     );
 }
 
@@ -496,6 +558,7 @@ async fn the_largest_valid_request_is_accepted(b: Backend) {
 
 on_both_backends!(
     every_validation_rule_is_enforced_and_nothing_is_stored,
+    base64_inputs_upstream_would_refuse_are_refused_before_they_cost_anything,
     valid_variants_are_accepted_and_forwarded,
     unknown_ids_and_routes_answer_404,
     history_filters_and_cursor_paging_while_tasks_arrive,

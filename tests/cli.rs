@@ -8,9 +8,6 @@ use serde_json::Value;
 use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kling-relay");
-const PNG: &[u8] = &[
-    0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A, 0x00, 0x00, 0x00, 0x0D, 0x49, 0x48, 0x44, 0x52,
-];
 
 fn run(app: &TestApp, args: &[&str]) -> Output {
     Command::new(BIN)
@@ -31,7 +28,8 @@ async fn submit_wait_and_download(b: Backend) {
     let app = TestApp::spawn(b).await;
     let dir = tempfile::tempdir().unwrap();
     let local = dir.path().join("a.png");
-    std::fs::write(&local, PNG).unwrap();
+    let png = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, PNG_300).unwrap();
+    std::fs::write(&local, png).unwrap();
     let out_dir = dir.path().join("out");
     let args = [
         "submit",
@@ -107,7 +105,7 @@ async fn usage_and_connection_errors_exit_2(b: Backend) {
     let cases: Vec<Vec<&str>> = vec![
         vec!["submit"],                                                // missing --subject
         vec!["submit", "--subject", "/no/such/file.png"],              // unreadable file
-        vec!["submit", "--subject", "https://e.x/a.png"],              // 422: one subject only
+        vec!["submit", "--subject", "https://e.x/a.png", "--n", "12"], // 422: n out of range
         vec!["tasks", "show", "01a20bc5-f578-76a2-b699-4633fad7e034"], // 404
         vec!["tasks", "list", "--status", "nonsense"],                 // 400
     ];

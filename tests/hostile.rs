@@ -203,6 +203,19 @@ async fn post(
 // ---------------------------------------------------------------------------------------------
 // Properties over HTTP
 
+/// A task resource without its images' archive state.
+fn without_archive(mut task: Value) -> Value {
+    if let Some(images) = task["images"].as_array_mut() {
+        for image in images {
+            if let Some(obj) = image.as_object_mut() {
+                obj.remove("archive");
+                obj.remove("archived_url");
+            }
+        }
+    }
+    task
+}
+
 async fn arbitrary_webhook_bodies_never_5xx_and_change_nothing_unless_valid(b: Backend) {
     let app = hostile_app(b).await;
     let id = app.submit_ok(&valid_body()).await;
@@ -218,14 +231,16 @@ async fn arbitrary_webhook_bodies_never_5xx_and_change_nothing_unless_valid(b: B
     let (applied, refused) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
     let outcome = runner(160).run(&strategy, |(body, ctype)| {
         block_on(async {
-            let before = app.task(&id).await;
+            // The archiver works on a succeeded task's images in the background; its progress
+            // is not a callback's doing.
+            let before = without_archive(app.task(&id).await);
             let events_before = app.events(&id).await.len();
             let (code, answer_type) = post(&app.http, &url, ctype, body).await;
             prop_assert!(
                 [200, 400, 409, 413, 415].contains(&code),
                 "unexpected {code}"
             );
-            let after = app.task(&id).await;
+            let after = without_archive(app.task(&id).await);
             if code == 200 {
                 applied.set(applied.get() + 1);
                 let (was, now) = (
@@ -412,6 +427,7 @@ fn arb_report() -> impl Strategy<Value = UpstreamReport> {
                 external_task_id,
                 status,
                 status_msg: None,
+                final_unit_deduction: None,
                 updated_at_ms,
                 images: images
                     .into_iter()

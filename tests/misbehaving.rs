@@ -34,14 +34,19 @@ async fn foreign_callbacks_are_refused_and_change_nothing(b: Backend) {
     assert_eq!(status, 404, "{problem}");
     assert_eq!(app.db.count("SELECT COUNT(*) FROM tasks").await, before);
 
-    // Task B's upstream id delivered to task A's callback URL: 409, and neither task moves.
-    let (status, problem) = app
+    // Task B's upstream id delivered to task A's callback URL: not applied (task A is polled
+    // instead, and upstream says it is still submitted), and neither task moves.
+    let (status, answer) = app
         .post_callback(
             &app.callback_url(&a),
             &callback(b_upstream, "succeed", 4_000_000_000_000),
         )
         .await;
-    assert_eq!(status, 409, "{problem}");
+    assert_eq!(
+        (status, answer["outcome"].as_str()),
+        (200, Some("polling")),
+        "{answer}"
+    );
     assert_eq!(app.task(&a).await, ta);
     assert_eq!(app.task(&other).await, tb);
 }

@@ -240,6 +240,8 @@ async fn openapi_document_and_docs_describe_every_route(b: Backend) {
         ("post", "/v1/tasks/{id}/deliveries/{delivery_id}/retry"),
         ("get", "/v1/status"),
         ("post", "/webhooks/cometapi/{id}"),
+        ("post", "/webhooks/cometapi/{id}/{token}"),
+        ("get", "/webhooks/doctor/{nonce}"),
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/metrics"),

@@ -181,7 +181,7 @@ async fn simulator_cli_serves_the_upstream_with_fault_switches() {
         .stderr(Stdio::null());
     let mut child = c.spawn().unwrap();
     let http = reqwest::Client::new();
-    let url = format!("http://{listen}/kling/v1/images/generations");
+    let url = format!("http://{listen}/kling/v1/images/multi-image2image");
     let body = json!({"subject_image_list": [{"subject_image": "https://e.x/a.png"}, {"subject_image": "https://e.x/b.png"}]});
     let start = Instant::now();
     let answer: Value = loop {

@@ -34,6 +34,7 @@ fn submitted(upstream_id: &str) -> Change {
         images: None,
         error: None,
         detail: None,
+        final_unit_deduction: None,
     }
 }
 

@@ -40,7 +40,7 @@ async fn rig(cfg: SimConfig) -> Rig {
     let callback_url = format!("http://{}/cb", cl.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(cl, app).await });
     Rig {
-        url: format!("{}/kling/v1/images/generations", sim.base_url()),
+        url: format!("{}/kling/v1/images/multi-image2image", sim.base_url()),
         sim,
         http: reqwest::Client::new(),
         callbacks: rx,
@@ -199,7 +199,7 @@ async fn create_and_query_fault_switches() {
         (Failure::Http500, 500),
         (Failure::Http503, 503),
         (Failure::Http429, 429),
-        (Failure::Code1303, 200),
+        (Failure::Code1303, 429),
     ] {
         r.sim.set_faults(Faults {
             create_fail: Some(failure),
@@ -295,4 +295,223 @@ async fn moderation_marker_fails_the_task() {
         .unwrap()
         .contains("moderation"));
     assert!(done.get("task_result").is_none());
+}
+
+async fn post_as(http: &reqwest::Client, url: &str, auth: &str, body: &Value) -> (u16, Value) {
+    let r = http
+        .post(url)
+        .bearer_auth(auth)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn each_profile_serves_its_own_routes_and_refuses_what_the_real_one_refuses() {
+    use kling_relay::config::UpstreamProfile;
+    let http = reqwest::Client::new();
+    let multi = json!({"subject_image_list": [{"subject_image": "https://e.x/a.png"}]});
+    let mut with_prompt = multi.clone();
+    with_prompt["prompt"] = json!("cats");
+
+    // Today's CometAPI: multi-image2image takes one subject; /images/generations is
+    // text-to-image: refused without a prompt, a paid text-to-image task with one.
+    let r = rig(fast()).await;
+    let base = r.sim.base_url();
+    let (status, v) = post_as(
+        &http,
+        &format!("{base}/kling/v1/images/multi-image2image"),
+        "sk-simulator",
+        &multi,
+    )
+    .await;
+    assert_eq!((status, v["code"].as_i64()), (200, Some(0)), "{v}");
+    let t2i = format!("{base}/kling/v1/images/generations");
+    let (status, v) = post_as(&http, &t2i, "sk-simulator", &multi).await;
+    assert_eq!((status, v["code"].as_i64()), (400, Some(1201)));
+    assert!(v["message"].as_str().unwrap().contains("prompt"));
+    let (status, _) = post_as(&http, &t2i, "sk-simulator", &with_prompt).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        r.sim.stats().text_to_image_tasks,
+        1,
+        "paid for the wrong thing"
+    );
+    let (status, v) = post_as(
+        &http,
+        &format!("{base}/kling/v1/images/nope"),
+        "sk-simulator",
+        &multi,
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert!(
+        v.get("code").is_none(),
+        "a route error carries no service code: {v}"
+    );
+    // Unknown fields are ignored, as upstream ignores them.
+    let mut extra = multi.clone();
+    extra["resolution"] = json!("2k");
+    assert_eq!(
+        post_as(
+            &http,
+            &format!("{base}/kling/v1/images/multi-image2image"),
+            "sk-simulator",
+            &extra
+        )
+        .await
+        .0,
+        200
+    );
+
+    // The older page: /images/generations is the multi-image route, 2 to 4 subjects, and
+    // multi-image2image does not exist.
+    let r = rig(SimConfig {
+        profile: UpstreamProfile::CometapiGenerations,
+        ..fast()
+    })
+    .await;
+    let base = r.sim.base_url();
+    let (status, v) = post_as(
+        &http,
+        &format!("{base}/kling/v1/images/generations"),
+        "sk-simulator",
+        &multi,
+    )
+    .await;
+    assert_eq!((status, v["code"].as_i64()), (400, Some(1201)));
+    let two = json!({"subject_image_list": [{"subject_image": "https://e.x/a.png"}, {"subject_image": "https://e.x/b.png"}]});
+    assert_eq!(
+        post_as(
+            &http,
+            &format!("{base}/kling/v1/images/generations"),
+            "sk-simulator",
+            &two
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        post_as(
+            &http,
+            &format!("{base}/kling/v1/images/multi-image2image"),
+            "sk-simulator",
+            &two
+        )
+        .await
+        .0,
+        404
+    );
+}
+
+#[tokio::test]
+async fn the_kling_profile_checks_its_jwt() {
+    use kling_relay::config::UpstreamProfile;
+    use kling_relay::upstream::jwt::sign_hs256;
+    let r = rig(SimConfig {
+        profile: UpstreamProfile::Kling,
+        ..fast()
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/images/multi-image2image", r.sim.base_url());
+    let body = json!({"subject_image_list": [{"subject_image": "https://e.x/a.png"}], "external_task_id": "k-1"});
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let token = |iss: &str, exp: i64, nbf: i64, key: &str| {
+        sign_hs256(&json!({"iss": iss, "exp": exp, "nbf": nbf}), key.as_bytes())
+    };
+    for (auth, code) in [
+        ("sk-simulator".to_owned(), 1002),
+        (token("ak-simulator", now + 60, now - 5, "wrong"), 1002),
+        (
+            token("someone", now + 60, now - 5, "sk-simulator-secret"),
+            1002,
+        ),
+        (
+            token("ak-simulator", now - 1, now - 60, "sk-simulator-secret"),
+            1004,
+        ),
+        (
+            token("ak-simulator", now + 600, now + 300, "sk-simulator-secret"),
+            1003,
+        ),
+    ] {
+        let (status, v) = post_as(&http, &url, &auth, &body).await;
+        assert_eq!((status, v["code"].as_i64()), (401, Some(code)), "{v}");
+    }
+    let good = token("ak-simulator", now + 1800, now - 5, "sk-simulator-secret");
+    let (status, v) = post_as(&http, &url, &good, &body).await;
+    assert_eq!(status, 200, "{v}");
+    // Kling takes the external_task_id in the query path's id slot.
+    let found: Value = http
+        .get(format!("{url}/k-1"))
+        .bearer_auth(&good)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(found["data"]["task_id"], v["data"]["task_id"]);
+}
+
+#[tokio::test]
+async fn switches_for_what_todays_upstream_and_gateways_do() {
+    use kling_relay::simulator::AnswerStyle;
+    let mut r = rig(SimConfig {
+        concurrency_units: 1,
+        ..fast()
+    })
+    .await;
+    // A gateway's shape: 1303 as HTTP 400 {"code": "task_failed"}.
+    r.sim.set_faults(Faults {
+        answer_style: AnswerStyle::Relay,
+        ..Faults::default()
+    });
+    r.create(r.body(1, "hold")).await;
+    let (status, v) = r.create(r.body(1, "full")).await;
+    assert_eq!((status, v["code"].as_str()), (400, Some("task_failed")));
+    assert_eq!(v["message"], "parallel task over resource pack limit");
+    r.next_callback().await;
+    r.next_callback().await;
+
+    r.sim.set_faults(Faults {
+        out_of_credit: true,
+        ..Faults::default()
+    });
+    let (status, v) = r.create(r.body(1, "broke")).await;
+    assert_eq!((status, v["code"].as_i64()), (429, Some(1102)));
+
+    r.sim.set_faults(Faults {
+        key_revoked: true,
+        ..Faults::default()
+    });
+    assert_eq!(r.create(r.body(1, "revoked")).await.1["code"], 1002);
+    assert_eq!(r.query("1").await.0, 401, "queries too");
+
+    // The id alone, no status; callbacks renamed and sent without the query string.
+    r.callback_url.push_str("?token=t");
+    r.sim.set_faults(Faults {
+        create_without_status: true,
+        callback_task_id_renamed: true,
+        strip_callback_query: true,
+        ..Faults::default()
+    });
+    let (status, v) = r.create(r.body(1, "bare")).await;
+    assert_eq!(status, 200);
+    assert!(v["data"].get("task_status").is_none(), "{v}");
+    let id = v["data"]["task_id"].as_str().unwrap().to_owned();
+    let cb = r.next_callback().await;
+    assert_eq!(
+        cb["task_id"],
+        format!("renamed-{id}"),
+        "arrived without ?token= at /cb"
+    );
 }

@@ -187,6 +187,7 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
         images: None,
         error: None,
         detail: None,
+        final_unit_deduction: None,
     };
     assert!(s
         .commit_change(&Commit {

@@ -385,6 +385,8 @@ fn record(i: usize, status_seed: usize) -> (NewTaskRecord, TaskStatus) {
                 ],
                 scene_image: None,
                 style_image: None,
+                negative_prompt: None,
+                watermark_info: None,
             },
             created_at_ms: 1_700_000_000_000 + i as i64,
             client: Some("bench".into()),
@@ -414,6 +416,7 @@ async fn seed_submitted(store: &Store, n: usize) -> anyhow::Result<Vec<String>> 
             images: None,
             error: None,
             detail: None,
+            final_unit_deduction: None,
         };
         store
             .commit_change(&Commit {

@@ -7,10 +7,12 @@
 pub mod admission;
 pub mod archive;
 pub mod client;
+pub mod halt;
+pub mod image_header;
 pub mod notify;
 pub mod schedule;
 pub mod task;
 pub mod validation;
 
 pub use task::*;
-pub use validation::{validate_new_task, FieldError, NewTask, Rules};
+pub use validation::{is_model_name, validate_new_task, FieldError, NewTask, Rules};

@@ -189,6 +189,8 @@ pub struct UpstreamReport {
     /// Upstream's own `updated_at`, Unix milliseconds.
     pub updated_at_ms: Option<i64>,
     pub images: Vec<ResultImage>,
+    /// Units upstream deducted (`final_unit_deduction`), as upstream wrote it.
+    pub final_unit_deduction: Option<String>,
     /// The task object as upstream sent it, kept with the change it causes.
     pub raw: Option<serde_json::Value>,
 }
@@ -216,6 +218,8 @@ pub struct Change {
     pub images: Option<Vec<ResultImage>>,
     pub error: Option<TaskError>,
     pub detail: Option<String>,
+    /// Units upstream deducted, when the report said.
+    pub final_unit_deduction: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -330,6 +334,7 @@ pub fn apply_report(
         images,
         error,
         detail: report.status_msg.clone().filter(|m| !m.is_empty()),
+        final_unit_deduction: report.final_unit_deduction.clone(),
     }))
 }
 
@@ -355,6 +360,7 @@ pub fn cancel(state: &TaskState) -> Result<Transition, CancelRefused> {
             images: None,
             error: None,
             detail: Some("canceled by the client before dispatch".into()),
+            final_unit_deduction: None,
         })),
         _ => Err(CancelRefused::AlreadySent),
     }
@@ -374,6 +380,7 @@ pub fn finish_with_error(state: &TaskState, status: TaskStatus, error: TaskError
         images: None,
         detail: Some(error.message.clone()),
         error: Some(error),
+        final_unit_deduction: None,
     })
 }
 
@@ -408,6 +415,8 @@ pub struct Task {
     pub notify_url: Option<String>,
     /// The request id of the submit, carried upstream with the create call.
     pub request_id: Option<String>,
+    /// Units upstream deducted for the task, once it said (`final_unit_deduction`).
+    pub final_unit_deduction: Option<String>,
 }
 
 impl Task {
@@ -427,6 +436,9 @@ impl Task {
         }
         if change.error.is_some() {
             t.error = change.error.clone();
+        }
+        if change.final_unit_deduction.is_some() {
+            t.final_unit_deduction = change.final_unit_deduction.clone();
         }
         t.updated_at_ms = now_ms;
         if change.status.is_final() {
@@ -466,6 +478,8 @@ pub struct TaskInputs {
     pub subject_images: Vec<String>,
     pub scene_image: Option<String>,
     pub style_image: Option<String>,
+    pub negative_prompt: Option<String>,
+    pub watermark_info: Option<serde_json::Value>,
 }
 
 #[cfg(test)]
@@ -490,6 +504,7 @@ mod tests {
             status_msg: None,
             updated_at_ms: Some(updated),
             images: vec![],
+            final_unit_deduction: None,
             raw: None,
         }
     }

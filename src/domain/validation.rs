@@ -6,14 +6,15 @@ use base64::Engine;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-pub const MIN_SUBJECT_IMAGES: usize = 2;
-pub const MAX_SUBJECT_IMAGES: usize = 4;
 pub const MAX_PROMPT_CHARS: usize = 2500;
 pub const MAX_IMAGES_PER_TASK: i64 = 9;
 /// 10 MB, the upstream's per-image limit, counted on the decoded bytes.
 pub const MAX_IMAGE_BYTES: usize = 10 * 1024 * 1024;
 pub const MAX_METADATA_BYTES: usize = 4096;
-pub const DEFAULT_MODEL: &str = "kling-v2";
+/// Upstream's rules for every input image: each side at least this many pixels, and the longer
+/// side at most `MAX_ASPECT` times the shorter.
+pub const MIN_IMAGE_SIDE: u32 = 300;
+pub const MAX_ASPECT: f64 = 2.5;
 pub const ASPECT_RATIOS: [&str; 8] = ["16:9", "9:16", "1:1", "4:3", "3:4", "3:2", "2:3", "21:9"];
 
 /// One failing field of a request.
@@ -37,6 +38,9 @@ impl FieldError {
 pub struct NewTask {
     pub subject_images: Vec<String>,
     pub prompt: Option<String>,
+    pub negative_prompt: Option<String>,
+    /// Upstream's `watermark_info` object, forwarded as given.
+    pub watermark_info: Option<Value>,
     pub scene_image: Option<String>,
     pub style_image: Option<String>,
     pub n: u8,
@@ -47,24 +51,58 @@ pub struct NewTask {
     pub notify_url: Option<String>,
 }
 
-/// Which fields besides the upstream ones a caller may send.
+/// Which fields besides the upstream ones a caller may send, and the upstream profile's bounds.
 #[derive(Debug, Clone, Copy)]
-pub struct Rules {
+pub struct Rules<'a> {
     /// The REST API takes `metadata` and `notify_url`; the upstream does not.
     pub allow_metadata: bool,
     /// The upstream takes `callback_url` and `external_task_id`; the REST API makes its own.
     pub allow_upstream_routing: bool,
+    /// Subject images per task, inclusive.
+    pub subject_images: (usize, usize),
+    pub default_model: &'a str,
+    /// Models a request may name; empty: any well-formed name.
+    pub models: &'a [String],
+    /// Unknown top-level fields are refused (the REST API) or ignored (upstream ignores them).
+    pub refuse_unknown_fields: bool,
 }
 
-impl Rules {
-    pub const API: Rules = Rules {
-        allow_metadata: true,
-        allow_upstream_routing: false,
-    };
-    pub const UPSTREAM: Rules = Rules {
-        allow_metadata: false,
-        allow_upstream_routing: true,
-    };
+impl<'a> Rules<'a> {
+    /// The REST API's rules under an upstream profile's bounds.
+    pub fn api(
+        subject_images: (usize, usize),
+        default_model: &'a str,
+        models: &'a [String],
+    ) -> Self {
+        Rules {
+            allow_metadata: true,
+            allow_upstream_routing: false,
+            subject_images,
+            default_model,
+            models,
+            refuse_unknown_fields: true,
+        }
+    }
+
+    /// What the upstream itself accepts on a create (the simulator's rules).
+    pub fn upstream(subject_images: (usize, usize), default_model: &'a str) -> Self {
+        Rules {
+            allow_metadata: false,
+            allow_upstream_routing: true,
+            subject_images,
+            default_model,
+            models: &[],
+            refuse_unknown_fields: false,
+        }
+    }
+}
+
+/// A model name as upstream spells them: letters, digits, `-`, `_`, `.`; at most 64 characters.
+pub fn is_model_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// Checks a request body against every rule and returns all failures at once.
@@ -79,6 +117,8 @@ pub fn validate_new_task(body: &Value, rules: Rules) -> Result<NewTask, Vec<Fiel
             key.as_str(),
             "subject_image_list"
                 | "prompt"
+                | "negative_prompt"
+                | "watermark_info"
                 | "scene_image"
                 | "scence_image"
                 | "style_image"
@@ -88,22 +128,49 @@ pub fn validate_new_task(body: &Value, rules: Rules) -> Result<NewTask, Vec<Fiel
         ) || (rules.allow_metadata && (key == "metadata" || key == "notify_url"))
             || (rules.allow_upstream_routing
                 && (key == "callback_url" || key == "external_task_id"));
-        if !known {
+        if !known && rules.refuse_unknown_fields {
             errors.push(FieldError::new(key.clone(), "unknown field"));
         }
     }
 
-    let subject_images = subject_images(obj.get("subject_image_list"), &mut errors);
+    let subject_images = subject_images(
+        obj.get("subject_image_list"),
+        rules.subject_images,
+        &mut errors,
+    );
     let prompt = optional_string(obj, "prompt", &mut errors);
-    if let Some(p) = &prompt {
-        let chars = p.chars().count();
-        if chars > MAX_PROMPT_CHARS {
-            errors.push(FieldError::new(
-                "prompt",
-                format!("at most {MAX_PROMPT_CHARS} characters (got {chars})"),
-            ));
+    let negative_prompt = optional_string(obj, "negative_prompt", &mut errors);
+    for (field, text) in [("prompt", &prompt), ("negative_prompt", &negative_prompt)] {
+        if let Some(p) = text {
+            let chars = p.chars().count();
+            if chars > MAX_PROMPT_CHARS {
+                errors.push(FieldError::new(
+                    field,
+                    format!("at most {MAX_PROMPT_CHARS} characters (got {chars})"),
+                ));
+            }
         }
     }
+    let watermark_info = match obj.get("watermark_info") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(m)) => {
+            match m.get("enabled") {
+                None | Some(Value::Bool(_)) => {}
+                Some(_) => errors.push(FieldError::new(
+                    "watermark_info.enabled",
+                    "must be true or false",
+                )),
+            }
+            Some(Value::Object(m.clone()))
+        }
+        Some(_) => {
+            errors.push(FieldError::new(
+                "watermark_info",
+                "must be an object such as {\"enabled\": true}",
+            ));
+            None
+        }
+    };
 
     let scene_image = match (obj.get("scene_image"), obj.get("scence_image")) {
         (Some(_), Some(_)) => {
@@ -143,17 +210,17 @@ pub fn validate_new_task(body: &Value, rules: Rules) -> Result<NewTask, Vec<Fiel
         }
     }
 
-    let model_name =
-        optional_string(obj, "model_name", &mut errors).unwrap_or_else(|| DEFAULT_MODEL.to_owned());
-    if model_name.is_empty()
-        || model_name.len() > 64
-        || !model_name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
+    let model_name = optional_string(obj, "model_name", &mut errors)
+        .unwrap_or_else(|| rules.default_model.to_owned());
+    if !is_model_name(&model_name) {
         errors.push(FieldError::new(
             "model_name",
-            "must be a model name such as `kling-v2` (letters, digits, `-`, `_`, `.`)",
+            "must be a model name such as `kling-v2-1` (letters, digits, `-`, `_`, `.`)",
+        ));
+    } else if !rules.models.is_empty() && !rules.models.contains(&model_name) {
+        errors.push(FieldError::new(
+            "model_name",
+            format!("must be one of {}", rules.models.join(", ")),
         ));
     }
 
@@ -197,6 +264,8 @@ pub fn validate_new_task(body: &Value, rules: Rules) -> Result<NewTask, Vec<Fiel
         Ok(NewTask {
             subject_images,
             prompt,
+            negative_prompt,
+            watermark_info,
             scene_image,
             style_image,
             n,
@@ -210,7 +279,11 @@ pub fn validate_new_task(body: &Value, rules: Rules) -> Result<NewTask, Vec<Fiel
     }
 }
 
-fn subject_images(value: Option<&Value>, errors: &mut Vec<FieldError>) -> Vec<String> {
+fn subject_images(
+    value: Option<&Value>,
+    (min, max): (usize, usize),
+    errors: &mut Vec<FieldError>,
+) -> Vec<String> {
     const FIELD: &str = "subject_image_list";
     let Some(value) = value else {
         errors.push(FieldError::new(FIELD, "required"));
@@ -223,13 +296,10 @@ fn subject_images(value: Option<&Value>, errors: &mut Vec<FieldError>) -> Vec<St
         ));
         return Vec::new();
     };
-    if !(MIN_SUBJECT_IMAGES..=MAX_SUBJECT_IMAGES).contains(&list.len()) {
+    if !(min..=max).contains(&list.len()) {
         errors.push(FieldError::new(
             FIELD,
-            format!(
-                "must hold {MIN_SUBJECT_IMAGES} to {MAX_SUBJECT_IMAGES} images (got {})",
-                list.len()
-            ),
+            format!("must hold {min} to {max} images (got {})", list.len()),
         ));
     }
     let mut images = Vec::with_capacity(list.len());
@@ -337,10 +407,23 @@ fn check_image(s: &str) -> Result<(), String> {
             "decoded image is larger than {MAX_IMAGE_BYTES} bytes (10 MB)"
         ));
     }
-    let is_png = bytes.starts_with(b"\x89PNG\r\n\x1a\n");
-    let is_jpeg = bytes.starts_with(&[0xFF, 0xD8, 0xFF]);
-    if !is_png && !is_jpeg {
-        return Err("Base64 image must be a JPEG or PNG".into());
+    let (width, height) = super::image_header::dimensions(&bytes).map_err(|e| e.to_string())?;
+    check_dimensions(width, height)
+}
+
+/// Upstream's size rules, checked before anything is paid for: each side at least
+/// `MIN_IMAGE_SIDE`, aspect ratio within 1:2.5 to 2.5:1.
+pub fn check_dimensions(width: u32, height: u32) -> Result<(), String> {
+    if width < MIN_IMAGE_SIDE || height < MIN_IMAGE_SIDE {
+        return Err(format!(
+            "image is {width}x{height} px: each side must be at least {MIN_IMAGE_SIDE} px"
+        ));
+    }
+    let (long, short) = (width.max(height), width.min(height));
+    if f64::from(long) > MAX_ASPECT * f64::from(short) {
+        return Err(format!(
+            "image is {width}x{height} px: the aspect ratio must be between 1:2.5 and 2.5:1"
+        ));
     }
     Ok(())
 }
@@ -350,7 +433,14 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const PNG_B64: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
+    /// A 300x300 grey PNG: the smallest size upstream takes.
+    const PNG_B64: &str = "iVBORw0KGgoAAAANSUhEUgAAASwAAAEsCAAAAABcFtGpAAABo0lEQVR42u3QQREAAAwCIKMb3Qp77yACKWdRIEuWLFmyZCmQJUuWLFmyFMiSJUuWLFkKZMmSJUuWLAWyZMmSJUuWAlmyZMmSJUuBLFmyZMmSpUCWLFmyZMlSIEuWLFmyZCmQJUuWLFmyFMiSJUuWLFkKZMmSJUuWLAWyZMmSJUuWAlmyZMmSJUuBLFmyZMmSpUCWLFmyZMlSIEuWLFmyZCmQJUuWLFmyFMiSJUuWLFkKZMmSJUuWLAWyZMmSJUuWAlmyZMmSJUuBLFmyZMmSpUCWLFmyZMlSIEuWLFmyZCmQJUuWLFmyFMiSJUuWLFkKZMmSJUuWLAWyZMmSJUuWAlmyZMmSJUuBLFmyZMmSpUCWLFmyZMlSIEuWLFmyZCmQJUuWLFmyFMiSJUuWLFkKZMmSJUuWLAWyZMmSJUuWAlmyZMmSJUuBLFmyZMmSpUCWLFmyZMlSIEuWLFmyZCmQJUuWLFmyFMiSJUuWLFkKZMmSJUuWLAWyZMmSJUuWAlmyZMmSJUuBLFmyZMmSpUCWLFmyZMlSIEuWLFmyZCmQJUuWrJ8GwefSQmRR+mcAAAAASUVORK5CYII=";
+    /// A 1x1 PNG: a valid image upstream refuses as too small.
+    const PIXEL_B64: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
+
+    fn api() -> Rules<'static> {
+        Rules::api((1, 4), "kling-v2-1", &[])
+    }
 
     fn valid() -> Value {
         json!({
@@ -362,7 +452,7 @@ mod tests {
     }
 
     fn fields(v: Value) -> Vec<String> {
-        validate_new_task(&v, Rules::API)
+        validate_new_task(&v, api())
             .unwrap_err()
             .into_iter()
             .map(|e| e.field)
@@ -371,8 +461,8 @@ mod tests {
 
     #[test]
     fn accepts_a_valid_request_with_defaults() {
-        let t = validate_new_task(&valid(), Rules::API).unwrap();
-        assert_eq!(t.model_name, "kling-v2");
+        let t = validate_new_task(&valid(), api()).unwrap();
+        assert_eq!(t.model_name, "kling-v2-1");
         assert_eq!(t.n, 2);
         assert_eq!(t.subject_images.len(), 2);
     }
@@ -380,7 +470,7 @@ mod tests {
     #[test]
     fn lists_every_failing_field_at_once() {
         let f = fields(json!({
-            "subject_image_list": [{"subject_image": "data:image/png;base64,AAAA"}],
+            "subject_image_list": [],
             "prompt": "x".repeat(2501),
             "n": 10,
             "aspect_ratio": "5:4",
@@ -389,7 +479,6 @@ mod tests {
         }));
         for want in [
             "subject_image_list",
-            "subject_image_list[0].subject_image",
             "prompt",
             "n",
             "aspect_ratio",
@@ -404,10 +493,7 @@ mod tests {
     fn scene_image_is_accepted_under_both_spellings_but_not_both() {
         let mut v = valid();
         v["scence_image"] = json!("https://example.com/s.png");
-        assert!(validate_new_task(&v, Rules::API)
-            .unwrap()
-            .scene_image
-            .is_some());
+        assert!(validate_new_task(&v, api()).unwrap().scene_image.is_some());
         v["scene_image"] = json!("https://example.com/s.png");
         assert_eq!(fields(v), vec!["scene_image"]);
     }
@@ -419,6 +505,9 @@ mod tests {
         assert!(check_image("not base64 at all!").is_err());
         assert!(check_image("aGVsbG8=").is_err()); // valid Base64, but not an image
         assert!(check_image(PNG_B64).is_ok());
+        assert!(check_image(PIXEL_B64)
+            .unwrap_err()
+            .contains("at least 300 px"));
         let big = "A".repeat(MAX_IMAGE_BYTES / 3 * 4 + 8);
         assert!(check_image(&big).unwrap_err().contains("larger"));
         assert!(check_image("DATA:image/png;base64,xx")
@@ -434,6 +523,59 @@ mod tests {
         let mut v = valid();
         v["external_task_id"] = json!("mine");
         assert_eq!(fields(v.clone()), vec!["external_task_id"]);
-        assert!(validate_new_task(&v, Rules::UPSTREAM).is_ok());
+        assert!(validate_new_task(&v, Rules::upstream((1, 4), "kling-v2-1")).is_ok());
+    }
+
+    #[test]
+    fn size_and_aspect_rules_name_the_problem() {
+        assert!(check_dimensions(300, 300).is_ok());
+        assert!(check_dimensions(300, 750).is_ok());
+        assert!(check_dimensions(299, 500)
+            .unwrap_err()
+            .contains("at least 300"));
+        assert!(check_dimensions(751, 300)
+            .unwrap_err()
+            .contains("aspect ratio"));
+        assert!(check_dimensions(300, 751)
+            .unwrap_err()
+            .contains("aspect ratio"));
+    }
+
+    #[test]
+    fn profile_bounds_models_and_new_fields() {
+        let one = json!({"subject_image_list": [{"subject_image": PNG_B64}]});
+        assert!(validate_new_task(&one, api()).is_ok());
+        let old_page = Rules::api((2, 4), "kling-v2", &[]);
+        assert_eq!(
+            validate_new_task(&one, old_page).unwrap_err()[0].field,
+            "subject_image_list"
+        );
+        let models = vec!["kling-v2-1".to_owned()];
+        let mut v = valid();
+        v["model_name"] = json!("kling-v9");
+        let e = validate_new_task(&v, Rules::api((1, 4), "kling-v2-1", &models)).unwrap_err();
+        assert!(e[0].message.contains("kling-v2-1"), "{e:?}");
+        let mut v = valid();
+        v["negative_prompt"] = json!("blurry");
+        v["watermark_info"] = json!({"enabled": true});
+        let t = validate_new_task(&v, api()).unwrap();
+        assert_eq!(t.negative_prompt.as_deref(), Some("blurry"));
+        assert_eq!(t.watermark_info, Some(json!({"enabled": true})));
+        v["negative_prompt"] = json!("x".repeat(2501));
+        v["watermark_info"] = json!({"enabled": "yes"});
+        let f = fields(v);
+        assert!(
+            f.contains(&"negative_prompt".to_owned())
+                && f.contains(&"watermark_info.enabled".to_owned()),
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn upstream_ignores_unknown_fields_the_api_refuses_them() {
+        let mut v = valid();
+        v["resolution"] = json!("2k");
+        assert!(validate_new_task(&v, Rules::upstream((1, 4), "kling-v2-1")).is_ok());
+        assert_eq!(fields(v), vec!["resolution"]);
     }
 }

@@ -50,6 +50,11 @@ pub fn router(relay: Arc<Relay>) -> Router {
     Router::new()
         .merge(v1)
         .route("/webhooks/cometapi/{id}", post(webhooks::cometapi))
+        .route(
+            "/webhooks/cometapi/{id}/{token}",
+            post(webhooks::cometapi_path_token),
+        )
+        .route("/webhooks/doctor/{nonce}", get(webhooks::doctor_echo))
         .route("/healthz", get(openapi::healthz))
         .route("/readyz", get(openapi::readyz))
         .route("/openapi.json", get(openapi::openapi_json))
@@ -139,6 +144,11 @@ pub async fn render_metrics(State(relay): State<AppState>) -> Response {
         metrics::gauge!("klr_dispatch_working_limit").set(d.admission.working_limit as f64);
         metrics::gauge!("klr_dispatch_max_units").set(d.admission.max_units as f64);
         metrics::gauge!("klr_dispatch_pending").set(d.pending as f64);
+        let halted = d.halted.as_ref().map(|h| h.reason);
+        for r in crate::domain::halt::HaltReason::ALL {
+            metrics::gauge!("klr_dispatch_halted", "reason" => r.as_str())
+                .set(if halted == Some(r) { 1.0 } else { 0.0 });
+        }
     }
     if let Ok(open) = relay.store.open_tasks_by_status().await {
         for status in ["pending", "submitted", "processing"] {
@@ -169,6 +179,14 @@ pub fn metrics_router(relay: Arc<Relay>) -> Router {
 /// Ready when the database answers and its migrations are current. Says why not, and nothing
 /// about the configuration.
 pub(crate) async fn readyz(State(relay): State<AppState>) -> Response {
+    if let Some(h) = relay.halted() {
+        return ApiError::Unavailable(format!(
+            "not ready: dispatch halted ({}): {}",
+            h.reason.as_str(),
+            h.reason.advice()
+        ))
+        .into_response();
+    }
     match relay.store.readiness().await {
         Ok(()) => "ready".into_response(),
         Err(reason) => ApiError::Unavailable(format!("not ready: {reason}")).into_response(),

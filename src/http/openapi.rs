@@ -5,8 +5,8 @@
 use super::{images, live, tasks, webhooks};
 use crate::resource::{
     ArchiveStateSchema, ArchiveView, AttemptView, CallbackOutcome, DeliveryList, DeliveryView,
-    DispatchView, ErrorView, EventList, EventView, FieldErrorView, ImageView, Problem, StatusEvent,
-    StatusSchema, StatusView, SubjectImage, TaskPage, TaskRequest, TaskView,
+    DispatchView, ErrorView, EventList, EventView, FieldErrorView, HaltView, ImageView, Problem,
+    StatusEvent, StatusSchema, StatusView, SubjectImage, TaskPage, TaskRequest, TaskView,
 };
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
@@ -26,14 +26,14 @@ use utoipa::{Modify, OpenApi};
     ),
     paths(
         tasks::submit, tasks::list, tasks::get, tasks::events, tasks::cancel, live::stream,
-        tasks::deliveries, tasks::retry_delivery, tasks::status, webhooks::cometapi,
+        tasks::deliveries, tasks::retry_delivery, tasks::status, webhooks::cometapi, webhooks::cometapi_path_token, webhooks::doctor_echo,
         images::image,
         healthz, readyz, metrics, openapi_json, docs,
     ),
     components(schemas(
         TaskRequest, SubjectImage, TaskView, ImageView, ArchiveView, ArchiveStateSchema,
         ErrorView, StatusSchema, TaskPage,
-        EventView, EventList, DeliveryView, AttemptView, DeliveryList, DispatchView, StatusView,
+        EventView, EventList, DeliveryView, AttemptView, DeliveryList, DispatchView, HaltView, StatusView, webhooks::DoctorEcho,
         CallbackOutcome, Problem, FieldErrorView, StatusEvent,
     )),
     modifiers(&Security, &CommonProblems),

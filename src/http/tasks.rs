@@ -160,6 +160,14 @@ pub async fn status(State(relay): State<AppState>) -> Result<Json<StatusView>, A
             pending: d.pending,
             paused_until: (d.admission.paused_until_ms > crate::service::now_ms())
                 .then(|| rfc3339(d.admission.paused_until_ms)),
+            halted: d.halted.map(|h| crate::resource::HaltView {
+                reason: h.reason.as_str(),
+                since: rfc3339(h.since_ms),
+                upstream_code: h.upstream_code,
+                message: h.message,
+                advice: h.reason.advice(),
+                next_probe: rfc3339(h.next_probe_ms),
+            }),
         },
     }))
 }

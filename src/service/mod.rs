@@ -10,6 +10,7 @@ pub mod live;
 use crate::config::Settings;
 use crate::domain::admission::{Admission, AdmissionConfig, AdmissionSnapshot};
 use crate::domain::client::{hex_sha256, Caller, SubmitBudget};
+use crate::domain::halt::{DispatchHalt, Halt, HaltConfig, HaltReason};
 use crate::domain::notify::NetworkPolicy;
 use crate::domain::{
     apply_report, cancel, finish_with_error, validate_new_task, CancelRefused, EventSource,
@@ -20,7 +21,7 @@ use crate::storage::{
     Commit, Delivery, IdempotencyClaim, InsertOutcome, ListFilter, NewTaskRecord, OutboxEntry,
     PendingCaps, StorageError, Store,
 };
-use crate::upstream::CometClient;
+use crate::upstream::{CometClient, Wire};
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -114,6 +115,8 @@ pub struct DispatchStatus {
     pub admission: AdmissionSnapshot,
     pub units_in_flight: i64,
     pub pending: i64,
+    #[serde(skip)]
+    pub halted: Option<Halt>,
 }
 
 pub struct Relay {
@@ -121,10 +124,14 @@ pub struct Relay {
     /// Upstream concurrency budget; see `domain::admission`.
     pub admission: Mutex<Admission>,
     pub upstream: CometClient,
+    /// Set while upstream refuses the setup (key, IP, account, route); see `domain::halt`.
+    halt: Mutex<DispatchHalt>,
     pub settings: Arc<Settings>,
     token_key: Vec<u8>,
     /// Wakes the dispatcher when a task is accepted.
     pub dispatch_wake: Notify,
+    /// Wakes the poller when a task should be polled at once.
+    pub poll_wake: Notify,
     /// Ids of tasks that changed or had a dispatch attempt; waiters filter by id.
     changes: broadcast::Sender<String>,
     /// Wakes the notifier when a delivery is written.
@@ -158,12 +165,9 @@ impl Relay {
             configured.to_owned()
         };
         let c = &settings.cometapi;
-        let upstream = CometClient::new(
-            &c.base_url,
-            c.api_key.clone(),
-            c.timeout,
-            &c.scene_image_field,
-        )?;
+        let wire = Wire::resolve(c);
+        tracing::info!(upstream = %wire.describe(), "upstream profile");
+        let upstream = CometClient::new(wire, c.timeout)?;
         let (changes, _) = broadcast::channel(1024);
         let d = &settings.dispatch;
         let admission = Mutex::new(Admission::new(AdmissionConfig {
@@ -192,9 +196,14 @@ impl Relay {
             store,
             admission,
             upstream,
+            halt: Mutex::new(DispatchHalt::new(HaltConfig {
+                probe_initial: d.halt_probe_initial,
+                probe_max: d.halt_probe_max,
+            })),
             token_key: key.into_bytes(),
             settings,
             dispatch_wake: Notify::new(),
+            poll_wake: Notify::new(),
             changes,
         })
     }
@@ -217,16 +226,75 @@ impl Relay {
         }
     }
 
-    /// Where upstream should call back for a task; None when no public URL is configured.
+    /// Where upstream should call back for a task; None when no public URL is configured. The
+    /// token is a path segment, not a query parameter: proxies and gateways drop or rewrite
+    /// query strings, and a callback without its token is refused.
     pub fn callback_url(&self, task_id: &str) -> Option<String> {
         let base = self.settings.server.public_url.trim_end_matches('/');
         if base.is_empty() {
             return None;
         }
         Some(format!(
-            "{base}/webhooks/cometapi/{task_id}?token={}",
+            "{base}/webhooks/cometapi/{task_id}/{}",
             self.webhook_token(task_id)
         ))
+    }
+
+    /// Whether `kling-relay doctor` left this nonce for the service to serve.
+    pub async fn doctor_nonce_valid(&self, nonce: &str) -> Result<bool, ServiceError> {
+        // A nonce is a UUID: anything else is not worth a database read.
+        if uuid::Uuid::parse_str(nonce).is_err() {
+            return Ok(false);
+        }
+        Ok(self.store.doctor_nonce_valid(nonce, now_ms()).await?)
+    }
+
+    /// The halt in force, if upstream refuses the setup.
+    pub fn halted(&self) -> Option<Halt> {
+        self.halt_state().current().cloned()
+    }
+
+    fn halt_state(&self) -> MutexGuard<'_, DispatchHalt> {
+        self.halt.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Upstream refused the setup: every dispatch stops until a probe passes.
+    pub fn halt_dispatch(&self, reason: HaltReason, code: &str, message: &str) {
+        let was = self.halted();
+        self.halt_state().halt(now_ms(), reason, code, message);
+        if was.is_none() {
+            tracing::error!(
+                reason = reason.as_str(),
+                upstream_code = code,
+                upstream_message = message,
+                advice = reason.advice(),
+                "dispatch halted: upstream refuses the setup; every task waits, none fails"
+            );
+        }
+        for r in HaltReason::ALL {
+            metrics::gauge!("klr_dispatch_halted", "reason" => r.as_str()).set(if r == reason {
+                1.0
+            } else {
+                0.0
+            });
+        }
+    }
+
+    /// A probe (or any call) passed: dispatch resumes.
+    pub fn resume_dispatch(&self) {
+        if let Some(h) = self.halt_state().resume() {
+            tracing::warn!(
+                reason = h.reason.as_str(),
+                halted_for_ms = now_ms() - h.since_ms,
+                "dispatch resumed: upstream accepts the setup again"
+            );
+            self.dispatch_wake.notify_one();
+        }
+    }
+
+    /// Whether a probe is due now (and if so, the next is scheduled): the reason to probe.
+    pub fn take_halt_probe(&self, jitter: f64) -> Option<HaltReason> {
+        self.halt_state().take_probe(now_ms(), jitter)
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<String> {
@@ -281,7 +349,9 @@ impl Relay {
         idempotency_key: Option<&str>,
         request_id: Option<&str>,
     ) -> Result<Submitted, ServiceError> {
-        let req = validate_new_task(body, Rules::API).map_err(ServiceError::Invalid)?;
+        let wire = self.upstream.wire();
+        let rules = Rules::api(wire.subject_images, &wire.default_model, &wire.models);
+        let req = validate_new_task(body, rules).map_err(ServiceError::Invalid)?;
         if let Some(url) = &req.notify_url {
             self.check_destination_literal(url).map_err(|m| {
                 ServiceError::Invalid(vec![FieldError {
@@ -307,6 +377,8 @@ impl Relay {
                 subject_images: req.subject_images,
                 scene_image: req.scene_image,
                 style_image: req.style_image,
+                negative_prompt: req.negative_prompt,
+                watermark_info: req.watermark_info,
             },
             created_at_ms: now,
             client: caller.scope().map(str::to_owned),
@@ -459,6 +531,7 @@ impl Relay {
             admission,
             units_in_flight: self.store.units_in_flight().await?,
             pending: self.store.pending_count().await?,
+            halted: self.halted(),
         })
     }
 
@@ -560,6 +633,26 @@ impl Relay {
             Ok(apply_report(&task.state(), report)?)
         })
         .await
+    }
+
+    /// A callback with a valid token whose upstream ids do not match the task: someone between
+    /// upstream and us renamed something. Nothing is applied from it; the task is polled at
+    /// once, so the truth comes from the query, and the timeline says why.
+    pub async fn poll_after_mismatch(
+        &self,
+        id: &str,
+        source: EventSource,
+        mismatch: &ReportMismatch,
+        raw: Option<&serde_json::Value>,
+    ) -> Result<(), ServiceError> {
+        let detail = format!("{mismatch}; polling upstream to settle the task");
+        let payload = raw.map(|v| v.to_string());
+        self.store
+            .note_and_poll_now(id, now_ms(), source, &detail, payload.as_deref())
+            .await?;
+        self.poll_wake.notify_one();
+        self.publish(id);
+        Ok(())
     }
 
     /// Ends a task with an error unless it is already final.

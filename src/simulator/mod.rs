@@ -1,18 +1,26 @@
-//! A CometAPI simulator that follows `shared/reference/cometapi-kling.md`: the create and query
-//! endpoints, the `{code, message, request_id, data}` envelope, millisecond timestamps, unique
-//! `external_task_id` per account, the n-weighted concurrency limit answering `1303`,
-//! `task_not_exist`, callbacks on every status change, and small valid PNGs for the results.
+//! A simulator of the upstream that follows `shared/reference/cometapi-kling.md` for each
+//! profile (`cometapi`, `cometapi-generations`, `kling`): its create and query routes, and what
+//! the real API refuses (a wrong path is a route error; on the text-to-image route a
+//! multi-image job without a prompt is refused, with one it runs as a paid text-to-image task),
+//! the `{code, message, request_id, data}` envelope with the HTTP statuses of Kling's error
+//! table, millisecond timestamps, unique `external_task_id` per account, the n-weighted
+//! concurrency limit answering `1303`, `task_not_exist`, callbacks on every status change, Kling's
+//! JWT, and small valid PNGs for the results.
 //!
-//! Fault switches (drop, duplicate, reorder and delay callbacks; 5xx, 429, 1303, slow or lost
-//! answers on create and query) are set through [`Simulator::set_faults`] or `PUT /_sim/faults`.
+//! Fault switches (`faults`) are set through [`Simulator::set_faults`] or `PUT /_sim/faults`.
 
+mod faults;
+mod routes;
+
+pub use faults::{AnswerStyle, Failure, Faults, Garbage, ImageFault};
+
+use crate::config::UpstreamProfile;
 use crate::domain::{validate_new_task, Rules};
-use crate::upstream::{CODE_CONCURRENCY_FULL, CREATE_PATH};
+use crate::upstream::{CODE_CONCURRENCY_FULL, CONCURRENCY_FULL_MESSAGE};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use base64::Engine;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -23,12 +31,21 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
+/// The multi-image models upstream knows; any other name is refused like a bad parameter.
+const SIM_MODELS: [&str; 2] = ["kling-v2", "kling-v2-1"];
+
 /// A 1x1 PNG; every result image is this picture.
 const PNG_BASE64: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
 
 #[derive(Debug, Clone)]
 pub struct SimConfig {
+    /// Which upstream to behave as: routes, field names, subject bounds and authentication.
+    pub profile: UpstreamProfile,
+    /// Bearer key expected by the CometAPI profiles.
     pub api_key: String,
+    /// Access key and secret key of the `kling` profile (its JWT is checked against them).
+    pub access_key: String,
+    pub secret_key: String,
     /// Time from `submitted` to `processing`.
     pub processing_after: Duration,
     /// Time from `processing` to the final status.
@@ -37,14 +54,18 @@ pub struct SimConfig {
     pub concurrency_units: i64,
     /// A prompt containing this word ends `failed` with a moderation message.
     pub fail_marker: String,
-    /// Whether `GET .../generations?external_task_id=` is answered (Kling has it; CometAPI may not).
+    /// Whether tasks are found by `external_task_id`: in the query string of the create path
+    /// (the CometAPI profiles) or in the query path's id slot (`kling`).
     pub lookup_by_external_id: bool,
 }
 
 impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
+            profile: UpstreamProfile::Cometapi,
             api_key: "sk-simulator".into(),
+            access_key: "ak-simulator".into(),
+            secret_key: "sk-simulator-secret".into(),
             processing_after: Duration::from_millis(500),
             finish_after: Duration::from_secs(2),
             concurrency_units: 20,
@@ -52,77 +73,6 @@ impl Default for SimConfig {
             lookup_by_external_id: true,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Failure {
-    Http500,
-    Http503,
-    Http429,
-    Code1303,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Faults {
-    /// Probability (0 to 1) that a callback is never sent.
-    pub drop_callbacks: f64,
-    pub duplicate_callbacks: bool,
-    /// Hold back non-final callbacks and send them after the final one.
-    pub reorder_callbacks: bool,
-    pub callback_delay_ms: u64,
-    /// Wrap callbacks in the `{code, message, data}` envelope.
-    pub callback_envelope: bool,
-    pub create_fail: Option<Failure>,
-    /// How many create calls fail before the switch clears itself; None: all of them.
-    pub create_fail_times: Option<u32>,
-    /// Answer create calls this late (the task is created first).
-    pub create_delay_ms: u64,
-    /// Create the task, then answer 500 as if the answer was lost on the way.
-    pub create_lose_response: bool,
-    /// Probability (0 to 1) that a create answers HTTP 500 without creating anything.
-    pub create_error_rate: f64,
-    /// Probability (0 to 1) that a create creates the task, then answers only after
-    /// `create_hang_ms` (a caller with a shorter timeout never sees the answer).
-    pub create_hang_rate: f64,
-    pub create_hang_ms: u64,
-    pub query_fail: Option<Failure>,
-    pub query_delay_ms: u64,
-    /// Answer queries with something that is not a valid task answer.
-    pub query_garbage: Option<Garbage>,
-    /// What the result image URLs answer instead of the PNG.
-    pub image_fault: Option<ImageFault>,
-    /// Answer image requests this late.
-    pub image_delay_ms: u64,
-}
-
-/// Ways a result image URL can misbehave, for the archive tests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ImageFault {
-    /// 404 Not Found (the URL expired).
-    NotFound,
-    /// 200 with an HTML page.
-    Html,
-    /// 200 with a 2 MB body that starts like a PNG.
-    Huge,
-    /// A redirect to the cloud metadata address.
-    RedirectToMetadata,
-    /// 503, as if overloaded.
-    Unavailable,
-}
-
-/// Ways a query answer can be wrong, for the misbehaving-upstream tests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Garbage {
-    /// HTTP 200 whose body is not JSON.
-    MalformedJson,
-    /// A well-formed answer whose `task_status` is not one the page lists.
-    UnknownStatus,
-    /// A well-formed answer about another task (its `task_id` differs).
-    OtherTask,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -142,6 +92,15 @@ pub struct SimStats {
     /// Requests for result images.
     pub image_requests: u64,
     pub units_in_use: i64,
+    /// Paid text-to-image tasks created on the text-to-image route (a multi-image job sent to
+    /// the wrong route with a prompt): money spent on the wrong thing.
+    pub text_to_image_tasks: u64,
+    /// Requests refused for their credentials.
+    pub auth_failures: u64,
+    /// The `Authorization` header of the last request (tests decode Kling's JWT from it).
+    pub last_authorization: Option<String>,
+    /// The body of the last create call, as sent.
+    pub last_create_body: Option<Value>,
 }
 
 #[derive(Debug, Clone)]
@@ -219,7 +178,7 @@ impl Simulator {
             http,
             shutdown: CancellationToken::new(),
         });
-        let app = router(inner.clone());
+        let app = routes::router(inner.clone());
         let token = inner.shutdown.clone();
         tokio::spawn(async move {
             let serve = axum::serve(listener, app)
@@ -287,18 +246,6 @@ impl Simulator {
     }
 }
 
-fn router(inner: Arc<Inner>) -> Router {
-    Router::new()
-        .route(CREATE_PATH, get(query_by_external).post(create))
-        .route(&format!("{CREATE_PATH}/{{task_id}}"), get(query))
-        .route("/sim/images/{task_id}/{file}", get(image))
-        .route("/_sim/faults", get(get_faults).put(put_faults))
-        .route("/_sim/stats", get(stats))
-        // Upstream takes six images of 10 MB in Base64 in one create call.
-        .layer(axum::extract::DefaultBodyLimit::max(128 * 1024 * 1024))
-        .with_state(inner)
-}
-
 fn envelope(code: Value, message: &str, data: Value) -> Value {
     json!({
         "code": code,
@@ -312,44 +259,48 @@ fn reply(status: StatusCode, body: Value) -> Response {
     (status, Json(body)).into_response()
 }
 
-fn authorized(inner: &Inner, headers: &HeaderMap) -> bool {
-    let want = format!("Bearer {}", inner.cfg.api_key);
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == want)
+/// An error answer in the configured style: Kling's HTTP status and service code, or the
+/// gateway's HTTP 400 `{"code": "task_failed"}`.
+fn error_answer(inner: &Inner, status: StatusCode, code: i64, message: &str) -> Response {
+    if lock(&inner.faults).answer_style == AnswerStyle::Relay {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            json!({"code": "task_failed", "message": message, "data": null}),
+        );
+    }
+    reply(status, envelope(json!(code), message, Value::Null))
 }
 
-fn unauthorized() -> Response {
-    reply(
-        StatusCode::UNAUTHORIZED,
-        envelope(json!(1000), "Authentication failed", Value::Null),
-    )
-}
-
-fn failure_response(f: Failure) -> Response {
+fn failure_response(inner: &Inner, f: Failure) -> Response {
     match f {
-        Failure::Http500 => reply(
+        Failure::Http500 => error_answer(
+            inner,
             StatusCode::INTERNAL_SERVER_ERROR,
-            envelope(json!(5000), "internal error", Value::Null),
+            5000,
+            "internal error",
         ),
-        Failure::Http503 => reply(
+        Failure::Http503 => error_answer(
+            inner,
             StatusCode::SERVICE_UNAVAILABLE,
-            envelope(json!(5001), "service unavailable", Value::Null),
+            5001,
+            "service unavailable",
         ),
-        Failure::Http429 => (
+        Failure::Http429 => {
+            let mut r = error_answer(
+                inner,
+                StatusCode::TOO_MANY_REQUESTS,
+                1302,
+                "rate limit exceeded",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            r
+        }
+        Failure::Code1303 => error_answer(
+            inner,
             StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, "1")],
-            Json(envelope(json!(1302), "rate limit exceeded", Value::Null)),
-        )
-            .into_response(),
-        Failure::Code1303 => reply(
-            StatusCode::OK,
-            envelope(
-                json!(CODE_CONCURRENCY_FULL),
-                "parallel task over resource pack limit",
-                Value::Null,
-            ),
+            CODE_CONCURRENCY_FULL,
+            CONCURRENCY_FULL_MESSAGE,
         ),
     }
 }
@@ -405,6 +356,7 @@ fn task_json(t: &SimTask, base_url: &str) -> Value {
     data
 }
 
+/// The multi-image create route of the profile.
 async fn create(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: String) -> Response {
     {
         let mut st = lock(&inner.state);
@@ -414,20 +366,27 @@ async fn create(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Strin
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
     }
-    if !authorized(&inner, &headers) {
-        return unauthorized();
-    }
-    let (failure, delay, lose_response) = take_create_fault(&inner);
-    if let Some(f) = failure {
-        return failure_response(f);
+    if let Some(refused) = routes::refuse_caller(&inner, &headers) {
+        return refused;
     }
     let Ok(body) = serde_json::from_str::<Value>(&body) else {
-        return reply(
+        return error_answer(
+            &inner,
             StatusCode::BAD_REQUEST,
-            envelope(json!(1200), "invalid request body: not JSON", Value::Null),
+            1200,
+            "invalid request body: not JSON",
         );
     };
-    let task = match validate_new_task(&body, Rules::UPSTREAM) {
+    lock(&inner.state).stats.last_create_body = Some(body.clone());
+    let (failure, delay, lose_response) = take_create_fault(&inner);
+    if let Some(f) = failure {
+        return failure_response(&inner, f);
+    }
+    if let Some(refused) = routes::refuse_account(&inner) {
+        return refused;
+    }
+    let (min, max, default_model) = routes::subject_bounds(inner.cfg.profile);
+    let task = match validate_new_task(&body, Rules::upstream((min, max), default_model)) {
         Ok(t) => t,
         Err(errors) => {
             let msg = errors
@@ -435,16 +394,52 @@ async fn create(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Strin
                 .map(|e| format!("{}: {}", e.field, e.message))
                 .collect::<Vec<_>>()
                 .join("; ");
-            return reply(
+            return error_answer(
+                &inner,
                 StatusCode::BAD_REQUEST,
-                envelope(
-                    json!(1201),
-                    &format!("invalid parameters: {msg}"),
-                    Value::Null,
-                ),
+                1201,
+                &format!("invalid parameters: {msg}"),
             );
         }
     };
+    if !SIM_MODELS.contains(&task.model_name.as_str()) {
+        return error_answer(
+            &inner,
+            StatusCode::BAD_REQUEST,
+            1201,
+            &format!(
+                "invalid parameters: model_name `{}` is not supported",
+                task.model_name
+            ),
+        );
+    }
+    let unknown_code = lock(&inner.faults).create_unknown_code;
+    if let Some(code) = unknown_code {
+        return reply(
+            StatusCode::OK,
+            envelope(json!(code), "an answer no table lists", Value::Null),
+        );
+    }
+    start_task(
+        &inner,
+        &body,
+        task.n,
+        task.prompt.as_deref(),
+        delay,
+        lose_response,
+    )
+    .await
+}
+
+/// Creates a task (its units counted, its run started) and answers the create call.
+async fn start_task(
+    inner: &Arc<Inner>,
+    body: &Value,
+    n: u8,
+    prompt: Option<&str>,
+    delay: u64,
+    lose_response: bool,
+) -> Response {
     let external = body
         .get("external_task_id")
         .and_then(Value::as_str)
@@ -455,27 +450,25 @@ async fn create(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Strin
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
         .map(str::to_owned);
-    let n = i64::from(task.n);
+    let n = i64::from(n);
     let now = now_ms();
     let sim_task = {
         let mut st = lock(&inner.state);
         if let Some(ext) = &external {
             if st.by_external.contains_key(ext) {
                 drop(st);
-                return reply(
+                return error_answer(
+                    inner,
                     StatusCode::BAD_REQUEST,
-                    envelope(
-                        json!(1201),
-                        "external_task_id already exists for this account",
-                        Value::Null,
-                    ),
+                    1201,
+                    "external_task_id already exists for this account",
                 );
             }
         }
         if st.stats.units_in_use + n > inner.cfg.concurrency_units {
             st.stats.busy_answers += 1;
             drop(st);
-            return failure_response(Failure::Code1303);
+            return failure_response(inner, Failure::Code1303);
         }
         let task_id = loop {
             let id = rand::thread_rng()
@@ -485,10 +478,7 @@ async fn create(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Strin
                 break id;
             }
         };
-        let failing = task
-            .prompt
-            .as_deref()
-            .is_some_and(|p| p.contains(&inner.cfg.fail_marker));
+        let failing = prompt.is_some_and(|p| p.contains(&inner.cfg.fail_marker));
         let t = SimTask {
             task_id: task_id.clone(),
             external_task_id: external.clone(),
@@ -516,12 +506,14 @@ async fn create(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Strin
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     if lose_response {
-        return failure_response(Failure::Http500);
+        return failure_response(inner, Failure::Http500);
     }
-    reply(
-        StatusCode::OK,
-        envelope(json!(0), "SUCCEED", task_json(&sim_task, &inner.base_url)),
-    )
+    let mut data = task_json(&sim_task, &inner.base_url);
+    if lock(&inner.faults).create_without_status {
+        // CometAPI's current example: the id alone.
+        data = json!({ "task_id": sim_task.task_id });
+    }
+    reply(StatusCode::OK, envelope(json!(0), "SUCCEED", data))
 }
 
 /// Moves one task through `submitted` → `processing` → `succeed` | `failed`, calling back at each
@@ -572,9 +564,19 @@ async fn run_task(inner: Arc<Inner>, task_id: String, failing: bool) {
 }
 
 async fn send_callback(inner: &Arc<Inner>, faults: &Faults, url: Option<String>, data: Value) {
-    let Some(url) = url else { return };
+    let Some(mut url) = url else { return };
     if faults.drop_callbacks > 0.0 && rand::thread_rng().gen::<f64>() < faults.drop_callbacks {
         return;
+    }
+    if faults.strip_callback_query {
+        if let Some((path, _)) = url.split_once('?') {
+            url = path.to_owned();
+        }
+    }
+    let mut data = data;
+    if faults.callback_task_id_renamed {
+        let renamed = format!("renamed-{}", data["task_id"].as_str().unwrap_or_default());
+        data["task_id"] = json!(renamed);
     }
     let about = (
         data["task_id"].as_str().unwrap_or_default().to_owned(),
@@ -621,7 +623,7 @@ async fn query_fault(inner: &Inner) -> Option<Response> {
     if let Some(g) = garbage {
         return Some(garbage_response(g));
     }
-    failure.map(failure_response)
+    failure.map(|f| failure_response(inner, f))
 }
 
 fn garbage_response(g: Garbage) -> Response {
@@ -671,47 +673,58 @@ fn answer_task(inner: &Inner, task_id: Option<String>) -> Response {
     }
 }
 
+/// A query by id; under the `kling` profile the id slot also takes an `external_task_id`.
 async fn query(
     State(inner): State<Arc<Inner>>,
     Path(task_id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
     lock(&inner.state).stats.query_calls += 1;
-    if !authorized(&inner, &headers) {
-        return unauthorized();
+    if let Some(refused) = routes::refuse_caller(&inner, &headers) {
+        return refused;
     }
     if let Some(r) = query_fault(&inner).await {
         return r;
     }
-    answer_task(&inner, Some(task_id))
+    let id = {
+        let mut st = lock(&inner.state);
+        if st.tasks.contains_key(&task_id) {
+            Some(task_id)
+        } else if inner.cfg.profile == UpstreamProfile::Kling && inner.cfg.lookup_by_external_id {
+            st.stats.external_lookups += 1;
+            st.by_external.get(&task_id).cloned()
+        } else {
+            None
+        }
+    };
+    answer_task(&inner, id)
 }
 
+/// `GET <create path>`: the lookup by `?external_task_id=` where the profile has it, else
+/// Kling's task list (empty here).
 async fn query_by_external(
     State(inner): State<Arc<Inner>>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    {
-        let mut st = lock(&inner.state);
-        st.stats.query_calls += 1;
-        st.stats.external_lookups += 1;
+    lock(&inner.state).stats.query_calls += 1;
+    if let Some(refused) = routes::refuse_caller(&inner, &headers) {
+        return refused;
     }
-    if !authorized(&inner, &headers) {
-        return unauthorized();
+    if inner.cfg.profile == UpstreamProfile::Kling || !inner.cfg.lookup_by_external_id {
+        // The list of tasks: the external_task_id parameter is not one it knows.
+        return reply(StatusCode::OK, envelope(json!(0), "SUCCEED", json!([])));
     }
-    if !inner.cfg.lookup_by_external_id {
-        return reply(
-            StatusCode::NOT_FOUND,
-            json!({"code": 404, "message": "no such route"}),
-        );
-    }
+    lock(&inner.state).stats.external_lookups += 1;
     if let Some(r) = query_fault(&inner).await {
         return r;
     }
     let Some(ext) = q.get("external_task_id") else {
-        return reply(
+        return error_answer(
+            &inner,
             StatusCode::BAD_REQUEST,
-            envelope(json!(1201), "external_task_id is required", Value::Null),
+            1201,
+            "external_task_id is required",
         );
     };
     let id = lock(&inner.state).by_external.get(ext).cloned();

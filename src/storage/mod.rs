@@ -63,6 +63,7 @@ mod bench;
 mod claims;
 mod clients;
 mod deliveries;
+mod doctor;
 mod feed;
 mod overview;
 
@@ -76,7 +77,7 @@ pub use feed::{ChangeFeed, FeedEvent};
 const TASK_COLUMNS: &str = "id, external_task_id, upstream_task_id, status, upstream_status, \
     model_name, prompt, n, aspect_ratio, metadata, images, error_code, error_message, created_at, \
     updated_at, completed_at, upstream_updated_at, version, dispatch_attempts, dispatch_started_at, \
-    poll_count, client, notify_url, request_id";
+    poll_count, client, notify_url, request_id, final_unit_deduction";
 
 #[derive(sqlx::FromRow)]
 struct TaskRow {
@@ -104,6 +105,7 @@ struct TaskRow {
     client: Option<String>,
     notify_url: Option<String>,
     request_id: Option<String>,
+    final_unit_deduction: Option<String>,
 }
 
 impl TryFrom<TaskRow> for Task {
@@ -152,6 +154,7 @@ impl TryFrom<TaskRow> for Task {
             client: r.client,
             notify_url: r.notify_url,
             request_id: r.request_id,
+            final_unit_deduction: r.final_unit_deduction,
         })
     }
 }
@@ -171,6 +174,8 @@ struct InputsRow {
     subject_images: String,
     scene_image: Option<String>,
     style_image: Option<String>,
+    negative_prompt: Option<String>,
+    watermark_info: Option<String>,
 }
 
 /// A new task to store, already validated.
@@ -485,8 +490,8 @@ impl Store {
             WHERE (SELECT COUNT(*) FROM tasks WHERE status = 'pending') < $9 \
             AND (SELECT COUNT(*) FROM tasks WHERE client = $10 AND status = 'pending') < $12";
         const INPUTS: &str =
-            "INSERT INTO task_inputs (task_id, subject_images, scene_image, style_image) \
-            VALUES ($1, $2, $3, $4)";
+            "INSERT INTO task_inputs (task_id, subject_images, scene_image, style_image, \
+            negative_prompt, watermark_info) VALUES ($1, $2, $3, $4, $5, $6)";
         const EXPIRE_KEY: &str =
             "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND created_at < $3";
         const CLAIM_KEY: &str =
@@ -496,6 +501,12 @@ impl Store {
             "SELECT request_hash, task_id FROM idempotency_keys WHERE scope = $1 AND key = $2";
         let metadata = t.metadata.as_ref().map(json_text).transpose()?;
         let subjects = json_text(&t.inputs.subject_images)?;
+        let watermark = t
+            .inputs
+            .watermark_info
+            .as_ref()
+            .map(json_text)
+            .transpose()?;
         let serialize_submits = matches!(self.pool, Pool::Postgres(_));
         on_pool!(self, p => {
             let mut tx = p.begin().await?;
@@ -577,6 +588,8 @@ impl Store {
                 .bind(&subjects)
                 .bind(&t.inputs.scene_image)
                 .bind(&t.inputs.style_image)
+                .bind(&t.inputs.negative_prompt)
+                .bind(&watermark)
                 .execute(&mut *tx)
                 .await?;
             sqlx::query(INSERT_EVENT)
@@ -634,7 +647,8 @@ impl Store {
 
     pub async fn get_inputs(&self, id: &str) -> Result<Option<TaskInputs>> {
         const SQL: &str =
-            "SELECT subject_images, scene_image, style_image FROM task_inputs WHERE task_id = $1";
+            "SELECT subject_images, scene_image, style_image, negative_prompt, watermark_info \
+            FROM task_inputs WHERE task_id = $1";
         let row: Option<InputsRow> = on_pool!(self, p => {
             sqlx::query_as(SQL).bind(id).fetch_optional(p).await?
         });
@@ -644,6 +658,15 @@ impl Store {
                     .map_err(|e| StorageError::Corrupt(format!("task {id}: inputs: {e}")))?,
                 scene_image: r.scene_image,
                 style_image: r.style_image,
+                negative_prompt: r.negative_prompt,
+                watermark_info: r
+                    .watermark_info
+                    .as_deref()
+                    .map(serde_json::from_str)
+                    .transpose()
+                    .map_err(|e| {
+                        StorageError::Corrupt(format!("task {id}: watermark_info: {e}"))
+                    })?,
             })
         })
         .transpose()
@@ -719,7 +742,8 @@ impl Store {
             error_message = COALESCE($8, error_message), \
             updated_at = $9, completed_at = $10, \
             next_dispatch_at = NULL, dispatch_started_at = NULL, \
-            poll_due_at = $11, poll_count = 0, version = version + 1 \
+            poll_due_at = $11, poll_count = 0, version = version + 1, \
+            final_unit_deduction = COALESCE($13, final_unit_deduction) \
             WHERE id = $1 AND version = $12";
         let images = change.images.as_ref().map(json_text).transpose()?;
         let is_postgres = matches!(self.pool, Pool::Postgres(_));
@@ -745,6 +769,7 @@ impl Store {
                 .bind(completed_at)
                 .bind(poll_due_at_ms)
                 .bind(expected_version)
+                .bind(&change.final_unit_deduction)
                 .execute(&mut *tx)
                 .await?;
             if done.rows_affected() == 0 {
@@ -846,6 +871,38 @@ impl Store {
         on_pool!(self, p => {
             sqlx::query(SQL).bind(id).bind(due_at_ms).bind(poll_count).execute(p).await?;
             Ok(())
+        })
+    }
+
+    /// Records a note on the task's timeline (its status unchanged) and, if the task is being
+    /// polled, makes its next poll due at `now_ms`. Returns whether a poll was brought forward.
+    pub async fn note_and_poll_now(
+        &self,
+        id: &str,
+        now_ms: i64,
+        source: EventSource,
+        detail: &str,
+        upstream_payload: Option<&str>,
+    ) -> Result<bool> {
+        let _writer = self.writer().await;
+        const NOTE: &str = "INSERT INTO task_events \
+            (task_id, at, source, status, upstream_status, detail, upstream_payload) \
+            SELECT id, $2, $3, status, upstream_status, $4, $5 FROM tasks WHERE id = $1";
+        const POLL: &str = "UPDATE tasks SET poll_due_at = $2 \
+            WHERE id = $1 AND poll_due_at IS NOT NULL";
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            sqlx::query(NOTE)
+                .bind(id)
+                .bind(now_ms)
+                .bind(source.as_str())
+                .bind(detail)
+                .bind(upstream_payload)
+                .execute(&mut *tx)
+                .await?;
+            let moved = sqlx::query(POLL).bind(id).bind(now_ms).execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(moved.rows_affected() > 0)
         })
     }
 

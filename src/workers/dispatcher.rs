@@ -48,11 +48,42 @@ pub async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
     tracing::info!("dispatcher stopped");
 }
 
+/// While dispatch is halted, whether this pass may send anything: None sends nothing, Some(n)
+/// at most n tasks (a probe by create lets one through).
+async fn halted_allowance(relay: &Relay) -> Option<usize> {
+    relay.halted()?;
+    let reason = relay.take_halt_probe(jitter())?;
+    if !reason.probed_by_query() {
+        // Only a create shows that credit (or the route) is back; refused, it costs nothing.
+        return Some(1);
+    }
+    // A made-up id: a key that works answers task_not_exist, a refused one the same refusal.
+    let probe_id = format!("klr-probe-{}", uuid::Uuid::now_v7());
+    match relay.upstream.query(&probe_id).await {
+        Ok(_) => relay.resume_dispatch(),
+        Err(UpstreamError::Halt {
+            reason,
+            code,
+            message,
+        }) => relay.halt_dispatch(reason, &code, &message),
+        Err(e) => tracing::info!(error = %e, "dispatch halt probe got no verdict"),
+    }
+    None
+}
+
 /// One pass: claims the tasks in doubt and the waiting tasks that fit the upstream budget, then
 /// works on them. Returns how many tasks it worked on.
 pub async fn step(relay: &Arc<Relay>) -> Result<usize, ServiceError> {
+    let mut concurrency = relay.settings.dispatch.concurrency.max(1);
+    if relay.halted().is_some() {
+        match halted_allowance(relay).await {
+            Some(n) => concurrency = n,
+            None if relay.halted().is_some() => return Ok(0),
+            // The probe passed: dispatch as usual.
+            None => {}
+        }
+    }
     let now = now_ms();
-    let concurrency = relay.settings.dispatch.concurrency.max(1);
     // Past any answer the pass can still get: a lookup and a create, each within the call's
     // time limit, and a second for the commit. See `storage::claims` on leases.
     let lease_until = now + 2 * ms(relay.settings.cometapi.timeout) + 1000;
@@ -137,6 +168,7 @@ async fn dispatch_one(relay: &Relay, task: Task, now_claimed: i64) -> Result<(),
     };
     match relay.upstream.create(&request).await {
         Ok(report) => {
+            relay.resume_dispatch();
             relay.admission().on_accepted();
             relay
                 .apply_report(id, EventSource::Dispatch, &report)
@@ -192,6 +224,69 @@ async fn dispatch_one(relay: &Relay, task: Task, now_claimed: i64) -> Result<(),
                         // An earlier attempt still in doubt stays in doubt, whatever this one did.
                         maybe_sent: maybe_sent || was_in_doubt,
                         detail,
+                    },
+                )
+                .await?;
+        }
+        Err(UpstreamError::Halt {
+            reason,
+            code,
+            message,
+        }) => {
+            // The setup is refused, not the task: it keeps its place and waits, not in doubt
+            // (upstream refused the call), unless an earlier attempt was.
+            relay.halt_dispatch(reason, &code, &message);
+            let now = now_ms();
+            relay
+                .store
+                .retry_dispatch(
+                    id,
+                    now,
+                    &DispatchRetry {
+                        next_attempt_at_ms: now,
+                        maybe_sent: was_in_doubt,
+                        detail: format!(
+                            "dispatch halted ({}, upstream {code}: {message}); the task waits",
+                            reason.as_str()
+                        ),
+                    },
+                )
+                .await?;
+        }
+        Err(UpstreamError::Unknown { code, message })
+            if task.dispatch_attempts >= relay.settings.cometapi.unknown_code_attempts =>
+        {
+            tracing::warn!(task_id = %id, %code, %message, attempts = task.dispatch_attempts, "upstream keeps answering a code outside its published table; failing the task");
+            relay
+                .finish(
+                    id,
+                    EventSource::Dispatch,
+                    TaskStatus::Failed,
+                    TaskError::new(code, message),
+                )
+                .await?;
+        }
+        Err(UpstreamError::Unknown { code, message }) => {
+            let s = &relay.settings.dispatch;
+            let attempt =
+                u32::try_from(task.dispatch_attempts.saturating_sub(1)).unwrap_or(u32::MAX);
+            let delay = backoff(attempt, s.retry_initial, s.retry_max, jitter());
+            tracing::warn!(task_id = %id, %code, %message, retry_in = ?delay, "upstream answered a code outside its published table; retrying");
+            let now = now_ms();
+            relay
+                .store
+                .retry_dispatch(
+                    id,
+                    now,
+                    &DispatchRetry {
+                        next_attempt_at_ms: now + ms(delay),
+                        // Nothing says the call was refused before it landed.
+                        maybe_sent: true,
+                        detail: format!(
+                            "attempt {} answered unknown code {code} ({message}); retrying in {}",
+                            task.dispatch_attempts,
+                            human(delay)
+                        ),
                     },
                 )
                 .await?;
@@ -265,6 +360,7 @@ async fn recover_existing(relay: &Relay, task: &Task, message: &str) -> Result<(
                 )),
                 updated_at_ms: None,
                 images: Vec::new(),
+                final_unit_deduction: None,
                 raw: None,
             }
         }

@@ -6,7 +6,7 @@ use crate::domain::schedule::backoff;
 use crate::domain::{EventSource, TaskError, TaskStatus};
 use crate::service::{ms, now_ms, ApplyOutcome, Relay, ServiceError};
 use crate::storage::PollCandidate;
-use crate::upstream::Lookup;
+use crate::upstream::{Lookup, UpstreamError};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +21,7 @@ pub async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
         }
         tokio::select! {
             _ = tokio::time::sleep(relay.settings.poller.tick) => {}
+            _ = relay.poll_wake.notified() => {}
             _ = shutdown.cancelled() => {}
         }
     }
@@ -85,6 +86,18 @@ async fn poll_one(relay: &Relay, c: PollCandidate) -> Result<(), ServiceError> {
         Ok(Lookup::NotExist) => outcome("not_exist"),
         Err(_) => outcome("error"),
         Ok(Lookup::Found(_)) => {}
+    }
+    // Polls are free calls with the same key: their answers say whether the key works.
+    match &lookup {
+        Ok(_) if relay.halted().is_some_and(|h| h.reason.probed_by_query()) => {
+            relay.resume_dispatch()
+        }
+        Err(UpstreamError::Halt {
+            reason,
+            code,
+            message,
+        }) if reason.probed_by_query() => relay.halt_dispatch(*reason, code, message),
+        _ => {}
     }
     match lookup {
         Ok(Lookup::Found(report)) => {

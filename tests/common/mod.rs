@@ -299,12 +299,17 @@ impl TestApp {
         kling_relay::telemetry::init(kling_relay::config::LogFormat::Text, "off");
         let db = TestDb::new(backend).await;
         let sim_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sim");
+        let sim_cfg = opts.sim.clone();
         let sim = Simulator::start(opts.sim, sim_listener)
             .await
             .expect("start sim");
         let mut settings = fast_settings(&db.url);
         settings.cometapi.base_url = sim.base_url();
         settings.cometapi.api_key = Secret::new(sim.api_key());
+        // The relay speaks the profile the simulator plays, unless a test says otherwise.
+        settings.cometapi.profile = sim_cfg.profile;
+        settings.cometapi.access_key = Secret::new(sim_cfg.access_key);
+        settings.cometapi.secret_key = Secret::new(sim_cfg.secret_key);
         (opts.settings)(&mut settings);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
         let addr = listener.local_addr().expect("addr");
@@ -469,7 +474,14 @@ impl TestApp {
         }
     }
 
+    /// The callback URL the relay sends upstream: the token is the last path segment.
     pub fn callback_url(&self, id: &str) -> String {
+        let token = kling_relay::service::webhook_token(WEBHOOK_SECRET.as_bytes(), id);
+        format!("{}/webhooks/cometapi/{id}/{token}", self.base)
+    }
+
+    /// The older form, token in the query string, still accepted for tasks sent before.
+    pub fn callback_url_query_form(&self, id: &str) -> String {
         let token = kling_relay::service::webhook_token(WEBHOOK_SECRET.as_bytes(), id);
         format!("{}/webhooks/cometapi/{id}?token={token}", self.base)
     }
@@ -545,6 +557,8 @@ pub fn task_record(i: i64) -> kling_relay::storage::NewTaskRecord {
             subject_images: vec!["https://e.x/a.png".into(), "https://e.x/b.png".into()],
             scene_image: None,
             style_image: None,
+            negative_prompt: None,
+            watermark_info: None,
         },
         created_at_ms: 1_700_000_000_000 + i,
         client: Some("c1".into()),
@@ -612,6 +626,13 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// A 300x300 grey PNG, as Base64: the smallest input upstream takes.
+pub const PNG_300: &str = "iVBORw0KGgoAAAANSUhEUgAAASwAAAEsCAAAAABcFtGpAAABo0lEQVR42u3QQREAAAwCIKMb3Qp77yACKWdRIEuWLFmyZCmQJUuWLFmyFMiSJUuWLFkKZMmSJUuWLAWyZMmSJUuWAlmyZMmSJUuBLFmyZMmSpUCWLFmyZMlSIEuWLFmyZCmQJUuWLFmyFMiSJUuWLFkKZMmSJUuWLAWyZMmSJUuWAlmyZMmSJUuBLFmyZMmSpUCWLFmyZMlSIEuWLFmyZCmQJUuWLFmyFMiSJUuWLFkKZMmSJUuWLAWyZMmSJUuWAlmyZMmSJUuBLFmyZMmSpUCWLFmyZMlSIEuWLFmyZCmQJUuWLFmyFMiSJUuWLFkKZMmSJUuWLAWyZMmSJUuWAlmyZMmSJUuBLFmyZMmSpUCWLFmyZMlSIEuWLFmyZCmQJUuWLFmyFMiSJUuWLFkKZMmSJUuWLAWyZMmSJUuWAlmyZMmSJUuBLFmyZMmSpUCWLFmyZMlSIEuWLFmyZCmQJUuWLFmyFMiSJUuWLFkKZMmSJUuWLAWyZMmSJUuWAlmyZMmSJUuBLFmyZMmSpUCWLFmyZMlSIEuWLFmyZCmQJUuWrJ8GwefSQmRR+mcAAAAASUVORK5CYII=";
+/// An 800x300 PNG: wider than upstream's 2.5:1.
+pub const PNG_TOO_WIDE: &str = "iVBORw0KGgoAAAANSUhEUgAAAyAAAAEsCAAAAAAeRojmAAACWUlEQVR42u3TMQ0AAAzDsEIv9CLYt9OGECkpcIoEYBAwCBgEDAIGAYOAQcAgYBDAIGAQMAgYBAwCBgGDgEHAIGAQwCBgEDAIGAQMAgYBg4BBwCCAQcAgYBAwCBgEDAIGAYOAQcAggEHAIGAQMAgYBAwCBgGDgEEAg4BBwCBgEDAIGAQMAgYBg4BBAIOAQcAgYBAwCBgEDAIGAYMABgGDgEHAIGAQMAgYBAwCBgGDAAYBg4BBwCBgEDAIGAQMAgYBg0gABgGDgEHAIGAQMAgYBAwCBgEMAgYBg4BBwCBgEDAIGAQMAgYBDAIGAYOAQcAgYBAwCBgEDAIYBAwCBgGDgEHAIGAQMAgYBAwCGAQMAgYBg4BBwCBgEDAIGAQwCBgEDAIGAYOAQcAgYBAwCBgEMAgYBAwCBgGDgEHAIGAQMAhgEDAIGAQMAgYBg4BBwCBgEDAIYBAwCBgEDAIGAYOAQcAgYBAwiARgEDAIGAQMAgYBg4BBwCBgEMAgYBAwCBgEDAIGAYOAQcAgYBDAIGAQMAgYBAwCBgGDgEHAIIBBwCBgEDAIGAQMAgYBg4BBwCCAQcAgYBAwCBgEDAIGAYOAQQCDgEHAIGAQMAgYBAwCBgGDgEEAg4BBwCBgEDAIGAQMAgYBgwAGAYOAQcAgYBAwCBgEDAIGAYMABgGDgEHAIGAQMAgYBAwCBgGDSAAGAYOAQcAgYBAwCBgEDAIGAQwCBgGDgEHAIGAQMAgYBAwCBgEMAgYBg4BBwCBgEDAIGAQMAhgEDAIGAYOAQcAgYBAwCBgEDAIYBAwCfwbQo9ttis39cgAAAABJRU5ErkJggg==";
+/// A 1x1 PNG: a valid image, far too small for upstream.
+pub const PNG_1PX: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
 
 pub fn valid_body() -> Value {
     json!({
