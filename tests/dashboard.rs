@@ -534,3 +534,50 @@ async fn without_auth_the_dashboard_needs_no_sign_in() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// While upstream refuses the setup, the overview says so in a banner; once dispatch resumes,
+/// the banner is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_shows_a_halted_dispatch() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        Options {
+            settings: Box::new(|s| {
+                s.auth.required = false;
+                s.dispatch.halt_probe_initial = Duration::from_millis(100);
+                s.dispatch.halt_probe_max = Duration::from_millis(200);
+            }),
+            ..Options::default()
+        },
+    )
+    .await;
+    app.sim.set_faults(kling_relay::simulator::Faults {
+        key_revoked: true,
+        ..Default::default()
+    });
+    let id = app.submit_ok(&valid_body()).await;
+    let page = || async {
+        app.anonymous
+            .get(format!("{}/ui/overview", app.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    wait_until(Duration::from_secs(10), || async {
+        page().await.contains("id=\"halted\"")
+    })
+    .await;
+    let halted = page().await;
+    assert!(
+        halted.contains("Dispatch is halted (authentication)"),
+        "{halted}"
+    );
+    assert!(halted.contains("1002"), "{halted}");
+    app.sim.set_faults(Default::default());
+    app.wait_for_status(&id, "succeeded", Duration::from_secs(15))
+        .await;
+    assert!(!page().await.contains("id=\"halted\""));
+}

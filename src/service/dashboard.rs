@@ -15,6 +15,8 @@ pub struct Overview {
     pub working_limit: i64,
     pub max_units: i64,
     pub pending: i64,
+    /// Why all dispatch is halted, if it is.
+    pub halted: Option<crate::domain::halt::Halt>,
 }
 
 const DAY_MS: i64 = 24 * 3600 * 1000;
@@ -48,6 +50,7 @@ impl Relay {
             working_limit: d.admission.working_limit,
             max_units: d.admission.max_units,
             pending: d.pending,
+            halted: d.halted,
         })
     }
 }

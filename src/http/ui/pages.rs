@@ -361,6 +361,14 @@ pub fn overview(who: &str, o: &Overview) -> Markup {
         Nav::Overview,
         html! {
             h1 { "Overview" }
+            @if let Some(h) = &o.halted {
+                div #halted.banner role="alert" {
+                    strong { "Dispatch is halted (" (h.reason.as_str()) ")." }
+                    " Upstream answered " code { (h.upstream_code) } ": " (h.message) ". "
+                    (h.reason.advice()) ". Every task waits; none fails. Upstream is asked again "
+                    "at a backoff, and dispatch resumes by itself once it accepts."
+                }
+            }
             h2 { "Tasks in the last 24 hours" }
             @if total == 0 {
                 p.muted { "No tasks in the last 24 hours." }

@@ -1,4 +1,4 @@
-//! Upstream profiles: a complete wire description (paths, field names, bounds, lookup form,
+//! Upstream profiles (one file each): a complete wire description (paths, field names, bounds, lookup form,
 //! authentication) selected by `cometapi.profile`, each part overridable one setting at a time.
 //!
 //! Why three: CometAPI's current multi-image page and Kling's own API create multi-image tasks
@@ -75,6 +75,11 @@ pub const KLING_MULTI_IMAGE_PATH: &str = "/v1/images/multi-image2image";
 pub const COMETAPI_BASE_URL: &str = "https://api.cometapi.com";
 pub const KLING_BASE_URL: &str = "https://api-singapore.klingai.com";
 
+mod cometapi;
+mod cometapi_generations;
+mod kling;
+
+/// What a profile fixes; each part can be replaced by its own setting.
 struct Defaults {
     base_url: &'static str,
     create_path: &'static str,
@@ -84,33 +89,11 @@ struct Defaults {
     external_lookup: ExternalLookup,
 }
 
-fn defaults(p: UpstreamProfile) -> Defaults {
+fn defaults(p: UpstreamProfile) -> &'static Defaults {
     match p {
-        UpstreamProfile::Cometapi => Defaults {
-            base_url: COMETAPI_BASE_URL,
-            create_path: COMETAPI_MULTI_IMAGE_PATH,
-            scene_image_field: "scene_image",
-            default_model: "kling-v2-1",
-            subject_images: (1, 4),
-            // Undocumented on CometAPI; `kling-relay doctor` tells which form answers.
-            external_lookup: ExternalLookup::Query,
-        },
-        UpstreamProfile::CometapiGenerations => Defaults {
-            base_url: COMETAPI_BASE_URL,
-            create_path: COMETAPI_TEXT_TO_IMAGE_PATH,
-            scene_image_field: "scence_image",
-            default_model: "kling-v2",
-            subject_images: (2, 4),
-            external_lookup: ExternalLookup::Query,
-        },
-        UpstreamProfile::Kling => Defaults {
-            base_url: KLING_BASE_URL,
-            create_path: KLING_MULTI_IMAGE_PATH,
-            scene_image_field: "scene_image",
-            default_model: "kling-v2-1",
-            subject_images: (1, 4),
-            external_lookup: ExternalLookup::Path,
-        },
+        UpstreamProfile::Cometapi => &cometapi::DEFAULTS,
+        UpstreamProfile::CometapiGenerations => &cometapi_generations::DEFAULTS,
+        UpstreamProfile::Kling => &kling::DEFAULTS,
     }
 }
 
