@@ -142,6 +142,8 @@ pub struct ServerSettings {
     pub public_url: String,
     pub webhook_secret: Secret,
     pub max_body_bytes: usize,
+    /// Largest callback body read (after its token is checked): callbacks are a few KB.
+    pub max_webhook_body_bytes: usize,
     pub metrics_listen: String,
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -518,6 +520,12 @@ impl Settings {
         }
         if self.server.max_body_bytes < 1024 {
             return Err(invalid("server.max_body_bytes", "must be at least 1024"));
+        }
+        if self.server.max_webhook_body_bytes < 1024 {
+            return Err(invalid(
+                "server.max_webhook_body_bytes",
+                "must be at least 1024",
+            ));
         }
         if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
             return Err(invalid("log.level", e.to_string()));

@@ -112,6 +112,8 @@ enum RouteKind {
     MultiImage,
     TextToImage,
     Missing,
+    /// The account cannot pay (1100-1102): upstream refused before looking at the route.
+    Account,
     Unclear,
 }
 
@@ -128,10 +130,11 @@ fn route_kind(a: &RawAnswer) -> RouteKind {
     if message.contains("prompt") {
         return RouteKind::TextToImage;
     }
-    if class_of(a) == ErrorClass::Halt(crate::domain::halt::HaltReason::Route) {
-        return RouteKind::Missing;
+    match class_of(a) {
+        ErrorClass::Halt(crate::domain::halt::HaltReason::Route) => RouteKind::Missing,
+        ErrorClass::Halt(crate::domain::halt::HaltReason::Account) => RouteKind::Account,
+        _ => RouteKind::Unclear,
     }
-    RouteKind::Unclear
 }
 
 pub async fn run(settings: &Settings, store: Option<&Store>) -> Report {
@@ -365,6 +368,12 @@ async fn create_paths(
             let advice = use_multi(advised);
             check("create_path", Verdict::Fail, format!("POST {configured} is not a route ({said})"), advice)
         }
+        RouteKind::Account => check(
+            "account",
+            Verdict::Fail,
+            format!("upstream refuses creates for the account ({said})"),
+            crate::domain::halt::HaltReason::Account.advice(),
+        ),
         RouteKind::Unclear => check(
             "create_path",
             Verdict::Warn,

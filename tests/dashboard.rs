@@ -556,16 +556,7 @@ async fn the_overview_shows_a_halted_dispatch() {
         ..Default::default()
     });
     let id = app.submit_ok(&valid_body()).await;
-    let page = || async {
-        app.anonymous
-            .get(format!("{}/ui/overview", app.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let page = || app.get_text_anonymously("/ui/overview");
     wait_until(Duration::from_secs(10), || async {
         page().await.contains("id=\"halted\"")
     })

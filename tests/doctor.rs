@@ -48,20 +48,6 @@ fn result<'a>(report: &'a Value, check: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {check} check in {report}"))
 }
 
-async fn app_for(b: Backend, profile: UpstreamProfile) -> TestApp {
-    TestApp::spawn_with(
-        b,
-        Options {
-            sim: SimConfig {
-                profile,
-                ..fast_sim()
-            },
-            ..Options::default()
-        },
-    )
-    .await
-}
-
 /// Every profile against the upstream it describes: every check passes, exit 0, and nothing
 /// was created upstream (doctor pays for nothing).
 async fn every_profile_passes_against_its_own_upstream(b: Backend) {
@@ -70,7 +56,7 @@ async fn every_profile_passes_against_its_own_upstream(b: Backend) {
         UpstreamProfile::CometapiGenerations,
         UpstreamProfile::Kling,
     ] {
-        let app = app_for(b, profile).await;
+        let app = TestApp::playing(b, profile).await;
         let (code, report) = doctor(&app, &[]);
         assert_eq!(code, 0, "{profile:?}: {report:#}");
         assert_eq!(report["ok"], true);
@@ -105,7 +91,7 @@ async fn every_profile_passes_against_its_own_upstream(b: Backend) {
 /// The create path set to today's text-to-image route: a failure whose advice names
 /// multi-image2image, exit non-zero, and still nothing created.
 async fn the_text_to_image_route_is_caught_and_multi_image2image_advised(b: Backend) {
-    let app = app_for(b, UpstreamProfile::Cometapi).await;
+    let app = TestApp::playing(b, UpstreamProfile::Cometapi).await;
     for env in [
         vec![(
             "KLING_RELAY_COMETAPI__CREATE_PATH",
@@ -135,10 +121,10 @@ async fn the_text_to_image_route_is_caught_and_multi_image2image_advised(b: Back
     assert_eq!(app.sim.stats().tasks_created, 0);
 }
 
-/// A refused key, in Kling's shape and in a gateway's, fails the key check; so does a wrong
-/// JWT secret under the kling profile.
+/// A refused key, in Kling's shape and in a gateway's, fails the key check; so do an account
+/// out of credit, missing credentials, and a wrong JWT secret under the kling profile.
 async fn a_refused_key_fails_the_key_check(b: Backend) {
-    let app = app_for(b, UpstreamProfile::Cometapi).await;
+    let app = TestApp::playing(b, UpstreamProfile::Cometapi).await;
     for style in [AnswerStyle::Kling, AnswerStyle::Relay] {
         app.sim.set_faults(Faults {
             key_revoked: true,
@@ -153,12 +139,21 @@ async fn a_refused_key_fails_the_key_check(b: Backend) {
             "{style:?}: {report:#}"
         );
     }
+    app.sim.set_faults(Faults {
+        out_of_credit: true,
+        ..Faults::default()
+    });
+    let (code, report) = doctor(&app, &[]);
+    assert_ne!(code, 0);
+    let c = result(&report, "account");
+    assert_eq!(c["result"], "fail", "{report:#}");
+    assert!(c["advice"].as_str().unwrap().contains("top it up"));
     app.sim.set_faults(Faults::default());
     let (code, report) = doctor(&app, &[("COMETAPI_KEY", "")]);
     assert_ne!(code, 0);
     assert_eq!(result(&report, "credentials")["result"], "fail");
 
-    let kling = app_for(b, UpstreamProfile::Kling).await;
+    let kling = TestApp::playing(b, UpstreamProfile::Kling).await;
     let (code, report) = doctor(&kling, &[("KLING_SECRET_KEY", "not-the-secret")]);
     assert_ne!(code, 0);
     assert_eq!(result(&report, "key")["result"], "fail", "{report:#}");
@@ -167,7 +162,7 @@ async fn a_refused_key_fails_the_key_check(b: Backend) {
 /// A public URL that reaches nothing (or not this instance) fails; one without a query string
 /// survivor is only a warning.
 async fn a_public_url_that_does_not_reach_this_instance_fails(b: Backend) {
-    let app = app_for(b, UpstreamProfile::Cometapi).await;
+    let app = TestApp::playing(b, UpstreamProfile::Cometapi).await;
     let nowhere = format!("http://127.0.0.1:{}", common::process::free_port());
     let (code, report) = doctor(&app, &[("KLING_RELAY_SERVER__PUBLIC_URL", &nowhere)]);
     assert_ne!(code, 0);

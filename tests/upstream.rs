@@ -83,13 +83,7 @@ async fn setup_refusal_halts_dispatch_then_resumes_by_itself(
         .unwrap();
     assert_eq!(ready.status(), 503);
     assert!(ready.text().await.unwrap().contains(reason));
-    let metrics = app
-        .anonymous
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap();
-    let metrics = metrics.text().await.unwrap();
+    let metrics = app.get_text_anonymously("/metrics").await;
     // The registry is shared by the tests of this binary, so only the series is checked here.
     assert!(
         metrics.contains(&format!("klr_dispatch_halted{{reason=\"{reason}\"}}")),
@@ -293,17 +287,7 @@ fn decode_jwt(token: &str, secret: &str) -> Value {
 
 /// The `kling` profile: Kling's paths, every request signed with a fresh HS256 JWT.
 async fn the_kling_profile_signs_every_request_with_a_valid_jwt(b: Backend) {
-    let app = TestApp::spawn_with(
-        b,
-        Options {
-            sim: SimConfig {
-                profile: UpstreamProfile::Kling,
-                ..fast_sim()
-            },
-            ..Options::default()
-        },
-    )
-    .await;
+    let app = TestApp::playing(b, UpstreamProfile::Kling).await;
     let id = app.submit_ok(&valid_body()).await;
     app.wait_for_status(&id, "succeeded", WITHIN).await;
     let stats = app.sim.stats();
@@ -329,17 +313,7 @@ async fn the_kling_profile_signs_every_request_with_a_valid_jwt(b: Backend) {
 /// The `cometapi-generations` profile reproduces the older page exactly: `/images/generations`,
 /// `scence_image`, 2 to 4 subjects, `kling-v2`.
 async fn the_generations_profile_keeps_the_older_page(b: Backend) {
-    let app = TestApp::spawn_with(
-        b,
-        Options {
-            sim: SimConfig {
-                profile: UpstreamProfile::CometapiGenerations,
-                ..fast_sim()
-            },
-            ..Options::default()
-        },
-    )
-    .await;
+    let app = TestApp::playing(b, UpstreamProfile::CometapiGenerations).await;
     let mut body = valid_body();
     body["scene_image"] = json!("https://e.x/scene.png");
     let id = app.submit_ok(&body).await;

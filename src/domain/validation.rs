@@ -11,6 +11,7 @@ pub const MAX_IMAGES_PER_TASK: i64 = 9;
 /// 10 MB, the upstream's per-image limit, counted on the decoded bytes.
 pub const MAX_IMAGE_BYTES: usize = 10 * 1024 * 1024;
 pub const MAX_METADATA_BYTES: usize = 4096;
+const NUL_REFUSED: &str = "must not contain NUL characters (\\u0000)";
 /// Upstream's rules for every input image: each side at least this many pixels, and the longer
 /// side at most `MAX_ASPECT` times the shorter.
 pub const MIN_IMAGE_SIDE: u32 = 300;
@@ -337,6 +338,11 @@ fn optional_string(
 ) -> Option<String> {
     match obj.get(field) {
         None | Some(Value::Null) => None,
+        // Postgres text cannot hold NUL (SQLite can): refused the same way on both.
+        Some(Value::String(s)) if s.contains('\0') => {
+            errors.push(FieldError::new(field, NUL_REFUSED));
+            None
+        }
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => {
             errors.push(FieldError::new(field, "must be a string"));
@@ -375,6 +381,9 @@ pub fn check_notify_url(s: &str) -> Result<(), String> {
 fn check_image(s: &str) -> Result<(), String> {
     if s.is_empty() {
         return Err("must not be empty".into());
+    }
+    if s.contains('\0') {
+        return Err(NUL_REFUSED.into());
     }
     let lower_head: String = s.chars().take(8).collect::<String>().to_ascii_lowercase();
     if lower_head.starts_with("http://") || lower_head.starts_with("https://") {
@@ -524,6 +533,24 @@ mod tests {
         v["external_task_id"] = json!("mine");
         assert_eq!(fields(v.clone()), vec!["external_task_id"]);
         assert!(validate_new_task(&v, Rules::upstream((1, 4), "kling-v2-1")).is_ok());
+    }
+
+    #[test]
+    fn nul_characters_are_refused_in_every_text_field() {
+        for field in [
+            "prompt",
+            "negative_prompt",
+            "model_name",
+            "notify_url",
+            "scene_image",
+        ] {
+            let mut v = valid();
+            v[field] = json!("a\u{0}b");
+            assert_eq!(fields(v), vec![field.to_owned()], "{field}");
+        }
+        let mut v = valid();
+        v["subject_image_list"][0]["subject_image"] = json!("https://e.x/a\u{0}.png");
+        assert_eq!(fields(v), vec!["subject_image_list[0].subject_image"]);
     }
 
     #[test]

@@ -72,6 +72,7 @@ pub fn router(relay: Arc<Relay>) -> Router {
             request_timeout,
         ))
         .layer(middleware::from_fn(problem_for_bare_errors))
+        .layer(middleware::from_fn(nosniff))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
         .layer(
             // Spans name the route template, never the URI: callback URLs carry tokens.
@@ -124,13 +125,41 @@ fn route_of(req: &Request) -> String {
         .unwrap_or_else(|| "unmatched".into())
 }
 
+/// The method as a metric label: the standard ones by name, anything a caller made up as
+/// `other`, so made-up methods cannot grow the series without bound.
+fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// `X-Content-Type-Options: nosniff` on every answer: no browser guesses a type we did not say.
+async fn nosniff(req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    resp.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    resp
+}
+
 async fn record_http_metrics(req: Request, next: Next) -> Response {
     let started = std::time::Instant::now();
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method());
     let route = route_of(&req);
     let resp = next.run(req).await;
     let status = resp.status().as_u16().to_string();
-    metrics::counter!("klr_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status).increment(1);
+    metrics::counter!("klr_http_requests_total", "method" => method, "route" => route.clone(), "status" => status).increment(1);
     metrics::histogram!("klr_http_request_duration_seconds", "method" => method, "route" => route)
         .record(started.elapsed().as_secs_f64());
     resp

@@ -13,7 +13,7 @@ use crate::domain::EventSource;
 use crate::resource::{CallbackOutcome, Problem};
 use crate::service::ApplyOutcome;
 use crate::upstream::parse_callback;
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::Json;
@@ -27,13 +27,14 @@ use axum::Json;
         (status = 400, description = "Not JSON, or not a task callback", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Wrong token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such task", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Larger than server.max_webhook_body_bytes", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not declared as JSON", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn cometapi_path_token(
     State(relay): State<AppState>,
     Path((id, token)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Json<CallbackOutcome>, ApiError> {
     receive(relay, id, token, headers, body).await
 }
@@ -54,7 +55,7 @@ pub async fn cometapi(
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Json<CallbackOutcome>, ApiError> {
     let token = url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
         .find(|(k, _)| k == "token")
@@ -63,12 +64,14 @@ pub async fn cometapi(
     receive(relay, id, token, headers, body).await
 }
 
+/// The body is a stream until the token has been checked: an unauthenticated sender costs no
+/// more than its headers, and an authenticated one at most `server.max_webhook_body_bytes`.
 async fn receive(
     relay: AppState,
     id: String,
     token: String,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Json<CallbackOutcome>, ApiError> {
     let rejected = |reason: &'static str| {
         metrics::counter!("klr_webhooks_total", "outcome" => format!("rejected_{reason}"))
@@ -81,6 +84,13 @@ async fn receive(
         ));
     }
     require_json(&headers).inspect_err(|_| rejected("content_type"))?;
+    let limit = relay.settings.server.max_webhook_body_bytes;
+    let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        rejected("too_large");
+        ApiError::PayloadTooLarge(format!(
+            "a callback body is at most server.max_webhook_body_bytes ({limit} bytes)"
+        ))
+    })?;
     let body = parse_json(&body).inspect_err(|_| rejected("malformed"))?;
     let report = parse_callback(&body).ok_or_else(|| {
         rejected("not_a_callback");

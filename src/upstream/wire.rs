@@ -23,7 +23,7 @@ pub fn message_of(body: &Value) -> String {
             other => other.get("message").and_then(Value::as_str),
         })
     };
-    direct.or_else(nested).unwrap_or("").to_owned()
+    clean(direct.or_else(nested).unwrap_or(""))
 }
 
 /// The task object of an envelope: `data` itself, or its only element when it is a list.
@@ -35,9 +35,15 @@ pub fn data_of(body: &Value) -> Option<&Value> {
     }
 }
 
+/// Upstream text without NUL characters, which Postgres text cannot hold: a callback carrying
+/// one must still land, on either backend.
+pub fn clean(s: &str) -> String {
+    s.replace('\0', "")
+}
+
 pub fn text_or_number(v: Option<&Value>) -> Option<String> {
     match v? {
-        Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_owned()),
+        Value::String(s) if !clean(s).trim().is_empty() => Some(clean(s).trim().to_owned()),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
@@ -75,7 +81,7 @@ pub fn parse_task_data(
             list.iter()
                 .enumerate()
                 .filter_map(|(i, img)| {
-                    let url = img.get("url")?.as_str()?.to_owned();
+                    let url = clean(img.get("url")?.as_str()?);
                     let index = millis(img.get("index"))
                         .and_then(|x| u32::try_from(x).ok())
                         .unwrap_or(i as u32);
@@ -93,7 +99,7 @@ pub fn parse_task_data(
         status_msg: data
             .get("task_status_msg")
             .and_then(Value::as_str)
-            .map(str::to_owned),
+            .map(clean),
         updated_at_ms: millis(data.get("updated_at")),
         images,
         final_unit_deduction: text_or_number(data.get("final_unit_deduction")),
@@ -151,6 +157,16 @@ mod tests {
         let failed = json!({"code": 1201, "message": "nope", "data": bare});
         assert!(parse_callback(&failed).is_none());
         assert!(parse_callback(&json!({"task_status": "weird"})).is_none());
+    }
+
+    #[test]
+    fn nul_characters_from_upstream_are_dropped() {
+        let r = parse_callback(&json!({"task_id": "7\u{0}", "task_status": "failed",
+            "task_status_msg": "bad\u{0} input"}))
+        .unwrap();
+        assert_eq!(r.task_id.as_deref(), Some("7"));
+        assert_eq!(r.status_msg.as_deref(), Some("bad input"));
+        assert_eq!(message_of(&json!({"message": "x\u{0}y"})), "xy");
     }
 
     #[test]

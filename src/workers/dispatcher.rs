@@ -197,13 +197,7 @@ async fn dispatch_one(relay: &Relay, task: Task, now_claimed: i64) -> Result<(),
                     ),
                 )
             } else {
-                let s = &relay.settings.dispatch;
-                let attempt =
-                    u32::try_from(task.dispatch_attempts.saturating_sub(1)).unwrap_or(u32::MAX);
-                let mut delay = backoff(attempt, s.retry_initial, s.retry_max, jitter());
-                if let Some(ra) = retry_after {
-                    delay = delay.max(ra);
-                }
+                let delay = retry_delay(relay, &task).max(retry_after.unwrap_or_default());
                 tracing::warn!(task_id = %id, %reason, retry_in = ?delay, "dispatch will be retried");
                 (
                     now + ms(delay),
@@ -214,19 +208,15 @@ async fn dispatch_one(relay: &Relay, task: Task, now_claimed: i64) -> Result<(),
                     ),
                 )
             };
-            relay
-                .store
-                .retry_dispatch(
-                    id,
-                    now,
-                    &DispatchRetry {
-                        next_attempt_at_ms,
-                        // An earlier attempt still in doubt stays in doubt, whatever this one did.
-                        maybe_sent: maybe_sent || was_in_doubt,
-                        detail,
-                    },
-                )
-                .await?;
+            // An earlier attempt still in doubt stays in doubt, whatever this one did.
+            put_back(
+                relay,
+                id,
+                next_attempt_at_ms,
+                maybe_sent || was_in_doubt,
+                detail,
+            )
+            .await?;
         }
         Err(UpstreamError::Halt {
             reason,
@@ -236,22 +226,11 @@ async fn dispatch_one(relay: &Relay, task: Task, now_claimed: i64) -> Result<(),
             // The setup is refused, not the task: it keeps its place and waits, not in doubt
             // (upstream refused the call), unless an earlier attempt was.
             relay.halt_dispatch(reason, &code, &message);
-            let now = now_ms();
-            relay
-                .store
-                .retry_dispatch(
-                    id,
-                    now,
-                    &DispatchRetry {
-                        next_attempt_at_ms: now,
-                        maybe_sent: was_in_doubt,
-                        detail: format!(
-                            "dispatch halted ({}, upstream {code}: {message}); the task waits",
-                            reason.as_str()
-                        ),
-                    },
-                )
-                .await?;
+            let detail = format!(
+                "dispatch halted ({}, upstream {code}: {message}); the task waits",
+                reason.as_str()
+            );
+            put_back(relay, id, now_ms(), was_in_doubt, detail).await?;
         }
         Err(UpstreamError::Unknown { code, message })
             if task.dispatch_attempts >= relay.settings.cometapi.unknown_code_attempts =>
@@ -267,29 +246,15 @@ async fn dispatch_one(relay: &Relay, task: Task, now_claimed: i64) -> Result<(),
                 .await?;
         }
         Err(UpstreamError::Unknown { code, message }) => {
-            let s = &relay.settings.dispatch;
-            let attempt =
-                u32::try_from(task.dispatch_attempts.saturating_sub(1)).unwrap_or(u32::MAX);
-            let delay = backoff(attempt, s.retry_initial, s.retry_max, jitter());
+            let delay = retry_delay(relay, &task);
             tracing::warn!(task_id = %id, %code, %message, retry_in = ?delay, "upstream answered a code outside its published table; retrying");
-            let now = now_ms();
-            relay
-                .store
-                .retry_dispatch(
-                    id,
-                    now,
-                    &DispatchRetry {
-                        next_attempt_at_ms: now + ms(delay),
-                        // Nothing says the call was refused before it landed.
-                        maybe_sent: true,
-                        detail: format!(
-                            "attempt {} answered unknown code {code} ({message}); retrying in {}",
-                            task.dispatch_attempts,
-                            human(delay)
-                        ),
-                    },
-                )
-                .await?;
+            let detail = format!(
+                "attempt {} answered unknown code {code} ({message}); retrying in {}",
+                task.dispatch_attempts,
+                human(delay)
+            );
+            // Nothing says the call was refused before it landed.
+            put_back(relay, id, now_ms() + ms(delay), true, detail).await?;
         }
         Err(UpstreamError::Rejected { code, message }) => {
             tracing::warn!(task_id = %id, %code, %message, "upstream refused the task");
@@ -307,6 +272,29 @@ async fn dispatch_one(relay: &Relay, task: Task, now_claimed: i64) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// The backoff before a task's next attempt, from how many it has had.
+fn retry_delay(relay: &Relay, task: &Task) -> Duration {
+    let s = &relay.settings.dispatch;
+    let attempt = u32::try_from(task.dispatch_attempts.saturating_sub(1)).unwrap_or(u32::MAX);
+    backoff(attempt, s.retry_initial, s.retry_max, jitter())
+}
+
+/// Returns a task to waiting after an attempt that did not land, with a timeline entry.
+async fn put_back(
+    relay: &Relay,
+    id: &str,
+    next_attempt_at_ms: i64,
+    maybe_sent: bool,
+    detail: String,
+) -> Result<(), ServiceError> {
+    let retry = DispatchRetry {
+        next_attempt_at_ms,
+        maybe_sent,
+        detail,
+    };
+    Ok(relay.store.retry_dispatch(id, now_ms(), &retry).await?)
 }
 
 fn human(d: Duration) -> String {

@@ -294,6 +294,25 @@ impl TestApp {
         Self::spawn_with(backend, Options::default()).await
     }
 
+    /// The service against a simulator playing `profile` (the service set to the same profile).
+    pub async fn playing(
+        backend: Backend,
+        profile: kling_relay::config::UpstreamProfile,
+    ) -> TestApp {
+        let sim = SimConfig {
+            profile,
+            ..fast_sim()
+        };
+        Self::spawn_with(
+            backend,
+            Options {
+                sim,
+                ..Options::default()
+            },
+        )
+        .await
+    }
+
     pub async fn spawn_with(backend: Backend, opts: Options) -> TestApp {
         // Quiet unless RUST_LOG asks for the service's log.
         kling_relay::telemetry::init(kling_relay::config::LogFormat::Text, "off");
@@ -430,6 +449,18 @@ impl TestApp {
         assert_eq!(r.status(), 202, "submit failed");
         let v: Value = r.json().await.expect("json");
         v["id"].as_str().expect("id").to_owned()
+    }
+
+    /// GET without credentials, as text.
+    pub async fn get_text_anonymously(&self, path: &str) -> String {
+        self.anonymous
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("GET")
+            .text()
+            .await
+            .expect("text")
     }
 
     pub async fn get_json(&self, path: &str) -> (u16, Value) {

@@ -18,7 +18,6 @@ use crate::domain::TaskStatus;
 use crate::resource::TaskView;
 use crate::service::ServiceError;
 use crate::storage::ListFilter;
-use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -30,6 +29,8 @@ const COOKIE: &str = "klr_session";
 const CSS: &str = include_str!("ui.css");
 const JS: &str = include_str!("ui.js");
 const PAGE_SIZE: i64 = 25;
+/// Largest sign-in form read, in bytes.
+const LOGIN_BODY_LIMIT: usize = 4096;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -156,10 +157,33 @@ async fn login_form() -> Response {
     html(StatusCode::OK, pages::login(None))
 }
 
-async fn login(State(relay): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+/// A sign-in form is a few bytes: a larger one is refused from its declared length, before
+/// anything is read, and no more than `LOGIN_BODY_LIMIT` is ever read.
+async fn login(
+    State(relay): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
     if !same_origin(&headers) {
         return UiError::Forbidden.into_response();
     }
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let too_large = || {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "a sign-in form is at most 4 KB",
+        )
+            .into_response()
+    };
+    if declared.is_some_and(|n| n > LOGIN_BODY_LIMIT) {
+        return too_large();
+    }
+    let Ok(body) = axum::body::to_bytes(body, LOGIN_BODY_LIMIT).await else {
+        return too_large();
+    };
     let key = url::form_urlencoded::parse(&body)
         .find(|(k, _)| k == "api_key")
         .map(|(_, v)| v.trim().to_owned())

@@ -1,0 +1,118 @@
+//! Issue 14, the parts built so far: nothing unauthenticated costs more than its headers, metric
+//! labels a caller controls stay bounded, every answer says `nosniff`, and NUL characters are
+//! refused (or, from upstream, dropped) the same way on both backends.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+/// Sends only the headers of a POST announcing a huge body, and reads the answer: it must come
+/// before any of the body is sent.
+fn answer_to_headers_alone(base: &str, path: &str, extra: &str) -> String {
+    let addr = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\ncontent-type: application/json\r\n\
+         content-length: 80000000\r\n{extra}\r\n"
+    )
+    .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).expect("an answer before the body is sent");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_senders_cost_no_more_than_their_headers() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let id = app.submit_ok(&valid_body()).await;
+    let base = app.base.clone();
+    let forged = [
+        format!("/webhooks/cometapi/{id}/AAAA"),
+        format!("/webhooks/cometapi/{id}?token=AAAA"),
+    ];
+    for path in forged {
+        let b = base.clone();
+        let answer = tokio::task::spawn_blocking(move || answer_to_headers_alone(&b, &path, ""))
+            .await
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    }
+    // The sign-in form is small: a large one is refused at once.
+    let b = base.clone();
+    let answer = tokio::task::spawn_blocking(move || answer_to_headers_alone(&b, "/ui/login", ""))
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+
+    // With the right token, a callback is still bounded: 1 MiB by default.
+    let big = json!({"task_id": "1", "task_status": "processing", "pad": "x".repeat(1_100_000)});
+    let (status, v) = app.post_callback(&app.callback_url(&id), &big).await;
+    assert_eq!(status, 413, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_methods_share_one_metric_label_and_every_answer_says_nosniff() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    for i in 0..50 {
+        let method = reqwest::Method::from_bytes(format!("MADEUP{i}").as_bytes()).unwrap();
+        let r = app
+            .anonymous
+            .request(method, format!("{}/healthz", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+    }
+    for path in [
+        "/healthz",
+        "/v1/tasks",
+        "/ui/login",
+        "/openapi.json",
+        "/nope",
+    ] {
+        let r = app
+            .anonymous
+            .get(format!("{}{path}", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["x-content-type-options"], "nosniff", "{path}");
+    }
+    let metrics = app.get_text_anonymously("/metrics").await;
+    assert!(
+        !metrics.contains("MADEUP"),
+        "a made-up method became a label"
+    );
+    assert!(metrics.contains("method=\"other\""), "{metrics}");
+}
+
+async fn nul_characters_are_refused_or_dropped_alike_on_both_backends(b: Backend) {
+    let app = TestApp::spawn_with(b, Options::stalled()).await;
+    let mut body = valid_body();
+    body["prompt"] = json!("two cats\u{0}");
+    let r = app.submit(&body).await;
+    assert_eq!(r.status(), 422);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["errors"][0]["field"], "prompt");
+
+    // From upstream: a NUL in the status message is dropped, and the callback lands.
+    let id = app.submit_ok(&valid_body()).await;
+    let upstream = app.task(&id).await["upstream_task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut failed = callback(&upstream, "failed", i64::MAX / 4);
+    failed["task_status_msg"] = json!("content\u{0} moderation");
+    let (status, v) = app.post_callback(&app.callback_url(&id), &failed).await;
+    assert_eq!(status, 200, "{v}");
+    let t = app.task(&id).await;
+    assert_eq!(t["status"], "failed");
+    assert_eq!(t["error"]["message"], "content moderation");
+}
+
+on_both_backends!(nul_characters_are_refused_or_dropped_alike_on_both_backends);
