@@ -518,6 +518,32 @@ impl Settings {
                 ));
             }
         }
+        let secret = self.server.webhook_secret.expose();
+        if !secret.is_empty() && secret.len() < 32 {
+            return Err(invalid(
+                "server.webhook_secret",
+                "must be at least 32 bytes (it keys every callback token), or empty to have one generated",
+            ));
+        }
+        let longest_wait = Duration::from_secs(60).max(self.dispatch.wait);
+        if self.server.request_timeout <= longest_wait {
+            return Err(invalid(
+                "server.request_timeout",
+                format!(
+                    "must be longer than the longest wait a request may hold ({}: a 60 s long-poll, or dispatch.wait)",
+                    humantime::format_duration(longest_wait)
+                ),
+            ));
+        }
+        if !self.auth.required && !self.server.listen.ip().is_loopback() {
+            return Err(invalid(
+                "auth.required",
+                format!(
+                    "= false needs a loopback server.listen (not {}): anyone who reaches the service could spend the account's credits",
+                    self.server.listen
+                ),
+            ));
+        }
         if self.server.max_body_bytes < 1024 {
             return Err(invalid("server.max_body_bytes", "must be at least 1024"));
         }
@@ -604,6 +630,41 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// Settings that work but are probably a mistake outside a local trial: one line each, for the
+    /// start-up log.
+    pub fn warnings(&self, simulate: bool) -> Vec<String> {
+        let mut out = Vec::new();
+        if simulate {
+            return out;
+        }
+        let plain_http_off_host = |raw: &str| {
+            url::Url::parse(raw).is_ok_and(|u| {
+                u.scheme() == "http"
+                    && !matches!(u.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"))
+            })
+        };
+        if plain_http_off_host(&self.server.public_url) {
+            out.push(format!(
+                "server.public_url {} is plain http: callback tokens travel in clear text; use https",
+                self.server.public_url
+            ));
+        }
+        if plain_http_off_host(&self.cometapi.base_url) {
+            out.push(format!(
+                "cometapi.base_url {} is plain http: the upstream key travels in clear text; use https",
+                self.cometapi.base_url
+            ));
+        }
+        if let Ok(raw) = std::env::var("RUST_LOG") {
+            if raw.parse::<tracing_subscriber::EnvFilter>().is_err() {
+                out.push(format!(
+                    "RUST_LOG `{raw}` is not a valid filter; log.level is used instead"
+                ));
+            }
+        }
+        out
     }
 
     /// Without `--simulate` the upstream credentials are required: the key, or for the `kling`

@@ -290,6 +290,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 settings.log.format = f;
             }
             telemetry::init(settings.log.format, &settings.log.level);
+            for warning in settings.warnings(simulate) {
+                tracing::warn!("{warning}");
+            }
             let listener = tokio::net::TcpListener::bind(settings.server.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", settings.server.listen))?;

@@ -18,8 +18,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
-/// A one-pixel PNG, as Base64.
-const PIXEL: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8/5+hHgAHggJ/PchI7wAAAABJRU5ErkJggg==";
 
 fn chromedriver_path() -> Option<PathBuf> {
     ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
@@ -190,7 +188,7 @@ async fn the_dashboard_in_a_real_browser() {
     body["notify_url"] = json!(rx.url("/hook"));
     body["metadata"] = json!({"order": "A-1042"});
     // Inputs as Base64, so the page can show them without the internet.
-    body["subject_image_list"] = json!([{"subject_image": PIXEL}, {"subject_image": PIXEL}]);
+    body["subject_image_list"] = json!([{"subject_image": PNG_300}, {"subject_image": PNG_300}]);
     let id = app.submit_ok(&body).await;
     c.goto(&format!("{}/ui/tasks", app.base)).await.unwrap();
     let row = format!("tr[data-task='{id}']");

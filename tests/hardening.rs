@@ -115,4 +115,91 @@ async fn nul_characters_are_refused_or_dropped_alike_on_both_backends(b: Backend
     assert_eq!(t["error"]["message"], "content moderation");
 }
 
-on_both_backends!(nul_characters_are_refused_or_dropped_alike_on_both_backends);
+/// Upstream's URLs are rendered as links and images only when they are http(s), and a huge
+/// callback is not kept whole on the timeline.
+async fn upstream_urls_and_payloads_are_kept_in_bounds(b: Backend) {
+    let app = TestApp::spawn_with(
+        b,
+        Options {
+            settings: Box::new(|s| s.auth.required = false),
+            ..Options::stalled()
+        },
+    )
+    .await;
+    let id = app.submit_ok(&valid_body()).await;
+    let upstream = app.task(&id).await["upstream_task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut done = callback(&upstream, "succeed", i64::MAX / 4);
+    done["task_result"] = json!({"images": [
+        {"index": 0, "url": "javascript:alert(document.cookie)"},
+        {"index": 1, "url": "file:///etc/passwd"},
+        {"index": 2, "url": "https://cdn.example/2.png"}]});
+    done["padding"] = json!("x".repeat(200_000));
+    let (status, v) = app.post_callback(&app.callback_url(&id), &done).await;
+    assert_eq!(status, 200, "{v}");
+    let page = app.get_text_anonymously(&format!("/ui/tasks/{id}")).await;
+    assert!(
+        page.contains("href=\"https://cdn.example/2.png\""),
+        "{page}"
+    );
+    for bad in ["javascript:", "file:"] {
+        assert!(!page.contains(&format!("href=\"{bad}")), "a {bad} link");
+        assert!(!page.contains(&format!("src=\"{bad}")), "a {bad} image");
+    }
+    let whole = format!(
+        "SELECT COUNT(*) FROM task_events WHERE task_id = '{id}' AND length(upstream_payload) > 70000"
+    );
+    assert_eq!(
+        app.db.count(&whole).await,
+        0,
+        "the 200 KB payload was kept whole"
+    );
+    let noted = format!(
+        "SELECT COUNT(*) FROM task_events WHERE task_id = '{id}' AND upstream_payload LIKE '%truncated%'"
+    );
+    assert_eq!(app.db.count(&noted).await, 1);
+}
+
+on_both_backends!(
+    nul_characters_are_refused_or_dropped_alike_on_both_backends,
+    upstream_urls_and_payloads_are_kept_in_bounds,
+);
+
+/// `/readyz` says when the archive folder cannot be written, naming the setting, not the path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_reports_an_archive_folder_it_cannot_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("archive");
+    let path = folder.to_str().unwrap().to_owned();
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        Options {
+            settings: Box::new(move |s| {
+                s.archive.backend = kling_relay::config::ArchiveBackend::Local;
+                s.archive.path = path;
+            }),
+            ..Options::default()
+        },
+    )
+    .await;
+    let ready = || async {
+        let r = app
+            .anonymous
+            .get(format!("{}/readyz", app.base))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    assert_eq!(ready().await.0, 200);
+    std::fs::remove_dir_all(&folder).unwrap();
+    let (status, body) = ready().await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("archive.path"), "{body}");
+    assert!(
+        !body.contains(folder.to_str().unwrap()),
+        "no absolute path: {body}"
+    );
+}

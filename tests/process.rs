@@ -48,6 +48,29 @@ fn bad_configuration_stops_start_up_naming_the_key() {
             &[("KLING_RELAY_COMETAPI__SCENE_IMAGE_FIELD", "scene")],
             "cometapi.scene_image_field",
         ),
+        (
+            &[("KLING_RELAY_COMETAPI__PROFILE", "openai")],
+            "cometapi.profile",
+        ),
+        (
+            &[("KLING_RELAY_COMETAPI__QUERY_PATH", "/v1/tasks")],
+            "cometapi.query_path",
+        ),
+        (
+            &[("KLING_RELAY_SERVER__WEBHOOK_SECRET", "short")],
+            "server.webhook_secret",
+        ),
+        (
+            &[("KLING_RELAY_SERVER__REQUEST_TIMEOUT", "30s")],
+            "server.request_timeout",
+        ),
+        (
+            &[
+                ("KLING_RELAY_AUTH__REQUIRED", "false"),
+                ("KLING_RELAY_SERVER__LISTEN", "0.0.0.0:0"),
+            ],
+            "auth.required",
+        ),
     ];
     for (env, key) in cases {
         let mut env = env.to_vec();
@@ -454,6 +477,24 @@ async fn a_second_instance_on_one_sqlite_file_refuses_to_start() {
     assert!(!second.status.success(), "the second instance started");
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("another kling-relay instance"), "{err}");
+    // Under another name, a symlink or a hard link to the same file, it is refused as well.
+    let links = tempfile::tempdir().unwrap();
+    let soft = links.path().join("soft.db");
+    let hard = links.path().join("hard.db");
+    std::os::unix::fs::symlink(dir.path().join("one.db"), &soft).unwrap();
+    std::fs::hard_link(dir.path().join("one.db"), &hard).unwrap();
+    for alias in [&soft, &hard] {
+        let mut e = env(free_port());
+        e[1].1 = format!("sqlite://{}", alias.display());
+        let second = command(&["serve"])
+            .envs(e)
+            .current_dir(links.path())
+            .output()
+            .unwrap();
+        assert!(!second.status.success(), "started on the alias {alias:?}");
+        let err = String::from_utf8_lossy(&second.stderr);
+        assert!(err.contains("another kling-relay instance"), "{err}");
+    }
     // Once the first is gone, the file is free again.
     first.kill9();
     let mut again = Service::spawn(&["serve"], &env(free_port()), dir.path());

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const WEBHOOK_SECRET: &str = "bench-webhook-secret";
+const WEBHOOK_SECRET: &str = "bench-webhook-secret-of-at-least-32-bytes";
 
 #[derive(Parser, Clone)]
 #[command(about = "Benchmarks for kling-relay (loopback only)")]

@@ -208,15 +208,7 @@ pub fn metrics_router(relay: Arc<Relay>) -> Router {
 /// Ready when the database answers and its migrations are current. Says why not, and nothing
 /// about the configuration.
 pub(crate) async fn readyz(State(relay): State<AppState>) -> Response {
-    if let Some(h) = relay.halted() {
-        return ApiError::Unavailable(format!(
-            "not ready: dispatch halted ({}): {}",
-            h.reason.as_str(),
-            h.reason.advice()
-        ))
-        .into_response();
-    }
-    match relay.store.readiness().await {
+    match relay.readiness().await {
         Ok(()) => "ready".into_response(),
         Err(reason) => ApiError::Unavailable(format!("not ready: {reason}")).into_response(),
     }

@@ -151,6 +151,24 @@ pub struct Relay {
     client_urls: Mutex<HashMap<String, (Option<String>, i64)>>,
 }
 
+/// Largest raw upstream payload kept on a timeline entry, as JSON text.
+pub const MAX_STORED_PAYLOAD_BYTES: usize = 64 * 1024;
+
+/// The payload as JSON text, or a note of its size when it is larger than anyone needs to read
+/// (a 20 MB callback must not become a 20 MB timeline row).
+fn capped_payload(v: &serde_json::Value) -> String {
+    let text = v.to_string();
+    if text.len() <= MAX_STORED_PAYLOAD_BYTES {
+        return text;
+    }
+    serde_json::json!({
+        "truncated": true,
+        "bytes": text.len(),
+        "note": format!("payloads over {MAX_STORED_PAYLOAD_BYTES} bytes are not kept"),
+    })
+    .to_string()
+}
+
 /// How long a client's default notify URL is cached; a change with the CLI applies within it.
 const CLIENT_URL_TTL: Duration = Duration::from_secs(5);
 
@@ -247,6 +265,30 @@ impl Relay {
             return Ok(false);
         }
         Ok(self.store.doctor_nonce_valid(nonce, now_ms()).await?)
+    }
+
+    /// Why the service is not ready, if it is not: the database (answering, migrations current),
+    /// a halted dispatch, or an archive folder it cannot write.
+    pub async fn readiness(&self) -> Result<(), String> {
+        self.store.readiness().await?;
+        if let Some(h) = self.halted() {
+            return Err(format!(
+                "dispatch halted ({}): {}",
+                h.reason.as_str(),
+                h.reason.advice()
+            ));
+        }
+        let a = &self.settings.archive;
+        if a.enabled && a.backend == crate::config::ArchiveBackend::Local {
+            let probe = std::path::Path::new(&a.path)
+                .join(format!(".readyz-{}", uuid::Uuid::new_v4().simple()));
+            let written = tokio::fs::write(&probe, b"ok").await;
+            let _ = tokio::fs::remove_file(&probe).await;
+            // The folder is named by its setting, not its absolute path.
+            written
+                .map_err(|e| format!("the archive folder (archive.path) cannot be written: {e}"))?;
+        }
+        Ok(())
     }
 
     /// The halt in force, if upstream refuses the setup.
@@ -646,7 +688,7 @@ impl Relay {
         raw: Option<&serde_json::Value>,
     ) -> Result<(), ServiceError> {
         let detail = format!("{mismatch}; polling upstream to settle the task");
-        let payload = raw.map(|v| v.to_string());
+        let payload = raw.map(capped_payload);
         self.store
             .note_and_poll_now(id, now_ms(), source, &detail, payload.as_deref())
             .await?;
@@ -685,7 +727,7 @@ impl Relay {
                 Transition::Apply(change) => change,
             };
             if payload_text.is_none() {
-                payload_text = upstream_payload.map(|v| v.to_string());
+                payload_text = upstream_payload.map(capped_payload);
             }
             let now = now_ms();
             let poll_due = self.poll_due_after_change(change.status, now);

@@ -74,6 +74,34 @@ pub use deliveries::{
 };
 pub use feed::{ChangeFeed, FeedEvent};
 
+/// The locks that keep a SQLite database to one serving instance; released when dropped.
+pub struct InstanceLock {
+    _files: [std::fs::File; 2],
+}
+
+fn take_lock(
+    path: &std::path::Path,
+    db: &std::path::Path,
+) -> std::result::Result<std::fs::File, String> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "another kling-relay instance is serving this SQLite database ({}, held by {}), \
+             perhaps under another name (a link); SQLite supports one instance: stop the other \
+             one, or use Postgres for several",
+            db.display(),
+            path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", path.display())),
+    }
+}
+
 const TASK_COLUMNS: &str = "id, external_task_id, upstream_task_id, status, upstream_status, \
     model_name, prompt, n, aspect_ratio, metadata, images, error_code, error_message, created_at, \
     updated_at, completed_at, upstream_updated_at, version, dispatch_attempts, dispatch_started_at, \
@@ -377,38 +405,50 @@ impl Store {
         }
     }
 
-    /// SQLite serves one instance: takes an exclusive lock on `<database>.lock` for as long as the
-    /// returned file is held, or says which file another instance holds. Postgres: None (any
-    /// number of instances may share it).
-    pub fn lock_single_instance(url: &str) -> std::result::Result<Option<std::fs::File>, String> {
+    /// One serving instance per SQLite database. Two locks: `<path>.lock` beside the file (so
+    /// two containers sharing the volume see each other), and one named after the file's identity
+    /// (device and inode) in the temporary folder, so a symlink or a hard link to the same
+    /// database, under another name, is refused too: with a hard link, two instances would keep
+    /// separate WAL files and lose acknowledged tasks. An existing database file is never opened
+    /// here (closing a second descriptor on it would release SQLite's own POSIX locks). Held
+    /// until the returned value is dropped; None for Postgres.
+    pub fn lock_single_instance(url: &str) -> std::result::Result<Option<InstanceLock>, String> {
         if !url.starts_with("sqlite:") {
             return Ok(None);
         }
         let opts = SqliteConnectOptions::from_str(url).map_err(|e| e.to_string())?;
-        let mut path = opts.get_filename().as_os_str().to_owned();
-        path.push(".lock");
-        let path = std::path::PathBuf::from(path);
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let db = opts.get_filename().to_path_buf();
+        if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        match file.try_lock() {
-            Ok(()) => Ok(Some(file)),
-            Err(std::fs::TryLockError::WouldBlock) => Err(format!(
-                "another kling-relay instance is serving this SQLite database (it holds {}); \
-                 SQLite supports one instance: stop the other one, or use Postgres for several",
-                path.display()
-            )),
-            Err(std::fs::TryLockError::Error(e)) => {
-                Err(format!("cannot lock {}: {e}", path.display()))
-            }
+        let mut beside = db.as_os_str().to_owned();
+        beside.push(".lock");
+        let beside = take_lock(std::path::Path::new(&beside), &db)?;
+        // The database's identity needs the file: an empty one is a new SQLite database. Only a
+        // missing file is created (and closed at once); an existing one is never opened here.
+        if !db.exists() {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .append(true)
+                .open(&db)
+                .map_err(|e| format!("cannot create {}: {e}", db.display()))?;
         }
+        let meta =
+            std::fs::metadata(&db).map_err(|e| format!("cannot read {}: {e}", db.display()))?;
+        let identity = {
+            use std::os::unix::fs::MetadataExt;
+            std::env::temp_dir().join(format!(
+                "kling-relay-sqlite-{}-{}.lock",
+                meta.dev(),
+                meta.ino()
+            ))
+        };
+        let identity = take_lock(&identity, &db)?;
+        Ok(Some(InstanceLock {
+            _files: [beside, identity],
+        }))
     }
 
     pub fn backend(&self) -> &'static str {

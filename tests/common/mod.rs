@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub const WEBHOOK_SECRET: &str = "test-webhook-secret";
+pub const WEBHOOK_SECRET: &str = "test-webhook-secret-of-at-least-32-bytes";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

@@ -205,6 +205,14 @@ fn short_id(id: &str) -> &str {
 }
 
 /// An input image as something a browser can show: the URL, or Base64 as a data URI.
+/// The URL, if it is an absolute http(s) URL.
+fn web_url(raw: &str) -> Option<&str> {
+    url::Url::parse(raw)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https"))
+        .map(|_| raw)
+}
+
 fn input_src(raw: &str) -> String {
     if raw.starts_with("http://") || raw.starts_with("https://") || raw.starts_with("data:") {
         return raw.to_owned();
@@ -262,15 +270,21 @@ pub fn task_page(who: &str, p: &TaskPage<'_>) -> Markup {
                             @let ours = stored(p.archive, &t.id, img.index);
                             @let state = p.archive.iter().find(|a| a.index == img.index);
                             figure {
-                                @let src = if ours.is_some() { format!("/ui/tasks/{}/images/{}", t.id, img.index) } else { img.url.clone() };
-                                img src=(src) alt={ "Result image " (img.index + 1) };
+                                // Upstream's URLs are shown as links and images only when they are
+                                // http(s): a `javascript:` or `file:` URL is text, nothing more.
+                                @let web = web_url(&img.url);
+                                @let src = if ours.is_some() { Some(format!("/ui/tasks/{}/images/{}", t.id, img.index)) } else { web.map(str::to_owned) };
+                                @if let Some(src) = src { img src=(src) alt={ "Result image " (img.index + 1) }; }
                                 figcaption {
                                     "Image " (img.index + 1) " · "
                                     @match state {
                                         Some(a) => { "archive: " (a.state.as_str()) @if let Some(e) = &a.error { " (" (e) ")" } }
                                         None => { "not archived" }
                                     }
-                                    " · " a href=(img.url) { "upstream URL" }
+                                    @match web {
+                                        Some(u) => { " · " a href=(u) { "upstream URL" } }
+                                        None => { " · upstream URL (not http): " code { (img.url) } }
+                                    }
                                 }
                             }
                         }
