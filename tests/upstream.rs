@@ -220,8 +220,9 @@ async fn a_create_answer_without_status_binds_the_task(b: Backend) {
     assert_eq!(statuses(&events), ["pending", "submitted"], "{events:?}");
 }
 
-/// A proxy that drops the callback URL's query string cannot drop the token: it is in the path.
-async fn a_callback_through_a_query_stripping_proxy_lands(b: Backend) {
+/// An app whose tasks no scheduled poll reaches within a test (only callbacks, or a poll they
+/// trigger, can move them), its simulator with `faults` on.
+async fn callbacks_only(b: Backend, faults: Faults) -> TestApp {
     let app = TestApp::spawn_with(
         b,
         Options {
@@ -230,10 +231,20 @@ async fn a_callback_through_a_query_stripping_proxy_lands(b: Backend) {
         },
     )
     .await;
-    app.sim.set_faults(Faults {
-        strip_callback_query: true,
-        ..Faults::default()
-    });
+    app.sim.set_faults(faults);
+    app
+}
+
+/// A proxy that drops the callback URL's query string cannot drop the token: it is in the path.
+async fn a_callback_through_a_query_stripping_proxy_lands(b: Backend) {
+    let app = callbacks_only(
+        b,
+        Faults {
+            strip_callback_query: true,
+            ..Faults::default()
+        },
+    )
+    .await;
     let id = app.submit_ok(&valid_body()).await;
     app.wait_for_status(&id, "succeeded", WITHIN).await;
     let events = app.events(&id).await;
@@ -243,19 +254,14 @@ async fn a_callback_through_a_query_stripping_proxy_lands(b: Backend) {
 /// A callback whose task_id was renamed on the way is not applied and not refused: the task is
 /// polled at once, and the query settles it.
 async fn a_callback_with_a_renamed_task_id_triggers_a_poll_that_settles_it(b: Backend) {
-    let app = TestApp::spawn_with(
+    let app = callbacks_only(
         b,
-        Options {
-            // Without the callback's nudge, no poll would come within the test.
-            settings: Box::new(|s| s.poller.first_poll_after = Duration::from_secs(3600)),
-            ..Options::default()
+        Faults {
+            callback_task_id_renamed: true,
+            ..Faults::default()
         },
     )
     .await;
-    app.sim.set_faults(Faults {
-        callback_task_id_renamed: true,
-        ..Faults::default()
-    });
     let id = app.submit_ok(&valid_body()).await;
     let t = app.wait_for_status(&id, "succeeded", WITHIN).await;
     assert_eq!(t["images"].as_array().unwrap().len(), 2);

@@ -366,18 +366,10 @@ async fn create(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Strin
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
     }
-    if let Some(refused) = routes::refuse_caller(&inner, &headers) {
-        return refused;
-    }
-    let Ok(body) = serde_json::from_str::<Value>(&body) else {
-        return error_answer(
-            &inner,
-            StatusCode::BAD_REQUEST,
-            1200,
-            "invalid request body: not JSON",
-        );
+    let body = match admit_create(&inner, &headers, &body) {
+        Ok(body) => body,
+        Err(refused) => return *refused,
     };
-    lock(&inner.state).stats.last_create_body = Some(body.clone());
     let (failure, delay, lose_response) = take_create_fault(&inner);
     if let Some(f) = failure {
         return failure_response(&inner, f);
@@ -429,6 +421,24 @@ async fn create(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Strin
         lose_response,
     )
     .await
+}
+
+/// What every create route does first: the caller's credentials, then the body as JSON (kept
+/// for the tests as the last create body).
+fn admit_create(inner: &Inner, headers: &HeaderMap, body: &str) -> Result<Value, Box<Response>> {
+    if let Some(refused) = routes::refuse_caller(inner, headers) {
+        return Err(Box::new(refused));
+    }
+    let Ok(body) = serde_json::from_str::<Value>(body) else {
+        return Err(Box::new(error_answer(
+            inner,
+            StatusCode::BAD_REQUEST,
+            1200,
+            "invalid request body: not JSON",
+        )));
+    };
+    lock(&inner.state).stats.last_create_body = Some(body.clone());
+    Ok(body)
 }
 
 /// Creates a task (its units counted, its run started) and answers the create call.

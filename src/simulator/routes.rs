@@ -82,16 +82,9 @@ async fn create_text_to_image(
     body: String,
 ) -> Response {
     lock(&inner.state).stats.create_calls += 1;
-    if let Some(refused) = refuse_caller(&inner, &headers) {
-        return refused;
-    }
-    let Ok(body) = serde_json::from_str::<Value>(&body) else {
-        return error_answer(
-            &inner,
-            StatusCode::BAD_REQUEST,
-            1200,
-            "invalid request body: not JSON",
-        );
+    let body = match super::admit_create(&inner, &headers, &body) {
+        Ok(body) => body,
+        Err(refused) => return *refused,
     };
     let prompt = body
         .get("prompt")
