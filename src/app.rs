@@ -48,6 +48,10 @@ pub async fn simulate(
     settings.server.public_url = format!("http://{reachable}");
     // The simulator serves its result images over plain http on loopback.
     settings.archive.allow_http = true;
+    settings
+        .archive
+        .allowed_hosts
+        .push(std::net::Ipv4Addr::LOCALHOST.to_string());
     tracing::warn!(
         simulator = %sim.base_url(),
         "SIMULATION MODE: no request reaches CometAPI; every result is simulated"

@@ -315,6 +315,8 @@ async fn backfill_archives_earlier_successes_and_resumes(b: Backend) {
             .env("KLING_RELAY_DATABASE__URL", &db.url)
             .env("KLING_RELAY_ARCHIVE__PATH", &path)
             .env("KLING_RELAY_ARCHIVE__ALLOW_HTTP", "true")
+            // The simulator's images are on this host: listed, or refused.
+            .env("KLING_RELAY_ARCHIVE__ALLOWED_HOSTS", "[\"127.0.0.1\"]")
             .output()
             .unwrap();
         assert!(

@@ -162,11 +162,6 @@ async fn upstream_urls_and_payloads_are_kept_in_bounds(b: Backend) {
     assert_eq!(app.db.count(&noted).await, 1);
 }
 
-on_both_backends!(
-    nul_characters_are_refused_or_dropped_alike_on_both_backends,
-    upstream_urls_and_payloads_are_kept_in_bounds,
-);
-
 /// `/readyz` says when the archive folder cannot be written, naming the setting, not the path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_reports_an_archive_folder_it_cannot_write() {
@@ -203,3 +198,39 @@ async fn readyz_reports_an_archive_folder_it_cannot_write() {
         "no absolute path: {body}"
     );
 }
+
+/// A result URL on this host (or a private network) is not fetched into the archive unless
+/// `archive.allowed_hosts` names its host; the task still succeeds.
+async fn archive_fetches_refuse_this_host_unless_listed(b: Backend) {
+    let app = TestApp::spawn_with(
+        b,
+        Options {
+            settings: Box::new(|s| s.archive.allowed_hosts = Vec::new()),
+            ..Options::default()
+        },
+    )
+    .await;
+    let id = app.submit_ok(&valid_body()).await;
+    app.wait_for_status(&id, "succeeded", Duration::from_secs(15))
+        .await;
+    let mut last = serde_json::Value::Null;
+    for _ in 0..100 {
+        last = app.task(&id).await;
+        if last["images"][0]["archive"]["state"] == "failed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last["images"][0]["archive"]["state"], "failed", "{last}");
+    let error = last["images"][0]["archive"]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains("loopback or private"), "{error}");
+    assert_eq!(app.sim.stats().image_requests, 0, "nothing was fetched");
+}
+
+on_both_backends!(
+    nul_characters_are_refused_or_dropped_alike_on_both_backends,
+    upstream_urls_and_payloads_are_kept_in_bounds,
+    archive_fetches_refuse_this_host_unless_listed,
+);

@@ -46,22 +46,70 @@ pub fn next_delay(schedule: &[Duration], attempts_made: usize, jitter: f64) -> O
     Some(base.mul_f64(0.9 + 0.2 * jitter.clamp(0.0, 1.0)))
 }
 
-/// Which addresses notifications may go to.
+/// Which addresses notifications (and archive fetches) may go to.
 #[derive(Debug, Clone, Default)]
 pub struct NetworkPolicy {
     /// When not empty, only these networks may be called.
     pub allow: Vec<IpNet>,
     /// Never called.
     pub deny: Vec<IpNet>,
+    /// Also refuse loopback and private addresses (`INTERNAL`), except for `exempt_hosts`.
+    pub refuse_internal: bool,
+    /// Hosts (as written in the URL) that may be internal all the same.
+    pub exempt_hosts: Vec<String>,
+}
+
+/// This host and the private networks: what a URL from outside (upstream's result URLs, say)
+/// must not make the relay fetch and hand back.
+const INTERNAL: [&str; 9] = [
+    "127.0.0.0/8",
+    "::1/128",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "fc00::/7",
+    "198.18.0.0/15",
+    "192.0.0.0/24",
+];
+
+fn internal() -> &'static [IpNet] {
+    static NETS: std::sync::OnceLock<Vec<IpNet>> = std::sync::OnceLock::new();
+    NETS.get_or_init(|| INTERNAL.iter().filter_map(|n| n.parse().ok()).collect())
+}
+
+/// The IPv4 address an IPv6 address carries, if it carries one: IPv4-mapped (`::ffff:a.b.c.d`),
+/// IPv4-compatible (`::a.b.c.d`), NAT64 (`64:ff9b::/96`) and 6to4 (`2002::/16`). Each reaches
+/// that IPv4 host, so each is judged as it.
+pub fn embedded_ipv4(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    let s = v6.segments();
+    let tail = |hi: u16, lo: u16| {
+        let [a, b] = hi.to_be_bytes();
+        let [c, d] = lo.to_be_bytes();
+        std::net::Ipv4Addr::new(a, b, c, d)
+    };
+    match s {
+        // ::a.b.c.d, but not :: and ::1.
+        [0, 0, 0, 0, 0, 0, hi, lo] if hi != 0 => Some(tail(hi, lo)),
+        [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => Some(tail(hi, lo)),
+        [0x2002, hi, lo, ..] => Some(tail(hi, lo)),
+        _ => None,
+    }
 }
 
 /// Link-local (which holds most clouds' metadata services), other metadata endpoints, and
 /// addresses that are not unicast destinations. Refused unless explicitly allowed.
-const ALWAYS_REFUSED: [&str; 9] = [
+const ALWAYS_REFUSED: [&str; 11] = [
     "169.254.0.0/16",
     "fe80::/10",
     "fd00:ec2::254/128",
     "100.100.100.200/32",
+    // Azure's wire server and Oracle Cloud's metadata service.
+    "168.63.129.16/32",
+    "192.0.0.192/32",
     "0.0.0.0/8",
     "::/128",
     "224.0.0.0/4",
@@ -95,24 +143,47 @@ impl NetworkPolicy {
         Ok(NetworkPolicy {
             allow: parse(allow)?,
             deny: parse(deny)?,
+            refuse_internal: false,
+            exempt_hosts: Vec::new(),
         })
     }
 
     /// Checks a URL whose host is an address literal (which is never resolved, so the resolver's
     /// check never sees it); a host name is checked later, on what it resolves to.
     pub fn check_url_host(&self, url: &url::Url) -> Result<(), String> {
+        let host = url.host_str().unwrap_or("");
         match url.host() {
-            Some(url::Host::Ipv4(a)) => self.check(IpAddr::V4(a)),
-            Some(url::Host::Ipv6(a)) => self.check(IpAddr::V6(a)),
+            Some(url::Host::Ipv4(a)) => self.check_host(host, IpAddr::V4(a)),
+            Some(url::Host::Ipv6(a)) => self.check_host(host, IpAddr::V6(a)),
             _ => Ok(()),
         }
+    }
+
+    /// Ok, or why `ip`, which `host` resolved to (or is), is refused.
+    pub fn check_host(&self, host: &str, ip: IpAddr) -> Result<(), String> {
+        let judged = match ip {
+            IpAddr::V6(v6) => embedded_ipv4(v6).map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        if self.refuse_internal
+            && internal().iter().any(|n| n.contains(&judged))
+            && !self
+                .exempt_hosts
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(host))
+        {
+            return Err(format!(
+                "{ip} is a loopback or private address (list the host in archive.allowed_hosts to allow it)"
+            ));
+        }
+        self.check(ip)
     }
 
     /// Ok, or why the address is refused.
     pub fn check(&self, ip: IpAddr) -> Result<(), String> {
         let ip = match ip {
-            // An IPv4-mapped IPv6 address is judged as the IPv4 address it carries.
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            // An IPv6 address that carries an IPv4 address is judged as that address.
+            IpAddr::V6(v6) => embedded_ipv4(v6).map(IpAddr::V4).unwrap_or(ip),
             v4 => v4,
         };
         if self.deny.iter().any(|n| n.contains(&ip)) {
@@ -135,6 +206,51 @@ impl NetworkPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn embedded_ipv4_is_judged_as_the_ipv4_it_reaches() {
+        let p = NetworkPolicy::parse(&[], &[]).unwrap();
+        for refused in [
+            "::ffff:169.254.169.254",
+            "::169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "168.63.129.16",
+            "192.0.0.192",
+        ] {
+            let ip: IpAddr = refused.parse().unwrap();
+            assert!(p.check(ip).is_err(), "{refused}");
+        }
+        assert!(p.check("2002:0808:0808::1".parse().unwrap()).is_ok());
+        assert_eq!(embedded_ipv4("::1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn internal_addresses_are_refused_unless_their_host_is_exempt() {
+        let mut p = NetworkPolicy::parse(&[], &[]).unwrap();
+        p.refuse_internal = true;
+        for ip in [
+            "127.0.0.1",
+            "::1",
+            "10.1.2.3",
+            "192.168.0.9",
+            "::ffff:127.0.0.1",
+            "64:ff9b::7f00:1",
+        ] {
+            assert!(
+                p.check_host("img.example", ip.parse().unwrap()).is_err(),
+                "{ip}"
+            );
+        }
+        assert!(p
+            .check_host("img.example", "8.8.8.8".parse().unwrap())
+            .is_ok());
+        p.exempt_hosts = vec!["127.0.0.1".into()];
+        assert!(p
+            .check_host("127.0.0.1", "127.0.0.1".parse().unwrap())
+            .is_ok());
+        assert!(p.check_host("127.1", "127.0.0.1".parse().unwrap()).is_err());
+    }
 
     #[test]
     fn standard_webhooks_test_vector() {

@@ -82,8 +82,12 @@ impl Archiver {
             allowed_hosts: a.allowed_hosts.clone(),
             allow_http: a.allow_http,
         };
-        // Link-local and metadata addresses are refused; nothing else is configurable here.
-        let network = NetworkPolicy::parse(&[], &[]).map_err(anyhow::Error::msg)?;
+        // Link-local and metadata addresses are refused, and (the URL coming from upstream, or
+        // from anyone holding a callback token) this host and private networks unless
+        // archive.allowed_hosts lists the host.
+        let mut network = NetworkPolicy::parse(&[], &[]).map_err(anyhow::Error::msg)?;
+        network.refuse_internal = true;
+        network.exempt_hosts = a.allowed_hosts.clone();
         let max_redirects = a.max_redirects;
         let (rs, rn) = (source.clone(), network.clone());
         let redirects = reqwest::redirect::Policy::custom(move |attempt| {

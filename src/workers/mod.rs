@@ -46,7 +46,7 @@ impl Resolve for PolicyResolver {
         Box::pin(async move {
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0))
                 .await?
-                .filter(|a| policy.check(a.ip()).is_ok())
+                .filter(|a| policy.check_host(name.as_str(), a.ip()).is_ok())
                 .collect();
             if addrs.is_empty() {
                 return Err(format!("{} resolves to no allowed address", name.as_str()).into());

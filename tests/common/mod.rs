@@ -212,6 +212,8 @@ pub fn fast_settings(db_url: &str) -> Settings {
     // In memory, and the simulator's images come over plain http; tests/archive.rs sets its own.
     s.archive.backend = kling_relay::config::ArchiveBackend::Memory;
     s.archive.allow_http = true;
+    // The simulator's result images are on this host, which archive fetches refuse unless listed.
+    s.archive.allowed_hosts = vec!["127.0.0.1".into()];
     s.notifications.retry_schedule = [0, 100, 200, 300]
         .into_iter()
         .map(|ms| Duration::from_millis(ms).into())
