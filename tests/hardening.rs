@@ -229,8 +229,46 @@ async fn archive_fetches_refuse_this_host_unless_listed(b: Backend) {
     assert_eq!(app.sim.stats().image_requests, 0, "nothing was fetched");
 }
 
+/// A corrupt row is a 500 (the same answer every time), not a 503 inviting retries; task ids
+/// spelled another way (upper case, in braces) are another task: 404 on every route, alike.
+async fn deterministic_failures_are_not_503_and_id_spellings_are_404(b: Backend) {
+    let app = TestApp::spawn_with(b, Options::stalled()).await;
+    let id = app.submit_ok(&valid_body()).await;
+    for spelled in [id.to_uppercase(), format!("{{{id}}}")] {
+        for path in [
+            format!("/v1/tasks/{spelled}"),
+            format!("/v1/tasks/{spelled}/events"),
+            format!("/v1/tasks/{spelled}/deliveries"),
+        ] {
+            let (status, v) = app.get_json(&path).await;
+            assert_eq!(status, 404, "{path}: {v}");
+        }
+        let r = app
+            .http
+            .post(format!("{}/v1/tasks/{spelled}/cancel", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+    }
+    app.db
+        .exec(&format!(
+            "UPDATE tasks SET metadata = '{{not json' WHERE id = '{id}'"
+        ))
+        .await;
+    let r = app
+        .http
+        .get(format!("{}/v1/tasks/{id}", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+}
+
 on_both_backends!(
     nul_characters_are_refused_or_dropped_alike_on_both_backends,
     upstream_urls_and_payloads_are_kept_in_bounds,
     archive_fetches_refuse_this_host_unless_listed,
+    deterministic_failures_are_not_503_and_id_spellings_are_404,
 );

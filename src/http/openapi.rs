@@ -64,7 +64,7 @@ impl Modify for Security {
 }
 
 /// Answers any operation can give, added everywhere so none is forgotten: 401 where a key is
-/// needed, 413 where a body is read, 408 and 503 always.
+/// needed, 413 where a body is read, 408, 500 and 503 always.
 struct CommonProblems;
 
 fn problem(description: &str) -> RefOr<utoipa::openapi::Response> {
@@ -98,6 +98,8 @@ fn add_common(op: &mut Operation, has_body: bool) {
         .or_insert_with(|| problem("Took longer than server.request_timeout"));
     r.entry("503".into())
         .or_insert_with(|| problem("Database unavailable; retry later"));
+    r.entry("500".into())
+        .or_insert_with(|| problem("Stored data is corrupt (logged); retrying will not help"));
 }
 
 impl Modify for CommonProblems {
