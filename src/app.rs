@@ -63,9 +63,10 @@ pub async fn simulate(
 /// quickstart is one command plus curl.
 pub async fn announce_demo_client(settings: &Settings) -> anyhow::Result<()> {
     let store = open_store(settings).await?;
-    let (name, key) = crate::service::clients::ensure_demo_client(&store).await?;
+    let (name, key, signing_secret) = crate::service::clients::ensure_demo_client(&store).await?;
     store.close().await;
     println!("demo client `{name}`: export KEY={key}");
+    println!("  its notifications are signed with {signing_secret} (see README, \"Clients, keys and notifications\")");
     println!(
         "  curl -H \"authorization: Bearer $KEY\" http://{}/v1/tasks",
         settings.server.listen

@@ -143,8 +143,12 @@ async fn quickstart_serve_simulate_runs_the_whole_loop() {
         dir.path().join("data/kling-relay.db").exists(),
         "default SQLite file created"
     );
-    let key = svc.demo_key();
+    let (key, secret) = svc.demo_credentials();
     assert!(key.starts_with("klr_"));
+    assert!(
+        secret.len() > "whsec_".len(),
+        "the signing secret is printed beside the key"
+    );
     let anonymous = reqwest::Client::new()
         .get(format!("{}/v1/tasks", svc.base))
         .send()

@@ -128,13 +128,13 @@ pub async fn set_notify_url(
 }
 
 /// The demo client of `serve --simulate`: created on first use, its key kept so every start can
-/// print it. Returns (name, key).
-pub async fn ensure_demo_client(store: &Store) -> Result<(String, String), AdminError> {
+/// print it. Returns (name, API key, signing secret).
+pub async fn ensure_demo_client(store: &Store) -> Result<(String, String, String), AdminError> {
     let candidate = api_key_from(rand::random());
     let key = store.ensure_secret(DEMO_KEY_SECRET, &candidate).await?;
     let existing = store.get_client(DEMO_CLIENT).await?;
     match existing {
-        Some(c) if !c.is_revoked() => Ok((DEMO_CLIENT.to_owned(), key)),
+        Some(c) if !c.is_revoked() => Ok((DEMO_CLIENT.to_owned(), key, c.signing_secret)),
         Some(_) => Err(AdminError::Invalid(
             "the demo client was revoked; create a client with `kling-relay clients create`".into(),
         )),
@@ -150,7 +150,7 @@ pub async fn ensure_demo_client(store: &Store) -> Result<(String, String), Admin
                 revoked_at_ms: None,
             };
             store.create_client(&client, &hash_api_key(&key)).await?;
-            Ok((DEMO_CLIENT.to_owned(), key))
+            Ok((DEMO_CLIENT.to_owned(), key, client.signing_secret))
         }
     }
 }

@@ -95,16 +95,28 @@ impl Service {
 
     /// The demo key `serve --simulate` prints on its first line of output.
     pub fn demo_key(&mut self) -> String {
+        self.demo_credentials().0
+    }
+
+    /// The demo client's API key and signing secret, from the first two lines on stdout.
+    pub fn demo_credentials(&mut self) -> (String, String) {
         use std::io::BufRead;
         let out = self.child.stdout.take().expect("stdout piped");
-        let mut line = String::new();
-        std::io::BufReader::new(out)
-            .read_line(&mut line)
-            .expect("read stdout");
-        line.split("KEY=")
+        let mut reader = std::io::BufReader::new(out);
+        let (mut first, mut second) = (String::new(), String::new());
+        reader.read_line(&mut first).expect("read stdout");
+        reader.read_line(&mut second).expect("read stdout");
+        let key = first
+            .split("KEY=")
             .nth(1)
             .map(|k| k.trim().to_owned())
-            .unwrap_or_else(|| panic!("no key in {line:?}"))
+            .unwrap_or_else(|| panic!("no key in {first:?}"));
+        let secret = second
+            .split_whitespace()
+            .find(|w| w.starts_with("whsec_"))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no signing secret in {second:?}"));
+        (key, secret)
     }
 
     pub fn kill9(&mut self) {
