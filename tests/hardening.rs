@@ -272,3 +272,42 @@ on_both_backends!(
     archive_fetches_refuse_this_host_unless_listed,
     deterministic_failures_are_not_503_and_id_spellings_are_404,
 );
+
+/// An archive write that fails says so without the storage's own details (absolute paths).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_write_errors_show_no_absolute_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("archive");
+    let path = folder.to_str().unwrap().to_owned();
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        Options {
+            settings: Box::new(move |s| {
+                s.archive.backend = kling_relay::config::ArchiveBackend::Local;
+                s.archive.path = path;
+            }),
+            ..Options::default()
+        },
+    )
+    .await;
+    // A file where the folder was: every write fails.
+    std::fs::remove_dir_all(&folder).unwrap();
+    std::fs::write(&folder, b"not a folder").unwrap();
+    let id = app.submit_ok(&valid_body()).await;
+    app.wait_for_status(&id, "succeeded", Duration::from_secs(15))
+        .await;
+    let mut error = String::new();
+    for _ in 0..100 {
+        let t = app.task(&id).await;
+        error = t["images"][0]["archive"]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if !error.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(error.contains("see the service log"), "{error}");
+    assert!(!error.contains(dir.path().to_str().unwrap()), "{error}");
+}

@@ -192,11 +192,12 @@ impl Archiver {
         let key = object_key(&img.task_id, img.index, format);
         let sha256 = crate::domain::client::hex_sha256(&bytes);
         let size = i64::try_from(bytes.len()).unwrap_or(i64::MAX);
-        self.relay
-            .archive
-            .put(&key, bytes)
-            .await
-            .map_err(|e| retry(e.to_string()))?;
+        self.relay.archive.put(&key, bytes).await.map_err(|e| {
+            // The storage's own message can hold absolute paths or bucket details: the log
+            // has it, the client-visible error does not.
+            tracing::warn!(task_id = %img.task_id, index = img.index, error = %e, "archive write failed");
+            retry("the archive storage refused the write (see the service log)")
+        })?;
         self.relay
             .store
             .image_stored(
