@@ -162,13 +162,10 @@ async fn upstream_urls_and_payloads_are_kept_in_bounds(b: Backend) {
     assert_eq!(app.db.count(&noted).await, 1);
 }
 
-/// `/readyz` says when the archive folder cannot be written, naming the setting, not the path.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readyz_reports_an_archive_folder_it_cannot_write() {
-    let dir = tempfile::tempdir().unwrap();
-    let folder = dir.path().join("archive");
+/// A service (SQLite) archiving into `folder`.
+async fn local_archive_app(folder: &std::path::Path) -> TestApp {
     let path = folder.to_str().unwrap().to_owned();
-    let app = TestApp::spawn_with(
+    TestApp::spawn_with(
         Backend::Sqlite,
         Options {
             settings: Box::new(move |s| {
@@ -178,7 +175,15 @@ async fn readyz_reports_an_archive_folder_it_cannot_write() {
             ..Options::default()
         },
     )
-    .await;
+    .await
+}
+
+/// `/readyz` says when the archive folder cannot be written, naming the setting, not the path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_reports_an_archive_folder_it_cannot_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("archive");
+    let app = local_archive_app(&folder).await;
     let ready = || async {
         let r = app
             .anonymous
@@ -278,18 +283,7 @@ on_both_backends!(
 async fn archive_write_errors_show_no_absolute_path() {
     let dir = tempfile::tempdir().unwrap();
     let folder = dir.path().join("archive");
-    let path = folder.to_str().unwrap().to_owned();
-    let app = TestApp::spawn_with(
-        Backend::Sqlite,
-        Options {
-            settings: Box::new(move |s| {
-                s.archive.backend = kling_relay::config::ArchiveBackend::Local;
-                s.archive.path = path;
-            }),
-            ..Options::default()
-        },
-    )
-    .await;
+    let app = local_archive_app(&folder).await;
     // A file where the folder was: every write fails.
     std::fs::remove_dir_all(&folder).unwrap();
     std::fs::write(&folder, b"not a folder").unwrap();
