@@ -10,7 +10,7 @@
 
 use crate::config::{Settings, UpstreamProfile};
 use crate::storage::Store;
-use crate::upstream::classify::{classify_error, ErrorClass};
+use crate::upstream::classify::{self, classify_error, ErrorClass};
 use crate::upstream::wire::{code_of, data_of, message_of};
 use crate::upstream::{CometClient, ExternalLookup, RawAnswer, UpstreamError, Wire};
 use reqwest::Method;
@@ -74,10 +74,7 @@ fn made_up_id(what: &str) -> String {
 }
 
 fn is_task_not_exist(a: &RawAnswer) -> bool {
-    a.body.as_ref().is_some_and(|b| {
-        let hit = |s: String| s.to_ascii_lowercase().contains("task_not_exist");
-        code_of(b).is_some_and(hit) || hit(message_of(b))
-    })
+    a.body.as_ref().is_some_and(classify::is_task_not_exist)
 }
 
 fn class_of(a: &RawAnswer) -> ErrorClass {

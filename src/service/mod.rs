@@ -296,15 +296,24 @@ impl Relay {
         self.halt_state().current().cloned()
     }
 
+    /// Why dispatch is halted, if it is (without copying the halt's texts).
+    pub fn halt_reason(&self) -> Option<HaltReason> {
+        self.halt_state().current().map(|h| h.reason)
+    }
+
     fn halt_state(&self) -> MutexGuard<'_, DispatchHalt> {
         self.halt.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Upstream refused the setup: every dispatch stops until a probe passes.
     pub fn halt_dispatch(&self, reason: HaltReason, code: &str, message: &str) {
-        let was = self.halted();
-        self.halt_state().halt(now_ms(), reason, code, message);
-        if was.is_none() {
+        let first = {
+            let mut state = self.halt_state();
+            let first = state.current().is_none();
+            state.halt(now_ms(), reason, code, message);
+            first
+        };
+        if first {
             tracing::error!(
                 reason = reason.as_str(),
                 upstream_code = code,

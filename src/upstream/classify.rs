@@ -103,7 +103,8 @@ pub fn classify_error(status: u16, code: Option<&str>, message: &str) -> ErrorCl
     }
 }
 
-fn is_task_not_exist(body: &Value) -> bool {
+/// Upstream's "no such task", in `code` or `message`, whatever the HTTP status.
+pub(crate) fn is_task_not_exist(body: &Value) -> bool {
     let hit = |s: String| s.to_ascii_lowercase().contains("task_not_exist");
     code_of(body).is_some_and(hit) || hit(message_of(body))
 }

@@ -43,7 +43,7 @@ pub fn clean(s: &str) -> String {
 
 pub fn text_or_number(v: Option<&Value>) -> Option<String> {
     match v? {
-        Value::String(s) if !clean(s).trim().is_empty() => Some(clean(s).trim().to_owned()),
+        Value::String(s) => Some(clean(s).trim().to_owned()).filter(|t| !t.is_empty()),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
     }

@@ -51,7 +51,7 @@ pub async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
 /// While dispatch is halted, whether this pass may send anything: None sends nothing, Some(n)
 /// at most n tasks (a probe by create lets one through).
 async fn halted_allowance(relay: &Relay) -> Option<usize> {
-    relay.halted()?;
+    relay.halt_reason()?;
     let reason = relay.take_halt_probe(jitter())?;
     if !reason.probed_by_query() {
         // Only a create shows that credit (or the route) is back; refused, it costs nothing.
@@ -75,10 +75,10 @@ async fn halted_allowance(relay: &Relay) -> Option<usize> {
 /// works on them. Returns how many tasks it worked on.
 pub async fn step(relay: &Arc<Relay>) -> Result<usize, ServiceError> {
     let mut concurrency = relay.settings.dispatch.concurrency.max(1);
-    if relay.halted().is_some() {
+    if relay.halt_reason().is_some() {
         match halted_allowance(relay).await {
             Some(n) => concurrency = n,
-            None if relay.halted().is_some() => return Ok(0),
+            None if relay.halt_reason().is_some() => return Ok(0),
             // The probe passed: dispatch as usual.
             None => {}
         }

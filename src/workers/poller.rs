@@ -2,6 +2,7 @@
 //! per task, and times out tasks that never reach a final status.
 
 use super::{for_each_bounded, jitter};
+use crate::domain::halt::HaltReason;
 use crate::domain::schedule::backoff;
 use crate::domain::{EventSource, TaskError, TaskStatus};
 use crate::service::{ms, now_ms, ApplyOutcome, Relay, ServiceError};
@@ -89,7 +90,7 @@ async fn poll_one(relay: &Relay, c: PollCandidate) -> Result<(), ServiceError> {
     }
     // Polls are free calls with the same key: their answers say whether the key works.
     match &lookup {
-        Ok(_) if relay.halted().is_some_and(|h| h.reason.probed_by_query()) => {
+        Ok(_) if relay.halt_reason().is_some_and(HaltReason::probed_by_query) => {
             relay.resume_dispatch()
         }
         Err(UpstreamError::Halt {
