@@ -7,7 +7,6 @@ use crate::simulator::{SimConfig, Simulator};
 use crate::storage::Store;
 use crate::{http, workers};
 use anyhow::Context;
-use std::future::IntoFuture;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -52,6 +51,8 @@ pub async fn simulate(
         .archive
         .allowed_hosts
         .push(std::net::Ipv4Addr::LOCALHOST.to_string());
+    // A local trial notifies a receiver on the same machine.
+    settings.notifications.loopback_for_simulation = true;
     tracing::warn!(
         simulator = %sim.base_url(),
         "SIMULATION MODE: no request reaches CometAPI; every result is simulated"
@@ -91,6 +92,11 @@ pub async fn run(
         );
     }
     let shutdown_timeout = settings.server.shutdown_timeout;
+    let limits = http::server::ConnectionLimits {
+        max_connections: settings.server.max_connections,
+        header_read_timeout: settings.server.header_read_timeout,
+        idle_timeout: settings.server.idle_timeout,
+    };
     let relay = Arc::new(Relay::new(store.clone(), Arc::new(settings)).await?);
     let addr = listener.local_addr()?;
     tracing::info!(%addr, database = store.backend(), "kling-relay listening");
@@ -118,9 +124,7 @@ pub async fn run(
         let stop = shutdown.clone();
         let router = http::metrics_router(relay.clone());
         workers.spawn(async move {
-            let served = axum::serve(metrics_listener, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
+            let served = http::server::serve(metrics_listener, router, limits, stop).await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "metrics listener failed");
             }
@@ -130,14 +134,18 @@ pub async fn run(
     let http_stop = shutdown.clone();
     // In a JoinSet, so that if this future is dropped (aborted) the server goes with it.
     let mut server = tokio::task::JoinSet::new();
-    server.spawn(
-        axum::serve(listener, http::router(relay))
-            .with_graceful_shutdown(async move {
-                http_stop.cancelled().await;
-                relay_stop.cancel();
-            })
-            .into_future(),
-    );
+    // Live streams and long-polls watch the relay's token: cancelled with the HTTP side's, so
+    // they end and let their connections drain.
+    workers.spawn(async move {
+        http_stop.cancelled().await;
+        relay_stop.cancel();
+    });
+    server.spawn(http::server::serve(
+        listener,
+        http::router(relay),
+        limits,
+        shutdown.clone(),
+    ));
     let served = tokio::select! {
         r = server.join_next() => r,
         _ = shutdown.cancelled() => None,

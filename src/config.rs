@@ -123,6 +123,9 @@ pub struct NotificationSettings {
     pub secret_rotation_grace: Duration,
     pub allow_networks: Vec<String>,
     pub deny_networks: Vec<String>,
+    /// Set by `serve --simulate` alone (a local trial): loopback destinations need no listing.
+    #[serde(skip)]
+    pub loopback_for_simulation: bool,
 }
 
 impl NotificationSettings {
@@ -131,7 +134,10 @@ impl NotificationSettings {
     }
 
     pub fn network_policy(&self) -> Result<crate::domain::notify::NetworkPolicy, String> {
-        crate::domain::notify::NetworkPolicy::parse(&self.allow_networks, &self.deny_networks)
+        let mut policy =
+            crate::domain::notify::NetworkPolicy::parse(&self.allow_networks, &self.deny_networks)?;
+        policy.refuse_loopback = !self.loopback_for_simulation;
+        Ok(policy)
     }
 }
 
@@ -149,6 +155,14 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Open connections served at once; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers, from connecting or from its first byte.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Time a kept-alive connection may sit with no request before it is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 #[derive(Clone, Deserialize)]
@@ -396,7 +410,15 @@ impl Settings {
             return Err(invalid("database.max_connections", "must be at least 1"));
         }
         self.validate_upstream()?;
-        let positive: [(&'static str, Duration); 13] = [
+        if self.server.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        let positive: [(&'static str, Duration); 15] = [
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            ("server.idle_timeout", self.server.idle_timeout),
             (
                 "dispatch.halt_probe_initial",
                 self.dispatch.halt_probe_initial,

@@ -305,3 +305,131 @@ async fn archive_write_errors_show_no_absolute_path() {
     assert!(error.contains("see the service log"), "{error}");
     assert!(!error.contains(dir.path().to_str().unwrap()), "{error}");
 }
+
+/// Reads until the server closes the connection; returns what it sent and when it closed.
+fn read_until_closed(s: &mut std::net::TcpStream, within: Duration) -> (String, Duration) {
+    let start = std::time::Instant::now();
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!(
+                "still open after {within:?} ({e}): {}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    (String::from_utf8_lossy(&got).into_owned(), start.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_idle_and_surplus_connections_are_closed() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        Options {
+            settings: Box::new(|s| {
+                s.server.header_read_timeout = Duration::from_millis(1500);
+                s.server.idle_timeout = Duration::from_secs(4);
+                s.server.max_connections = 6;
+            }),
+            ..Options::stalled()
+        },
+    )
+    .await;
+    let id = app.submit_ok(&valid_body()).await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let key = app.client.api_key.clone();
+
+    let checks = tokio::task::spawn_blocking(move || {
+        use std::net::TcpStream;
+        // A client that connects and sends nothing, and one that sends its headers a byte at a
+        // time: each is closed at the header-read timeout, unanswered.
+        let mut silent = TcpStream::connect(&addr).unwrap();
+        let mut slow = TcpStream::connect(&addr).unwrap();
+        slow.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(250));
+            slow.write_all(b"x").unwrap();
+        }
+        let (said, after) = read_until_closed(&mut silent, Duration::from_secs(5));
+        assert!(said.is_empty(), "{said}");
+        assert!(after < Duration::from_secs(3), "{after:?}");
+        let (said, _) = read_until_closed(&mut slow, Duration::from_secs(5));
+        assert!(said.is_empty(), "{said}");
+
+        // A kept-alive connection outlives the header-read timeout between requests, and is
+        // closed at the idle timeout.
+        let mut kept = TcpStream::connect(&addr).unwrap();
+        write!(kept, "GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+        kept.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = kept.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        kept.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let still_open = kept.read(&mut buf).unwrap_err();
+        assert!(
+            matches!(
+                still_open.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{still_open}"
+        );
+        let (_, after) = read_until_closed(&mut kept, Duration::from_secs(5));
+        assert!(after < Duration::from_secs(3), "{after:?}");
+
+        // A long-poll in flight is not idle: it is answered after its wait, longer than both
+        // timeouts.
+        let mut poll = TcpStream::connect(&addr).unwrap();
+        let poll_sent = std::time::Instant::now();
+        write!(
+            poll,
+            "GET /v1/tasks/{id}?wait=4 HTTP/1.1\r\nHost: {addr}\r\nauthorization: Bearer {key}\r\n\
+             connection: close\r\n\r\n"
+        )
+        .unwrap();
+
+        // Over the cap, a new connection is told so at once.
+        let mut held = Vec::new();
+        let mut refused = 0;
+        for _ in 0..8 {
+            let mut c = TcpStream::connect(&addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_millis(150)))
+                .unwrap();
+            match c.read(&mut buf) {
+                Ok(n) if n > 0 => {
+                    let said = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    assert!(said.starts_with("HTTP/1.1 503"), "{said}");
+                    assert!(said.contains("retry-after: 1"), "{said}");
+                    refused += 1;
+                }
+                _ => held.push(c),
+            }
+        }
+        assert!(refused >= 2, "{refused} refused, {} held", held.len());
+        assert!(held.len() <= 5, "{} held", held.len());
+
+        let (answer, _) = read_until_closed(&mut poll, Duration::from_secs(10));
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            poll_sent.elapsed() > Duration::from_millis(3900),
+            "{:?}",
+            poll_sent.elapsed()
+        );
+        drop(held);
+    });
+    checks.await.unwrap();
+
+    // Once the surplus is gone, the service answers as usual.
+    std::thread::sleep(Duration::from_millis(200));
+    let r = app
+        .anonymous
+        .get(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -317,7 +317,49 @@ async fn refused_destinations(b: Backend) {
     assert!(rx.received("/ok").is_empty());
 }
 
+/// Without `notifications.allow_networks` naming it, this host is no destination, in any spelling:
+/// a client could otherwise read the relay's own ports off its delivery log.
+async fn loopback_destinations_are_opt_in(b: Backend) {
+    let app = TestApp::spawn_with(
+        b,
+        Options {
+            settings: Box::new(|s| s.notifications.allow_networks.clear()),
+            ..Options::stalled()
+        },
+    )
+    .await;
+    for host in [
+        "127.0.0.1",
+        "127.1",
+        "2130706433",
+        "0x7f000001",
+        "[::1]",
+        "[::ffff:127.0.0.1]",
+        "[::127.0.0.1]",
+        "[64:ff9b::7f00:1]",
+        "[2002:7f00:1::]",
+        "168.63.129.16",
+        "192.0.0.192",
+    ] {
+        let mut body = valid_body();
+        body["notify_url"] = json!(format!("http://{host}:5432/x"));
+        let r = app.submit(&body).await;
+        assert_eq!(r.status(), 422, "{host}");
+    }
+    // A name is judged by what it resolves to, when the notification is sent.
+    let rx = Receiver::start().await;
+    let url = rx.url("/ok").replace("127.0.0.1", "localhost");
+    let id = submit_notified(&app, &url).await;
+    let d = wait_deliveries(&app, &id, all_in("dead", 1)).await;
+    assert!(
+        d[0]["last_error"].as_str().unwrap().contains("loopback"),
+        "{d:#?}"
+    );
+    assert!(rx.received("/ok").is_empty());
+}
+
 on_both_backends!(
+    loopback_destinations_are_opt_in,
     every_status_change_is_notified_signed_and_after_commit,
     failing_receiver_is_retried_with_the_same_webhook_id,
     exhausted_deliveries_are_dead_not_deleted,

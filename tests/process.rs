@@ -156,10 +156,14 @@ async fn quickstart_serve_simulate_runs_the_whole_loop() {
         .unwrap();
     assert_eq!(anonymous.status(), 401, "auth is on by default");
     let http = client_with_key(&key);
+    // A local trial may notify a receiver on this machine: loopback needs no listing here.
+    let rx = common::receiver::Receiver::start().await;
+    let mut body = valid_body();
+    body["notify_url"] = serde_json::json!(rx.url("/hook"));
     let r = http
         .post(format!("{}/v1/tasks", svc.base))
         .header("content-type", "application/json")
-        .body(valid_body().to_string())
+        .body(body.to_string())
         .send()
         .await
         .unwrap();
@@ -184,6 +188,10 @@ async fn quickstart_serve_simulate_runs_the_whole_loop() {
     )
     .await;
     assert_eq!(list["tasks"][0]["id"], id.as_str());
+    wait_until(Duration::from_secs(10), || async {
+        !rx.received("/hook").is_empty()
+    })
+    .await;
     svc.kill9();
     std::thread::sleep(Duration::from_millis(100));
     assert!(

@@ -57,6 +57,13 @@ pub struct NetworkPolicy {
     pub refuse_internal: bool,
     /// Hosts (as written in the URL) that may be internal all the same.
     pub exempt_hosts: Vec<String>,
+    /// Refuse this host's own addresses (loopback) unless `allow` lists them: a notification a
+    /// client aims at `127.1:5432` would otherwise make its delivery log a port scanner.
+    pub refuse_loopback: bool,
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    ip.is_loopback()
 }
 
 /// This host and the private networks: what a URL from outside (upstream's result URLs, say)
@@ -145,6 +152,7 @@ impl NetworkPolicy {
             deny: parse(deny)?,
             refuse_internal: false,
             exempt_hosts: Vec::new(),
+            refuse_loopback: false,
         })
     }
 
@@ -192,6 +200,11 @@ impl NetworkPolicy {
         let explicitly_allowed = self.allow.iter().any(|n| n.contains(&ip));
         if !self.allow.is_empty() && !explicitly_allowed {
             return Err(format!("{ip} is not in an allowed network"));
+        }
+        if self.refuse_loopback && is_loopback(ip) && !explicitly_allowed {
+            return Err(format!(
+                "{ip} is this host (loopback): list it in notifications.allow_networks to allow it"
+            ));
         }
         let refused = always_refused().iter().any(|n| n.contains(&ip));
         if refused && !explicitly_allowed {
@@ -314,5 +327,35 @@ mod tests {
             "explicit allow wins"
         );
         assert!(NetworkPolicy::parse(&["nope".into()], &[]).is_err());
+    }
+
+    #[test]
+    fn loopback_is_refused_in_every_spelling_unless_allowed() {
+        let p = NetworkPolicy {
+            refuse_loopback: true,
+            ..NetworkPolicy::default()
+        };
+        for bad in [
+            "127.0.0.1",
+            "127.255.0.9",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::127.0.0.1",
+            "64:ff9b::7f00:1",
+            "2002:7f00:1::",
+        ] {
+            let why = p.check(bad.parse().unwrap()).unwrap_err();
+            assert!(why.contains("loopback"), "{bad}: {why}");
+        }
+        assert!(
+            p.check("10.1.2.3".parse().unwrap()).is_ok(),
+            "private stays allowed"
+        );
+        let p = NetworkPolicy {
+            refuse_loopback: true,
+            ..NetworkPolicy::parse(&["127.0.0.0/8".into()], &[]).unwrap()
+        };
+        assert!(p.check("127.0.0.1".parse().unwrap()).is_ok());
+        assert!(p.check("::ffff:127.0.0.1".parse().unwrap()).is_ok());
     }
 }

@@ -5,6 +5,7 @@ pub mod error;
 mod images;
 mod live;
 pub mod openapi;
+pub mod server;
 mod tasks;
 mod ui;
 mod webhooks;

@@ -10,7 +10,6 @@ use crate::domain::notify::{next_delay, signature_header};
 use crate::service::{ms, now_ms, Relay, ServiceError};
 use crate::storage::{AttemptRecord, DueDelivery, NextStep};
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -218,7 +217,9 @@ impl Notifier {
         }
     }
 
-    /// http(s) only, and every address the host stands for must be allowed.
+    /// http(s) only, and every address the host stands for must be allowed. A refusal here is
+    /// final and says why; the resolver repeats the check at connect time, so a name that
+    /// changes its answer in between still reaches no refused address.
     async fn check_destination(&self, url: &str) -> Result<(), String> {
         let u = url::Url::parse(url).map_err(|_| "not a URL".to_owned())?;
         if !matches!(u.scheme(), "http" | "https") {
@@ -226,14 +227,12 @@ impl Notifier {
         }
         let policy = &self.relay.network_policy;
         match u.host() {
-            Some(url::Host::Ipv4(a)) => policy.check(IpAddr::V4(a)),
-            Some(url::Host::Ipv6(a)) => policy.check(IpAddr::V6(a)),
             Some(url::Host::Domain(name)) => {
                 let port = u.port_or_known_default().unwrap_or(80);
                 match tokio::net::lookup_host((name, port)).await {
                     Ok(addrs) => {
                         for a in addrs {
-                            policy.check(a.ip())?;
+                            policy.check_host(name, a.ip())?;
                         }
                         Ok(())
                     }
@@ -241,6 +240,7 @@ impl Notifier {
                     Err(_) => Ok(()),
                 }
             }
+            Some(_) => policy.check_url_host(&u),
             None => Err("URL has no host".into()),
         }
     }

@@ -212,6 +212,10 @@ pub fn service_env(listen: &str, db: &str, sim: &Simulator) -> Vec<(String, Stri
         ("KLING_RELAY_POLLER__INTERVAL", "200ms".into()),
         ("KLING_RELAY_POLLER__MAX_INTERVAL", "1s".into()),
         ("KLING_RELAY_POLLER__TICK", "50ms".into()),
+        (
+            "KLING_RELAY_NOTIFICATIONS__ALLOW_NETWORKS",
+            r#"["127.0.0.0/8", "::1/128"]"#.into(),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
