@@ -102,6 +102,15 @@ fn retention<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>,
 #[serde(deny_unknown_fields)]
 pub struct AuthSettings {
     pub required: bool,
+    /// A dashboard session unused this long is over.
+    #[serde(with = "humantime_serde")]
+    pub session_idle_timeout: Duration,
+    /// A dashboard session is over this long after sign-in, used or not.
+    #[serde(with = "humantime_serde")]
+    pub session_lifetime: Duration,
+    /// How often a long-lived request (a live stream, a long-poll) checks that its key still holds.
+    #[serde(with = "humantime_serde")]
+    pub recheck_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -413,7 +422,10 @@ impl Settings {
         if self.server.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
         }
-        let positive: [(&'static str, Duration); 15] = [
+        let positive: [(&'static str, Duration); 18] = [
+            ("auth.session_idle_timeout", self.auth.session_idle_timeout),
+            ("auth.session_lifetime", self.auth.session_lifetime),
+            ("auth.recheck_interval", self.auth.recheck_interval),
             (
                 "server.header_read_timeout",
                 self.server.header_read_timeout,

@@ -437,19 +437,7 @@ async fn dashboard_access_rules() {
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["content-type"], ctype);
     }
-    let login = plain
-        .post(format!("{}/ui/login", app.base))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("api_key={}", app.client.api_key))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(login.status(), 303);
-    let cookie = login.headers()["set-cookie"].to_str().unwrap().to_owned();
-    for part in ["HttpOnly", "SameSite=Strict", "Path=/ui"] {
-        assert!(cookie.contains(part), "{cookie}");
-    }
-    let session = cookie.split(';').next().unwrap().to_owned();
+    let session = sign_in(&plain, &app.base, &app.client.api_key).await;
     let page = plain
         .get(format!("{}/ui/tasks/{id}", app.base))
         .header("cookie", &session)
@@ -462,7 +450,7 @@ async fn dashboard_access_rules() {
 
     // Someone else's session sees nothing of this task.
     let other = create_client(&app.db, "other-team").await;
-    let theirs = format!("klr_session={}", other.api_key);
+    let theirs = sign_in(&plain, &app.base, &other.api_key).await;
     let r = plain
         .get(format!("{}/ui/tasks/{id}", app.base))
         .header("cookie", &theirs)
@@ -490,7 +478,7 @@ async fn dashboard_access_rules() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
-    // A revoked key's session ends.
+    // A cookie that is no session signs in nobody.
     let bad = plain
         .get(format!("{}/ui/tasks", app.base))
         .header("cookie", "klr_session=klr_not_a_key")
@@ -498,6 +486,116 @@ async fn dashboard_access_rules() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 303);
+}
+
+/// Signs in through the form; returns the `klr_session=…` pair to send back.
+async fn sign_in(plain: &reqwest::Client, base: &str, key: &str) -> String {
+    let login = plain
+        .post(format!("{base}/ui/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("api_key={key}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 303);
+    let cookie = login.headers()["set-cookie"].to_str().unwrap().to_owned();
+    for part in ["HttpOnly", "SameSite=Strict", "Path=/ui"] {
+        assert!(cookie.contains(part), "{cookie}");
+    }
+    cookie.split(';').next().unwrap().to_owned()
+}
+
+/// The status of `GET /ui/tasks` with `session` (303: sent to sign in).
+async fn tasks_page_status(plain: &reqwest::Client, base: &str, session: &str) -> u16 {
+    plain
+        .get(format!("{base}/ui/tasks"))
+        .header("cookie", session)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// The cookie holds a random session id, not the key: it is no bearer token, and it ends on
+/// sign-out, with its client, when unused too long, and at its absolute lifetime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_sessions_live_on_the_server() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        Options {
+            settings: Box::new(|s| {
+                s.auth.session_idle_timeout = Duration::from_millis(1500);
+                s.auth.session_lifetime = Duration::from_secs(4);
+            }),
+            ..Options::default()
+        },
+    )
+    .await;
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let base = app.base.clone();
+    let key = app.client.api_key.clone();
+    let session = sign_in(&plain, &base, &key).await;
+    let id = session.trim_start_matches("klr_session=").to_owned();
+    assert!(id.starts_with("kls_") && !id.contains(&key), "{session}");
+    assert_eq!(tasks_page_status(&plain, &base, &session).await, 200);
+    // Neither is the session id a key, nor the key a session.
+    let r = plain
+        .get(format!("{base}/v1/tasks"))
+        .bearer_auth(&id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let key_as_cookie = format!("klr_session={key}");
+    assert_eq!(tasks_page_status(&plain, &base, &key_as_cookie).await, 303);
+
+    // Signing out ends the session on the server: a copy of the cookie is worth nothing.
+    let out = plain
+        .post(format!("{base}/ui/logout"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), 303);
+    assert_eq!(tasks_page_status(&plain, &base, &session).await, 303);
+
+    // In use, a session outlives its idle timeout, but not its lifetime.
+    let session = sign_in(&plain, &base, &key).await;
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(3500) {
+        assert_eq!(tasks_page_status(&plain, &base, &session).await, 200);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        tasks_page_status(&plain, &base, &session).await,
+        303,
+        "lifetime"
+    );
+    // Unused, it ends at its idle timeout.
+    let session = sign_in(&plain, &base, &key).await;
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    assert_eq!(
+        tasks_page_status(&plain, &base, &session).await,
+        303,
+        "idle"
+    );
+
+    // Revoking the client ends its sessions.
+    let session = sign_in(&plain, &base, &key).await;
+    assert_eq!(tasks_page_status(&plain, &base, &session).await, 200);
+    let store = open_store(&app.db).await;
+    store.revoke_client("tester", 1).await.unwrap();
+    store.close().await;
+    assert_eq!(
+        tasks_page_status(&plain, &base, &session).await,
+        303,
+        "revoked"
+    );
 }
 
 /// With `auth.required = false` there is no sign-in: every page shows every task.

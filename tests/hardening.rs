@@ -433,3 +433,54 @@ async fn slow_idle_and_surplus_connections_are_closed() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// A key revoked while its long-poll waits or its live stream runs gets no more answers: the
+/// long-poll ends with a 401, the stream ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_lived_requests_end_when_their_key_is_revoked() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        Options {
+            settings: Box::new(|s| s.auth.recheck_interval = Duration::from_millis(300)),
+            ..Options::stalled()
+        },
+    )
+    .await;
+    let id = app.submit_ok(&valid_body()).await;
+    let poll = {
+        let (http, url) = (
+            app.http.clone(),
+            format!("{}/v1/tasks/{id}?wait=30", app.base),
+        );
+        tokio::spawn(async move { http.get(url).send().await.unwrap().status().as_u16() })
+    };
+    let mut stream = app
+        .http
+        .get(format!("{}/v1/tasks/{id}/stream", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let first = stream.chunk().await.unwrap().expect("the first event");
+    assert!(String::from_utf8_lossy(&first).contains("event: status"));
+    // Both are past authentication and waiting before the key goes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!poll.is_finished());
+
+    let store = open_store(&app.db).await;
+    store.revoke_client("tester", 1).await.unwrap();
+    store.close().await;
+    let revoked_at = std::time::Instant::now();
+
+    let status = tokio::time::timeout(Duration::from_secs(5), poll)
+        .await
+        .expect("the long-poll ends")
+        .unwrap();
+    assert_eq!(status, 401);
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = stream.chunk().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream still runs");
+    assert!(revoked_at.elapsed() < Duration::from_secs(5));
+}

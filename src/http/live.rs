@@ -14,6 +14,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 struct StreamState {
+    recheck: tokio::time::Interval,
     relay: AppState,
     caller: Caller,
     id: String,
@@ -39,7 +40,9 @@ pub async fn stream(
     // Subscribe before the first read, so a change in between is not missed.
     let changes = relay.subscribe();
     relay.get(&caller, &id).await?;
+    let recheck = relay.recheck_timer();
     let state = StreamState {
+        recheck,
         relay,
         caller,
         id,
@@ -58,6 +61,13 @@ pub async fn stream(
                     _ = st.relay.next_change_of(&mut st.changes, &st.id) => {}
                     // The service is stopping: end the stream; the client reconnects elsewhere.
                     _ = shutdown.cancelled() => return None,
+                    // A revoked key's stream ends (a reconnect is then refused with a 401).
+                    _ = st.recheck.tick() => {
+                        match st.relay.still_authorized(&st.caller).await {
+                            Ok(true) => continue,
+                            Ok(false) | Err(_) => return None,
+                        }
+                    }
                 }
             }
             let task = match st.relay.get(&st.caller, &st.id).await {

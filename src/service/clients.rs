@@ -44,6 +44,97 @@ impl Relay {
     }
 }
 
+/// Dashboard sessions. The cookie carries a random id, never the API key: a stolen cookie is not a
+/// key, and signing out or revoking the client ends it on the server.
+impl Relay {
+    /// Checks `key` like the API does and opens a session for its client; returns the session id.
+    pub async fn sign_in(&self, key: &str) -> Result<String, ServiceError> {
+        let Caller::Client(name) = self.authenticate(Some(key)).await? else {
+            return Err(ServiceError::Unauthorized);
+        };
+        let id = session_id_from(rand::random());
+        let now = now_ms();
+        let (idle_cutoff, created_cutoff) = self.session_cutoffs(now);
+        // Housekeeping where it costs nothing noticeable: sign-ins are rare.
+        self.store
+            .delete_dead_sessions(idle_cutoff, created_cutoff)
+            .await?;
+        self.store
+            .create_session(&hash_api_key(&id), &name, now)
+            .await?;
+        Ok(id)
+    }
+
+    /// The caller a session cookie stands for. Without one: anyone, if authentication is off.
+    pub async fn session_caller(&self, session_id: Option<&str>) -> Result<Caller, ServiceError> {
+        let anonymous = || {
+            if self.settings.auth.required {
+                Err(ServiceError::Unauthorized)
+            } else {
+                Ok(Caller::Anyone)
+            }
+        };
+        let Some(id) = session_id.filter(|id| !id.is_empty()) else {
+            return anonymous();
+        };
+        let hash = hash_api_key(id);
+        let now = now_ms();
+        let (idle_cutoff, created_cutoff) = self.session_cutoffs(now);
+        match self
+            .store
+            .live_session(&hash, idle_cutoff, created_cutoff)
+            .await?
+        {
+            Some((client, last_seen)) => {
+                // Written at most a few times per idle period, not on every page.
+                let granularity = (self.settings.auth.session_idle_timeout / 4)
+                    .min(Duration::from_secs(60))
+                    .as_millis() as i64;
+                if now - last_seen >= granularity {
+                    self.store.touch_session(&hash, now).await?;
+                }
+                Ok(Caller::Client(client))
+            }
+            None => anonymous(),
+        }
+    }
+
+    pub async fn sign_out(&self, session_id: &str) -> Result<(), ServiceError> {
+        self.store.delete_session(&hash_api_key(session_id)).await?;
+        Ok(())
+    }
+
+    /// Whether a caller authenticated earlier still is (its client not revoked since).
+    pub async fn still_authorized(&self, caller: &Caller) -> Result<bool, ServiceError> {
+        match caller {
+            Caller::Anyone => Ok(true),
+            Caller::Client(name) => Ok(self
+                .store
+                .get_client(name)
+                .await?
+                .is_some_and(|c| !c.is_revoked())),
+        }
+    }
+
+    fn session_cutoffs(&self, now: i64) -> (i64, i64) {
+        let auth = &self.settings.auth;
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        (
+            now.saturating_sub(ms(auth.session_idle_timeout)),
+            now.saturating_sub(ms(auth.session_lifetime)),
+        )
+    }
+}
+
+/// `kls_` + base64url of 32 random bytes.
+fn session_id_from(random: [u8; 32]) -> String {
+    use base64::Engine;
+    format!(
+        "kls_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random)
+    )
+}
+
 /// A client just created: the key is shown this once.
 #[derive(Clone, serde::Serialize)]
 pub struct NewClient {

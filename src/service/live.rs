@@ -28,11 +28,19 @@ impl Relay {
             return Ok(task);
         }
         let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        let mut recheck = self.recheck_timer();
         loop {
             let change = tokio::select! {
                 c = tokio::time::timeout_at(deadline, self.next_change_of(&mut changes, id)) => c,
                 // Shutting down: answer now rather than hold the drain.
                 _ = self.shutdown.cancelled() => return self.get(caller, id).await,
+                // A key revoked while its request waits gets no more answers.
+                _ = recheck.tick() => {
+                    if !self.still_authorized(caller).await? {
+                        return Err(ServiceError::Unauthorized);
+                    }
+                    continue;
+                }
             };
             match change {
                 Err(_) => return self.get(caller, id).await,
@@ -44,6 +52,14 @@ impl Relay {
                 }
             }
         }
+    }
+
+    /// Ticks every `auth.recheck_interval`, the first tick one interval from now.
+    pub fn recheck_timer(&self) -> tokio::time::Interval {
+        let every = self.settings.auth.recheck_interval;
+        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
     }
 
     /// Resolves when `id` may have changed (or when the broadcast lagged, so nothing is missed).

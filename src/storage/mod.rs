@@ -66,6 +66,7 @@ mod deliveries;
 mod doctor;
 mod feed;
 mod overview;
+mod sessions;
 
 pub use archive::{ArchiveSetback, StoredImage};
 pub use clients::ClientError;

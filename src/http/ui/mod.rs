@@ -1,9 +1,11 @@
 //! The dashboard at `/ui`: server-rendered HTML (see `pages`) and one small script, both
 //! compiled into the binary, so it works with no network beyond this service.
 //!
-//! Sign-in takes a client API key, checks it like the API does, and keeps it in a session
-//! cookie (`HttpOnly`, `SameSite=Strict`, `Secure` behind https, no expiry: it ends with the
-//! browser session). Every page then sees exactly what that key sees through `/v1/`. With
+//! Sign-in takes a client API key, checks it like the API does, and opens a server-side session
+//! whose random id (never the key) goes in a cookie (`HttpOnly`, `SameSite=Strict`, `Secure`
+//! behind https, no expiry: it ends with the browser session). The session ends on sign-out, when
+//! its client is revoked, and after `auth.session_idle_timeout` / `auth.session_lifetime`. Every
+//! page then sees exactly what that key sees through `/v1/`. With
 //! `auth.required = false` no sign-in is needed and every task is shown. State-changing requests
 //! (sign-out, replay) are POSTs that a cross-site page cannot make with the cookie
 //! (`SameSite=Strict`) and whose `Origin`, when sent, must be this service.
@@ -123,11 +125,7 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// The signed-in caller and the name the header shows.
 async fn session(relay: &AppState, headers: &HeaderMap) -> Result<(Caller, String), UiError> {
-    let key = cookie(headers, COOKIE).filter(|k| !k.is_empty());
-    if key.is_none() && relay.settings.auth.required {
-        return Err(UiError::SignIn);
-    }
-    match relay.authenticate(key).await {
+    match relay.session_caller(cookie(headers, COOKIE)).await {
         Ok(Caller::Client(name)) => Ok((Caller::Client(name.clone()), name)),
         Ok(Caller::Anyone) => Ok((Caller::Anyone, "everyone (auth off)".into())),
         Err(ServiceError::Unauthorized) => Err(UiError::SignIn),
@@ -194,7 +192,7 @@ async fn login(
             pages::login(Some("That key is not valid (unknown or revoked).")),
         )
     };
-    // Only characters a key can have: the cookie must not be able to carry anything else.
+    // Only characters a key can have: anything else is refused unread.
     let plausible = !key.is_empty()
         && key
             .chars()
@@ -202,17 +200,17 @@ async fn login(
     if !plausible {
         return refused();
     }
-    match relay.authenticate(Some(&key)).await {
-        Ok(Caller::Client(_)) => {}
-        Ok(Caller::Anyone) | Err(ServiceError::Unauthorized) => return refused(),
+    let session = match relay.sign_in(&key).await {
+        Ok(id) => id,
+        Err(ServiceError::Unauthorized) => return refused(),
         Err(e) => return UiError::from(e).into_response(),
-    }
+    };
     let secure = if relay.settings.server.public_url.starts_with("https://") {
         "; Secure"
     } else {
         ""
     };
-    let cookie = format!("{COOKIE}={key}; Path=/ui; HttpOnly; SameSite=Strict{secure}");
+    let cookie = format!("{COOKIE}={session}; Path=/ui; HttpOnly; SameSite=Strict{secure}");
     let mut r = Redirect::to("/ui/tasks").into_response();
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         r.headers_mut().insert(header::SET_COOKIE, v);
@@ -220,9 +218,15 @@ async fn login(
     r
 }
 
-async fn logout(headers: HeaderMap) -> Response {
+async fn logout(State(relay): State<AppState>, headers: HeaderMap) -> Response {
     if !same_origin(&headers) {
         return UiError::Forbidden.into_response();
+    }
+    if let Some(id) = cookie(&headers, COOKIE).filter(|id| !id.is_empty()) {
+        if let Err(e) = relay.sign_out(id).await {
+            // The session stays valid on the server: say so rather than pretend.
+            return UiError::from(e).into_response();
+        }
     }
     let mut r = Redirect::to("/ui/login").into_response();
     r.headers_mut().insert(
