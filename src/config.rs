@@ -157,6 +157,8 @@ pub struct ServerSettings {
     pub public_url: String,
     pub webhook_secret: Secret,
     pub max_body_bytes: usize,
+    /// Bytes of large request bodies (over 1 MiB) read and processed at once; more wait.
+    pub max_concurrent_body_bytes: usize,
     /// Largest callback body read (after its token is checked): callbacks are a few KB.
     pub max_webhook_body_bytes: usize,
     pub metrics_listen: String,
@@ -419,6 +421,12 @@ impl Settings {
             return Err(invalid("database.max_connections", "must be at least 1"));
         }
         self.validate_upstream()?;
+        if self.server.max_concurrent_body_bytes < self.server.max_body_bytes {
+            return Err(invalid(
+                "server.max_concurrent_body_bytes",
+                "must be at least server.max_body_bytes (else the largest body could never be read)",
+            ));
+        }
         if self.server.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
         }

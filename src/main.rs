@@ -222,6 +222,7 @@ fn parse_failure(s: &str) -> Result<Failure, String> {
 }
 
 fn main() -> ExitCode {
+    app::return_large_blocks_to_the_system();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

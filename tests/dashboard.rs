@@ -287,10 +287,19 @@ async fn the_dashboard_in_a_real_browser() {
     }
     until_js(
         &c,
-        "[...document.querySelectorAll('#inputs img')].length === 2 && [...document.querySelectorAll('#inputs img')].every(i => i.complete && i.naturalWidth > 0)",
+        "[...document.querySelectorAll('#inputs .input-b64')].length === 2 && [...document.querySelectorAll('#inputs .input-b64')].every(s => s.textContent.includes('PNG 300×300'))",
         Duration::from_secs(5),
     )
     .await;
+    // Base64 inputs are described, never inlined (an 80 MB submit made an 84 MB page).
+    let inputs_html = c
+        .find(Locator::Css("#inputs"))
+        .await
+        .unwrap()
+        .html(false)
+        .await
+        .unwrap();
+    assert!(!inputs_html.contains("base64,"), "{inputs_html}");
     // What upstream sent, on demand: the payloads behind the timeline's changes.
     let payloads = c
         .find_all(Locator::Css("details.upstream-payload"))

@@ -65,6 +65,22 @@ fn bad_configuration_stops_start_up_naming_the_key() {
             "server.request_timeout",
         ),
         (
+            &[("KLING_RELAY_SERVER__MAX_CONCURRENT_BODY_BYTES", "1000")],
+            "server.max_concurrent_body_bytes",
+        ),
+        (
+            &[("KLING_RELAY_SERVER__MAX_CONNECTIONS", "0")],
+            "server.max_connections",
+        ),
+        (
+            &[("KLING_RELAY_SERVER__HEADER_READ_TIMEOUT", "0s")],
+            "server.header_read_timeout",
+        ),
+        (
+            &[("KLING_RELAY_AUTH__SESSION_LIFETIME", "0s")],
+            "auth.session_lifetime",
+        ),
+        (
             &[
                 ("KLING_RELAY_AUTH__REQUIRED", "false"),
                 ("KLING_RELAY_SERVER__LISTEN", "0.0.0.0:0"),

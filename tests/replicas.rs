@@ -49,7 +49,7 @@ async fn submitted_task(
 ) -> String {
     let mut r = record(1);
     r.client = client.map(str::to_owned);
-    s.insert_task(&r, None, CAPS).await.unwrap();
+    s.insert_task(r.clone(), None, CAPS).await.unwrap();
     let outbox = notify.map(|(id, url)| OutboxEntry {
         id: id.into(),
         client: client.unwrap_or_default().into(),
@@ -84,7 +84,7 @@ async fn concurrent_claims_share_the_budget_and_never_overlap(b: Backend) {
     }
     for i in 0..60 {
         replicas[0]
-            .insert_task(&record(1 + i % 3), None, CAPS)
+            .insert_task(record(1 + i % 3), None, CAPS)
             .await
             .unwrap();
     }
@@ -133,7 +133,7 @@ async fn a_lapsed_dispatch_lease_is_taken_over(b: Backend) {
     let db = TestDb::new(b).await;
     let (dead, alive) = (open_store(&db).await, open_store(&db).await);
     let r = record(1);
-    dead.insert_task(&r, None, CAPS).await.unwrap();
+    dead.insert_task(r.clone(), None, CAPS).await.unwrap();
     let take_all = |_: i64, due: Vec<kling_relay::storage::DispatchCandidate>| {
         due.into_iter().map(|c| c.id).collect::<Vec<_>>()
     };
@@ -262,7 +262,7 @@ async fn other_replicas_hear_committed_changes() {
         .unwrap()
         .expect("Postgres has a feed");
     let r = record(1);
-    a.insert_task(&r, None, CAPS).await.unwrap();
+    a.insert_task(r.clone(), None, CAPS).await.unwrap();
     assert!(a
         .commit_change(&Commit {
             id: &r.id,

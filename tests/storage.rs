@@ -52,7 +52,7 @@ async fn every_hot_query_is_served_by_an_index(b: Backend) {
     let db = TestDb::new(b).await;
     let s = open_store(&db).await;
     for i in 0..50 {
-        s.insert_task(&task_record(i), None, CAPS).await.unwrap();
+        s.insert_task(task_record(i), None, CAPS).await.unwrap();
     }
     let int = ExplainArg::Int;
     let text = |v: &str| ExplainArg::Text(v.to_owned());
@@ -172,7 +172,7 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
     let db = TestDb::new(b).await;
     let s = open_store(&db).await;
     let r = task_record(1);
-    s.insert_task(&r, None, CAPS).await.unwrap();
+    s.insert_task(r.clone(), None, CAPS).await.unwrap();
     let due = due_dispatches(&s).await;
     assert_eq!(due.len(), 1);
     assert_eq!(
@@ -259,7 +259,7 @@ async fn a_claim_defeats_a_cancel_decided_before_it(b: Backend) {
     let db = TestDb::new(b).await;
     let s = open_store(&db).await;
     let r = task_record(7);
-    s.insert_task(&r, None, CAPS).await.unwrap();
+    s.insert_task(r.clone(), None, CAPS).await.unwrap();
     let before = s.get_task(&r.id).await.unwrap().unwrap();
     // The dispatcher claims the task (its create call may now reach upstream)...
     let claimed = s

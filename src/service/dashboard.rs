@@ -2,7 +2,7 @@
 
 use super::{now_ms, Relay, ServiceError};
 use crate::domain::client::Caller;
-use crate::domain::TaskInputs;
+use crate::domain::InputImage;
 
 /// The overview page's figures.
 #[derive(Debug, Clone)]
@@ -22,13 +22,24 @@ pub struct Overview {
 const DAY_MS: i64 = 24 * 3600 * 1000;
 
 impl Relay {
-    /// The input images of one of the caller's tasks.
-    pub async fn inputs(&self, caller: &Caller, id: &str) -> Result<TaskInputs, ServiceError> {
+    /// What the input images of one of the caller's tasks were (URLs, or Base64 sizes): never
+    /// the Base64 itself, which is megabytes and gone once the task has left pending.
+    pub async fn input_summary(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<Vec<InputImage>, ServiceError> {
         self.get(caller, id).await?;
-        self.store
+        if let Some(summary) = self.store.input_summary(id).await? {
+            return Ok(summary);
+        }
+        // Stored before summaries were kept: what is left of the inputs says it.
+        Ok(self
+            .store
             .get_inputs(id)
             .await?
-            .ok_or(ServiceError::NotFound)
+            .map(|i| i.summary())
+            .unwrap_or_default())
     }
 
     /// The last 24 hours of the caller's tasks, and the upstream budget (shared by everyone).

@@ -9,7 +9,7 @@ pub mod live;
 
 use crate::config::Settings;
 use crate::domain::admission::{Admission, AdmissionConfig, AdmissionSnapshot};
-use crate::domain::client::{hex_sha256, Caller, SubmitBudget};
+use crate::domain::client::{Caller, SubmitBudget};
 use crate::domain::halt::{DispatchHalt, Halt, HaltConfig, HaltReason};
 use crate::domain::notify::NetworkPolicy;
 use crate::domain::{
@@ -149,7 +149,13 @@ pub struct Relay {
     /// Clients' default notify URLs, read at most every CLIENT_URL_TTL: every status change needs
     /// one, and a database read per change was the largest cost of webhook intake after the write.
     client_urls: Mutex<HashMap<String, (Option<String>, i64)>>,
+    /// Bytes of large request bodies being read and processed at once (`server.max_concurrent_body_bytes`).
+    body_budget: Arc<tokio::sync::Semaphore>,
 }
+
+/// Bodies up to this size skip the byte budget: they cost little, and must not queue behind a
+/// large one.
+pub const SMALL_BODY_BYTES: usize = 1024 * 1024;
 
 /// Largest raw upstream payload kept on a timeline entry, as JSON text.
 pub const MAX_STORED_PAYLOAD_BYTES: usize = 64 * 1024;
@@ -167,6 +173,25 @@ fn capped_payload(v: &serde_json::Value) -> String {
         "note": format!("payloads over {MAX_STORED_PAYLOAD_BYTES} bytes are not kept"),
     })
     .to_string()
+}
+
+/// SHA-256 (hex) of a JSON value's text, computed while it is written out.
+fn json_sha256(v: &serde_json::Value) -> String {
+    use sha2::Digest;
+    struct Hashing(Sha256);
+    impl std::io::Write for Hashing {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.update(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut h = Hashing(Sha256::new());
+    // Writing JSON into a hasher cannot fail: the writer never errs and values always encode.
+    let _ = serde_json::to_writer(&mut h, v);
+    h.0.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// How long a client's default notify URL is cached; a change with the CLI applies within it.
@@ -211,6 +236,9 @@ impl Relay {
             submit_budgets: Mutex::new(HashMap::new()),
             shutdown: tokio_util::sync::CancellationToken::new(),
             client_urls: Mutex::new(HashMap::new()),
+            body_budget: Arc::new(tokio::sync::Semaphore::new(
+                settings.server.max_concurrent_body_bytes,
+            )),
             store,
             admission,
             upstream,
@@ -390,19 +418,53 @@ impl Relay {
         self.admission.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The byte-budget share of dispatching a stored task: its Base64 inputs are read back and
+    /// written into the create call, which costs memory like a submit of them.
+    pub async fn reserve_dispatch_bytes(
+        &self,
+        id: &str,
+    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ServiceError> {
+        let Some(summary) = self.store.input_summary(id).await? else {
+            return Ok(None);
+        };
+        Ok(self
+            .reserve_body_bytes(crate::domain::base64_len(&summary))
+            .await)
+    }
+
+    /// Waits until a request body of `bytes` fits the budget of large bodies in memory at once;
+    /// the budget is taken back when the returned permit drops. A Base64 image costs memory a
+    /// few times over while it is parsed, checked and stored, so large submits take turns.
+    pub async fn reserve_body_bytes(
+        &self,
+        bytes: usize,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if bytes <= SMALL_BODY_BYTES {
+            return None;
+        }
+        let most = self.settings.server.max_concurrent_body_bytes;
+        let n = u32::try_from(bytes.min(most)).unwrap_or(u32::MAX);
+        self.body_budget.clone().acquire_many_owned(n).await.ok()
+    }
+
     /// Validates and durably stores a task, then gives the dispatcher up to `dispatch.wait` to
     /// send it upstream, so the usual answer already says `submitted`. With an idempotency key
     /// (scoped to the caller), a repeat of the same request returns the first task instead.
     pub async fn submit(
         &self,
         caller: &Caller,
-        body: &serde_json::Value,
+        body: serde_json::Value,
         idempotency_key: Option<&str>,
         request_id: Option<&str>,
+        body_budget: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Result<Submitted, ServiceError> {
         let wire = self.upstream.wire();
         let rules = Rules::api(wire.subject_images, &wire.default_model, &wire.models);
-        let req = validate_new_task(body, rules).map_err(ServiceError::Invalid)?;
+        let req = validate_new_task(&body, rules).map_err(ServiceError::Invalid)?;
+        // serde_json orders object keys, so equal JSON hashes equal; hashed as it is written out,
+        // so an 80 MB body is not copied into a string for it.
+        let request_hash = idempotency_key.map(|_| json_sha256(&body));
+        drop(body);
         if let Some(url) = &req.notify_url {
             self.check_destination_literal(url).map_err(|m| {
                 ServiceError::Invalid(vec![FieldError {
@@ -436,24 +498,23 @@ impl Relay {
             notify_url: req.notify_url,
             request_id: request_id.map(str::to_owned),
         };
-        let claim = idempotency_key.map(|key| IdempotencyClaim {
-            // Keys are the caller's own: two clients may use the same key.
-            scope: caller.scope().unwrap_or("").to_owned(),
-            key: key.to_owned(),
-            // serde_json orders object keys, so equal JSON hashes equal.
-            request_hash: hex_sha256(body.to_string().as_bytes()),
-            expired_before_ms: now - ms(IDEMPOTENCY_TTL),
-        });
+        let claim = idempotency_key
+            .zip(request_hash)
+            .map(|(key, request_hash)| IdempotencyClaim {
+                // Keys are the caller's own: two clients may use the same key.
+                scope: caller.scope().unwrap_or("").to_owned(),
+                key: key.to_owned(),
+                request_hash,
+                expired_before_ms: now - ms(IDEMPOTENCY_TTL),
+            });
         let mut changes = self.subscribe();
         let caps = PendingCaps {
             total: self.settings.dispatch.max_pending,
             per_client: self.settings.limits.client_max_pending,
         };
-        match self
-            .store
-            .insert_task(&record, claim.as_ref(), caps)
-            .await?
-        {
+        let inserted = self.store.insert_task(record, claim.as_ref(), caps).await?;
+        drop(body_budget);
+        match inserted {
             InsertOutcome::Inserted => {}
             InsertOutcome::QueueFull => return Err(ServiceError::QueueFull),
             InsertOutcome::Existing {

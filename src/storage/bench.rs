@@ -4,6 +4,21 @@
 use super::{Pool, Result, Store};
 
 impl Store {
+    /// Tasks waiting for dispatch.
+    #[doc(hidden)]
+    pub async fn bench_count_pending(&self) -> Result<i64> {
+        const SQL: &str = "SELECT COUNT(*) FROM tasks WHERE status = 'pending'";
+        Ok(on_pool!(self, p => sqlx::query_scalar(SQL).fetch_one(p).await?))
+    }
+
+    /// Tasks whose input images are still stored (they should be only while pending).
+    #[doc(hidden)]
+    pub async fn bench_tasks_keeping_input_images(&self) -> Result<i64> {
+        const SQL: &str = "SELECT COUNT(*) FROM task_inputs WHERE subject_images <> '[]' \
+            OR scene_image IS NOT NULL OR style_image IS NOT NULL";
+        Ok(on_pool!(self, p => sqlx::query_scalar(SQL).fetch_one(p).await?))
+    }
+
     /// One single-row update transaction: the storage limit of webhook intake.
     #[doc(hidden)]
     pub async fn bench_update_one(&self, id: &str, at: i64) -> Result<()> {

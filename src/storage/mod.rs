@@ -8,11 +8,12 @@
 //! only if nobody changed the task since, together with its timeline event, in one transaction.
 
 use crate::domain::{
-    Change, EventSource, ResultImage, Task, TaskError, TaskEvent, TaskInputs, TaskStatus,
+    Change, EventSource, InputImage, ResultImage, Task, TaskError, TaskEvent, TaskInputs,
+    TaskStatus,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{PgPool, SqlitePool};
+use sqlx::{Connection, PgPool, SqlitePool};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -518,7 +519,7 @@ impl Store {
     /// `max_pending` tasks already wait for dispatch.
     pub async fn insert_task(
         &self,
-        t: &NewTaskRecord,
+        t: NewTaskRecord,
         idempotency: Option<&IdempotencyClaim>,
         caps: PendingCaps,
     ) -> Result<InsertOutcome> {
@@ -532,7 +533,7 @@ impl Store {
             AND (SELECT COUNT(*) FROM tasks WHERE client = $10 AND status = 'pending') < $12";
         const INPUTS: &str =
             "INSERT INTO task_inputs (task_id, subject_images, scene_image, style_image, \
-            negative_prompt, watermark_info) VALUES ($1, $2, $3, $4, $5, $6)";
+            negative_prompt, watermark_info, summary) VALUES ($1, $2, $3, $4, $5, $6, $7)";
         const EXPIRE_KEY: &str =
             "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND created_at < $3";
         const CLAIM_KEY: &str =
@@ -541,7 +542,13 @@ impl Store {
         const READ_KEY: &str =
             "SELECT request_hash, task_id FROM idempotency_keys WHERE scope = $1 AND key = $2";
         let metadata = t.metadata.as_ref().map(json_text).transpose()?;
-        let subjects = json_text(&t.inputs.subject_images)?;
+        let summary = json_text(&t.inputs.summary())?;
+        // The images move into the statement rather than being copied: a Base64 submit is
+        // tens of MB, and SQLite copies each bound value and builds the row once more.
+        let mut t = t;
+        let subjects = json_text(&std::mem::take(&mut t.inputs.subject_images))?;
+        let scene_image = t.inputs.scene_image.take();
+        let style_image = t.inputs.style_image.take();
         let watermark = t
             .inputs
             .watermark_info
@@ -550,7 +557,9 @@ impl Store {
             .transpose()?;
         let serialize_submits = matches!(self.pool, Pool::Postgres(_));
         on_pool!(self, p => {
-            let mut tx = p.begin().await?;
+            let mut conn = p.acquire().await?;
+            let outcome = async {
+            let mut tx = conn.begin().await?;
             if serialize_submits {
                 // Postgres: make the pending count and the insert one atomic step across
                 // sessions (SQLite's single writer already does).
@@ -624,13 +633,17 @@ impl Store {
                     });
                 }
             }
+            // Not cached: a cached SQLite statement keeps its last bound values (here, megabytes
+            // of Base64) until its next use.
             sqlx::query(INPUTS)
+                .persistent(false)
                 .bind(&t.id)
-                .bind(&subjects)
-                .bind(&t.inputs.scene_image)
-                .bind(&t.inputs.style_image)
+                .bind(subjects)
+                .bind(scene_image)
+                .bind(style_image)
                 .bind(&t.inputs.negative_prompt)
                 .bind(&watermark)
+                .bind(summary)
                 .execute(&mut *tx)
                 .await?;
             sqlx::query(INSERT_EVENT)
@@ -643,7 +656,13 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
-            Ok(InsertOutcome::Inserted)
+            Ok::<_, StorageError>(InsertOutcome::Inserted)
+            }
+            .await;
+            // A Base64 submit grows the connection's buffers to its size; the pool would keep
+            // them for as long as the connection lives.
+            conn.shrink_buffers();
+            outcome
         })
     }
 
@@ -686,12 +705,31 @@ impl Store {
         row.map(Task::try_from).transpose()
     }
 
+    /// What the task's input images were: the summary written at submit (None for a task
+    /// stored before summaries were kept, or with no inputs row).
+    pub async fn input_summary(&self, id: &str) -> Result<Option<Vec<InputImage>>> {
+        const SQL: &str = "SELECT summary FROM task_inputs WHERE task_id = $1";
+        let row: Option<(Option<String>,)> = on_pool!(self, p => {
+            sqlx::query_as(SQL).bind(id).fetch_optional(p).await?
+        });
+        row.and_then(|(s,)| s)
+            .map(|s| {
+                serde_json::from_str(&s)
+                    .map_err(|e| StorageError::Corrupt(format!("task {id}: input summary: {e}")))
+            })
+            .transpose()
+    }
+
     pub async fn get_inputs(&self, id: &str) -> Result<Option<TaskInputs>> {
         const SQL: &str =
             "SELECT subject_images, scene_image, style_image, negative_prompt, watermark_info \
             FROM task_inputs WHERE task_id = $1";
         let row: Option<InputsRow> = on_pool!(self, p => {
-            sqlx::query_as(SQL).bind(id).fetch_optional(p).await?
+            let mut conn = p.acquire().await?;
+            // Not cached, so the statement does not hold the last row's Base64 (see insert_task).
+            let row = sqlx::query_as(SQL).persistent(false).bind(id).fetch_optional(&mut *conn).await;
+            conn.shrink_buffers();
+            row?
         });
         row.map(|r| {
             Ok(TaskInputs {
@@ -827,6 +865,11 @@ impl Store {
                 .bind(upstream_payload)
                 .execute(&mut *tx)
                 .await?;
+            if change.status != TaskStatus::Pending {
+                // Out of pending means upstream has the task or it is over: no dispatch can need
+                // its images again, so they go with the same commit (their summary stays).
+                sqlx::query(DROP_INPUT_IMAGES).bind(id).execute(&mut *tx).await?;
+            }
             if let Some(o) = outbox {
                 // The notification is part of the change: both commit, or neither.
                 sqlx::query(deliveries::INSERT_OUTBOX)
@@ -1009,6 +1052,9 @@ fn like_pattern(text: &str) -> String {
 const INSERT_EVENT: &str =
     "INSERT INTO task_events (task_id, at, source, status, upstream_status, detail) \
     VALUES ($1, $2, $3, $4, $5, $6)";
+/// A task's images once it has left pending; its summary, prompt text and watermark stay.
+const DROP_INPUT_IMAGES: &str = "UPDATE task_inputs SET subject_images = '[]', \
+    scene_image = NULL, style_image = NULL WHERE task_id = $1 AND subject_images <> '[]'";
 const INSERT_EVENT_WITH_PAYLOAD: &str = "INSERT INTO task_events \
     (task_id, at, source, status, upstream_status, detail, upstream_payload) \
     VALUES ($1, $2, $3, $4, $5, $6, $7)";

@@ -19,7 +19,7 @@ pub use wire::parse_callback;
 
 use crate::domain::halt::HaltReason;
 use crate::domain::{TaskInputs, UpstreamReport};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,6 +71,55 @@ pub struct CreateRequest<'a> {
     pub external_task_id: &'a str,
     /// Sent as `x-request-id`, so one id follows the task across both services.
     pub request_id: Option<&'a str>,
+}
+
+/// The create call's body, serialized from the task's inputs in place.
+struct CreateBody<'a> {
+    scene_field: &'a str,
+    req: &'a CreateRequest<'a>,
+}
+
+impl serde::Serialize for CreateBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        #[derive(serde::Serialize)]
+        struct Subject<'a> {
+            subject_image: &'a str,
+        }
+        let (req, inputs) = (self.req, &self.req.inputs);
+        let mut m = s.serialize_map(None)?;
+        let subjects: Vec<Subject<'_>> = inputs
+            .subject_images
+            .iter()
+            .map(|s| Subject { subject_image: s })
+            .collect();
+        m.serialize_entry("subject_image_list", &subjects)?;
+        m.serialize_entry("model_name", req.model_name)?;
+        if let Some(p) = req.prompt {
+            m.serialize_entry("prompt", p)?;
+        }
+        if let Some(p) = &inputs.negative_prompt {
+            m.serialize_entry("negative_prompt", p)?;
+        }
+        if let Some(img) = &inputs.scene_image {
+            m.serialize_entry(self.scene_field, img)?;
+        }
+        if let Some(img) = &inputs.style_image {
+            m.serialize_entry("style_image", img)?;
+        }
+        m.serialize_entry("n", &req.n)?;
+        if let Some(a) = req.aspect_ratio {
+            m.serialize_entry("aspect_ratio", a)?;
+        }
+        if let Some(w) = &inputs.watermark_info {
+            m.serialize_entry("watermark_info", w)?;
+        }
+        if let Some(c) = &req.callback_url {
+            m.serialize_entry("callback_url", c)?;
+        }
+        m.serialize_entry("external_task_id", req.external_task_id)?;
+        m.end()
+    }
 }
 
 /// A raw answer, for `doctor`'s probes.
@@ -130,50 +179,31 @@ impl CometClient {
     }
 
     /// The JSON body of a create call.
+    /// The create call's JSON, as a value (for inspection; the call itself serializes
+    /// `CreateBody` straight to bytes, so Base64 images are not copied twice).
     pub fn create_body(&self, req: &CreateRequest<'_>) -> Value {
-        let mut body = Map::new();
-        body.insert(
-            "subject_image_list".into(),
-            Value::Array(
-                req.inputs
-                    .subject_images
-                    .iter()
-                    .map(|s| json!({ "subject_image": s }))
-                    .collect(),
-            ),
-        );
-        body.insert("model_name".into(), json!(req.model_name));
-        if let Some(p) = req.prompt {
-            body.insert("prompt".into(), json!(p));
-        }
-        if let Some(p) = &req.inputs.negative_prompt {
-            body.insert("negative_prompt".into(), json!(p));
-        }
-        if let Some(s) = &req.inputs.scene_image {
-            body.insert(self.wire.scene_image_field.clone(), json!(s));
-        }
-        if let Some(s) = &req.inputs.style_image {
-            body.insert("style_image".into(), json!(s));
-        }
-        body.insert("n".into(), json!(req.n));
-        if let Some(a) = req.aspect_ratio {
-            body.insert("aspect_ratio".into(), json!(a));
-        }
-        if let Some(w) = &req.inputs.watermark_info {
-            body.insert("watermark_info".into(), w.clone());
-        }
-        if let Some(c) = &req.callback_url {
-            body.insert("callback_url".into(), json!(c));
-        }
-        body.insert("external_task_id".into(), json!(req.external_task_id));
-        Value::Object(body)
+        serde_json::to_value(CreateBody {
+            scene_field: &self.wire.scene_image_field,
+            req,
+        })
+        .unwrap_or(Value::Null)
     }
 
     pub async fn create(&self, req: &CreateRequest<'_>) -> Result<UpstreamReport, UpstreamError> {
         let started = std::time::Instant::now();
+        let body = serde_json::to_vec(&CreateBody {
+            scene_field: &self.wire.scene_image_field,
+            req,
+        })
+        // Strings and JSON values always encode; were one not to, no retry would help.
+        .map_err(|e| UpstreamError::Rejected {
+            code: "encode".into(),
+            message: format!("cannot encode the create call: {e}"),
+        })?;
         let mut call = self
             .authorize(self.http.post(self.url(&self.wire.create_path)))
-            .json(&self.create_body(req));
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
         if let Some(id) = req.request_id {
             call = call.header("x-request-id", id);
         }

@@ -142,6 +142,9 @@ async fn dispatch_one(relay: &Relay, task: Task, now_claimed: i64) -> Result<(),
     if was_in_doubt && bind_if_upstream_has_it(relay, &task).await? {
         return Ok(());
     }
+    // Large Base64 inputs take their turn in the byte budget that large submits share, held
+    // until the create call is done with them.
+    let _budget = relay.reserve_dispatch_bytes(id).await?;
     let Some(inputs) = relay.store.get_inputs(id).await? else {
         relay
             .finish(

@@ -315,7 +315,7 @@ async fn task_page(
     let (caller, who) = session(&relay, &headers).await?;
     let with_who = |e: ServiceError| UiError::Api(Some(who.clone()), e.into());
     let task = relay.get(&caller, &id).await.map_err(with_who)?;
-    let inputs = relay.inputs(&caller, &id).await.ok();
+    let inputs = relay.input_summary(&caller, &id).await.unwrap_or_default();
     let archive = relay
         .archive_records(std::slice::from_ref(&task))
         .await
@@ -328,7 +328,7 @@ async fn task_page(
     let replayed = query.as_deref().is_some_and(|q| q.contains("replayed=1"));
     let page = TaskPage {
         task: &task,
-        inputs: inputs.as_ref(),
+        inputs: &inputs,
         archive: &archive,
         events: &events,
         deliveries: &deliveries,

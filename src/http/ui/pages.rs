@@ -2,7 +2,7 @@
 //! in words (colour only repeats it), and tables turn into cards on narrow screens.
 
 use crate::domain::archive::{ArchiveState, ArchivedImage};
-use crate::domain::{Task, TaskEvent, TaskInputs, TaskStatus};
+use crate::domain::{InputImage, Task, TaskEvent, TaskStatus};
 use crate::resource::rfc3339;
 use crate::service::dashboard::Overview;
 use crate::storage::Delivery;
@@ -204,7 +204,6 @@ fn short_id(id: &str) -> &str {
     id.get(id.len().saturating_sub(8)..).unwrap_or(id)
 }
 
-/// An input image as something a browser can show: the URL, or Base64 as a data URI.
 /// The URL, if it is an absolute http(s) URL.
 fn web_url(raw: &str) -> Option<&str> {
     url::Url::parse(raw)
@@ -213,21 +212,31 @@ fn web_url(raw: &str) -> Option<&str> {
         .map(|_| raw)
 }
 
-fn input_src(raw: &str) -> String {
-    if raw.starts_with("http://") || raw.starts_with("https://") || raw.starts_with("data:") {
-        return raw.to_owned();
+fn input_label(input: &InputImage, position: usize) -> String {
+    match input.role.as_str() {
+        "scene" => "Scene image".to_owned(),
+        "style" => "Style image".to_owned(),
+        _ => format!("Subject image {}", position + 1),
     }
-    let mime = if raw.starts_with("/9j/") {
-        "image/jpeg"
+}
+
+/// "PNG 1024×1024, 7.5 MB (Base64)": what a Base64 input was, without its bytes.
+fn base64_description(input: &InputImage) -> String {
+    let bytes = input.base64_bytes.unwrap_or(0);
+    let size = if bytes >= 1_000_000 {
+        format!("{:.1} MB", bytes as f64 / 1_000_000.0)
     } else {
-        "image/png"
+        format!("{:.1} KB", bytes as f64 / 1000.0)
     };
-    format!("data:{mime};base64,{raw}")
+    match (&input.format, input.width, input.height) {
+        (Some(f), Some(w), Some(h)) => format!("{} {w}×{h}, {size} (Base64)", f.to_uppercase()),
+        _ => format!("{size} (Base64)"),
+    }
 }
 
 pub struct TaskPage<'a> {
     pub task: &'a Task,
-    pub inputs: Option<&'a TaskInputs>,
+    pub inputs: &'a [InputImage],
     pub archive: &'a [ArchivedImage],
     pub events: &'a [TaskEvent],
     pub deliveries: &'a [Delivery],
@@ -306,14 +315,20 @@ pub fn task_page(who: &str, p: &TaskPage<'_>) -> Markup {
                     }
                 }
             }
-            @if let Some(inputs) = p.inputs {
+            @if !p.inputs.is_empty() {
                 h2 { "Inputs" }
                 div.thumbs #inputs {
-                    @for (i, s) in inputs.subject_images.iter().enumerate() {
-                        img src=(input_src(s)) alt={ "Subject image " (i + 1) };
+                    @for (i, input) in p.inputs.iter().enumerate() {
+                        @let label = input_label(input, i);
+                        @match input.url.as_deref().and_then(web_url) {
+                            Some(url) => a href=(url) { img src=(url) alt=(label); },
+                            None => span.input-b64 title=(label) {
+                                (label) ": " (base64_description(input))
+                                @if p.task.status == TaskStatus::Pending { " (kept until dispatch)" }
+                                @else { " (not kept once sent upstream)" }
+                            },
+                        }
                     }
-                    @if let Some(s) = &inputs.scene_image { img src=(input_src(s)) alt="Scene image"; }
-                    @if let Some(s) = &inputs.style_image { img src=(input_src(s)) alt="Style image"; }
                 }
             }
             h2 #deliveries { "Notifications" }

@@ -5,6 +5,8 @@
 //!   target/release/kling-relay-bench --scenario history --db sqlite
 //!   target/release/kling-relay-bench --smoke                             # tiny sizes, seconds (CI)
 
+mod amplification;
+
 use axum::routing::post;
 use clap::Parser;
 use kling_relay::domain::{Change, EventSource, TaskInputs, TaskStatus, UpstreamStatus};
@@ -23,7 +25,7 @@ const WEBHOOK_SECRET: &str = "bench-webhook-secret-of-at-least-32-bytes";
 #[derive(Parser, Clone)]
 #[command(about = "Benchmarks for kling-relay (loopback only)")]
 struct Args {
-    /// webhook-ingest, submit, history, poll-scale, end-to-end, or all.
+    /// webhook-ingest, submit, history, poll-scale, end-to-end, amplification, or all.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// sqlite, postgres, or both.
@@ -407,7 +409,7 @@ async fn seed_submitted(store: &Store, n: usize) -> anyhow::Result<Vec<String>> 
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
         let (r, _) = record(i, 3);
-        store.insert_task(&r, None, CAPS).await?;
+        store.insert_task(r.clone(), None, CAPS).await?;
         let change = Change {
             status: TaskStatus::Submitted,
             upstream_status: Some(UpstreamStatus::Submitted),
@@ -884,6 +886,7 @@ async fn main() -> std::process::ExitCode {
             "history",
             "poll-scale",
             "end-to-end",
+            "amplification",
         ],
         s => vec![s],
     };
@@ -900,6 +903,7 @@ async fn main() -> std::process::ExitCode {
                     "history" => history(&args, db).await,
                     "poll-scale" => poll_scale(&args, db).await,
                     "end-to-end" => end_to_end(&args, db).await,
+                    "amplification" => amplification::amplification(&args, db).await,
                     other => Err(anyhow::anyhow!("unknown scenario `{other}`")),
                 }
             })
