@@ -294,11 +294,13 @@ async fn refused_destinations(b: Backend) {
         },
     )
     .await;
-    // Metadata and link-local addresses are refused at the door.
+    // Refused at the door: only loopback spellings here (a test never aims the service at
+    // another address, even one it should refuse); link-local and metadata addresses are
+    // covered by domain::notify's unit tests.
     for url in [
-        "http://169.254.169.254/latest",
-        "http://[fe80::1]/x",
-        "ftp://example.com/x",
+        "http://127.0.0.1/latest",
+        "http://[::ffff:127.0.0.1]/x",
+        "ftp://localhost/x",
     ] {
         let mut body = valid_body();
         body["notify_url"] = json!(url);
@@ -338,8 +340,6 @@ async fn loopback_destinations_are_opt_in(b: Backend) {
         "[::127.0.0.1]",
         "[64:ff9b::7f00:1]",
         "[2002:7f00:1::]",
-        "168.63.129.16",
-        "192.0.0.192",
     ] {
         let mut body = valid_body();
         body["notify_url"] = json!(format!("http://{host}:5432/x"));

@@ -314,6 +314,9 @@ mod tests {
             "0.0.0.0",
             "::ffff:169.254.169.254",
             "fd00:ec2::254",
+            "168.63.129.16",
+            "192.0.0.192",
+            "64:ff9b::a9fe:a9fe",
         ] {
             assert!(p.check(bad.parse().unwrap()).is_err(), "{bad}");
         }
