@@ -67,6 +67,7 @@ async fn submitted_task(
             outbox: outbox.as_ref(),
             archive: false,
             upstream_payload: None,
+            leaves_pending: false,
         })
         .await
         .unwrap());
@@ -274,6 +275,7 @@ async fn other_replicas_hear_committed_changes() {
             outbox: None,
             archive: false,
             upstream_payload: None,
+            leaves_pending: false,
         })
         .await
         .unwrap());
@@ -294,6 +296,7 @@ async fn other_replicas_hear_committed_changes() {
             outbox: None,
             archive: false,
             upstream_payload: None,
+            leaves_pending: false,
         })
         .await
         .unwrap());

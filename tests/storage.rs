@@ -200,6 +200,7 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
             outbox: None,
             archive: false,
             upstream_payload: None,
+            leaves_pending: false,
         })
         .await
         .unwrap());
@@ -223,6 +224,7 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
             outbox: None,
             archive: false,
             upstream_payload: None,
+            leaves_pending: false,
         })
         .await
         .unwrap());
@@ -237,6 +239,7 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
             outbox: None,
             archive: false,
             upstream_payload: None,
+            leaves_pending: false,
         })
         .await
         .unwrap());
@@ -284,6 +287,7 @@ async fn a_claim_defeats_a_cancel_decided_before_it(b: Backend) {
             outbox: None,
             archive: false,
             upstream_payload: None,
+            leaves_pending: false,
         })
         .await
         .unwrap();

@@ -814,6 +814,8 @@ impl Relay {
                     outbox: outbox.as_ref(),
                     archive: self.settings.archive.enabled,
                     upstream_payload: payload_text.as_deref(),
+                    leaves_pending: task.status == TaskStatus::Pending
+                        && change.status != TaskStatus::Pending,
                 })
                 .await?
             {

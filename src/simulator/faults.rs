@@ -71,6 +71,9 @@ pub struct Faults {
     pub image_fault: Option<ImageFault>,
     /// Answer image requests this late.
     pub image_delay_ms: u64,
+    /// Units of the account held by someone else (another team on the same key): they count
+    /// against `concurrency_units` like ours, so creates meet `1303` sooner.
+    pub units_held_elsewhere: i64,
 }
 
 /// Ways a result image URL can misbehave, for the archive tests.

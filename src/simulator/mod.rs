@@ -132,6 +132,17 @@ struct SimState {
     stats: SimStats,
     /// (task_id, task_status) of every callback the receiver answered with 2xx.
     acknowledged: Vec<(String, String)>,
+    /// (Unix ms, units): +n when a create takes units, -n when a task frees them; the first
+    /// UNIT_LOG_MAX changes only (the benchmark reads it: how soon freed units are reused).
+    unit_log: Vec<(i64, i64)>,
+}
+
+const UNIT_LOG_MAX: usize = 200_000;
+
+fn log_units(st: &mut SimState, at_ms: i64, units: i64) {
+    if st.unit_log.len() < UNIT_LOG_MAX {
+        st.unit_log.push((at_ms, units));
+    }
 }
 
 /// A running simulator; dropping it does not stop it, [`Simulator::stop`] does.
@@ -222,6 +233,11 @@ impl Simulator {
     /// The upstream status of a task, as the simulator holds it.
     pub fn task_status(&self, task_id: &str) -> Option<&'static str> {
         lock(&self.inner.state).tasks.get(task_id).map(|t| t.status)
+    }
+
+    /// Every change of the units in use, as (Unix ms, +n taken | -n freed), oldest first.
+    pub fn unit_log(&self) -> Vec<(i64, i64)> {
+        lock(&self.inner.state).unit_log.clone()
     }
 
     /// When upstream finished a task (its final `updated_at`, Unix ms), if it has.
@@ -462,6 +478,8 @@ async fn start_task(
         .map(str::to_owned);
     let n = i64::from(n);
     let now = now_ms();
+    // Read before the state lock: the two locks are never held together.
+    let elsewhere = lock(&inner.faults).units_held_elsewhere.max(0);
     let sim_task = {
         let mut st = lock(&inner.state);
         if let Some(ext) = &external {
@@ -475,7 +493,7 @@ async fn start_task(
                 );
             }
         }
-        if st.stats.units_in_use + n > inner.cfg.concurrency_units {
+        if st.stats.units_in_use + elsewhere + n > inner.cfg.concurrency_units {
             st.stats.busy_answers += 1;
             drop(st);
             return failure_response(inner, Failure::Code1303);
@@ -502,6 +520,7 @@ async fn start_task(
         };
         st.stats.units_in_use += n;
         st.stats.peak_units_in_use = st.stats.peak_units_in_use.max(st.stats.units_in_use);
+        log_units(&mut st, now_ms(), n);
         st.stats.tasks_created += 1;
         if let Some(ext) = external {
             st.by_external.insert(ext, task_id.clone());
@@ -558,6 +577,7 @@ async fn run_task(inner: Arc<Inner>, task_id: String, failing: bool) {
             if status != "processing" {
                 let n = t.n;
                 st.stats.units_in_use -= n;
+                log_units(&mut st, now_ms(), -n);
             }
             (url, payload)
         };

@@ -11,6 +11,14 @@ impl Store {
         Ok(on_pool!(self, p => sqlx::query_scalar(SQL).fetch_one(p).await?))
     }
 
+    /// Tasks not yet final.
+    #[doc(hidden)]
+    pub async fn bench_count_open(&self) -> Result<i64> {
+        const SQL: &str = "SELECT COUNT(*) FROM tasks \
+            WHERE status NOT IN ('succeeded', 'failed', 'timed_out', 'canceled')";
+        Ok(on_pool!(self, p => sqlx::query_scalar(SQL).fetch_one(p).await?))
+    }
+
     /// Tasks whose input images are still stored (they should be only while pending).
     #[doc(hidden)]
     pub async fn bench_tasks_keeping_input_images(&self) -> Result<i64> {

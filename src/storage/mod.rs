@@ -330,6 +330,9 @@ pub struct Commit<'a> {
     pub archive: bool,
     /// What upstream sent, kept with the event (JSON text).
     pub upstream_payload: Option<&'a str>,
+    /// The change takes the task out of `pending` (decided on `expected_version`): its input
+    /// images go in the same transaction.
+    pub leaves_pending: bool,
 }
 
 /// A parameter for [`Store::explain`].
@@ -811,6 +814,7 @@ impl Store {
             outbox,
             archive,
             upstream_payload,
+            leaves_pending,
         } = *c;
         const SQL: &str = "UPDATE tasks SET status = $2, \
             upstream_status = COALESCE($3, upstream_status), \
@@ -865,7 +869,7 @@ impl Store {
                 .bind(upstream_payload)
                 .execute(&mut *tx)
                 .await?;
-            if change.status != TaskStatus::Pending {
+            if leaves_pending {
                 // Out of pending means upstream has the task or it is over: no dispatch can need
                 // its images again, so they go with the same commit (their summary stays).
                 sqlx::query(DROP_INPUT_IMAGES).bind(id).execute(&mut *tx).await?;

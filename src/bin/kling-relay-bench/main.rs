@@ -6,6 +6,7 @@
 //!   target/release/kling-relay-bench --smoke                             # tiny sizes, seconds (CI)
 
 mod amplification;
+mod utilization;
 
 use axum::routing::post;
 use clap::Parser;
@@ -25,7 +26,8 @@ const WEBHOOK_SECRET: &str = "bench-webhook-secret-of-at-least-32-bytes";
 #[derive(Parser, Clone)]
 #[command(about = "Benchmarks for kling-relay (loopback only)")]
 struct Args {
-    /// webhook-ingest, submit, history, poll-scale, end-to-end, amplification, or all.
+    /// webhook-ingest, submit, history, poll-scale, end-to-end, amplification, utilization, or
+    /// all.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// sqlite, postgres, or both.
@@ -431,6 +433,7 @@ async fn seed_submitted(store: &Store, n: usize) -> anyhow::Result<Vec<String>> 
                 outbox: None,
                 archive: false,
                 upstream_payload: None,
+                leaves_pending: false,
             })
             .await?;
         ids.push(r.id);
@@ -887,6 +890,7 @@ async fn main() -> std::process::ExitCode {
             "poll-scale",
             "end-to-end",
             "amplification",
+            "utilization",
         ],
         s => vec![s],
     };
@@ -904,6 +908,7 @@ async fn main() -> std::process::ExitCode {
                     "poll-scale" => poll_scale(&args, db).await,
                     "end-to-end" => end_to_end(&args, db).await,
                     "amplification" => amplification::amplification(&args, db).await,
+                    "utilization" => utilization::utilization(&args, db).await,
                     other => Err(anyhow::anyhow!("unknown scenario `{other}`")),
                 }
             })
