@@ -294,6 +294,11 @@ pub struct PollerSettings {
     pub concurrency: usize,
     #[serde(with = "humantime_serde")]
     pub tick: Duration,
+    /// While work waits for units: how often a running task past its expected finish is polled.
+    #[serde(with = "humantime_serde")]
+    pub eager_interval: Duration,
+    /// Upstream queries per second at most, spread evenly.
+    pub max_queries_per_second: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -430,7 +435,14 @@ impl Settings {
         if self.server.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
         }
-        let positive: [(&'static str, Duration); 18] = [
+        if self.poller.max_queries_per_second == 0 {
+            return Err(invalid(
+                "poller.max_queries_per_second",
+                "must be at least 1",
+            ));
+        }
+        let positive: [(&'static str, Duration); 19] = [
+            ("poller.eager_interval", self.poller.eager_interval),
             ("auth.session_idle_timeout", self.auth.session_idle_timeout),
             ("auth.session_lifetime", self.auth.session_lifetime),
             ("auth.recheck_interval", self.auth.recheck_interval),

@@ -7,6 +7,7 @@
 pub mod admission;
 pub mod archive;
 pub mod client;
+pub mod durations;
 pub mod halt;
 pub mod image_header;
 pub mod notify;

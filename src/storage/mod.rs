@@ -67,6 +67,7 @@ mod deliveries;
 mod doctor;
 mod feed;
 mod overview;
+mod polling;
 mod sessions;
 
 pub use archive::{ArchiveSetback, StoredImage};
@@ -826,7 +827,9 @@ impl Store {
             updated_at = $9, completed_at = $10, \
             next_dispatch_at = NULL, dispatch_started_at = NULL, \
             poll_due_at = $11, poll_count = 0, version = version + 1, \
-            final_unit_deduction = COALESCE($13, final_unit_deduction) \
+            final_unit_deduction = COALESCE($13, final_unit_deduction), \
+            submitted_at = COALESCE(submitted_at, $14), \
+            upstream_started_at = COALESCE(upstream_started_at, $15) \
             WHERE id = $1 AND version = $12";
         let images = change.images.as_ref().map(json_text).transpose()?;
         let is_postgres = matches!(self.pool, Pool::Postgres(_));
@@ -853,6 +856,8 @@ impl Store {
                 .bind(poll_due_at_ms)
                 .bind(expected_version)
                 .bind(&change.final_unit_deduction)
+                .bind(leaves_pending.then_some(now_ms))
+                .bind(if leaves_pending { change.upstream_updated_at_ms } else { None })
                 .execute(&mut *tx)
                 .await?;
             if done.rows_affected() == 0 {

@@ -1,7 +1,13 @@
 //! The polling fallback: asks upstream about tasks that have had no news for a while, backing off
 //! per task, and times out tasks that never reach a final status.
+//!
+//! While work waits for upstream units, running tasks past their expected finish (learned from
+//! the history, `domain::durations`) are polled every `poller.eager_interval`, so their units are
+//! reused as soon as they free; queries never exceed `poller.max_queries_per_second`. Between
+//! passes the poller sleeps until the next poll is due (at most `tick`), not a fixed tick.
 
 use super::{for_each_bounded, jitter};
+use crate::domain::durations::{eager_polls, DurationEstimates, QueryRate};
 use crate::domain::halt::HaltReason;
 use crate::domain::schedule::backoff;
 use crate::domain::{EventSource, TaskError, TaskStatus};
@@ -9,19 +15,32 @@ use crate::service::{ms, now_ms, ApplyOutcome, Relay, ServiceError};
 use crate::storage::PollCandidate;
 use crate::upstream::{Lookup, UpstreamError};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Rounds of `poller.concurrency` polls a pass may run before it times out old tasks.
 const ROUNDS_PER_PASS: usize = 8;
 
+/// How often the learned durations are read again from the history.
+const ESTIMATES_REFRESH: Duration = Duration::from_secs(30);
+/// Recent succeeded tasks the durations are learned from.
+const DURATION_SAMPLES: i64 = 500;
+/// Shortest pause between passes, so a poll that cannot be claimed yet never spins.
+const MIN_PAUSE: Duration = Duration::from_millis(10);
+
 pub async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
     tracing::info!("poller started");
+    let mut poller = Poller::new(&relay);
     while !shutdown.is_cancelled() {
-        if let Err(e) = step(&relay).await {
-            tracing::error!(error = %e, "poller pass failed");
-        }
+        let pause = match poller.pass(&relay).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "poller pass failed");
+                relay.settings.poller.tick
+            }
+        };
         tokio::select! {
-            _ = tokio::time::sleep(relay.settings.poller.tick) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = relay.poll_wake.notified() => {}
             _ = shutdown.cancelled() => {}
         }
@@ -29,22 +48,96 @@ pub async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
     tracing::info!("poller stopped");
 }
 
+/// The poller's memory between passes: what it learned of durations, and its query rate.
+pub struct Poller {
+    estimates: DurationEstimates,
+    refreshed: Option<tokio::time::Instant>,
+    rate: QueryRate,
+}
+
+impl Poller {
+    pub fn new(relay: &Relay) -> Poller {
+        Poller {
+            estimates: DurationEstimates::default(),
+            refreshed: None,
+            rate: QueryRate::new(relay.settings.poller.max_queries_per_second),
+        }
+    }
+
+    /// One pass (see `step`), after bringing forward the polls of running tasks that are likely
+    /// done while work waits for their units. Returns how long to pause before the next: the
+    /// eager interval while work waits, else until the next poll is due, at most `tick`.
+    pub async fn pass(&mut self, relay: &Arc<Relay>) -> Result<Duration, ServiceError> {
+        let s = &relay.settings.poller;
+        if self
+            .refreshed
+            .is_none_or(|t| t.elapsed() >= ESTIMATES_REFRESH)
+        {
+            let samples = relay.store.recent_durations(DURATION_SAMPLES).await?;
+            self.estimates = DurationEstimates::from_samples(&samples);
+            self.refreshed = Some(tokio::time::Instant::now());
+        }
+        let now = now_ms();
+        let eager_ms = ms(s.eager_interval);
+        let backlog = !self.estimates.is_empty() && relay.store.dispatch_backlog(now).await?;
+        if backlog {
+            let running = relay.store.running_tasks().await?;
+            let ids = eager_polls(now, true, &running, &self.estimates, eager_ms);
+            let moved = relay.store.bring_polls_forward(&ids, now).await?;
+            metrics::counter!("klr_eager_polls_total").increment(moved);
+        }
+        let (_, _, rate_limited) = step_within(relay, &mut self.rate).await?;
+        let mut pause = if backlog {
+            s.eager_interval.min(s.tick)
+        } else {
+            s.tick
+        };
+        if let Some(due) = relay.store.next_poll_due().await? {
+            let until_due = u64::try_from(due - now_ms()).unwrap_or(0);
+            pause = pause.min(Duration::from_millis(until_due));
+        }
+        if rate_limited {
+            let wait = u64::try_from(self.rate.wait_ms()).unwrap_or(0);
+            pause = pause.max(Duration::from_millis(wait));
+        }
+        Ok(pause.max(MIN_PAUSE))
+    }
+}
+
 /// One pass: polls what is due and times out what is too old. Returns (polled, timed out).
 pub async fn step(relay: &Arc<Relay>) -> Result<(usize, usize), ServiceError> {
+    let mut unlimited = QueryRate::new(u32::MAX);
+    let (polled, timed_out, _) = step_within(relay, &mut unlimited).await?;
+    Ok((polled, timed_out))
+}
+
+/// A pass within the query rate. Returns (polled, timed out, whether the rate held polls back).
+async fn step_within(
+    relay: &Arc<Relay>,
+    rate: &mut QueryRate,
+) -> Result<(usize, usize, bool), ServiceError> {
     let s = &relay.settings.poller;
     let batch = s.concurrency.max(1);
     let mut polled = 0;
+    let mut rate_limited = false;
     // Claim one round at a time, so every lease starts when its poll does; a busy pass goes
     // round again, up to ROUNDS_PER_PASS times.
     for _ in 0..ROUNDS_PER_PASS {
         let now = now_ms();
+        let allowed = rate.take(now, batch);
+        if allowed == 0 {
+            rate_limited = true;
+            break;
+        }
         // Outlasts the poll's one upstream call and its commit; see `storage::claims` on leases.
         let lease_until = now + ms(relay.settings.cometapi.timeout) + 5_000;
         let due = relay
             .store
-            .claim_due_polls(now, batch as i64, lease_until)
+            .claim_due_polls(now, allowed as i64, lease_until)
             .await?;
         let round = due.len();
+        // Tokens not used by this round go back: nothing was sent for them.
+        rate.give_back(allowed - round);
         polled += round;
         let r = relay.clone();
         for_each_bounded(due, batch, move |c| {
@@ -57,7 +150,11 @@ pub async fn step(relay: &Arc<Relay>) -> Result<(usize, usize), ServiceError> {
             }
         })
         .await;
-        if round < batch {
+        if round < allowed {
+            break;
+        }
+        if allowed < batch {
+            rate_limited = true;
             break;
         }
     }
@@ -66,7 +163,7 @@ pub async fn step(relay: &Arc<Relay>) -> Result<(usize, usize), ServiceError> {
         .store
         .delete_expired_idempotency_keys(now_ms() - ms(crate::service::IDEMPOTENCY_TTL), 1000)
         .await?;
-    Ok((polled, timed_out))
+    Ok((polled, timed_out, rate_limited))
 }
 
 async fn poll_one(relay: &Relay, c: PollCandidate) -> Result<(), ServiceError> {

@@ -1,0 +1,221 @@
+//! How long upstream takes, learned from the relay's own history, and which running tasks are
+//! therefore worth polling early.
+//!
+//! Queries cost nothing upstream, but a finished task's units stay idle for us until we notice it
+//! finished. While work waits for units, a running task past its expected finish is polled every
+//! `poller.eager_interval`; while nothing waits, the lazy schedule stands (no extra polls).
+
+use std::collections::HashMap;
+
+/// One finished task's duration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DurationSample {
+    pub model: String,
+    pub n: i64,
+    pub ms: i64,
+}
+
+/// A task upstream is running.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunningTask {
+    pub id: String,
+    pub model: String,
+    pub n: i64,
+    pub submitted_at_ms: i64,
+    pub poll_due_at_ms: i64,
+}
+
+/// The median duration per model and `n`, and per model over every `n` as the fallback.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DurationEstimates {
+    by_model_n: HashMap<(String, i64), i64>,
+    by_model: HashMap<String, i64>,
+}
+
+fn median(mut v: Vec<i64>) -> Option<i64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_unstable();
+    Some(v[v.len() / 2])
+}
+
+impl DurationEstimates {
+    pub fn from_samples(samples: &[DurationSample]) -> Self {
+        let mut by_model_n: HashMap<(String, i64), Vec<i64>> = HashMap::new();
+        let mut by_model: HashMap<String, Vec<i64>> = HashMap::new();
+        for s in samples {
+            by_model_n
+                .entry((s.model.clone(), s.n))
+                .or_default()
+                .push(s.ms);
+            by_model.entry(s.model.clone()).or_default().push(s.ms);
+        }
+        DurationEstimates {
+            by_model_n: by_model_n
+                .into_iter()
+                .filter_map(|(k, v)| Some((k, median(v)?)))
+                .collect(),
+            by_model: by_model
+                .into_iter()
+                .filter_map(|(k, v)| Some((k, median(v)?)))
+                .collect(),
+        }
+    }
+
+    /// Expected duration of a task of `model` with `n` images, if anything like it finished.
+    pub fn expected_ms(&self, model: &str, n: i64) -> Option<i64> {
+        self.by_model_n
+            .get(&(model.to_owned(), n))
+            .or_else(|| self.by_model.get(model))
+            .copied()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_model.is_empty()
+    }
+}
+
+/// The running tasks to poll by `now`: only while work waits for units (`backlog`), only those
+/// past their expected finish, and not those whose poll is already due within `eager_ms`.
+pub fn eager_polls(
+    now_ms: i64,
+    backlog: bool,
+    running: &[RunningTask],
+    estimates: &DurationEstimates,
+    eager_ms: i64,
+) -> Vec<String> {
+    if !backlog {
+        return Vec::new();
+    }
+    running
+        .iter()
+        .filter(|t| {
+            estimates
+                .expected_ms(&t.model, t.n)
+                .is_some_and(|d| t.submitted_at_ms + d <= now_ms)
+                && t.poll_due_at_ms > now_ms + eager_ms
+        })
+        .map(|t| t.id.clone())
+        .collect()
+}
+
+/// Upstream queries allowed per second, handed out evenly: a bucket that holds a quarter of a
+/// second's worth, so a pass never sends a burst.
+#[derive(Debug, Clone)]
+pub struct QueryRate {
+    per_second: f64,
+    tokens: f64,
+    updated_ms: Option<i64>,
+}
+
+impl QueryRate {
+    pub fn new(per_second: u32) -> Self {
+        let per_second = f64::from(per_second.max(1));
+        QueryRate {
+            per_second,
+            tokens: Self::cap_of(per_second),
+            updated_ms: None,
+        }
+    }
+
+    fn cap_of(per_second: f64) -> f64 {
+        (per_second / 4.0).max(1.0)
+    }
+
+    /// How many queries may start now (at most `want`); they are taken.
+    pub fn take(&mut self, now_ms: i64, want: usize) -> usize {
+        let cap = Self::cap_of(self.per_second);
+        if let Some(t) = self.updated_ms {
+            let elapsed = (now_ms - t).max(0) as f64 / 1000.0;
+            self.tokens = (self.tokens + elapsed * self.per_second).min(cap);
+        }
+        self.updated_ms = Some(now_ms);
+        let n = (self.tokens.floor() as usize).min(want);
+        self.tokens -= n as f64;
+        n
+    }
+
+    /// Returns tokens taken but not used (nothing was sent for them).
+    pub fn give_back(&mut self, n: usize) {
+        let cap = Self::cap_of(self.per_second);
+        self.tokens = (self.tokens + n as f64).min(cap);
+    }
+
+    /// Milliseconds until one more query may start.
+    pub fn wait_ms(&self) -> i64 {
+        if self.tokens >= 1.0 {
+            0
+        } else {
+            ((1.0 - self.tokens) / self.per_second * 1000.0).ceil() as i64
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(model: &str, n: i64, ms: i64) -> DurationSample {
+        DurationSample {
+            model: model.into(),
+            n,
+            ms,
+        }
+    }
+
+    fn running(id: &str, n: i64, submitted: i64, due: i64) -> RunningTask {
+        RunningTask {
+            id: id.into(),
+            model: "kling-v2".into(),
+            n,
+            submitted_at_ms: submitted,
+            poll_due_at_ms: due,
+        }
+    }
+
+    #[test]
+    fn estimates_are_medians_per_model_and_n_with_the_model_as_fallback() {
+        let e = DurationEstimates::from_samples(&[
+            sample("kling-v2", 1, 900),
+            sample("kling-v2", 1, 1_000),
+            sample("kling-v2", 1, 50_000),
+            sample("kling-v2", 4, 4_000),
+        ]);
+        assert_eq!(e.expected_ms("kling-v2", 1), Some(1_000));
+        assert_eq!(e.expected_ms("kling-v2", 4), Some(4_000));
+        // No task of 9 yet: the model's median over every n (900, 1,000, 4,000, 50,000).
+        assert_eq!(e.expected_ms("kling-v2", 9), Some(4_000));
+        assert_eq!(e.expected_ms("kling-v2-1", 1), None);
+        assert!(DurationEstimates::from_samples(&[]).is_empty());
+    }
+
+    #[test]
+    fn eager_polls_only_while_work_waits_and_only_past_the_expected_finish() {
+        let e = DurationEstimates::from_samples(&[sample("kling-v2", 1, 1_000)]);
+        let tasks = [
+            running("due-soon-anyway", 1, 0, 10_100),
+            running("overdue", 1, 8_000, 30_000),
+            running("young", 1, 9_500, 30_000),
+        ];
+        assert!(eager_polls(10_000, false, &tasks, &e, 250).is_empty());
+        assert_eq!(eager_polls(10_000, true, &tasks, &e, 250), vec!["overdue"]);
+        // Nothing learned yet: the lazy schedule stands.
+        let none = DurationEstimates::default();
+        assert!(eager_polls(10_000, true, &tasks, &none, 250).is_empty());
+    }
+
+    #[test]
+    fn the_query_rate_spreads_queries_evenly() {
+        let mut r = QueryRate::new(20);
+        assert_eq!(r.take(0, 100), 5, "a quarter second's worth at once");
+        assert_eq!(r.take(0, 100), 0);
+        assert_eq!(r.wait_ms(), 50);
+        assert_eq!(r.take(100, 100), 2);
+        let mut total = 0;
+        for t in (200..=10_200).step_by(50) {
+            total += r.take(t, 100);
+        }
+        assert!((195..=206).contains(&total), "{total} in 10 s at 20/s");
+    }
+}

@@ -1,0 +1,95 @@
+//! What the poller reads to poll at the right moments: how long tasks have taken, which running
+//! tasks are past their expected finish, whether work waits for units, and the next due poll.
+
+use super::{Pool, Result, Store};
+use crate::domain::durations::{DurationSample, RunningTask};
+
+impl Store {
+    /// Durations of the most recent succeeded tasks (upstream's clock when both ends of it are
+    /// known, else this service's), newest first.
+    pub async fn recent_durations(&self, limit: i64) -> Result<Vec<DurationSample>> {
+        const SQL: &str = "SELECT model_name, n, \
+            CASE WHEN upstream_started_at IS NOT NULL AND upstream_updated_at IS NOT NULL \
+                 THEN upstream_updated_at - upstream_started_at \
+                 ELSE completed_at - submitted_at END \
+            FROM tasks WHERE status = 'succeeded' AND submitted_at IS NOT NULL \
+            ORDER BY created_at DESC LIMIT $1";
+        let rows: Vec<(String, i64, Option<i64>)> = on_pool!(self, p => {
+            sqlx::query_as(SQL).bind(limit).fetch_all(p).await?
+        });
+        Ok(rows
+            .into_iter()
+            .filter_map(|(model, n, ms)| {
+                Some(DurationSample {
+                    model,
+                    n,
+                    ms: ms.filter(|ms| *ms >= 0)?,
+                })
+            })
+            .collect())
+    }
+
+    /// Tasks upstream is running (their polls are scheduled), with when they were sent.
+    pub async fn running_tasks(&self) -> Result<Vec<RunningTask>> {
+        const SQL: &str = "SELECT id, model_name, n, submitted_at, poll_due_at FROM tasks \
+            WHERE poll_due_at IS NOT NULL AND submitted_at IS NOT NULL";
+        let rows: Vec<(String, String, i64, i64, i64)> = on_pool!(self, p => {
+            sqlx::query_as(SQL).fetch_all(p).await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, model, n, submitted_at_ms, poll_due_at_ms)| RunningTask {
+                    id,
+                    model,
+                    n,
+                    submitted_at_ms,
+                    poll_due_at_ms,
+                },
+            )
+            .collect())
+    }
+
+    /// Moves these tasks' next poll to `due_at_ms` where it is later; returns how many moved.
+    pub async fn bring_polls_forward(&self, ids: &[String], due_at_ms: i64) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let _writer = self.writer().await;
+        const SQL: &str = "UPDATE tasks SET poll_due_at = $2 WHERE id = $1 AND poll_due_at > $2";
+        let mut moved = 0;
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            for id in ids {
+                moved += sqlx::query(SQL)
+                    .bind(id)
+                    .bind(due_at_ms)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
+            tx.commit().await?;
+        });
+        Ok(moved)
+    }
+
+    /// Whether a task waits for dispatch now (due, not in a retry's backoff).
+    pub async fn dispatch_backlog(&self, now_ms: i64) -> Result<bool> {
+        const SQL: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM tasks \
+            WHERE next_dispatch_at IS NOT NULL AND next_dispatch_at <= $1 \
+            AND status = 'pending' LIMIT 1) AS waiting";
+        let n: i64 = on_pool!(self, p => {
+            sqlx::query_scalar(SQL).bind(now_ms).fetch_one(p).await?
+        });
+        Ok(n > 0)
+    }
+
+    /// The earliest scheduled poll, if any.
+    pub async fn next_poll_due(&self) -> Result<Option<i64>> {
+        const SQL: &str = "SELECT MIN(poll_due_at) FROM tasks WHERE poll_due_at IS NOT NULL";
+        let due: Option<i64> = on_pool!(self, p => {
+            sqlx::query_scalar(SQL).fetch_one(p).await?
+        });
+        Ok(due)
+    }
+}
