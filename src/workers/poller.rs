@@ -21,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 /// Rounds of `poller.concurrency` polls a pass may run before it times out old tasks.
 const ROUNDS_PER_PASS: usize = 8;
 
-/// How often the learned durations are read again from the history.
-const ESTIMATES_REFRESH: Duration = Duration::from_secs(30);
+/// How often the learned durations are read again from the history (a read of at most
+/// DURATION_SAMPLES rows by an index): soon after a start, the first finished tasks already count.
+const ESTIMATES_REFRESH: Duration = Duration::from_secs(5);
 /// Recent succeeded tasks the durations are learned from.
 const DURATION_SAMPLES: i64 = 500;
 /// Shortest pause between passes, so a poll that cannot be claimed yet never spins.
