@@ -22,11 +22,12 @@ fn assert_served_by(backend: Backend, plan: &[String], index: &str) {
     );
     match backend {
         // `SCAN t USING INDEX i` walks an index in order (and stops at LIMIT); a bare
-        // `SCAN t` reads the whole table.
+        // `SCAN t` reads the whole table (`SCAN CONSTANT ROW` is the one-row SELECT around
+        // an EXISTS, no table at all).
         Backend::Sqlite => assert!(
-            !plan
-                .iter()
-                .any(|l| l.starts_with("SCAN ") && !l.contains("USING")),
+            !plan.iter().any(|l| l.starts_with("SCAN ")
+                && !l.contains("USING")
+                && l != "SCAN CONSTANT ROW"),
             "full scan:\n{text}"
         ),
         Backend::Postgres => assert!(!text.contains("Seq Scan"), "sequential scan:\n{text}"),
@@ -73,6 +74,17 @@ async fn every_hot_query_is_served_by_an_index(b: Backend) {
     assert_served_by(b, &plan, "tasks_open_by_age|tasks_status_created (status=?");
     let plan = s.explain(sql::EVENTS, &[text("x")]).await.unwrap();
     assert_served_by(b, &plan, "task_events_task");
+    // The poller's timing reads: every pass while work waits.
+    let plan = s.explain(sql::RUNNING_TASKS, &[]).await.unwrap();
+    assert_served_by(b, &plan, "tasks_poll_due");
+    let plan = s.explain(sql::NEXT_POLL_DUE, &[]).await.unwrap();
+    assert_served_by(b, &plan, "tasks_poll_due");
+    // Either index: the partial one holds only tasks with a dispatch due, the status one only
+    // pending tasks, and the first due one ends the search.
+    let plan = s.explain(sql::DISPATCH_BACKLOG, &[int(1)]).await.unwrap();
+    assert_served_by(b, &plan, "tasks_dispatch_due|tasks_status_created");
+    let plan = s.explain(sql::RECENT_DURATIONS, &[int(500)]).await.unwrap();
+    assert_served_by(b, &plan, "tasks_status_created");
 
     let plain = ListFilter {
         limit: 50,
@@ -310,7 +322,92 @@ async fn the_generated_webhook_secret_is_kept(b: Backend) {
     again.close().await;
 }
 
+/// What the poller reads to time its polls: durations learned from the commits that take a task
+/// out of pending and finish it (upstream's clock when it gave both ends), the running tasks,
+/// whether work waits, and polls brought forward only where that makes them sooner. The input
+/// images go with the commit that leaves pending.
+async fn the_poller_learns_durations_and_brings_polls_forward(b: Backend) {
+    let db = TestDb::new(b).await;
+    let s = open_store(&db).await;
+    let t0 = 1_700_000_000_000;
+    let r = task_record(1);
+    s.insert_task(r.clone(), None, CAPS).await.unwrap();
+    assert!(
+        s.dispatch_backlog(t0 + 10).await.unwrap(),
+        "a due pending task waits"
+    );
+    assert!(!s.dispatch_backlog(t0 - 10).await.unwrap(), "not due yet");
+    let submitted = Change {
+        status: TaskStatus::Submitted,
+        upstream_status: None,
+        bind_upstream_task_id: Some("u-1".into()),
+        upstream_updated_at_ms: Some(500_000),
+        images: None,
+        error: None,
+        detail: None,
+        final_unit_deduction: None,
+    };
+    let commit = |change, version, now, due, leaves| Commit {
+        id: &r.id,
+        expected_version: version,
+        change,
+        source: EventSource::Poll,
+        now_ms: now,
+        poll_due_at_ms: due,
+        outbox: None,
+        archive: false,
+        upstream_payload: None,
+        leaves_pending: leaves,
+    };
+    assert!(s
+        .commit_change(&commit(&submitted, 0, t0 + 1_000, Some(t0 + 100_000), true))
+        .await
+        .unwrap());
+    assert!(!s.dispatch_backlog(t0 + 10).await.unwrap());
+    let images_kept = db
+        .count("SELECT COUNT(*) FROM task_inputs WHERE subject_images <> '[]'")
+        .await;
+    assert_eq!(images_kept, 0, "the images left with the task");
+    let running = s.running_tasks().await.unwrap();
+    assert_eq!(running.len(), 1);
+    assert_eq!(
+        (
+            running[0].submitted_at_ms,
+            running[0].poll_due_at_ms,
+            running[0].n
+        ),
+        (t0 + 1_000, t0 + 100_000, 1)
+    );
+    let ids = vec![r.id.clone()];
+    assert_eq!(s.bring_polls_forward(&ids, t0 + 5_000).await.unwrap(), 1);
+    assert_eq!(
+        s.bring_polls_forward(&ids, t0 + 9_000).await.unwrap(),
+        0,
+        "only sooner"
+    );
+    assert_eq!(s.next_poll_due().await.unwrap(), Some(t0 + 5_000));
+
+    let done = Change {
+        status: TaskStatus::Succeeded,
+        upstream_updated_at_ms: Some(501_500),
+        ..submitted.clone()
+    };
+    assert!(s
+        .commit_change(&commit(&done, 1, t0 + 9_000, None, false))
+        .await
+        .unwrap());
+    let learned = s.recent_durations(10).await.unwrap();
+    assert_eq!(learned.len(), 1);
+    assert_eq!(
+        (learned[0].model.as_str(), learned[0].n, learned[0].ms),
+        ("kling-v2", 1, 1_500),
+        "upstream's own clock, not the 8 s we took to notice"
+    );
+    assert_eq!(s.next_poll_due().await.unwrap(), None);
+}
+
 on_both_backends!(
+    the_poller_learns_durations_and_brings_polls_forward,
     a_claim_defeats_a_cancel_decided_before_it,
     every_hot_query_is_served_by_an_index,
     final_tasks_leave_the_work_indexes,

@@ -1070,6 +1070,23 @@ const INSERT_EVENT_WITH_PAYLOAD: &str = "INSERT INTO task_events \
 
 /// The read queries behind history and background work, public so tests can check their plans.
 pub mod sql {
+    /// Recent succeeded tasks' durations (upstream's clock when known), newest first.
+    pub const RECENT_DURATIONS: &str = "SELECT model_name, n, \
+                CASE WHEN upstream_started_at IS NOT NULL AND upstream_updated_at IS NOT NULL \
+                     THEN upstream_updated_at - upstream_started_at \
+                     ELSE completed_at - submitted_at END \
+                FROM tasks WHERE status = 'succeeded' AND submitted_at IS NOT NULL \
+                ORDER BY created_at DESC LIMIT $1";
+    /// Running tasks: their polls are scheduled.
+    pub const RUNNING_TASKS: &str =
+        "SELECT id, model_name, n, submitted_at, poll_due_at FROM tasks \
+            WHERE poll_due_at IS NOT NULL AND submitted_at IS NOT NULL";
+    /// Whether a pending task is due for dispatch.
+    pub const DISPATCH_BACKLOG: &str = "SELECT EXISTS (SELECT 1 FROM tasks \
+        WHERE next_dispatch_at IS NOT NULL AND next_dispatch_at <= $1 AND status = 'pending')";
+    /// The earliest scheduled poll.
+    pub const NEXT_POLL_DUE: &str =
+        "SELECT MIN(poll_due_at) FROM tasks WHERE poll_due_at IS NOT NULL";
     /// A task's timeline, oldest first.
     pub const EVENTS: &str =
         "SELECT at, source, status, upstream_status, detail, upstream_payload \

@@ -1,21 +1,15 @@
 //! What the poller reads to poll at the right moments: how long tasks have taken, which running
 //! tasks are past their expected finish, whether work waits for units, and the next due poll.
 
-use super::{Pool, Result, Store};
+use super::{sql, Pool, Result, Store};
 use crate::domain::durations::{DurationSample, RunningTask};
 
 impl Store {
     /// Durations of the most recent succeeded tasks (upstream's clock when both ends of it are
     /// known, else this service's), newest first.
     pub async fn recent_durations(&self, limit: i64) -> Result<Vec<DurationSample>> {
-        const SQL: &str = "SELECT model_name, n, \
-            CASE WHEN upstream_started_at IS NOT NULL AND upstream_updated_at IS NOT NULL \
-                 THEN upstream_updated_at - upstream_started_at \
-                 ELSE completed_at - submitted_at END \
-            FROM tasks WHERE status = 'succeeded' AND submitted_at IS NOT NULL \
-            ORDER BY created_at DESC LIMIT $1";
         let rows: Vec<(String, i64, Option<i64>)> = on_pool!(self, p => {
-            sqlx::query_as(SQL).bind(limit).fetch_all(p).await?
+            sqlx::query_as(sql::RECENT_DURATIONS).bind(limit).fetch_all(p).await?
         });
         Ok(rows
             .into_iter()
@@ -31,10 +25,8 @@ impl Store {
 
     /// Tasks upstream is running (their polls are scheduled), with when they were sent.
     pub async fn running_tasks(&self) -> Result<Vec<RunningTask>> {
-        const SQL: &str = "SELECT id, model_name, n, submitted_at, poll_due_at FROM tasks \
-            WHERE poll_due_at IS NOT NULL AND submitted_at IS NOT NULL";
         let rows: Vec<(String, String, i64, i64, i64)> = on_pool!(self, p => {
-            sqlx::query_as(SQL).fetch_all(p).await?
+            sqlx::query_as(sql::RUNNING_TASKS).fetch_all(p).await?
         });
         Ok(rows
             .into_iter()
@@ -75,20 +67,16 @@ impl Store {
 
     /// Whether a task waits for dispatch now (due, not in a retry's backoff).
     pub async fn dispatch_backlog(&self, now_ms: i64) -> Result<bool> {
-        const SQL: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM tasks \
-            WHERE next_dispatch_at IS NOT NULL AND next_dispatch_at <= $1 \
-            AND status = 'pending' LIMIT 1) AS waiting";
-        let n: i64 = on_pool!(self, p => {
-            sqlx::query_scalar(SQL).bind(now_ms).fetch_one(p).await?
+        let waiting: bool = on_pool!(self, p => {
+            sqlx::query_scalar(sql::DISPATCH_BACKLOG).bind(now_ms).fetch_one(p).await?
         });
-        Ok(n > 0)
+        Ok(waiting)
     }
 
     /// The earliest scheduled poll, if any.
     pub async fn next_poll_due(&self) -> Result<Option<i64>> {
-        const SQL: &str = "SELECT MIN(poll_due_at) FROM tasks WHERE poll_due_at IS NOT NULL";
         let due: Option<i64> = on_pool!(self, p => {
-            sqlx::query_scalar(SQL).fetch_one(p).await?
+            sqlx::query_scalar(sql::NEXT_POLL_DUE).fetch_one(p).await?
         });
         Ok(due)
     }
