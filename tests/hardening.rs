@@ -1,6 +1,7 @@
-//! Issue 14, the parts built so far: nothing unauthenticated costs more than its headers, metric
-//! labels a caller controls stay bounded, every answer says `nosniff`, and NUL characters are
-//! refused (or, from upstream, dropped) the same way on both backends.
+//! Issue 14: nothing unauthenticated costs more than its headers, metric labels a caller controls
+//! stay bounded, every answer says `nosniff`, NUL characters are refused (or, from upstream,
+//! dropped) the same way on both backends, connections are bounded, large Base64 submits cost a
+//! bounded memory, archive fetches stay off this host, and long-lived requests end with their key.
 
 mod common;
 
@@ -327,23 +328,43 @@ fn read_until_closed(s: &mut std::net::TcpStream, within: Duration) -> (String, 
     (String::from_utf8_lossy(&got).into_owned(), start.elapsed())
 }
 
+/// The service process closes a connection that sends nothing, one that sends its headers too
+/// slowly, and a kept-alive one left idle; answers a long-poll that outlasts both timeouts; and
+/// turns away connections over its cap at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_idle_and_surplus_connections_are_closed() {
-    let app = TestApp::spawn_with(
-        Backend::Sqlite,
-        Options {
-            settings: Box::new(|s| {
-                s.server.header_read_timeout = Duration::from_millis(1500);
-                s.server.idle_timeout = Duration::from_secs(4);
-                s.server.max_connections = 6;
-            }),
-            ..Options::stalled()
-        },
-    )
-    .await;
-    let id = app.submit_ok(&valid_body()).await;
-    let addr = app.base.trim_start_matches("http://").to_owned();
-    let key = app.client.api_key.clone();
+    // The binary as it runs, against a simulator that never finishes (so the long-poll waits).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = kling_relay::simulator::Simulator::start(stalled_sim(), listener)
+        .await
+        .unwrap();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", process::free_port());
+    let mut env = process::service_env(&addr, &db.url, &sim);
+    for (k, v) in [
+        ("KLING_RELAY_SERVER__HEADER_READ_TIMEOUT", "1500ms"),
+        ("KLING_RELAY_SERVER__IDLE_TIMEOUT", "4s"),
+        ("KLING_RELAY_SERVER__MAX_CONNECTIONS", "6"),
+    ] {
+        env.push((k.to_owned(), v.to_owned()));
+    }
+    let mut svc = process::Service::spawn(&["serve"], &env, dir.path());
+    svc.wait_ready().await;
+    let created = process::cli_ok(&db, &["clients", "create", "tester", "--json"]);
+    let created: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
+    let key = created["api_key"].as_str().unwrap().to_owned();
+    let submitted: serde_json::Value = client_with_key(&key)
+        .post(format!("{}/v1/tasks", svc.base))
+        .json(&valid_body())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = submitted["id"].as_str().unwrap().to_owned();
+    let base = svc.base.clone();
 
     let checks = tokio::task::spawn_blocking(move || {
         use std::net::TcpStream;
@@ -426,13 +447,9 @@ async fn slow_idle_and_surplus_connections_are_closed() {
 
     // Once the surplus is gone, the service answers as usual.
     std::thread::sleep(Duration::from_millis(200));
-    let r = app
-        .anonymous
-        .get(format!("{}/healthz", app.base))
-        .send()
-        .await
-        .unwrap();
+    let r = reqwest::get(format!("{base}/healthz")).await.unwrap();
     assert_eq!(r.status(), 200);
+    svc.terminate(Duration::from_secs(10));
 }
 
 /// A key revoked while its long-poll waits or its live stream runs gets no more answers: the
