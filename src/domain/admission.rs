@@ -2,11 +2,13 @@
 //!
 //! Upstream counts `n` units per task from `submitted` until it ends; over the account's limit a
 //! create answers `1303`. The controller keeps a *working limit* at or below the configured
-//! maximum: a `1303`/429 shrinks it to what is already running and pauses dispatch with
-//! exponential backoff; it grows back by one unit each time a full working limit's worth of units
-//! has finished cleanly (additive increase). The level that was refused is remembered as a
-//! ceiling: reaching it again takes `PROBE_WINDOWS` windows, so a limit held down by another
-//! tenant is probed rarely, yet regained once that tenant leaves.
+//! maximum. A `1303`/429 while `in_flight` of ours ran and `attempted` more were asked for says
+//! the room for us lies between the two: the limit resumes at the middle of that range (so each
+//! refusal halves it, and refusals stay few), and dispatch pauses with exponential backoff. It
+//! grows back by one unit each time a quarter of the limit's worth of units has finished cleanly.
+//! The level that was refused is remembered as a ceiling: reaching it again takes
+//! `PROBE_WINDOWS` full windows, so a limit held down by another tenant is probed rarely, yet
+//! regained once that tenant leaves.
 
 use super::schedule::backoff;
 use std::time::Duration;
@@ -116,7 +118,11 @@ impl Admission {
         retry_after: Option<Duration>,
         jitter: f64,
     ) -> Duration {
-        self.working = in_flight.clamp(1, self.working);
+        // Upstream took `in_flight` and refused `in_flight + attempted`: its room for us is in
+        // between. Resume at the middle of that range (a refused create costs nothing, and each
+        // refusal halves the range), never above the previous working limit.
+        let probe = in_flight + (attempted.max(1) - 1) / 2;
+        self.working = probe.clamp(1, self.working);
         self.finished_units = 0;
         let refused = (in_flight + attempted).max(1);
         self.refused_at = Some(self.refused_at.map_or(refused, |r| r.min(refused)));
@@ -225,19 +231,33 @@ mod tests {
         let p3 = a.on_busy(0, 6, 2, Some(Duration::from_secs(120)), 0.0);
         assert!(p3 >= Duration::from_secs(120), "Retry-After honoured");
         a.on_accepted();
-        a.on_finished(5);
-        assert_eq!(
-            a.snapshot().working_limit,
-            6,
-            "a full window not finished yet"
-        );
+        // Below the refused level (6 + 2 = 8): a unit back per quarter of the limit finished.
         a.on_finished(1);
-        assert_eq!(a.snapshot().working_limit, 7, "one unit per window");
+        assert_eq!(a.snapshot().working_limit, 7);
+        // The refused level itself: only after PROBE_WINDOWS full windows.
+        a.on_finished(7 * PROBE_WINDOWS - 1);
+        assert_eq!(a.snapshot().working_limit, 7, "probed rarely");
+        a.on_finished(1);
+        assert_eq!(a.snapshot().working_limit, 8);
         for _ in 0..100 {
             a.on_finished(9);
         }
         assert_eq!(a.snapshot().working_limit, 10, "capped at the maximum");
         a.on_busy(0, 0, 1, None, 0.0);
         assert_eq!(a.snapshot().working_limit, 1, "never below one unit");
+    }
+
+    #[test]
+    fn a_refusal_resumes_at_the_middle_of_what_it_leaves_open() {
+        // 3 of ours ran and a task of 9 was refused: the room is 3 to 11, resume at 7.
+        let mut a = adm(12);
+        a.on_busy(0, 3, 9, None, 0.0);
+        assert_eq!(a.snapshot().working_limit, 7);
+        // A refusal of a single unit pins it down exactly.
+        a.on_busy(0, 5, 1, None, 0.0);
+        assert_eq!(a.snapshot().working_limit, 5);
+        // Never above the limit it had.
+        a.on_busy(0, 4, 9, None, 0.0);
+        assert_eq!(a.snapshot().working_limit, 5);
     }
 }
