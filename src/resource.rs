@@ -336,6 +336,48 @@ pub struct HaltView {
 #[derive(Serialize, ToSchema)]
 pub struct StatusView {
     pub dispatch: DispatchView,
+    /// Every client with work now or in the last hour: how the account's units are shared.
+    pub clients: Vec<ClientUsageView>,
+}
+
+/// One client's share of the upstream account.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ClientUsageView {
+    /// The client's name (null for tasks submitted with authentication off).
+    pub client: Option<String>,
+    /// Units its tasks hold upstream now.
+    pub units_in_use: i64,
+    /// Its tasks waiting for dispatch now.
+    pub tasks_waiting: i64,
+    /// Its share (0 to 1) of the unit-seconds all clients held upstream in the last hour.
+    pub share_last_hour: f64,
+}
+
+impl From<&crate::storage::ClientUsage> for ClientUsageView {
+    fn from(u: &crate::storage::ClientUsage) -> Self {
+        ClientUsageView {
+            client: u.client.clone(),
+            units_in_use: u.units_in_use,
+            tasks_waiting: u.waiting,
+            share_last_hour: 0.0,
+        }
+    }
+}
+
+/// Each client's usage with its share of the total unit-time.
+pub fn client_usage_views(usage: &[crate::storage::ClientUsage]) -> Vec<ClientUsageView> {
+    let total: i64 = usage.iter().map(|u| u.unit_ms).sum();
+    usage
+        .iter()
+        .map(|u| ClientUsageView {
+            share_last_hour: if total > 0 {
+                u.unit_ms as f64 / total as f64
+            } else {
+                0.0
+            },
+            ..ClientUsageView::from(u)
+        })
+        .collect()
 }
 
 /// One Server-Sent Event of `/v1/tasks/{id}/stream`.

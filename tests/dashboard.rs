@@ -638,6 +638,13 @@ async fn without_auth_the_dashboard_needs_no_sign_in() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // How the account is shared: the test client's task is in the clients table.
+    let page = r.text().await.unwrap();
+    let table = page
+        .split("<table id=\"clients\">")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no clients table: {page}"));
+    assert!(table.contains("<td>tester</td>"), "{table}");
 }
 
 /// While upstream refuses the setup, the overview says so in a banner; once dispatch resumes,

@@ -324,7 +324,72 @@ async fn openapi_document_and_docs_describe_every_route(b: Backend) {
     assert!(!html.contains("<script"), "no script needed");
 }
 
+/// How the account is shared: `/v1/status`, the metrics and the dashboard's overview show, per
+/// client, the units its tasks hold, the tasks it has waiting, and its share of the last hour.
+async fn status_shows_how_clients_share_the_account(b: Backend) {
+    let app = TestApp::spawn_with(
+        b,
+        Options {
+            settings: Box::new(|s| s.cometapi.max_concurrency = 4),
+            ..Options::stalled()
+        },
+    )
+    .await;
+    // Two tasks of 2 units fill the account; the other team's task waits.
+    app.submit_ok(&valid_body()).await;
+    app.submit_ok(&valid_body()).await;
+    let other = create_client(&app.db, "other-team").await;
+    let other_http = client_with_key(&other.api_key);
+    let r = other_http
+        .post(format!("{}/v1/tasks", app.base))
+        .json(&valid_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let (status, v) = app.get_json("/v1/status").await;
+    assert_eq!(status, 200, "{v}");
+    let clients = v["clients"].as_array().expect("clients");
+    let row = |name: &str| {
+        clients
+            .iter()
+            .find(|c| c["client"] == name)
+            .unwrap_or_else(|| panic!("{name} missing: {v}"))
+            .clone()
+    };
+    let tester = row("tester");
+    assert_eq!(
+        (
+            tester["units_in_use"].as_i64(),
+            tester["tasks_waiting"].as_i64()
+        ),
+        (Some(4), Some(0))
+    );
+    let theirs = row("other-team");
+    assert_eq!(
+        (
+            theirs["units_in_use"].as_i64(),
+            theirs["tasks_waiting"].as_i64()
+        ),
+        (Some(0), Some(1))
+    );
+    assert_eq!(tester["share_last_hour"].as_f64(), Some(1.0), "{v}");
+    assert_eq!(theirs["share_last_hour"].as_f64(), Some(0.0));
+
+    // The registry is shared by this binary's tests, which set the same gauges: look until a
+    // scrape of this service shows its own figures.
+    wait_until(Duration::from_secs(5), || async {
+        let metrics = app.get_text_anonymously("/metrics").await;
+        metrics.contains("klr_client_units_in_use{client=\"tester\"} 4")
+            && metrics.contains("klr_client_tasks_waiting{client=\"other-team\"} 1")
+    })
+    .await;
+}
+
 on_both_backends!(
+    status_shows_how_clients_share_the_account,
     openapi_document_and_docs_describe_every_route,
     metrics_cover_the_service_with_low_cardinality_labels,
     metrics_can_have_their_own_listener,

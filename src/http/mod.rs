@@ -189,6 +189,15 @@ pub async fn render_metrics(State(relay): State<AppState>) -> Response {
             metrics::gauge!("klr_tasks", "status" => status).set(n as f64);
         }
     }
+    if let Ok(usage) = relay.client_usage().await {
+        // Labels are client names: bounded by the number of clients, never task ids.
+        for u in &usage {
+            let client = u.client.clone().unwrap_or_default();
+            metrics::gauge!("klr_client_units_in_use", "client" => client.clone())
+                .set(u.units_in_use as f64);
+            metrics::gauge!("klr_client_tasks_waiting", "client" => client).set(u.waiting as f64);
+        }
+    }
     if let Ok(n) = relay.store.pending_deliveries().await {
         metrics::gauge!("klr_notification_backlog").set(n as f64);
     }

@@ -4,9 +4,10 @@
 
 use super::{images, live, tasks, webhooks};
 use crate::resource::{
-    ArchiveStateSchema, ArchiveView, AttemptView, CallbackOutcome, DeliveryList, DeliveryView,
-    DispatchView, ErrorView, EventList, EventView, FieldErrorView, HaltView, ImageView, Problem,
-    StatusEvent, StatusSchema, StatusView, SubjectImage, TaskPage, TaskRequest, TaskView,
+    ArchiveStateSchema, ArchiveView, AttemptView, CallbackOutcome, ClientUsageView, DeliveryList,
+    DeliveryView, DispatchView, ErrorView, EventList, EventView, FieldErrorView, HaltView,
+    ImageView, Problem, StatusEvent, StatusSchema, StatusView, SubjectImage, TaskPage, TaskRequest,
+    TaskView,
 };
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
@@ -33,7 +34,7 @@ use utoipa::{Modify, OpenApi};
     components(schemas(
         TaskRequest, SubjectImage, TaskView, ImageView, ArchiveView, ArchiveStateSchema,
         ErrorView, StatusSchema, TaskPage,
-        EventView, EventList, DeliveryView, AttemptView, DeliveryList, DispatchView, HaltView, StatusView, webhooks::DoctorEcho,
+        EventView, EventList, DeliveryView, AttemptView, DeliveryList, DispatchView, HaltView, StatusView, ClientUsageView, webhooks::DoctorEcho,
         CallbackOutcome, Problem, FieldErrorView, StatusEvent,
     )),
     modifiers(&Security, &CommonProblems),

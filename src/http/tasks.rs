@@ -191,7 +191,9 @@ pub async fn retry_delivery(
     security(("api_key" = [])))]
 pub async fn status(State(relay): State<AppState>) -> Result<Json<StatusView>, ApiError> {
     let d = relay.dispatch_status().await?;
+    let usage = relay.client_usage().await?;
     Ok(Json(StatusView {
+        clients: crate::resource::client_usage_views(&usage),
         dispatch: DispatchView {
             max_concurrency: d.admission.max_units,
             working_limit: d.admission.working_limit,

@@ -17,6 +17,8 @@ pub struct Overview {
     pub pending: i64,
     /// Why all dispatch is halted, if it is.
     pub halted: Option<crate::domain::halt::Halt>,
+    /// How the account's units are shared between clients.
+    pub clients: Vec<crate::resource::ClientUsageView>,
 }
 
 const DAY_MS: i64 = 24 * 3600 * 1000;
@@ -54,7 +56,9 @@ impl Relay {
             .failure_reasons_since(caller.scope(), since, 10)
             .await?;
         let d = self.dispatch_status().await?;
+        let clients = crate::resource::client_usage_views(&self.client_usage().await?);
         Ok(Overview {
+            clients,
             status_counts,
             failure_reasons,
             units_in_flight: d.units_in_flight,

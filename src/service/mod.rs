@@ -647,6 +647,15 @@ impl Relay {
         })
     }
 
+    /// How the account's units are shared: per client, units held and tasks waiting now, and
+    /// unit-time over the last hour.
+    pub async fn client_usage(&self) -> Result<Vec<crate::storage::ClientUsage>, ServiceError> {
+        const HOUR_MS: i64 = 3600 * 1000;
+        let now = now_ms();
+        // Tasks that started more than an hour before the window are left out of it.
+        Ok(self.store.client_usage(now, now - HOUR_MS, HOUR_MS).await?)
+    }
+
     /// A task the caller owns. Another client's task is "not found", never "forbidden".
     pub async fn get(&self, caller: &Caller, id: &str) -> Result<Task, ServiceError> {
         match self.store.get_task(id).await? {

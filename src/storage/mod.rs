@@ -76,6 +76,7 @@ pub use deliveries::{
     AttemptRecord, Delivery, DeliveryAttempt, DueDelivery, NextStep, OutboxEntry,
 };
 pub use feed::{ChangeFeed, FeedEvent};
+pub use overview::ClientUsage;
 
 /// The locks that keep a SQLite database to one serving instance; released when dropped.
 pub struct InstanceLock {

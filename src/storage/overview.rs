@@ -43,3 +43,73 @@ impl Store {
         })
     }
 }
+
+/// One client's share of upstream now and over the last hour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientUsage {
+    /// None for tasks submitted without a client (authentication off).
+    pub client: Option<String>,
+    /// Units its tasks hold upstream (those whose create may have landed included).
+    pub units_in_use: i64,
+    /// Its tasks waiting for dispatch.
+    pub waiting: i64,
+    /// Unit-milliseconds its tasks held upstream within the window.
+    pub unit_ms: i64,
+}
+
+impl Store {
+    /// Per client: units held and tasks waiting now, and unit-milliseconds held since
+    /// `since_ms`. The window counts tasks created within `lookback_ms` before it (a task that
+    /// ran longer than that is left out: the index on `created_at` bounds the read).
+    pub async fn client_usage(
+        &self,
+        now_ms: i64,
+        since_ms: i64,
+        lookback_ms: i64,
+    ) -> Result<Vec<ClientUsage>> {
+        const OPEN: &str = "SELECT client, \
+            CAST(COALESCE(SUM(CASE WHEN status <> 'pending' OR dispatch_started_at IS NOT NULL \
+                THEN n ELSE 0 END), 0) AS BIGINT), \
+            CAST(COALESCE(SUM(CASE WHEN status = 'pending' AND dispatch_started_at IS NULL \
+                THEN 1 ELSE 0 END), 0) AS BIGINT) \
+            FROM tasks WHERE status IN ('pending', 'submitted', 'processing') GROUP BY client";
+        const HELD: &str = "SELECT client, CAST(COALESCE(SUM(n * \
+            ((CASE WHEN completed_at IS NULL OR completed_at > $1 THEN $1 ELSE completed_at END) \
+            - (CASE WHEN submitted_at > $2 THEN submitted_at ELSE $2 END))), 0) AS BIGINT) \
+            FROM tasks WHERE created_at >= $3 AND submitted_at IS NOT NULL AND submitted_at < $1 \
+            AND (completed_at IS NULL OR completed_at > $2) GROUP BY client";
+        let (open, held): (Vec<(Option<String>, i64, i64)>, Vec<(Option<String>, i64)>) = on_pool!(self, p => {
+            (
+                sqlx::query_as(OPEN).fetch_all(p).await?,
+                sqlx::query_as(HELD)
+                    .bind(now_ms)
+                    .bind(since_ms)
+                    .bind(since_ms - lookback_ms)
+                    .fetch_all(p)
+                    .await?,
+            )
+        });
+        let mut usage: Vec<ClientUsage> = open
+            .into_iter()
+            .map(|(client, units_in_use, waiting)| ClientUsage {
+                client,
+                units_in_use,
+                waiting,
+                unit_ms: 0,
+            })
+            .collect();
+        for (client, unit_ms) in held {
+            match usage.iter_mut().find(|u| u.client == client) {
+                Some(u) => u.unit_ms = unit_ms.max(0),
+                None => usage.push(ClientUsage {
+                    client,
+                    units_in_use: 0,
+                    waiting: 0,
+                    unit_ms: unit_ms.max(0),
+                }),
+            }
+        }
+        usage.sort_by(|a, b| a.client.cmp(&b.client));
+        Ok(usage)
+    }
+}

@@ -429,6 +429,22 @@ pub fn overview(who: &str, o: &Overview) -> Markup {
                 }
             }
             p { (o.pending) " tasks waiting for dispatch." }
+            @if !o.clients.is_empty() {
+                h2 { "Clients sharing the account" }
+                table #clients {
+                    thead { tr { th scope="col" { "Client" } th scope="col" { "Units in use" } th scope="col" { "Tasks waiting" } th scope="col" { "Share of the last hour" } } }
+                    tbody {
+                        @for c in &o.clients {
+                            tr {
+                                td { (c.client.as_deref().unwrap_or("(no client)")) }
+                                td { (c.units_in_use) }
+                                td { (c.tasks_waiting) }
+                                td { (format!("{:.0} %", c.share_last_hour * 100.0)) }
+                            }
+                        }
+                    }
+                }
+            }
             h2 { "Failure reasons (last 24 hours)" }
             @if o.failure_reasons.is_empty() {
                 p.muted { "No failures." }
