@@ -44,6 +44,11 @@ impl Store {
     }
 }
 
+/// (client, units in use, tasks waiting)
+type OpenRow = (Option<String>, i64, i64);
+/// (client, unit-milliseconds held in the window)
+type HeldRow = (Option<String>, i64);
+
 /// One client's share of upstream now and over the last hour.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientUsage {
@@ -78,7 +83,7 @@ impl Store {
             - (CASE WHEN submitted_at > $2 THEN submitted_at ELSE $2 END))), 0) AS BIGINT) \
             FROM tasks WHERE created_at >= $3 AND submitted_at IS NOT NULL AND submitted_at < $1 \
             AND (completed_at IS NULL OR completed_at > $2) GROUP BY client";
-        let (open, held): (Vec<(Option<String>, i64, i64)>, Vec<(Option<String>, i64)>) = on_pool!(self, p => {
+        let (open, held): (Vec<OpenRow>, Vec<HeldRow>) = on_pool!(self, p => {
             (
                 sqlx::query_as(OPEN).fetch_all(p).await?,
                 sqlx::query_as(HELD)
