@@ -406,7 +406,51 @@ async fn the_poller_learns_durations_and_brings_polls_forward(b: Backend) {
     assert_eq!(s.next_poll_due().await.unwrap(), None);
 }
 
+/// The upstream query rate is one for every replica on the database: what one takes, another
+/// cannot, and what one gives back, another can use.
+async fn the_query_rate_is_shared_by_every_replica(b: Backend) {
+    let db = TestDb::new(b).await;
+    let (a, other) = (open_store(&db).await, open_store(&db).await);
+    let now = 1_700_000_000_000;
+    // 20 per second, a quarter second's worth at once: 5.
+    assert_eq!(
+        a.take_from_rate("q", now, 100, 20, 250_000).await.unwrap(),
+        5
+    );
+    assert_eq!(
+        other
+            .take_from_rate("q", now, 100, 20, 250_000)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        other
+            .take_from_rate("q", now + 100, 100, 20, 250_000)
+            .await
+            .unwrap(),
+        2
+    );
+    a.give_back_to_rate("q", 1, 20).await.unwrap();
+    assert_eq!(
+        other
+            .take_from_rate("q", now + 100, 100, 20, 250_000)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        a.take_from_rate("q", now + 100, 100, 20, 250_000)
+            .await
+            .unwrap(),
+        0
+    );
+    // Another rate is another cell.
+    assert_eq!(a.take_from_rate("r", now, 3, 20, 250_000).await.unwrap(), 3);
+}
+
 on_both_backends!(
+    the_query_rate_is_shared_by_every_replica,
     the_poller_learns_durations_and_brings_polls_forward,
     a_claim_defeats_a_cancel_decided_before_it,
     every_hot_query_is_served_by_an_index,

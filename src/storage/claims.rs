@@ -34,7 +34,7 @@ impl Store {
     /// How a claim's transaction begins. SQLite: take the write lock up front, so a claim that
     /// reads before it writes waits for another process's writer (the CLI's, say) in the busy
     /// handler instead of failing on the lock upgrade.
-    fn begin_claim(&self) -> &'static str {
+    pub(super) fn begin_claim(&self) -> &'static str {
         match self.pool {
             Pool::Sqlite(_) => "BEGIN IMMEDIATE",
             Pool::Postgres(_) => "BEGIN",

@@ -2,7 +2,7 @@
 //! tasks are past their expected finish, whether work waits for units, and the next due poll.
 
 use super::{sql, Pool, Result, Store};
-use crate::domain::durations::{DurationSample, RunningTask};
+use crate::domain::durations::{gcra_take, DurationSample, RunningTask};
 
 impl Store {
     /// Durations of the most recent succeeded tasks (upstream's clock when both ends of it are
@@ -79,5 +79,62 @@ impl Store {
             sqlx::query_scalar(sql::NEXT_POLL_DUE).fetch_one(p).await?
         });
         Ok(due)
+    }
+
+    /// Takes up to `want` calls from the rate `name` (`per_second`, a burst of `burst_us`) that
+    /// every replica on this database shares. Returns how many may start now.
+    pub async fn take_from_rate(
+        &self,
+        name: &str,
+        now_ms: i64,
+        want: i64,
+        per_second: u32,
+        burst_us: i64,
+    ) -> Result<i64> {
+        let _writer = self.writer().await;
+        let read = format!(
+            "SELECT tat FROM rate_limits WHERE name = $1{}",
+            match self.pool {
+                Pool::Sqlite(_) => "",
+                Pool::Postgres(_) => " FOR UPDATE",
+            }
+        );
+        const CREATE: &str =
+            "INSERT INTO rate_limits (name, tat) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING";
+        const WRITE: &str = "UPDATE rate_limits SET tat = $2 WHERE name = $1";
+        let begin = self.begin_claim();
+        on_pool!(self, p => {
+            let mut tx = p.begin_with(begin).await?;
+            let stored: Option<i64> =
+                sqlx::query_scalar(&read).bind(name).fetch_optional(&mut *tx).await?;
+            let tat = match stored {
+                Some(t) => t,
+                None => {
+                    sqlx::query(CREATE).bind(name).execute(&mut *tx).await?;
+                    sqlx::query_scalar(&read).bind(name).fetch_one(&mut *tx).await?
+                }
+            };
+            let (granted, tat) =
+                gcra_take(tat, now_ms.saturating_mul(1000), want, per_second, burst_us);
+            if granted > 0 {
+                sqlx::query(WRITE).bind(name).bind(tat).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(granted)
+        })
+    }
+
+    /// Returns `unused` calls taken from the rate `name` but not made.
+    pub async fn give_back_to_rate(&self, name: &str, unused: i64, per_second: u32) -> Result<()> {
+        if unused <= 0 {
+            return Ok(());
+        }
+        let _writer = self.writer().await;
+        let interval_us = (1_000_000 / i64::from(per_second.max(1))).max(1);
+        const SQL: &str = "UPDATE rate_limits SET tat = tat - $2 WHERE name = $1";
+        on_pool!(self, p => {
+            sqlx::query(SQL).bind(name).bind(unused * interval_us).execute(p).await?;
+        });
+        Ok(())
     }
 }

@@ -49,19 +49,70 @@ pub async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
     tracing::info!("poller stopped");
 }
 
-/// The poller's memory between passes: what it learned of durations, and its query rate.
+/// The poller's memory between passes: what it learned of durations.
 pub struct Poller {
     estimates: DurationEstimates,
     refreshed: Option<tokio::time::Instant>,
-    rate: QueryRate,
+}
+
+/// The name of the upstream query rate in `rate_limits`, shared by every replica.
+const QUERY_RATE: &str = "upstream_queries";
+/// Queries handed out at once: a quarter second's worth, so no pass sends a burst.
+const QUERY_BURST_US: i64 = 250_000;
+
+/// Where polls take their share of `poller.max_queries_per_second`.
+enum Rate<'a> {
+    /// The database's rate, shared by every replica.
+    Shared,
+    /// In this process only (`step`, for tests that drive single passes).
+    Local(&'a mut QueryRate),
+}
+
+impl Rate<'_> {
+    async fn take(&mut self, relay: &Relay, now: i64, want: usize) -> Result<usize, ServiceError> {
+        let per_second = relay.settings.poller.max_queries_per_second;
+        match self {
+            Rate::Local(r) => Ok(r.take(now, want)),
+            Rate::Shared => {
+                let want = i64::try_from(want).unwrap_or(i64::MAX);
+                let n = relay
+                    .store
+                    .take_from_rate(QUERY_RATE, now, want, per_second, QUERY_BURST_US)
+                    .await?;
+                Ok(usize::try_from(n).unwrap_or(0))
+            }
+        }
+    }
+
+    async fn give_back(&mut self, relay: &Relay, unused: usize) -> Result<(), ServiceError> {
+        match self {
+            Rate::Local(r) => r.give_back(unused),
+            Rate::Shared => {
+                let unused = i64::try_from(unused).unwrap_or(0);
+                let per_second = relay.settings.poller.max_queries_per_second;
+                relay
+                    .store
+                    .give_back_to_rate(QUERY_RATE, unused, per_second)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn wait_ms(&self, relay: &Relay) -> i64 {
+        match self {
+            Rate::Local(r) => r.wait_ms(),
+            // One query's interval: the shared rate frees a slot at least that often.
+            Rate::Shared => 1000 / i64::from(relay.settings.poller.max_queries_per_second.max(1)),
+        }
+    }
 }
 
 impl Poller {
-    pub fn new(relay: &Relay) -> Poller {
+    pub fn new(_relay: &Relay) -> Poller {
         Poller {
             estimates: DurationEstimates::default(),
             refreshed: None,
-            rate: QueryRate::new(relay.settings.poller.max_queries_per_second),
         }
     }
 
@@ -87,7 +138,8 @@ impl Poller {
             let moved = relay.store.bring_polls_forward(&ids, now).await?;
             metrics::counter!("klr_eager_polls_total").increment(moved);
         }
-        let (_, _, rate_limited) = step_within(relay, &mut self.rate).await?;
+        let mut rate = Rate::Shared;
+        let (_, _, rate_limited) = step_within(relay, &mut rate).await?;
         let mut pause = if backlog {
             s.eager_interval.min(s.tick)
         } else {
@@ -98,7 +150,7 @@ impl Poller {
             pause = pause.min(Duration::from_millis(until_due));
         }
         if rate_limited {
-            let wait = u64::try_from(self.rate.wait_ms()).unwrap_or(0);
+            let wait = u64::try_from(rate.wait_ms(relay)).unwrap_or(0);
             pause = pause.max(Duration::from_millis(wait));
         }
         Ok(pause.max(MIN_PAUSE))
@@ -108,24 +160,30 @@ impl Poller {
 /// One pass: polls what is due and times out what is too old. Returns (polled, timed out).
 pub async fn step(relay: &Arc<Relay>) -> Result<(usize, usize), ServiceError> {
     let mut unlimited = QueryRate::new(u32::MAX);
-    let (polled, timed_out, _) = step_within(relay, &mut unlimited).await?;
+    let (polled, timed_out, _) = step_within(relay, &mut Rate::Local(&mut unlimited)).await?;
     Ok((polled, timed_out))
 }
 
 /// A pass within the query rate. Returns (polled, timed out, whether the rate held polls back).
 async fn step_within(
     relay: &Arc<Relay>,
-    rate: &mut QueryRate,
+    rate: &mut Rate<'_>,
 ) -> Result<(usize, usize, bool), ServiceError> {
     let s = &relay.settings.poller;
     let batch = s.concurrency.max(1);
     let mut polled = 0;
     let mut rate_limited = false;
+    // Nothing due: no share of the query rate is taken (that costs a write per pass).
+    let due_now = relay
+        .store
+        .next_poll_due()
+        .await?
+        .is_some_and(|due| due <= now_ms());
     // Claim one round at a time, so every lease starts when its poll does; a busy pass goes
     // round again, up to ROUNDS_PER_PASS times.
-    for _ in 0..ROUNDS_PER_PASS {
+    for _ in 0..if due_now { ROUNDS_PER_PASS } else { 0 } {
         let now = now_ms();
-        let allowed = rate.take(now, batch);
+        let allowed = rate.take(relay, now, batch).await?;
         if allowed == 0 {
             rate_limited = true;
             break;
@@ -138,7 +196,7 @@ async fn step_within(
             .await?;
         let round = due.len();
         // Tokens not used by this round go back: nothing was sent for them.
-        rate.give_back(allowed - round);
+        rate.give_back(relay, allowed - round).await?;
         polled += round;
         let r = relay.clone();
         for_each_bounded(due, batch, move |c| {
