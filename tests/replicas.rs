@@ -409,3 +409,38 @@ async fn a_long_poll_hears_a_webhook_that_landed_on_another_replica() {
         "after the connections dropped, the waiter woke after {waited:?}"
     );
 }
+
+/// A client's submit rate holds across replicas: four a minute, spent on two replicas, leave no
+/// fifth on either (Postgres; SQLite has one instance by its lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_submit_rate_holds_across_replicas() {
+    if postgres_or_skip().is_none() {
+        return;
+    }
+    let app = TestApp::spawn_with(
+        Backend::Postgres,
+        Options {
+            settings: Box::new(|s| s.limits.client_submits_per_minute = 4),
+            ..Options::stalled()
+        },
+    )
+    .await;
+    let other = app.replica().await;
+    let submit_on = |base: &str| {
+        let (http, url) = (app.http.clone(), format!("{base}/v1/tasks"));
+        async move { http.post(url).json(&valid_body()).send().await.unwrap() }
+    };
+    for base in [&app.base, &other.base, &app.base, &other.base] {
+        assert_eq!(submit_on(base).await.status(), 202, "{base}");
+    }
+    for base in [&app.base, &other.base] {
+        let r = submit_on(base).await;
+        assert_eq!(r.status(), 429, "{base}");
+        let secs: u64 = r.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=15).contains(&secs), "one more in 15 s at most: {secs}");
+    }
+}

@@ -412,41 +412,33 @@ async fn the_query_rate_is_shared_by_every_replica(b: Backend) {
     let db = TestDb::new(b).await;
     let (a, other) = (open_store(&db).await, open_store(&db).await);
     let now = 1_700_000_000_000;
-    // 20 per second, a quarter second's worth at once: 5.
-    assert_eq!(
-        a.take_from_rate("q", now, 100, 20, 250_000).await.unwrap(),
-        5
-    );
-    assert_eq!(
-        other
-            .take_from_rate("q", now, 100, 20, 250_000)
-            .await
-            .unwrap(),
-        0
-    );
-    assert_eq!(
-        other
-            .take_from_rate("q", now + 100, 100, 20, 250_000)
-            .await
-            .unwrap(),
-        2
-    );
-    a.give_back_to_rate("q", 1, 20).await.unwrap();
-    assert_eq!(
-        other
-            .take_from_rate("q", now + 100, 100, 20, 250_000)
-            .await
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        a.take_from_rate("q", now + 100, 100, 20, 250_000)
-            .await
-            .unwrap(),
-        0
-    );
+    // 20 per second (50 ms apart), a quarter second's worth at once: 5.
+    let take = |s: &'static str| {
+        move |st: &kling_relay::storage::Store, at: i64| {
+            let st = st.clone();
+            async move {
+                st.take_from_rate(s, at, 100, 50_000, 250_000)
+                    .await
+                    .unwrap()
+                    .0
+            }
+        }
+    };
+    let q = take("q");
+    assert_eq!(q(&a, now).await, 5);
+    assert_eq!(q(&other, now).await, 0);
+    assert_eq!(q(&other, now + 100).await, 2);
+    a.give_back_to_rate("q", 1, 50_000).await.unwrap();
+    assert_eq!(q(&other, now + 100).await, 1);
+    assert_eq!(q(&a, now + 100).await, 0);
     // Another rate is another cell.
-    assert_eq!(a.take_from_rate("r", now, 3, 20, 250_000).await.unwrap(), 3);
+    assert_eq!(
+        a.take_from_rate("r", now, 3, 50_000, 250_000)
+            .await
+            .unwrap()
+            .0,
+        3
+    );
 }
 
 on_both_backends!(

@@ -153,20 +153,27 @@ impl QueryRate {
 }
 
 /// A rate shared by every replica, decided by the generic cell rate algorithm on a stored
-/// "theoretical arrival time" (`tat`, microseconds): up to `want` calls may start at `now_us`
-/// while the schedule stays within `burst_us` of now. Returns (granted, the new `tat`).
+/// "theoretical arrival time" (`tat`, microseconds): one call per `interval_us`, and up to
+/// `want` may start at `now_us` while the schedule stays within `burst_us` of now.
+/// Returns (granted, the new `tat`, microseconds until one more call may start).
 pub fn gcra_take(
     tat_us: i64,
     now_us: i64,
     want: i64,
-    per_second: u32,
+    interval_us: i64,
     burst_us: i64,
-) -> (i64, i64) {
-    let interval_us = (1_000_000 / i64::from(per_second.max(1))).max(1);
+) -> (i64, i64, i64) {
+    let interval_us = interval_us.max(1);
     let start = tat_us.max(now_us);
-    let room = now_us + burst_us.max(interval_us) - start;
-    let granted = (room / interval_us).clamp(0, want.max(0));
-    (granted, start + granted * interval_us)
+    let horizon = now_us + burst_us.max(interval_us);
+    let granted = ((horizon - start) / interval_us).clamp(0, want.max(0));
+    let tat = start + granted * interval_us;
+    (granted, tat, (tat + interval_us - horizon).max(0))
+}
+
+/// The GCRA interval of a rate of `per_second` calls.
+pub fn interval_of_per_second(per_second: u32) -> i64 {
+    (1_000_000 / i64::from(per_second.max(1))).max(1)
 }
 
 #[cfg(test)]
@@ -225,11 +232,16 @@ mod tests {
     #[test]
     fn the_shared_rate_grants_a_quarter_second_at_once_then_keeps_pace() {
         // 20 per second: 50 ms apart, a burst of 250 ms' worth.
-        let (g, tat) = gcra_take(0, 1_000_000, 100, 20, 250_000);
+        let every = interval_of_per_second(20);
+        let (g, tat, _) = gcra_take(0, 1_000_000, 100, every, 250_000);
         assert_eq!(g, 5);
-        let (g, tat) = gcra_take(tat, 1_000_000, 100, 20, 250_000);
-        assert_eq!(g, 0, "nothing left this instant");
-        let (g, _) = gcra_take(tat, 1_100_000, 100, 20, 250_000);
+        let (g, tat, wait) = gcra_take(tat, 1_000_000, 100, every, 250_000);
+        assert_eq!(
+            (g, wait),
+            (0, 50_000),
+            "nothing left this instant; one more in 50 ms"
+        );
+        let (g, _, _) = gcra_take(tat, 1_100_000, 100, every, 250_000);
         assert_eq!(g, 2, "100 ms later: two more");
         // Over 10 s, two takers sharing the cell never exceed the rate plus the burst.
         let mut tat = 0;
@@ -237,7 +249,7 @@ mod tests {
         for step in 0..=200 {
             let now = 2_000_000 + step * 50_000;
             for _ in 0..2 {
-                let (g, t) = gcra_take(tat, now, 3, 20, 250_000);
+                let (g, t, _) = gcra_take(tat, now, 3, every, 250_000);
                 tat = t;
                 total += g;
             }

@@ -390,8 +390,24 @@ impl Relay {
         self.publish(EVERY_TASK);
     }
 
-    fn take_submit_budget(&self, client: &str) -> Result<(), ServiceError> {
+    /// One submit from `client`'s `limits.client_submits_per_minute`. On Postgres the budget is
+    /// a rate in the database, shared by every replica (a minute's worth at most at once, as
+    /// here); SQLite has a single instance, whose memory is the whole truth.
+    async fn take_submit_budget(&self, client: &str) -> Result<(), ServiceError> {
         let per_minute = self.settings.limits.client_submits_per_minute;
+        if self.store.backend() == "postgres" {
+            const MINUTE_US: i64 = 60_000_000;
+            let every = MINUTE_US / i64::from(per_minute.max(1));
+            let (granted, wait_us) = self
+                .store
+                .take_from_rate(&format!("submits:{client}"), now_ms(), 1, every, MINUTE_US)
+                .await?;
+            if granted == 0 {
+                let secs = u64::try_from((wait_us + 999_999) / 1_000_000).unwrap_or(1);
+                return Err(ServiceError::RateLimited(secs.max(1)));
+            }
+            return Ok(());
+        }
         let mut budgets = self
             .submit_budgets
             .lock()
@@ -474,7 +490,7 @@ impl Relay {
             })?;
         }
         if let Caller::Client(name) = caller {
-            self.take_submit_budget(name)?;
+            self.take_submit_budget(name).await?;
         }
         let id = uuid::Uuid::now_v7().to_string();
         let now = now_ms();

@@ -81,16 +81,17 @@ impl Store {
         Ok(due)
     }
 
-    /// Takes up to `want` calls from the rate `name` (`per_second`, a burst of `burst_us`) that
-    /// every replica on this database shares. Returns how many may start now.
+    /// Takes up to `want` calls from the rate `name` (one per `interval_us`, a burst of
+    /// `burst_us`) that every replica on this database shares. Returns how many may start now,
+    /// and the microseconds until one more may.
     pub async fn take_from_rate(
         &self,
         name: &str,
         now_ms: i64,
         want: i64,
-        per_second: u32,
+        interval_us: i64,
         burst_us: i64,
-    ) -> Result<i64> {
+    ) -> Result<(i64, i64)> {
         let _writer = self.writer().await;
         let read = format!(
             "SELECT tat FROM rate_limits WHERE name = $1{}",
@@ -114,23 +115,22 @@ impl Store {
                     sqlx::query_scalar(&read).bind(name).fetch_one(&mut *tx).await?
                 }
             };
-            let (granted, tat) =
-                gcra_take(tat, now_ms.saturating_mul(1000), want, per_second, burst_us);
+            let (granted, tat, wait_us) =
+                gcra_take(tat, now_ms.saturating_mul(1000), want, interval_us, burst_us);
             if granted > 0 {
                 sqlx::query(WRITE).bind(name).bind(tat).execute(&mut *tx).await?;
             }
             tx.commit().await?;
-            Ok(granted)
+            Ok((granted, wait_us))
         })
     }
 
-    /// Returns `unused` calls taken from the rate `name` but not made.
-    pub async fn give_back_to_rate(&self, name: &str, unused: i64, per_second: u32) -> Result<()> {
+    /// Returns `unused` calls taken from the rate `name` (one per `interval_us`) but not made.
+    pub async fn give_back_to_rate(&self, name: &str, unused: i64, interval_us: i64) -> Result<()> {
         if unused <= 0 {
             return Ok(());
         }
         let _writer = self.writer().await;
-        let interval_us = (1_000_000 / i64::from(per_second.max(1))).max(1);
         const SQL: &str = "UPDATE rate_limits SET tat = tat - $2 WHERE name = $1";
         on_pool!(self, p => {
             sqlx::query(SQL).bind(name).bind(unused * interval_us).execute(p).await?;

@@ -7,7 +7,7 @@
 //! passes the poller sleeps until the next poll is due (at most `tick`), not a fixed tick.
 
 use super::{for_each_bounded, jitter};
-use crate::domain::durations::{eager_polls, DurationEstimates, QueryRate};
+use crate::domain::durations::{eager_polls, interval_of_per_second, DurationEstimates, QueryRate};
 use crate::domain::halt::HaltReason;
 use crate::domain::schedule::backoff;
 use crate::domain::{EventSource, TaskError, TaskStatus};
@@ -75,9 +75,10 @@ impl Rate<'_> {
             Rate::Local(r) => Ok(r.take(now, want)),
             Rate::Shared => {
                 let want = i64::try_from(want).unwrap_or(i64::MAX);
-                let n = relay
+                let every = interval_of_per_second(per_second);
+                let (n, _) = relay
                     .store
-                    .take_from_rate(QUERY_RATE, now, want, per_second, QUERY_BURST_US)
+                    .take_from_rate(QUERY_RATE, now, want, every, QUERY_BURST_US)
                     .await?;
                 Ok(usize::try_from(n).unwrap_or(0))
             }
@@ -92,7 +93,7 @@ impl Rate<'_> {
                 let per_second = relay.settings.poller.max_queries_per_second;
                 relay
                     .store
-                    .give_back_to_rate(QUERY_RATE, unused, per_second)
+                    .give_back_to_rate(QUERY_RATE, unused, interval_of_per_second(per_second))
                     .await?;
             }
         }
