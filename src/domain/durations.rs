@@ -77,7 +77,9 @@ impl DurationEstimates {
 }
 
 /// The running tasks to poll by `now`: only while work waits for units (`backlog`), only those
-/// past their expected finish, and not those whose poll is already due within `eager_ms`.
+/// `eager_ms` past their expected finish (a callback that works has landed by then, so a
+/// service that gets its callbacks makes no extra query), and not those whose poll is already
+/// due within `eager_ms`.
 pub fn eager_polls(
     now_ms: i64,
     backlog: bool,
@@ -93,7 +95,7 @@ pub fn eager_polls(
         .filter(|t| {
             estimates
                 .expected_ms(&t.model, t.n)
-                .is_some_and(|d| t.submitted_at_ms + d <= now_ms)
+                .is_some_and(|d| t.submitted_at_ms + d + eager_ms <= now_ms)
                 && t.poll_due_at_ms > now_ms + eager_ms
         })
         .map(|t| t.id.clone())
@@ -220,6 +222,8 @@ mod tests {
         let tasks = [
             running("due-soon-anyway", 1, 0, 10_100),
             running("overdue", 1, 8_000, 30_000),
+            // Due at 9,000 + 1,000: within the grace a working callback needs.
+            running("just-due", 1, 9_000, 30_000),
             running("young", 1, 9_500, 30_000),
         ];
         assert!(eager_polls(10_000, false, &tasks, &e, 250).is_empty());
