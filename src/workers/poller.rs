@@ -122,6 +122,7 @@ impl Poller {
     /// eager interval while work waits, else until the next poll is due, at most `tick`.
     pub async fn pass(&mut self, relay: &Arc<Relay>) -> Result<Duration, ServiceError> {
         let s = &relay.settings.poller;
+        metrics::counter!("klr_poller_passes_total").increment(1);
         if self
             .refreshed
             .is_none_or(|t| t.elapsed() >= ESTIMATES_REFRESH)
