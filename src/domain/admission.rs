@@ -5,7 +5,8 @@
 //! maximum. A `1303`/429 while `in_flight` of ours ran and `attempted` more were asked for says
 //! the room for us lies between the two: the limit resumes at the middle of that range (so each
 //! refusal halves it, and refusals stay few), and dispatch pauses with exponential backoff. It
-//! grows back by one unit each time a quarter of the limit's worth of units has finished cleanly.
+//! grows back by one unit each time a full working limit's worth of units has finished cleanly
+//! (additive increase).
 //! The level that was refused is remembered as a ceiling: reaching it again takes
 //! `PROBE_WINDOWS` full windows, so a limit held down by another tenant is probed rarely, yet
 //! regained once that tenant leaves.
@@ -231,9 +232,15 @@ mod tests {
         let p3 = a.on_busy(0, 6, 2, Some(Duration::from_secs(120)), 0.0);
         assert!(p3 >= Duration::from_secs(120), "Retry-After honoured");
         a.on_accepted();
-        // Below the refused level (6 + 2 = 8): a unit back per quarter of the limit finished.
+        // Below the refused level (6 + 2 = 8): a unit back per window (the limit's worth).
+        a.on_finished(5);
+        assert_eq!(
+            a.snapshot().working_limit,
+            6,
+            "a full window not finished yet"
+        );
         a.on_finished(1);
-        assert_eq!(a.snapshot().working_limit, 7);
+        assert_eq!(a.snapshot().working_limit, 7, "one unit per window");
         // The refused level itself: only after PROBE_WINDOWS full windows.
         a.on_finished(7 * PROBE_WINDOWS - 1);
         assert_eq!(a.snapshot().working_limit, 7, "probed rarely");
