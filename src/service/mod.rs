@@ -145,7 +145,7 @@ pub struct Relay {
     /// Per-client submit rate.
     submit_budgets: Mutex<HashMap<String, SubmitBudget>>,
     /// Postgres: submits taken from a client's shared rate and not spent yet (left, taken at).
-    submit_stash: Mutex<HashMap<String, (i64, i64)>>,
+    submit_stash: tokio::sync::Mutex<HashMap<String, (i64, i64)>>,
     /// Fires when the service stops: long-lived answers (long-poll, SSE) end early.
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Clients' default notify URLs, read at most every CLIENT_URL_TTL: every status change needs
@@ -236,7 +236,7 @@ impl Relay {
             archive,
             network_policy,
             submit_budgets: Mutex::new(HashMap::new()),
-            submit_stash: Mutex::new(HashMap::new()),
+            submit_stash: tokio::sync::Mutex::new(HashMap::new()),
             shutdown: tokio_util::sync::CancellationToken::new(),
             client_urls: Mutex::new(HashMap::new()),
             body_budget: Arc::new(tokio::sync::Semaphore::new(
@@ -403,14 +403,14 @@ impl Relay {
             // A second's worth is taken from the shared cell at a time and spent here, so
             // a busy client costs the database one row lock per batch, not per submit; what a
             // batch leaves unspent lapses after a second.
+            // Held across the refill, so concurrent submits do not each take a batch (and burn
+            // the client's minute between them).
+            let mut stash = self.submit_stash.lock().await;
             let now = now_ms();
-            {
-                let mut stash = self.submit_stash.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some((left, taken_at)) = stash.get_mut(client) {
-                    if *left > 0 && now - *taken_at < 1000 {
-                        *left -= 1;
-                        return Ok(());
-                    }
+            if let Some((left, taken_at)) = stash.get_mut(client) {
+                if *left > 0 && now - *taken_at < 1000 {
+                    *left -= 1;
+                    return Ok(());
                 }
             }
             let every = MINUTE_US / i64::from(per_minute.max(1));
@@ -423,10 +423,7 @@ impl Relay {
                 let secs = u64::try_from((wait_us + 999_999) / 1_000_000).unwrap_or(1);
                 return Err(ServiceError::RateLimited(secs.max(1)));
             }
-            self.submit_stash
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(client.to_owned(), (granted - 1, now));
+            stash.insert(client.to_owned(), (granted - 1, now));
             return Ok(());
         }
         let mut budgets = self
