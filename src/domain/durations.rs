@@ -102,58 +102,6 @@ pub fn eager_polls(
         .collect()
 }
 
-/// Upstream queries allowed per second, handed out evenly: a bucket that holds a quarter of a
-/// second's worth, so a pass never sends a burst.
-#[derive(Debug, Clone)]
-pub struct QueryRate {
-    per_second: f64,
-    tokens: f64,
-    updated_ms: Option<i64>,
-}
-
-impl QueryRate {
-    pub fn new(per_second: u32) -> Self {
-        let per_second = f64::from(per_second.max(1));
-        QueryRate {
-            per_second,
-            tokens: Self::cap_of(per_second),
-            updated_ms: None,
-        }
-    }
-
-    fn cap_of(per_second: f64) -> f64 {
-        (per_second / 4.0).max(1.0)
-    }
-
-    /// How many queries may start now (at most `want`); they are taken.
-    pub fn take(&mut self, now_ms: i64, want: usize) -> usize {
-        let cap = Self::cap_of(self.per_second);
-        if let Some(t) = self.updated_ms {
-            let elapsed = (now_ms - t).max(0) as f64 / 1000.0;
-            self.tokens = (self.tokens + elapsed * self.per_second).min(cap);
-        }
-        self.updated_ms = Some(now_ms);
-        let n = (self.tokens.floor() as usize).min(want);
-        self.tokens -= n as f64;
-        n
-    }
-
-    /// Returns tokens taken but not used (nothing was sent for them).
-    pub fn give_back(&mut self, n: usize) {
-        let cap = Self::cap_of(self.per_second);
-        self.tokens = (self.tokens + n as f64).min(cap);
-    }
-
-    /// Milliseconds until one more query may start.
-    pub fn wait_ms(&self) -> i64 {
-        if self.tokens >= 1.0 {
-            0
-        } else {
-            ((1.0 - self.tokens) / self.per_second * 1000.0).ceil() as i64
-        }
-    }
-}
-
 /// A rate shared by every replica, decided by the generic cell rate algorithm on a stored
 /// "theoretical arrival time" (`tat`, microseconds): one call per `interval_us`, and up to
 /// `want` may start at `now_us` while the schedule stays within `burst_us` of now.
@@ -259,19 +207,5 @@ mod tests {
             }
         }
         assert!((200..=206).contains(&total), "{total}");
-    }
-
-    #[test]
-    fn the_query_rate_spreads_queries_evenly() {
-        let mut r = QueryRate::new(20);
-        assert_eq!(r.take(0, 100), 5, "a quarter second's worth at once");
-        assert_eq!(r.take(0, 100), 0);
-        assert_eq!(r.wait_ms(), 50);
-        assert_eq!(r.take(100, 100), 2);
-        let mut total = 0;
-        for t in (200..=10_200).step_by(50) {
-            total += r.take(t, 100);
-        }
-        assert!((195..=206).contains(&total), "{total} in 10 s at 20/s");
     }
 }

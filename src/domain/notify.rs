@@ -62,10 +62,6 @@ pub struct NetworkPolicy {
     pub refuse_loopback: bool,
 }
 
-fn is_loopback(ip: IpAddr) -> bool {
-    ip.is_loopback()
-}
-
 /// This host and the private networks: what a URL from outside (upstream's result URLs, say)
 /// must not make the relay fetch and hand back.
 const INTERNAL: [&str; 9] = [
@@ -201,7 +197,7 @@ impl NetworkPolicy {
         if !self.allow.is_empty() && !explicitly_allowed {
             return Err(format!("{ip} is not in an allowed network"));
         }
-        if self.refuse_loopback && is_loopback(ip) && !explicitly_allowed {
+        if self.refuse_loopback && ip.is_loopback() && !explicitly_allowed {
             return Err(format!(
                 "{ip} is this host (loopback): list it in notifications.allow_networks to allow it"
             ));

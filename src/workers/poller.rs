@@ -7,7 +7,7 @@
 //! passes the poller sleeps until the next poll is due (at most `tick`), not a fixed tick.
 
 use super::{for_each_bounded, jitter};
-use crate::domain::durations::{eager_polls, interval_of_per_second, DurationEstimates, QueryRate};
+use crate::domain::durations::{eager_polls, interval_of_per_second, DurationEstimates};
 use crate::domain::halt::HaltReason;
 use crate::domain::schedule::backoff;
 use crate::domain::{EventSource, TaskError, TaskStatus};
@@ -61,18 +61,18 @@ const QUERY_RATE: &str = "upstream_queries";
 const QUERY_BURST_US: i64 = 250_000;
 
 /// Where polls take their share of `poller.max_queries_per_second`.
-enum Rate<'a> {
+enum Rate {
     /// The database's rate, shared by every replica.
     Shared,
-    /// In this process only (`step`, for tests that drive single passes).
-    Local(&'a mut QueryRate),
+    /// No rate (`step`, for tests that drive single passes).
+    Unlimited,
 }
 
-impl Rate<'_> {
+impl Rate {
     async fn take(&mut self, relay: &Relay, now: i64, want: usize) -> Result<usize, ServiceError> {
         let per_second = relay.settings.poller.max_queries_per_second;
         match self {
-            Rate::Local(r) => Ok(r.take(now, want)),
+            Rate::Unlimited => Ok(want),
             Rate::Shared => {
                 let want = i64::try_from(want).unwrap_or(i64::MAX);
                 let every = interval_of_per_second(per_second);
@@ -87,7 +87,7 @@ impl Rate<'_> {
 
     async fn give_back(&mut self, relay: &Relay, unused: usize) -> Result<(), ServiceError> {
         match self {
-            Rate::Local(r) => r.give_back(unused),
+            Rate::Unlimited => {}
             Rate::Shared => {
                 let unused = i64::try_from(unused).unwrap_or(0);
                 let per_second = relay.settings.poller.max_queries_per_second;
@@ -102,7 +102,7 @@ impl Rate<'_> {
 
     fn wait_ms(&self, relay: &Relay) -> i64 {
         match self {
-            Rate::Local(r) => r.wait_ms(),
+            Rate::Unlimited => 0,
             // One query's interval: the shared rate frees a slot at least that often.
             Rate::Shared => 1000 / i64::from(relay.settings.poller.max_queries_per_second.max(1)),
         }
@@ -161,15 +161,14 @@ impl Poller {
 
 /// One pass: polls what is due and times out what is too old. Returns (polled, timed out).
 pub async fn step(relay: &Arc<Relay>) -> Result<(usize, usize), ServiceError> {
-    let mut unlimited = QueryRate::new(u32::MAX);
-    let (polled, timed_out, _) = step_within(relay, &mut Rate::Local(&mut unlimited)).await?;
+    let (polled, timed_out, _) = step_within(relay, &mut Rate::Unlimited).await?;
     Ok((polled, timed_out))
 }
 
 /// A pass within the query rate. Returns (polled, timed out, whether the rate held polls back).
 async fn step_within(
     relay: &Arc<Relay>,
-    rate: &mut Rate<'_>,
+    rate: &mut Rate,
 ) -> Result<(usize, usize, bool), ServiceError> {
     let s = &relay.settings.poller;
     let batch = s.concurrency.max(1);
