@@ -13,8 +13,14 @@
 //!   applies; `server.request_timeout` and the stream's own keep-alives govern it.
 //!
 //! Over `max_connections`, a new connection is answered `503` with `Connection: close` at once.
+//!
+//! A connection is closed by lingering: the socket is shut for writing, then what the client still
+//! sends is read and discarded for up to [`LINGER`] or [`LINGER_BYTES`]. Closing a socket with
+//! unread bytes makes the kernel send a reset, and a client still writing a body we refused (a
+//! `413` before its upload ends) would then see "broken pipe" instead of our answer.
 
 use axum::body::Body;
+use axum::http::{header, HeaderValue};
 use axum::Router;
 use bytes::Bytes;
 use hyper::body::Incoming;
@@ -22,12 +28,13 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -39,6 +46,10 @@ pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
 }
+
+/// How long, and how much, a closing connection keeps reading what its client still sends.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 64 << 20;
 
 const OVER_CAPACITY_BODY: &str = r#"{"type":"about:blank","title":"Service Unavailable","status":503,"detail":"too many connections: try again shortly"}"#;
 
@@ -76,9 +87,8 @@ pub async fn serve(
         let stop = shutdown.clone();
         connections.spawn(async move {
             ::metrics::gauge!("klr_http_connections_open").increment(1.0);
-            serve_connection(stream, router, limits, stop).await;
+            serve_connection(stream, slot, router, limits, stop).await;
             ::metrics::gauge!("klr_http_connections_open").decrement(1.0);
-            drop(slot);
         });
     }
     drop(listener);
@@ -96,13 +106,32 @@ async fn refuse(mut stream: TcpStream) {
             OVER_CAPACITY_BODY.len()
         );
         let _ = stream.write_all(answer.as_bytes()).await;
-        let _ = stream.shutdown().await;
     })
     .await;
+    linger(stream, None).await;
+}
+
+/// Closes `stream` without a reset: see the module header. The connection's slot (if any) is
+/// held until the socket is really closed, so lingering sockets count against the cap.
+async fn linger(mut stream: TcpStream, slot: Option<OwnedSemaphorePermit>) {
+    let _ = tokio::time::timeout(LINGER, async {
+        let _ = stream.shutdown().await;
+        let mut buf = [0u8; 8192];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+    drop(slot);
 }
 
 async fn serve_connection(
     stream: TcpStream,
+    slot: OwnedSemaphorePermit,
     router: Router,
     limits: ConnectionLimits,
     shutdown: CancellationToken,
@@ -110,18 +139,28 @@ async fn serve_connection(
     let _ = stream.set_nodelay(true);
     let clock = Arc::new(Clock::new());
     let io = TokioIo::new(Watched {
-        inner: stream,
+        inner: Some(stream),
+        slot: Some(slot),
         clock: clock.clone(),
     });
     let service_clock = clock.clone();
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         let in_flight = InFlight::start(service_clock.clone());
-        let call = router.clone().oneshot(req.map(Body::new));
+        let (req, read_to_end) = ReadToEnd::wrap(req);
+        let call = router.clone().oneshot(req);
         async move {
-            let response = match call.await {
+            let mut response = match call.await {
                 Ok(r) => r,
                 Err(never) => match never {},
             };
+            if !read_to_end.load(Ordering::Acquire) {
+                // Answered before its body was read (a 413, a 401): hyper will close rather than
+                // read the rest, and a client not told so may send its next request into the
+                // closing socket.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             Ok::<_, Infallible>(response.map(|body| Guarded {
                 body,
                 _in_flight: in_flight,
@@ -287,10 +326,77 @@ impl http_body::Body for Guarded {
     }
 }
 
-/// The socket, telling the clock when bytes arrive.
+/// A request body that records whether it was read to its end.
+struct ReadToEnd {
+    body: Incoming,
+    done: Arc<AtomicBool>,
+}
+
+impl ReadToEnd {
+    fn wrap(req: hyper::Request<Incoming>) -> (axum::extract::Request, Arc<AtomicBool>) {
+        let (parts, body) = req.into_parts();
+        let done = Arc::new(AtomicBool::new(http_body::Body::is_end_stream(&body)));
+        let body = Body::new(ReadToEnd {
+            body,
+            done: done.clone(),
+        });
+        (axum::extract::Request::from_parts(parts, body), done)
+    }
+}
+
+impl http_body::Body for ReadToEnd {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.body.is_end_stream() {
+            self.done.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The socket, telling the clock when bytes arrive. Dropped (hyper is done with it), it hands the
+/// socket to a task that closes it by lingering.
 struct Watched {
-    inner: TcpStream,
+    /// `None` only once dropped.
+    inner: Option<TcpStream>,
+    slot: Option<OwnedSemaphorePermit>,
     clock: Arc<Clock>,
+}
+
+impl Watched {
+    fn stream(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+        match self.inner.as_mut() {
+            Some(s) => Ok(Pin::new(s)),
+            None => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        let Some(stream) = self.inner.take() else {
+            return;
+        };
+        let slot = self.slot.take();
+        // Outside a runtime (never, in the service) the socket just closes.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(linger(stream, slot));
+        }
+    }
 }
 
 impl AsyncRead for Watched {
@@ -300,7 +406,10 @@ impl AsyncRead for Watched {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let polled = match self.stream() {
+            Ok(s) => s.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        };
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.clock.bytes_read();
         }
@@ -314,15 +423,24 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        match self.stream() {
+            Ok(s) => s.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        match self.stream() {
+            Ok(s) => s.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        match self.stream() {
+            Ok(s) => s.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 
     fn poll_write_vectored(
@@ -330,10 +448,13 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        match self.stream() {
+            Ok(s) => s.poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.inner.as_ref().is_some_and(|s| s.is_write_vectored())
     }
 }
