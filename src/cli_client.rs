@@ -45,6 +45,9 @@ pub struct SubmitArgs {
     pub notify_url: Option<String>,
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Order among your own waiting tasks: high, normal (default) or low.
+    #[arg(long, value_parser = ["high", "normal", "low"])]
+    pub priority: Option<String>,
     /// Wait for the final status, showing it live.
     #[arg(long)]
     pub wait: bool,
@@ -202,6 +205,7 @@ pub async fn submit(a: SubmitArgs) -> Result<u8, UsageError> {
         ("aspect_ratio", a.aspect_ratio.clone()),
         ("model_name", a.model.clone()),
         ("notify_url", a.notify_url.clone()),
+        ("priority", a.priority.clone()),
     ];
     for (k, v) in optional {
         if let Some(v) = v {

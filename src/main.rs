@@ -121,6 +121,19 @@ enum ClientsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Set the client's share of the upstream units: its weight when clients compete, and a cap.
+    Set {
+        name: String,
+        /// Relative share when several clients have work waiting (1 to 1000; default 1).
+        #[arg(long)]
+        weight: Option<i64>,
+        /// Most units the client's tasks may hold upstream at once.
+        #[arg(long, conflicts_with = "no_max_units")]
+        max_units: Option<i64>,
+        /// Remove the cap.
+        #[arg(long)]
+        no_max_units: bool,
+    },
     /// Set (or with --clear, remove) the client's default notify URL.
     SetNotifyUrl {
         name: String,
@@ -454,18 +467,25 @@ async fn run_clients(
                             "notify_url": c.notify_url,
                             "created_at": rfc3339(c.created_at_ms),
                             "revoked_at": c.revoked_at_ms.map(rfc3339),
+                            "weight": c.weight,
+                            "max_units": c.max_units,
                         })
                     })
                     .collect();
                 println!("{}", serde_json::to_string(&list)?);
             } else {
-                println!("{:<24} {:<12} {:<8} notify url", "name", "key", "state");
+                println!(
+                    "{:<24} {:<12} {:<8} {:>6} {:>9} notify url",
+                    "name", "key", "state", "weight", "max units"
+                );
                 for c in clients {
                     println!(
-                        "{:<24} {:<12} {:<8} {}",
+                        "{:<24} {:<12} {:<8} {:>6} {:>9} {}",
                         c.name,
                         format!("{}…", c.api_key_prefix),
                         if c.is_revoked() { "revoked" } else { "active" },
+                        c.weight,
+                        c.max_units.map_or("-".to_string(), |m| m.to_string()),
                         c.notify_url.unwrap_or_default()
                     );
                 }
@@ -492,6 +512,31 @@ async fn run_clients(
                     humantime::format_duration(grace)
                 );
             }
+        }
+        ClientsCommand::Set {
+            name,
+            weight,
+            max_units,
+            no_max_units,
+        } => {
+            let cap = if no_max_units {
+                Some(None)
+            } else {
+                max_units.map(Some)
+            };
+            if weight.is_none() && cap.is_none() {
+                anyhow::bail!("give --weight, --max-units or --no-max-units");
+            }
+            admin::set_share(store, &name, weight, cap).await?;
+            let c = store
+                .get_client(&name)
+                .await?
+                .with_context(|| format!("no client named `{name}`"))?;
+            println!(
+                "client `{name}`: weight {}, max units {}",
+                c.weight,
+                c.max_units.map_or("none".to_string(), |m| m.to_string())
+            );
         }
         ClientsCommand::SetNotifyUrl { name, url, clear } => {
             if url.is_none() && !clear {

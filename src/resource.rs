@@ -2,7 +2,7 @@
 //! notifications carry, so both always agree.
 
 use crate::domain::archive::{ArchiveState, ArchivedImage};
-use crate::domain::{ResultImage, Task, TaskError, TaskEvent, TaskStatus};
+use crate::domain::{Priority, ResultImage, Task, TaskError, TaskEvent, TaskStatus};
 use crate::storage::{Delivery, DeliveryAttempt};
 use serde::Serialize;
 use serde_json::Value;
@@ -139,6 +139,8 @@ pub struct TaskView {
     final_unit_deduction: Option<String>,
     #[schema(example = "1:1")]
     aspect_ratio: Option<String>,
+    /// Order among the client's own waiting tasks.
+    priority: Priority,
     images: Vec<ImageView>,
     error: Option<ErrorView>,
     /// The caller's own JSON object, returned as given.
@@ -169,6 +171,7 @@ impl From<Task> for TaskView {
             n: t.n,
             final_unit_deduction: t.final_unit_deduction,
             aspect_ratio: t.aspect_ratio,
+            priority: t.priority,
             images: t.images.into_iter().map(ImageView::from).collect(),
             error: t.error.map(ErrorView::from),
             metadata: t.metadata,
@@ -474,6 +477,11 @@ pub struct TaskRequest {
     metadata: Option<Value>,
     /// Where to POST the task on every status change (Standard Webhooks signed).
     notify_url: Option<String>,
+    /// Order among the caller's own waiting tasks (`high` first, then `normal`, then `low`;
+    /// oldest first within each). Other clients' tasks are not affected: the share of units
+    /// between clients follows their weights.
+    #[schema(default = "normal")]
+    priority: Option<Priority>,
 }
 
 /// The task resource as JSON text (the body of a notification).

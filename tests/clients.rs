@@ -270,7 +270,101 @@ async fn with_auth_off_requests_without_a_key_are_served(b: Backend) {
     assert_eq!(r.status(), 401);
 }
 
+/// `clients set`: weight and cap are stored, listed, validated, and the cap can be removed; the
+/// task resource carries its `priority`, which a submit may set and which is validated.
+async fn shares_through_the_cli_and_priority_through_the_api(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let (ok, _, err) = cli(&app.db, &["clients", "create", "team-a"]);
+    assert!(ok, "{err}");
+    let listed = |db: &TestDb| -> Value {
+        let (ok, out, err) = cli(db, &["clients", "list", "--json"]);
+        assert!(ok, "{err}");
+        let list: Value = serde_json::from_str(&out).expect("json");
+        list.as_array()
+            .and_then(|l| l.iter().find(|c| c["name"] == "team-a").cloned())
+            .expect("listed")
+    };
+    let c = listed(&app.db);
+    assert_eq!(
+        (c["weight"].clone(), c["max_units"].clone()),
+        (json!(1), Value::Null)
+    );
+    let (ok, out, err) = cli(
+        &app.db,
+        &[
+            "clients",
+            "set",
+            "team-a",
+            "--weight",
+            "3",
+            "--max-units",
+            "20",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("weight 3") && out.contains("max units 20"),
+        "{out}"
+    );
+    let c = listed(&app.db);
+    assert_eq!(
+        (c["weight"].clone(), c["max_units"].clone()),
+        (json!(3), json!(20))
+    );
+    let (_, text, _) = cli(&app.db, &["clients", "list"]);
+    assert!(text.contains("weight") && text.contains("20"), "{text}");
+    // Only what is given changes; the cap can be removed.
+    let (ok, _, err) = cli(&app.db, &["clients", "set", "team-a", "--no-max-units"]);
+    assert!(ok, "{err}");
+    let c = listed(&app.db);
+    assert_eq!(
+        (c["weight"].clone(), c["max_units"].clone()),
+        (json!(3), Value::Null)
+    );
+    // Refused: nothing to set, out-of-range values, an unknown client; nothing changes.
+    for args in [
+        &["clients", "set", "team-a"][..],
+        &["clients", "set", "team-a", "--weight", "0"],
+        &["clients", "set", "team-a", "--weight", "1001"],
+        &["clients", "set", "team-a", "--max-units", "0"],
+        &[
+            "clients",
+            "set",
+            "team-a",
+            "--max-units",
+            "2",
+            "--no-max-units",
+        ],
+        &["clients", "set", "nobody", "--weight", "2"],
+    ] {
+        let (ok, _, err) = cli(&app.db, args);
+        assert!(!ok, "{args:?} was accepted");
+        assert!(!err.is_empty(), "{args:?} says why");
+    }
+    let c = listed(&app.db);
+    assert_eq!(
+        (c["weight"].clone(), c["max_units"].clone()),
+        (json!(3), Value::Null)
+    );
+
+    // Priority on the task resource.
+    let mut body = valid_body();
+    let id = app.submit_ok(&body).await;
+    assert_eq!(app.task(&id).await["priority"], "normal", "the default");
+    body["priority"] = json!("high");
+    let id = app.submit_ok(&body).await;
+    assert_eq!(app.task(&id).await["priority"], "high");
+    for bad in [json!("urgent"), json!(1), json!("HIGH")] {
+        body["priority"] = bad.clone();
+        let r = app.submit(&body).await;
+        assert_eq!(r.status(), 422, "{bad}");
+        let problem: Value = r.json().await.expect("problem");
+        assert!(problem.to_string().contains("priority"), "{problem}");
+    }
+}
+
 on_both_backends!(
+    shares_through_the_cli_and_priority_through_the_api,
     key_lifecycle_through_the_cli,
     another_clients_task_is_not_found_on_every_route,
     idempotency_keys_are_per_client,

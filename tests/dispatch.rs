@@ -340,7 +340,130 @@ async fn cancel_and_backpressure(b: Backend) {
     assert_eq!(app.sim.stats().tasks_created, 1);
 }
 
+/// Weights, caps and priorities as the dispatch claim applies them: the shares it reads from the
+/// database (each client's units in flight, weight and cap) and the candidates it offers (each
+/// client's own queue, however deep another's), decided by the real admission controller.
+async fn the_claim_shares_units_by_weight_cap_and_priority(b: Backend) {
+    use kling_relay::domain::admission::{Admission, AdmissionConfig, Candidate};
+    use kling_relay::domain::Priority;
+    use kling_relay::service::clients::set_share;
+    use kling_relay::storage::PendingCaps;
+    let db = TestDb::new(b).await;
+    let store = open_store(&db).await;
+    for name in ["a", "b", "c"] {
+        kling_relay::service::clients::create_client(&store, name, None)
+            .await
+            .expect("client");
+    }
+    set_share(&store, "a", None, Some(Some(3)))
+        .await
+        .expect("cap");
+    set_share(&store, "b", Some(2), None).await.expect("weight");
+    let caps = PendingCaps {
+        total: 100_000,
+        per_client: 100_000,
+    };
+    let mut i = 0;
+    let mut add = |client: &str, priority: Priority| {
+        i += 1;
+        let mut r = task_record(i);
+        r.client = Some(client.into());
+        r.priority = priority;
+        r
+    };
+    // `a` has a deep backlog and one urgent task, its newest; `b` and `c` have a few each.
+    let mut urgent = String::new();
+    for k in 0..300 {
+        let r = add(
+            "a",
+            if k == 299 {
+                Priority::High
+            } else {
+                Priority::Normal
+            },
+        );
+        if k == 299 {
+            urgent = r.id.clone();
+        }
+        store.insert_task(r, None, caps).await.expect("insert");
+    }
+    for client in ["b", "c"] {
+        for _ in 0..20 {
+            let r = add(client, Priority::Normal);
+            store.insert_task(r, None, caps).await.expect("insert");
+        }
+    }
+    let admission = Admission::new(AdmissionConfig {
+        max_units: 12,
+        busy_initial: Duration::from_secs(1),
+        busy_max: Duration::from_secs(60),
+        starvation_after: Duration::from_secs(30),
+    });
+    let now = 1_800_000_000_000;
+    let claim = |seen: std::sync::Arc<std::sync::Mutex<Vec<(String, i64)>>>| {
+        let admission = &admission;
+        move |shares: kling_relay::domain::fair_share::Shares,
+              due: Vec<kling_relay::storage::DispatchCandidate>| {
+            let mut held: Vec<(String, i64)> = shares
+                .iter()
+                .map(|(k, v)| (k.clone(), v.in_flight))
+                .collect();
+            held.sort();
+            *seen.lock().expect("lock") = held;
+            let candidates: Vec<Candidate> = due
+                .into_iter()
+                .map(|c| Candidate {
+                    id: c.id,
+                    client: c.client,
+                    priority: c.priority,
+                    n: c.n,
+                    waiting_since_ms: c.created_at_ms,
+                })
+                .collect();
+            admission.select(now, &shares, &candidates)
+        }
+    };
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let first = store
+        .claim_dispatches(now, 64, now + 60_000, claim(seen.clone()))
+        .await
+        .expect("claim");
+    let units = |client: &str| -> i64 {
+        first
+            .iter()
+            .filter(|t| t.client.as_deref() == Some(client))
+            .map(|t| t.n)
+            .sum()
+    };
+    assert_eq!(
+        first.iter().map(|t| t.n).sum::<i64>(),
+        12,
+        "the account is filled"
+    );
+    assert_eq!(units("a"), 3, "a stops at its cap");
+    assert!(
+        first.iter().any(|t| t.id == urgent),
+        "a's high-priority task goes first among a's 300"
+    );
+    // b (weight 2) and c (weight 1) share the 9 units a's cap leaves: 6 and 3.
+    assert_eq!((units("b"), units("c")), (6, 3));
+    // The next claim sees what the first put in flight, per client, and finds no room.
+    let second = store
+        .claim_dispatches(now + 1, 64, now + 60_000, claim(seen.clone()))
+        .await
+        .expect("claim");
+    assert!(second.is_empty());
+    let held = seen.lock().expect("lock").clone();
+    let held: Vec<(String, i64)> = held.into_iter().filter(|(_, u)| *u > 0).collect();
+    assert_eq!(
+        held,
+        vec![("a".into(), 3), ("b".into(), 6), ("c".into(), 3)]
+    );
+    store.close().await;
+}
+
 on_both_backends!(
+    the_claim_shares_units_by_weight_cap_and_priority,
     two_hundred_tasks_fit_in_ten_units,
     adapts_to_a_lower_real_limit,
     flaky_creates_still_run_exactly_once,

@@ -11,13 +11,18 @@
 //! `PROBE_WINDOWS` full windows, so a limit held down by another tenant is probed rarely, yet
 //! regained once that tenant leaves.
 
+use super::fair_share::{self, Room, Shares};
 use super::schedule::backoff;
+use super::Priority;
 use std::time::Duration;
 
 /// A pending task waiting for room.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
     pub id: String,
+    /// Its client (`""` for tasks submitted without one).
+    pub client: String,
+    pub priority: Priority,
     pub n: i64,
     /// When it started waiting (its creation).
     pub waiting_since_ms: i64,
@@ -79,34 +84,19 @@ impl Admission {
         self.paused_until_ms
     }
 
-    /// Chooses, oldest first, the candidates that fit in the free units.
-    ///
-    /// A task that does not fit is skipped so smaller ones behind it can use the room (no needless
-    /// blocking), until it has waited `starvation_after`: then nothing behind it is sent, the free
-    /// units accumulate, and it goes next (no starvation). A task larger than the working limit
-    /// goes alone when nothing else is in flight.
-    pub fn select(&self, now_ms: i64, in_flight: i64, candidates: &[Candidate]) -> Vec<String> {
+    /// Chooses the candidates that take the free units now, in the order to send them: see
+    /// [`fair_share`] (shares between clients; within one, priority then age, small tasks
+    /// backfilling until a large one has waited `starvation_after`).
+    pub fn select(&self, now_ms: i64, shares: &Shares, candidates: &[Candidate]) -> Vec<String> {
         if now_ms < self.paused_until_ms {
             return Vec::new();
         }
-        let starving_ms = i64::try_from(self.cfg.starvation_after.as_millis()).unwrap_or(i64::MAX);
-        let mut free = self.working - in_flight;
-        let mut chosen = Vec::new();
-        for c in candidates {
-            if c.n <= free {
-                free -= c.n;
-                chosen.push(c.id.clone());
-                continue;
-            }
-            if in_flight == 0 && chosen.is_empty() && c.n > self.working {
-                chosen.push(c.id.clone());
-                break;
-            }
-            if now_ms - c.waiting_since_ms >= starving_ms {
-                break;
-            }
-        }
-        chosen
+        let room = Room {
+            now_ms,
+            working: self.working,
+            starving_ms: i64::try_from(self.cfg.starvation_after.as_millis()).unwrap_or(i64::MAX),
+        };
+        fair_share::select(room, shares, candidates)
     }
 
     /// Upstream said its concurrency is full when we asked for `attempted` units while `in_flight`
@@ -187,17 +177,30 @@ mod tests {
     fn c(id: &str, n: i64, since: i64) -> Candidate {
         Candidate {
             id: id.into(),
+            client: "A".into(),
+            priority: Priority::Normal,
             n,
             waiting_since_ms: since,
         }
+    }
+
+    /// One client's units in flight.
+    fn held(in_flight: i64) -> Shares {
+        Shares::from([(
+            "A".to_string(),
+            crate::domain::fair_share::ClientShare {
+                in_flight,
+                ..Default::default()
+            },
+        )])
     }
 
     #[test]
     fn fills_the_free_units_in_order_and_backfills_small_tasks() {
         let a = adm(10);
         let cs = [c("a", 4, 0), c("b", 9, 0), c("c", 3, 0), c("d", 5, 0)];
-        assert_eq!(a.select(1000, 0, &cs), vec!["a", "c"]);
-        assert_eq!(a.select(1000, 8, &cs), Vec::<String>::new());
+        assert_eq!(a.select(1000, &held(0), &cs), vec!["a", "c"]);
+        assert_eq!(a.select(1000, &held(8), &cs), Vec::<String>::new());
     }
 
     #[test]
@@ -205,10 +208,10 @@ mod tests {
         let a = adm(10);
         let cs = [c("big", 9, 0), c("small", 1, 0)];
         // Fresh: the small one may overtake.
-        assert_eq!(a.select(1_000, 5, &cs), vec!["small"]);
+        assert_eq!(a.select(1_000, &held(5), &cs), vec!["small"]);
         // After 30 s of waiting: nothing overtakes it any more.
-        assert!(a.select(31_000, 5, &cs).is_empty());
-        assert_eq!(a.select(31_000, 0, &cs), vec!["big", "small"]);
+        assert!(a.select(31_000, &held(5), &cs).is_empty());
+        assert_eq!(a.select(31_000, &held(0), &cs), vec!["big", "small"]);
     }
 
     #[test]
@@ -216,8 +219,8 @@ mod tests {
         let mut a = adm(10);
         a.on_busy(0, 3, 1, None, 0.5);
         let cs = [c("big", 9, 0), c("small", 1, 0)];
-        assert_eq!(a.select(10_000, 0, &cs), vec!["big"]);
-        assert!(a.select(10_000, 1, &cs).len() <= 1);
+        assert_eq!(a.select(10_000, &held(0), &cs), vec!["big"]);
+        assert!(a.select(10_000, &held(1), &cs).len() <= 1);
     }
 
     #[test]
@@ -226,7 +229,10 @@ mod tests {
         let p1 = a.on_busy(0, 6, 2, None, 0.0);
         assert!(p1 >= Duration::from_secs(1), "first pause at least 1 s");
         assert_eq!(a.snapshot().working_limit, 6);
-        assert!(a.select(500, 0, &[c("x", 1, 0)]).is_empty(), "paused");
+        assert!(
+            a.select(500, &held(0), &[c("x", 1, 0)]).is_empty(),
+            "paused"
+        );
         let p2 = a.on_busy(0, 6, 2, None, 0.0);
         assert!(p2 > p1, "exponential");
         let p3 = a.on_busy(0, 6, 2, Some(Duration::from_secs(120)), 0.0);

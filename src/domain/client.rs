@@ -14,7 +14,14 @@ pub struct Client {
     pub notify_url: Option<String>,
     pub created_at_ms: i64,
     pub revoked_at_ms: Option<i64>,
+    /// Relative share of the upstream units when clients compete (1 to [`MAX_WEIGHT`]).
+    pub weight: i64,
+    /// Most units its tasks may hold upstream at once; None: no cap beyond the account's.
+    pub max_units: Option<i64>,
 }
+
+/// Largest client weight: a thousand to one is already "this one only".
+pub const MAX_WEIGHT: i64 = 1000;
 
 impl std::fmt::Debug for Client {
     // Signing secrets never print.
@@ -25,6 +32,8 @@ impl std::fmt::Debug for Client {
             .field("signing_secret", &"[redacted]")
             .field("notify_url", &self.notify_url)
             .field("revoked_at_ms", &self.revoked_at_ms)
+            .field("weight", &self.weight)
+            .field("max_units", &self.max_units)
             .finish()
     }
 }
@@ -207,6 +216,8 @@ mod tests {
             notify_url: None,
             created_at_ms: 0,
             revoked_at_ms: None,
+            weight: 1,
+            max_units: None,
         };
         assert_eq!(c.signing_secrets(99), vec!["new", "old"]);
         assert_eq!(c.signing_secrets(100), vec!["new"]);

@@ -8,6 +8,7 @@ pub mod admission;
 pub mod archive;
 pub mod client;
 pub mod durations;
+pub mod fair_share;
 pub mod halt;
 pub mod image_header;
 pub mod notify;

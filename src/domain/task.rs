@@ -384,6 +384,46 @@ pub fn finish_with_error(state: &TaskState, status: TaskStatus, error: TaskError
     })
 }
 
+/// How a task ranks among its own client's waiting tasks (never against other clients': their
+/// share is set by weights). Submit field `priority`, default `normal`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Priority> {
+        Priority::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+}
+
 /// A task as stored: what clients asked for and everything learnt since.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Task {
@@ -396,6 +436,8 @@ pub struct Task {
     pub prompt: Option<String>,
     pub n: i64,
     pub aspect_ratio: Option<String>,
+    /// Order among the client's own waiting tasks.
+    pub priority: Priority,
     pub metadata: Option<serde_json::Value>,
     pub images: Vec<ResultImage>,
     pub error: Option<TaskError>,

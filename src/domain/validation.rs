@@ -2,6 +2,7 @@
 //!
 //! The same rules serve the REST API and the simulator (which must refuse what CometAPI refuses).
 
+use super::Priority;
 use base64::Engine;
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -50,6 +51,8 @@ pub struct NewTask {
     pub metadata: Option<Map<String, Value>>,
     /// Where to notify the client of status changes (API only).
     pub notify_url: Option<String>,
+    /// Order among the client's own waiting tasks (API only).
+    pub priority: Priority,
 }
 
 /// Which fields besides the upstream ones a caller may send, and the upstream profile's bounds.
@@ -126,7 +129,8 @@ pub fn validate_new_task(body: &Value, rules: Rules) -> Result<NewTask, Vec<Fiel
                 | "n"
                 | "aspect_ratio"
                 | "model_name"
-        ) || (rules.allow_metadata && (key == "metadata" || key == "notify_url"))
+        ) || (rules.allow_metadata
+            && (key == "metadata" || key == "notify_url" || key == "priority"))
             || (rules.allow_upstream_routing
                 && (key == "callback_url" || key == "external_task_id"));
         if !known && rules.refuse_unknown_fields {
@@ -256,6 +260,21 @@ pub fn validate_new_task(body: &Value, rules: Rules) -> Result<NewTask, Vec<Fiel
         None
     };
 
+    let priority = if rules.allow_metadata {
+        match optional_string(obj, "priority", &mut errors) {
+            None => Priority::default(),
+            Some(p) => Priority::parse(&p).unwrap_or_else(|| {
+                errors.push(FieldError::new(
+                    "priority",
+                    "must be one of high, normal, low",
+                ));
+                Priority::default()
+            }),
+        }
+    } else {
+        Priority::default()
+    };
+
     if rules.allow_upstream_routing {
         optional_string(obj, "callback_url", &mut errors);
         optional_string(obj, "external_task_id", &mut errors);
@@ -274,6 +293,7 @@ pub fn validate_new_task(body: &Value, rules: Rules) -> Result<NewTask, Vec<Fiel
             model_name,
             metadata,
             notify_url,
+            priority,
         })
     } else {
         Err(errors)

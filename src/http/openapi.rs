@@ -33,7 +33,7 @@ use utoipa::{Modify, OpenApi};
     ),
     components(schemas(
         TaskRequest, SubjectImage, TaskView, ImageView, ArchiveView, ArchiveStateSchema,
-        ErrorView, StatusSchema, TaskPage,
+        ErrorView, StatusSchema, crate::domain::Priority, TaskPage,
         EventView, EventList, DeliveryView, AttemptView, DeliveryList, DispatchView, HaltView, StatusView, ClientUsageView, webhooks::DoctorEcho,
         CallbackOutcome, Problem, FieldErrorView, StatusEvent,
     )),

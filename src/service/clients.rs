@@ -4,7 +4,7 @@
 use super::{now_ms, Relay, ServiceError};
 use crate::domain::client::{
     api_key_from, hash_api_key, key_prefix, signing_secret_from, validate_client_name, Caller,
-    Client,
+    Client, MAX_WEIGHT,
 };
 use crate::domain::validation::check_notify_url;
 use crate::storage::{ClientError, Store};
@@ -183,6 +183,8 @@ pub async fn create_client(
         notify_url: notify_url.map(str::to_owned),
         created_at_ms: now_ms(),
         revoked_at_ms: None,
+        weight: 1,
+        max_units: None,
     };
     store
         .create_client(&client, &hash_api_key(&api_key))
@@ -218,6 +220,28 @@ pub async fn set_notify_url(
     Ok(())
 }
 
+/// Sets a client's weight (1 to [`MAX_WEIGHT`]) and unit cap (`Some(None)` removes it); what
+/// is None stays as it is. Takes effect at the next dispatch pass of every replica.
+pub async fn set_share(
+    store: &Store,
+    name: &str,
+    weight: Option<i64>,
+    max_units: Option<Option<i64>>,
+) -> Result<(), AdminError> {
+    if weight.is_some_and(|w| !(1..=MAX_WEIGHT).contains(&w)) {
+        return Err(AdminError::Invalid(format!(
+            "a weight is from 1 to {MAX_WEIGHT}"
+        )));
+    }
+    if max_units.flatten().is_some_and(|m| m < 1) {
+        return Err(AdminError::Invalid(
+            "max units is at least 1 (or remove the cap with --no-max-units)".into(),
+        ));
+    }
+    store.set_client_share(name, weight, max_units).await?;
+    Ok(())
+}
+
 /// The demo client of `serve --simulate`: created on first use, its key kept so every start can
 /// print it. Returns (name, API key, signing secret).
 pub async fn ensure_demo_client(store: &Store) -> Result<(String, String, String), AdminError> {
@@ -239,6 +263,8 @@ pub async fn ensure_demo_client(store: &Store) -> Result<(String, String, String
                 notify_url: None,
                 created_at_ms: now_ms(),
                 revoked_at_ms: None,
+                weight: 1,
+                max_units: None,
             };
             store.create_client(&client, &hash_api_key(&key)).await?;
             Ok((DEMO_CLIENT.to_owned(), key, client.signing_secret))

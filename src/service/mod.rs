@@ -519,6 +519,7 @@ impl Relay {
             prompt: req.prompt,
             n: i64::from(req.n),
             aspect_ratio: req.aspect_ratio,
+            priority: req.priority,
             metadata: req.metadata.map(serde_json::Value::Object),
             inputs: TaskInputs {
                 subject_images: req.subject_images,

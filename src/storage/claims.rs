@@ -14,12 +14,44 @@
 //! both spend the same free units. Claimed tasks count as in flight from the commit on.
 
 use super::{
-    sql, DispatchCandidate, DueDelivery, PollCandidate, PollRow, Pool, Result, Store, Task,
-    TaskRow, TASK_COLUMNS,
+    sql, DispatchCandidate, DueDelivery, PollCandidate, PollRow, Pool, Result, StorageError, Store,
+    Task, TaskRow, TASK_COLUMNS,
 };
+use crate::domain::fair_share::{ClientShare, Shares};
+use crate::domain::Priority;
 
 /// Key of the advisory lock that serialises dispatch admission across replicas ("klr\x01").
 const ADMISSION_LOCK_KEY: i64 = 0x6b6c_7201;
+
+/// A due task as the dispatch claim reads it.
+#[derive(sqlx::FromRow)]
+struct DueRow {
+    id: String,
+    n: i64,
+    created_at: i64,
+    dispatch_started_at: Option<i64>,
+    client: String,
+    priority: String,
+}
+
+impl DueRow {
+    fn into_candidate(self) -> Result<DispatchCandidate> {
+        let priority = Priority::parse(&self.priority).ok_or_else(|| {
+            StorageError::Corrupt(format!(
+                "task {}: unknown priority `{}`",
+                self.id, self.priority
+            ))
+        })?;
+        Ok(DispatchCandidate {
+            id: self.id,
+            client: self.client,
+            priority,
+            n: self.n,
+            created_at_ms: self.created_at,
+            in_doubt: self.dispatch_started_at.is_some(),
+        })
+    }
+}
 
 impl Store {
     /// Row locks of a claim's select: other replicas skip rows a claim is working on instead of
@@ -41,9 +73,9 @@ impl Store {
         }
     }
 
-    /// Claims due pending tasks for one create call each. `decide` gets the units our tasks hold
-    /// upstream (across all replicas) and the due tasks, most overdue first, and names the ones
-    /// to send; each is marked as possibly in flight (`dispatch_started_at`), so it counts
+    /// Claims due pending tasks for one create call each. `decide` gets every client's share (its
+    /// weight, cap and the units its tasks hold upstream, across all replicas) and the due tasks,
+    /// up to `limit` per client in priority then due order, and names the ones to send, in order; each is marked as possibly in flight (`dispatch_started_at`), so it counts
     /// against the budget at once and a crash mid-call leads to recovery, not a loss, and its next
     /// dispatch moves to `lease_until_ms`. Returns the claimed tasks.
     pub async fn claim_dispatches<F>(
@@ -54,10 +86,12 @@ impl Store {
         decide: F,
     ) -> Result<Vec<Task>>
     where
-        F: FnOnce(i64, Vec<DispatchCandidate>) -> Vec<String>,
+        F: FnOnce(Shares, Vec<DispatchCandidate>) -> Vec<String>,
     {
         let _writer = self.writer().await;
-        let select = format!("{}{}", sql::DUE_DISPATCHES, self.skip_locked());
+        // No row locks on the select (window functions forbid them): the advisory lock already
+        // serialises admission, and the claim's compare-and-set re-checks each row.
+        let select = sql::DUE_DISPATCHES;
         // The version bump makes a cancel decided before the claim fail its compare-and-set.
         let claim = format!(
             "UPDATE tasks SET dispatch_started_at = COALESCE(dispatch_started_at, $2), \
@@ -75,7 +109,7 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
             }
-            let due: Vec<(String, i64, i64, Option<i64>)> = sqlx::query_as(&select)
+            let due: Vec<DueRow> = sqlx::query_as(select)
                 .bind(now_ms)
                 .bind(limit)
                 .fetch_all(&mut *tx)
@@ -84,19 +118,31 @@ impl Store {
                 tx.rollback().await?;
                 return Ok(Vec::new());
             }
-            let in_flight: i64 =
-                sqlx::query_scalar(sql::UNITS_IN_FLIGHT).fetch_one(&mut *tx).await?;
-            let candidates = due
-                .into_iter()
-                .map(|(id, n, created_at, started)| DispatchCandidate {
-                    id,
-                    n,
-                    created_at_ms: created_at,
-                    in_doubt: started.is_some(),
-                })
-                .collect();
+            let held: Vec<(String, i64)> = sqlx::query_as(sql::UNITS_IN_FLIGHT_BY_CLIENT)
+                .fetch_all(&mut *tx)
+                .await?;
+            let clients: Vec<(String, i64, Option<i64>)> =
+                sqlx::query_as(sql::CLIENT_SHARES).fetch_all(&mut *tx).await?;
+            let mut shares = Shares::new();
+            for (name, weight, max_units) in clients {
+                shares.insert(
+                    name,
+                    ClientShare {
+                        weight,
+                        max_units,
+                        in_flight: 0,
+                    },
+                );
+            }
+            for (client, units) in held {
+                shares.entry(client).or_default().in_flight = units;
+            }
+            let mut candidates = Vec::with_capacity(due.len());
+            for r in due {
+                candidates.push(r.into_candidate()?);
+            }
             let mut claimed = Vec::new();
-            for id in decide(in_flight, candidates) {
+            for id in decide(shares, candidates) {
                 let row: Option<TaskRow> = sqlx::query_as(&claim)
                     .bind(&id)
                     .bind(now_ms)

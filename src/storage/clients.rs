@@ -20,7 +20,7 @@ impl From<sqlx::Error> for ClientError {
 }
 
 const COLUMNS: &str = "name, api_key_prefix, signing_secret, previous_signing_secret, \
-    previous_secret_expires_at, notify_url, created_at, revoked_at";
+    previous_secret_expires_at, notify_url, created_at, revoked_at, weight, max_units";
 
 #[derive(sqlx::FromRow)]
 struct ClientRow {
@@ -32,6 +32,8 @@ struct ClientRow {
     notify_url: Option<String>,
     created_at: i64,
     revoked_at: Option<i64>,
+    weight: i64,
+    max_units: Option<i64>,
 }
 
 impl From<ClientRow> for Client {
@@ -45,6 +47,8 @@ impl From<ClientRow> for Client {
             notify_url: r.notify_url,
             created_at_ms: r.created_at,
             revoked_at_ms: r.revoked_at,
+            weight: r.weight,
+            max_units: r.max_units,
         }
     }
 }
@@ -131,6 +135,31 @@ impl Store {
                 .bind(name)
                 .bind(new_secret)
                 .bind(previous_expires_at_ms)
+                .execute(p)
+                .await?
+                .rows_affected();
+            if done == 0 {
+                return Err(ClientError::Unknown(name.to_owned()));
+            }
+            Ok(())
+        })
+    }
+
+    /// Sets a client's weight and unit cap (each left as it is when None).
+    pub async fn set_client_share(
+        &self,
+        name: &str,
+        weight: Option<i64>,
+        max_units: Option<Option<i64>>,
+    ) -> std::result::Result<(), ClientError> {
+        const SQL: &str = "UPDATE clients SET weight = COALESCE($2, weight), \
+            max_units = CASE WHEN $3 THEN $4 ELSE max_units END WHERE name = $1";
+        on_pool!(self, p => {
+            let done = sqlx::query(SQL)
+                .bind(name)
+                .bind(weight)
+                .bind(max_units.is_some())
+                .bind(max_units.flatten())
                 .execute(p)
                 .await?
                 .rows_affected();

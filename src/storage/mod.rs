@@ -8,7 +8,7 @@
 //! only if nobody changed the task since, together with its timeline event, in one transaction.
 
 use crate::domain::{
-    Change, EventSource, InputImage, ResultImage, Task, TaskError, TaskEvent, TaskInputs,
+    Change, EventSource, InputImage, Priority, ResultImage, Task, TaskError, TaskEvent, TaskInputs,
     TaskStatus,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -109,7 +109,7 @@ fn take_lock(
 const TASK_COLUMNS: &str = "id, external_task_id, upstream_task_id, status, upstream_status, \
     model_name, prompt, n, aspect_ratio, metadata, images, error_code, error_message, created_at, \
     updated_at, completed_at, upstream_updated_at, version, dispatch_attempts, dispatch_started_at, \
-    poll_count, client, notify_url, request_id, final_unit_deduction";
+    poll_count, client, notify_url, request_id, final_unit_deduction, priority";
 
 #[derive(sqlx::FromRow)]
 struct TaskRow {
@@ -138,6 +138,7 @@ struct TaskRow {
     notify_url: Option<String>,
     request_id: Option<String>,
     final_unit_deduction: Option<String>,
+    priority: String,
 }
 
 impl TryFrom<TaskRow> for Task {
@@ -147,6 +148,8 @@ impl TryFrom<TaskRow> for Task {
             StorageError::Corrupt(format!("task {}: {what}: {e}", r.id))
         };
         let status = TaskStatus::from_str(&r.status).map_err(|e| corrupt("status", &e))?;
+        let priority = Priority::parse(&r.priority)
+            .ok_or_else(|| corrupt("priority", &format!("unknown priority `{}`", r.priority)))?;
         let metadata = match &r.metadata {
             Some(m) => Some(serde_json::from_str(m).map_err(|e| corrupt("metadata", &e))?),
             None => None,
@@ -172,6 +175,7 @@ impl TryFrom<TaskRow> for Task {
             prompt: r.prompt,
             n: r.n,
             aspect_ratio: r.aspect_ratio,
+            priority,
             metadata,
             images,
             error,
@@ -219,6 +223,7 @@ pub struct NewTaskRecord {
     pub prompt: Option<String>,
     pub n: i64,
     pub aspect_ratio: Option<String>,
+    pub priority: Priority,
     pub metadata: Option<serde_json::Value>,
     pub inputs: TaskInputs,
     pub created_at_ms: i64,
@@ -286,6 +291,9 @@ impl From<PollRow> for PollCandidate {
 #[derive(Debug, Clone)]
 pub struct DispatchCandidate {
     pub id: String,
+    /// `""` for a task without a client.
+    pub client: String,
+    pub priority: Priority,
     pub n: i64,
     pub created_at_ms: i64,
     /// An earlier create may have landed: recover before sending again.
@@ -532,8 +540,8 @@ impl Store {
         const TASK: &str =
             "INSERT INTO tasks (id, external_task_id, status, model_name, prompt, n, \
             aspect_ratio, metadata, created_at, updated_at, next_dispatch_at, client, notify_url, \
-            request_id) \
-            SELECT $1, $2, 'pending', $3, $4, $5, $6, $7, $8, $8, $8, $10, $11, $13 \
+            request_id, priority) \
+            SELECT $1, $2, 'pending', $3, $4, $5, $6, $7, $8, $8, $8, $10, $11, $13, $14 \
             WHERE (SELECT COUNT(*) FROM tasks WHERE status = 'pending') < $9 \
             AND (SELECT COUNT(*) FROM tasks WHERE client = $10 AND status = 'pending') < $12";
         const INPUTS: &str =
@@ -606,6 +614,7 @@ impl Store {
                 .bind(&t.notify_url)
                 .bind(caps.per_client)
                 .bind(&t.request_id)
+                .bind(t.priority.as_str())
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
@@ -1094,9 +1103,19 @@ pub mod sql {
             FROM task_events \
             WHERE task_id = $1 ORDER BY id";
     /// Pending tasks whose dispatch is due, most overdue first.
-    pub const DUE_DISPATCHES: &str = "SELECT id, n, created_at, dispatch_started_at FROM tasks \
-            WHERE next_dispatch_at IS NOT NULL \
-            AND next_dispatch_at <= $1 ORDER BY next_dispatch_at LIMIT $2";
+    pub const DUE_DISPATCHES: &str = "SELECT id, n, created_at, dispatch_started_at, client, \
+            priority FROM (SELECT id, n, created_at, dispatch_started_at, \
+            COALESCE(client, '') AS client, priority, ROW_NUMBER() OVER (PARTITION BY client \
+            ORDER BY CASE priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END, \
+            next_dispatch_at, id) AS place FROM tasks WHERE next_dispatch_at IS NOT NULL \
+            AND next_dispatch_at <= $1) AS due WHERE place <= $2";
+    /// Units held upstream (in flight, or possibly in flight), per client.
+    pub const UNITS_IN_FLIGHT_BY_CLIENT: &str = "SELECT client, CAST(SUM(n) AS BIGINT) \
+            FROM (SELECT COALESCE(client, '') AS client, n FROM tasks \
+            WHERE status IN ('submitted', 'processing') \
+            UNION ALL SELECT COALESCE(client, '') AS client, n FROM tasks \
+            WHERE dispatch_started_at IS NOT NULL AND status = 'pending') AS held GROUP BY client";
+    pub const CLIENT_SHARES: &str = "SELECT name, weight, max_units FROM clients";
     /// Tasks upstream holds whose next poll is due. Only rows with `poll_due_at` set (submitted or
     /// processing) are in `tasks_poll_due`, so final tasks are never read.
     pub const DUE_POLLS: &str =

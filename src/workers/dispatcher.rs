@@ -23,8 +23,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Longest sleep between passes when nothing wakes the dispatcher.
 const IDLE: Duration = Duration::from_millis(500);
-/// Waiting tasks considered per pass, oldest first.
-const CANDIDATES_PER_PASS: i64 = 256;
+/// Waiting tasks considered per client and pass, in priority then age order (enough for small
+/// tasks to backfill around large ones).
+const CANDIDATES_PER_CLIENT: i64 = 64;
 
 pub async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
     tracing::info!("dispatcher started");
@@ -91,9 +92,9 @@ pub async fn step(relay: &Arc<Relay>) -> Result<usize, ServiceError> {
         .store
         .claim_dispatches(
             now,
-            CANDIDATES_PER_PASS,
+            CANDIDATES_PER_CLIENT,
             lease_until,
-            |in_flight, candidates| {
+            |shares, candidates| {
                 // Tasks in doubt already count in the units in flight, and finding out costs
                 // nothing upstream, so they do not wait for room.
                 let (in_doubt, waiting): (Vec<DispatchCandidate>, Vec<DispatchCandidate>) =
@@ -103,12 +104,14 @@ pub async fn step(relay: &Arc<Relay>) -> Result<usize, ServiceError> {
                     .into_iter()
                     .map(|c| Candidate {
                         id: c.id,
+                        client: c.client,
+                        priority: c.priority,
                         n: c.n,
                         waiting_since_ms: c.created_at_ms,
                     })
                     .collect();
                 if !waiting.is_empty() {
-                    work.extend(relay.admission().select(now, in_flight, &waiting));
+                    work.extend(relay.admission().select(now, &shares, &waiting));
                 }
                 // Claim only what starts now, so no lease runs out while its task waits for a slot.
                 work.truncate(concurrency);

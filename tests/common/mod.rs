@@ -587,6 +587,7 @@ pub fn task_record(i: i64) -> kling_relay::storage::NewTaskRecord {
         prompt: Some(format!("task {i}")),
         n: 1,
         aspect_ratio: None,
+        priority: Default::default(),
         metadata: None,
         inputs: kling_relay::domain::TaskInputs {
             subject_images: vec!["https://e.x/a.png".into(), "https://e.x/b.png".into()],

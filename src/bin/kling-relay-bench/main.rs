@@ -381,6 +381,7 @@ fn record(i: usize, status_seed: usize) -> (NewTaskRecord, TaskStatus) {
             prompt: Some(format!("bench task {i}")),
             n: 2,
             aspect_ratio: Some("1:1".into()),
+            priority: Default::default(),
             metadata: None,
             inputs: TaskInputs {
                 subject_images: vec![

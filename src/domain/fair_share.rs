@@ -1,0 +1,399 @@
+//! Fair share: which waiting tasks take the free units when several clients want them.
+//!
+//! Start-time fair queuing over concurrency units. A client's start tag is the units its tasks
+//! hold upstream (in flight, plus those chosen earlier in this pass) divided by its weight; the
+//! waiting client with the smallest tag goes next. The tags are recomputed from the tasks table on
+//! every pass, under the admission lock, so they need no stored counters, agree across replicas
+//! and survive restarts; and a client that was idle gets no credit for it, as in any SFQ.
+//! ARCHITECTURE.md says why this and not deficit round robin.
+//!
+//! Within a client, tasks go by priority, then age. A task that does not fit the free units lets
+//! smaller ones of its own client overtake it until it has waited `starvation_after`. When the
+//! client whose turn it is has nothing that fits, the free units are held for it (no other client
+//! takes them) as long as it holds less than its weighted share of the working limit: that bounds
+//! its wait by the time for its task's `n` units to free. A client at its `max_units` cap yields
+//! its turn instead.
+
+use super::admission::Candidate;
+use std::cmp::Ordering;
+use std::collections::HashMap;
+
+/// What the scheduler knows of one client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientShare {
+    /// Relative share when clients compete (at least 1).
+    pub weight: i64,
+    /// Most units the client's tasks may hold at once; a task larger than the cap goes alone.
+    pub max_units: Option<i64>,
+    /// Units its tasks hold upstream now (in flight or possibly in flight).
+    pub in_flight: i64,
+}
+
+impl Default for ClientShare {
+    fn default() -> Self {
+        ClientShare {
+            weight: 1,
+            max_units: None,
+            in_flight: 0,
+        }
+    }
+}
+
+/// Per client name (tasks without a client are the client `""`).
+pub type Shares = HashMap<String, ClientShare>;
+
+/// The inputs of one pass, beyond the candidates.
+#[derive(Debug, Clone, Copy)]
+pub struct Room {
+    pub now_ms: i64,
+    /// The working limit.
+    pub working: i64,
+    pub starving_ms: i64,
+}
+
+struct Queue<'a> {
+    weight: i64,
+    cap: Option<i64>,
+    held: i64,
+    /// In priority, then age, order; `None` once chosen.
+    tasks: Vec<Option<&'a Candidate>>,
+    done: bool,
+}
+
+enum Turn {
+    Go(usize),
+    /// Something would fit the free units but not the client's cap.
+    AtCap,
+    /// Nothing fits the free units.
+    NoRoom,
+}
+
+impl<'a> Queue<'a> {
+    fn head(&self) -> Option<&'a Candidate> {
+        self.tasks.iter().flatten().next().copied()
+    }
+
+    fn cap_allows(&self, n: i64) -> bool {
+        match self.cap {
+            None => true,
+            // A task larger than the cap itself would never go otherwise: it goes alone.
+            Some(cap) => self.held + n <= cap || (self.held == 0 && n > cap),
+        }
+    }
+
+    /// `idle`: nothing is in flight and nothing chosen yet, so a task larger than the whole
+    /// working limit may go alone (it never fits otherwise).
+    fn turn(&self, free: i64, idle: bool, room: &Room) -> Turn {
+        let mut capped = false;
+        for (i, t) in self.tasks.iter().enumerate() {
+            let Some(t) = t else { continue };
+            let cap_ok = self.cap_allows(t.n);
+            if cap_ok && (t.n <= free || (idle && t.n > room.working)) {
+                return Turn::Go(i);
+            }
+            capped |= !cap_ok && t.n <= free;
+            if room.now_ms - t.waiting_since_ms >= room.starving_ms {
+                // It has waited long enough: nothing of its client overtakes it any more.
+                capped = !cap_ok;
+                break;
+            }
+        }
+        if capped {
+            Turn::AtCap
+        } else {
+            Turn::NoRoom
+        }
+    }
+
+    /// Compares start tags (held / weight) without dividing; older head first on a tie.
+    fn before(&self, other: &Queue<'_>) -> Ordering {
+        (self.held * other.weight)
+            .cmp(&(other.held * self.weight))
+            .then_with(|| {
+                let a = self.head().map(|t| t.waiting_since_ms);
+                let b = other.head().map(|t| t.waiting_since_ms);
+                a.cmp(&b)
+            })
+    }
+}
+
+/// Chooses the candidates that take the free units now, in the order they should be sent.
+pub fn select(room: Room, shares: &Shares, candidates: &[Candidate]) -> Vec<String> {
+    let in_flight: i64 = shares.values().map(|s| s.in_flight).sum();
+    let mut free = room.working - in_flight;
+    let mut by_client: HashMap<&str, Vec<&Candidate>> = HashMap::new();
+    for c in candidates {
+        by_client.entry(c.client.as_str()).or_default().push(c);
+    }
+    let mut queues: Vec<Queue<'_>> = by_client
+        .into_iter()
+        .map(|(client, mut tasks)| {
+            tasks.sort_by(|a, b| {
+                (a.priority, a.waiting_since_ms, &a.id).cmp(&(
+                    b.priority,
+                    b.waiting_since_ms,
+                    &b.id,
+                ))
+            });
+            let share = shares.get(client).copied().unwrap_or_default();
+            Queue {
+                weight: share.weight.max(1),
+                cap: share.max_units,
+                held: share.in_flight,
+                tasks: tasks.into_iter().map(Some).collect(),
+                done: false,
+            }
+        })
+        .collect();
+    // Weighted shares are of the clients that have work: waiting here, or running upstream.
+    let waiting_weight: i64 = queues.iter().map(|q| q.weight).sum();
+    let running_weight: i64 = shares
+        .iter()
+        .filter(|(name, s)| s.in_flight > 0 && !candidates.iter().any(|c| &c.client == *name))
+        .map(|(_, s)| s.weight.max(1))
+        .sum();
+    let total_weight = waiting_weight + running_weight;
+    let mut chosen = Vec::new();
+    while let Some(q) = queues
+        .iter_mut()
+        .filter(|q| !q.done && q.head().is_some())
+        .min_by(|a, b| a.before(b))
+    {
+        let idle = in_flight == 0 && chosen.is_empty();
+        match q.turn(free, idle, &room) {
+            Turn::Go(i) => {
+                if let Some(t) = q.tasks[i].take() {
+                    free -= t.n;
+                    q.held += t.n;
+                    chosen.push(t.id.clone());
+                }
+            }
+            Turn::AtCap => q.done = true,
+            Turn::NoRoom => {
+                if q.held * total_weight < room.working * q.weight {
+                    // Below its share: the room is held for it.
+                    break;
+                }
+                q.done = true;
+            }
+        }
+    }
+    chosen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Priority;
+
+    const ROOM: Room = Room {
+        now_ms: 1_000,
+        working: 12,
+        starving_ms: 30_000,
+    };
+
+    fn task(id: &str, client: &str, n: i64, since: i64) -> Candidate {
+        Candidate {
+            id: id.into(),
+            client: client.into(),
+            priority: Priority::Normal,
+            n,
+            waiting_since_ms: since,
+        }
+    }
+
+    fn share(weight: i64, max_units: Option<i64>, in_flight: i64) -> ClientShare {
+        ClientShare {
+            weight,
+            max_units,
+            in_flight,
+        }
+    }
+
+    fn shares(list: &[(&str, ClientShare)]) -> Shares {
+        list.iter().map(|(n, s)| (n.to_string(), *s)).collect()
+    }
+
+    /// Many tasks of n from the list for each client, oldest first.
+    fn backlog(clients: &[&str], ns: &[i64], per_client: usize) -> Vec<Candidate> {
+        let mut out = Vec::new();
+        for (ci, client) in clients.iter().enumerate() {
+            for i in 0..per_client {
+                let n = ns[(i + ci) % ns.len()];
+                out.push(task(&format!("{client}-{i}"), client, n, i as i64));
+            }
+        }
+        out
+    }
+
+    /// Runs the scheduler as the dispatcher would, every task lasting one round: the units each
+    /// client was given, summed over `rounds`.
+    fn simulate(
+        room: Room,
+        mut base: Shares,
+        mut waiting: Vec<Candidate>,
+        rounds: usize,
+    ) -> HashMap<String, i64> {
+        let mut used: HashMap<String, i64> = HashMap::new();
+        for _ in 0..rounds {
+            for s in base.values_mut() {
+                s.in_flight = 0;
+            }
+            let chosen = select(room, &base, &waiting);
+            for id in &chosen {
+                let pos = waiting.iter().position(|c| &c.id == id).expect("chosen");
+                let t = waiting.remove(pos);
+                *used.entry(t.client.clone()).or_default() += t.n;
+                base.entry(t.client).or_default().in_flight += t.n;
+            }
+        }
+        used
+    }
+
+    #[test]
+    fn a_client_alone_gets_everything_and_small_tasks_backfill() {
+        let cs = [
+            task("a", "A", 4, 0),
+            task("b", "A", 9, 0),
+            task("c", "A", 3, 0),
+            task("d", "A", 5, 0),
+        ];
+        let room = Room {
+            working: 10,
+            ..ROOM
+        };
+        assert_eq!(select(room, &Shares::new(), &cs), vec!["a", "c"]);
+        let busy = shares(&[("A", share(1, None, 8))]);
+        assert!(select(room, &busy, &cs).is_empty());
+    }
+
+    #[test]
+    fn equal_weights_split_a_busy_account_evenly() {
+        let waiting = backlog(&["A", "B"], &[1, 1, 2, 3, 4, 9], 400);
+        let used = simulate(ROOM, Shares::new(), waiting, 200);
+        let (a, b) = (used["A"] as f64, used["B"] as f64);
+        let share_a = a / (a + b);
+        assert!((0.45..=0.55).contains(&share_a), "A got {share_a:.3}");
+        assert!(
+            a + b >= 200.0 * 12.0 * 0.8,
+            "the account stays busy: {}",
+            a + b
+        );
+    }
+
+    #[test]
+    fn weights_set_the_shares_among_many_clients() {
+        let names = ["A", "B", "C", "D"];
+        let weights = [1, 1, 2, 4];
+        let base: Shares = names
+            .iter()
+            .zip(weights)
+            .map(|(n, w)| (n.to_string(), share(w, None, 0)))
+            .collect();
+        let waiting = backlog(&names, &[1, 2, 1, 3], 2_000);
+        let room = Room {
+            working: 80,
+            ..ROOM
+        };
+        let used = simulate(room, base, waiting, 50);
+        let total: i64 = used.values().sum();
+        for (name, w) in names.iter().zip(weights) {
+            let got = used[*name] as f64 / total as f64;
+            let want = w as f64 / 8.0;
+            assert!(
+                (got - want).abs() <= 0.05,
+                "{name} (weight {w}) got {got:.3}, wanted {want:.3}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_cap_is_never_exceeded_and_its_room_goes_to_others() {
+        let base = shares(&[("A", share(1, Some(3), 0))]);
+        let waiting = backlog(&["A", "B"], &[1, 2], 50);
+        let chosen = select(ROOM, &base, &waiting);
+        let a_units: i64 = waiting
+            .iter()
+            .filter(|c| c.client == "A" && chosen.contains(&c.id))
+            .map(|c| c.n)
+            .sum();
+        let all_units: i64 = waiting
+            .iter()
+            .filter(|c| chosen.contains(&c.id))
+            .map(|c| c.n)
+            .sum();
+        assert!(a_units <= 3, "A holds {a_units} over its cap of 3");
+        assert_eq!(all_units, 12, "B takes the rest");
+        // Already at its cap: nothing more of A's.
+        let full = shares(&[("A", share(1, Some(3), 3))]);
+        let chosen = select(ROOM, &full, &waiting);
+        assert!(chosen.iter().all(|id| id.starts_with("B-")), "{chosen:?}");
+        // A task larger than the cap goes alone.
+        let big = [task("big", "A", 9, 0)];
+        assert_eq!(select(ROOM, &base, &big), vec!["big"]);
+        let holding = shares(&[("A", share(1, Some(3), 1))]);
+        assert!(select(ROOM, &holding, &big).is_empty());
+    }
+
+    #[test]
+    fn a_newcomer_behind_a_big_backlog_goes_next() {
+        // A holds all but one unit and has 2,000 tasks waiting; B's one task is the newest.
+        let mut waiting = backlog(&["A"], &[1], 2_000);
+        waiting.push(task("b", "B", 1, 5_000));
+        let base = shares(&[("A", share(1, None, 11))]);
+        assert_eq!(select(ROOM, &base, &waiting), vec!["b"]);
+    }
+
+    #[test]
+    fn units_are_held_for_a_large_task_of_a_client_below_its_share() {
+        // B's task needs 9 units; A (over its share) would fill each freed unit with a 1.
+        let mut waiting = backlog(&["A"], &[1], 100);
+        waiting.push(task("b9", "B", 9, 5_000));
+        for held_by_a in (3..=11).rev() {
+            let base = shares(&[("A", share(1, None, held_by_a))]);
+            let chosen = select(ROOM, &base, &waiting);
+            if 12 - held_by_a >= 9 {
+                assert_eq!(chosen, vec!["b9"], "A holds {held_by_a}");
+            } else {
+                assert!(chosen.is_empty(), "A holds {held_by_a}: {chosen:?}");
+            }
+        }
+        // B at or above its share holds nothing back: A's small tasks use the room.
+        let base = shares(&[("A", share(1, None, 4)), ("B", share(1, None, 6))]);
+        let chosen = select(ROOM, &base, &waiting);
+        assert_eq!(chosen.len(), 2, "{chosen:?}");
+        assert!(chosen.iter().all(|id| id.starts_with("A-")));
+    }
+
+    #[test]
+    fn priorities_order_a_clients_own_queue_only() {
+        let mut high = task("a-high", "A", 1, 900);
+        high.priority = Priority::High;
+        let mut low = task("a-low", "A", 1, 0);
+        low.priority = Priority::Low;
+        let cs = [low, task("a-normal", "A", 1, 500), high];
+        let room = Room { working: 2, ..ROOM };
+        assert_eq!(
+            select(room, &Shares::new(), &cs),
+            vec!["a-high", "a-normal"]
+        );
+        // Another client's normal task is not pushed back by A's high one: shares decide.
+        let mut urgent = task("a-urgent", "A", 1, 0);
+        urgent.priority = Priority::High;
+        let cs = [urgent, task("b-normal", "B", 1, 10)];
+        let base = shares(&[("A", share(1, None, 5))]);
+        let room = Room { working: 6, ..ROOM };
+        assert_eq!(select(room, &base, &cs), vec!["b-normal"]);
+    }
+
+    #[test]
+    fn a_task_larger_than_the_working_limit_goes_alone_on_an_idle_account() {
+        let room = Room { working: 5, ..ROOM };
+        let cs = [task("big", "A", 9, 0), task("small", "B", 1, 10)];
+        // B's small task is at the same share (0) but younger: the big one's turn comes first.
+        assert_eq!(select(room, &Shares::new(), &cs), vec!["big"]);
+        let busy = shares(&[("C", share(1, None, 1))]);
+        let chosen = select(room, &busy, &cs);
+        assert!(!chosen.contains(&"big".to_string()), "{chosen:?}");
+    }
+}
