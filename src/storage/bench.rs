@@ -3,6 +3,17 @@
 
 use super::{Pool, Result, Store};
 
+/// A task's life as the fairness scenario reads it.
+#[doc(hidden)]
+#[derive(Debug, sqlx::FromRow)]
+pub struct BenchSpan {
+    pub client: String,
+    pub n: i64,
+    pub created_at: i64,
+    pub submitted_at: Option<i64>,
+    pub completed_at: Option<i64>,
+}
+
 impl Store {
     /// Tasks waiting for dispatch.
     #[doc(hidden)]
@@ -25,6 +36,15 @@ impl Store {
         const SQL: &str = "SELECT COUNT(*) FROM task_inputs WHERE subject_images <> '[]' \
             OR scene_image IS NOT NULL OR style_image IS NOT NULL";
         Ok(on_pool!(self, p => sqlx::query_scalar(SQL).fetch_one(p).await?))
+    }
+
+    /// Every task's client, `n`, creation, dispatch (`submitted_at`) and end, on this service's
+    /// clock: what the fairness scenario measures shares and waits from.
+    #[doc(hidden)]
+    pub async fn bench_task_spans(&self) -> Result<Vec<BenchSpan>> {
+        const SQL: &str = "SELECT COALESCE(client, '') AS client, n, created_at, submitted_at, \
+            completed_at FROM tasks";
+        Ok(on_pool!(self, p => sqlx::query_as(SQL).fetch_all(p).await?))
     }
 
     /// One single-row update transaction: the storage limit of webhook intake.

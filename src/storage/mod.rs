@@ -61,6 +61,8 @@ macro_rules! on_pool {
 
 mod archive;
 mod bench;
+#[doc(hidden)]
+pub use bench::BenchSpan;
 mod claims;
 mod clients;
 mod deliveries;

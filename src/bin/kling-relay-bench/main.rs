@@ -6,6 +6,7 @@
 //!   target/release/kling-relay-bench --smoke                             # tiny sizes, seconds (CI)
 
 mod amplification;
+mod fairness;
 mod utilization;
 
 use axum::routing::post;
@@ -26,8 +27,8 @@ const WEBHOOK_SECRET: &str = "bench-webhook-secret-of-at-least-32-bytes";
 #[derive(Parser, Clone)]
 #[command(about = "Benchmarks for kling-relay (loopback only)")]
 struct Args {
-    /// webhook-ingest, submit, history, poll-scale, end-to-end, amplification, utilization, or
-    /// all.
+    /// webhook-ingest, submit, history, poll-scale, end-to-end, amplification, utilization,
+    /// fairness, or all.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// sqlite, postgres, or both.
@@ -892,6 +893,7 @@ async fn main() -> std::process::ExitCode {
             "end-to-end",
             "amplification",
             "utilization",
+            "fairness",
         ],
         s => vec![s],
     };
@@ -910,6 +912,7 @@ async fn main() -> std::process::ExitCode {
                     "end-to-end" => end_to_end(&args, db).await,
                     "amplification" => amplification::amplification(&args, db).await,
                     "utilization" => utilization::utilization(&args, db).await,
+                    "fairness" => fairness::fairness(&args, db).await,
                     other => Err(anyhow::anyhow!("unknown scenario `{other}`")),
                 }
             })
