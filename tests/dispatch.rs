@@ -402,14 +402,16 @@ async fn the_claim_shares_units_by_weight_cap_and_priority(b: Backend) {
     let now = 1_800_000_000_000;
     let claim = |seen: std::sync::Arc<std::sync::Mutex<Vec<(String, i64)>>>| {
         let admission = &admission;
-        move |shares: kling_relay::domain::fair_share::Shares,
+        move |held: kling_relay::domain::fair_share::Held,
               due: Vec<kling_relay::storage::DispatchCandidate>| {
-            let mut held: Vec<(String, i64)> = shares
+            let mut units: Vec<(String, i64)> = held
+                .shares
                 .iter()
                 .map(|(k, v)| (k.clone(), v.in_flight))
                 .collect();
-            held.sort();
-            *seen.lock().expect("lock") = held;
+            units.sort();
+            *seen.lock().expect("lock") = units;
+            assert_eq!(held.running.iter().sum::<i64>(), held.in_flight());
             let candidates: Vec<Candidate> = due
                 .into_iter()
                 .map(|c| Candidate {
@@ -420,7 +422,7 @@ async fn the_claim_shares_units_by_weight_cap_and_priority(b: Backend) {
                     waiting_since_ms: c.created_at_ms,
                 })
                 .collect();
-            admission.select(now, &shares, &candidates)
+            admission.select(now, &held, &candidates)
         }
     };
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));

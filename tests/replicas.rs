@@ -93,9 +93,9 @@ async fn concurrent_claims_share_the_budget_and_never_overlap(b: Backend) {
     for i in 0..12 {
         let s = replicas[i % replicas.len()].clone();
         rounds.spawn(async move {
-            s.claim_dispatches(i64::MAX / 2, 3, i64::MAX / 2 + 1, |shares, due| {
+            s.claim_dispatches(i64::MAX / 2, 3, i64::MAX / 2 + 1, |held, due| {
                 // What any replica's admission does: fill the free units, oldest first.
-                let in_flight: i64 = shares.values().map(|s| s.in_flight).sum();
+                let in_flight = held.in_flight();
                 let mut free = BUDGET - in_flight;
                 let mut take = Vec::new();
                 for c in due {
@@ -135,7 +135,7 @@ async fn a_lapsed_dispatch_lease_is_taken_over(b: Backend) {
     let (dead, alive) = (open_store(&db).await, open_store(&db).await);
     let r = record(1);
     dead.insert_task(r.clone(), None, CAPS).await.unwrap();
-    let take_all = |_: kling_relay::domain::fair_share::Shares,
+    let take_all = |_: kling_relay::domain::fair_share::Held,
                     due: Vec<kling_relay::storage::DispatchCandidate>| {
         due.into_iter().map(|c| c.id).collect::<Vec<_>>()
     };

@@ -11,7 +11,7 @@
 //! `PROBE_WINDOWS` full windows, so a limit held down by another tenant is probed rarely, yet
 //! regained once that tenant leaves.
 
-use super::fair_share::{self, Room, Shares};
+use super::fair_share::{self, Held, Room};
 use super::schedule::backoff;
 use super::Priority;
 use std::time::Duration;
@@ -87,7 +87,7 @@ impl Admission {
     /// Chooses the candidates that take the free units now, in the order to send them: see
     /// [`fair_share`] (shares between clients; within one, priority then age, small tasks
     /// backfilling until a large one has waited `starvation_after`).
-    pub fn select(&self, now_ms: i64, shares: &Shares, candidates: &[Candidate]) -> Vec<String> {
+    pub fn select(&self, now_ms: i64, held: &Held, candidates: &[Candidate]) -> Vec<String> {
         if now_ms < self.paused_until_ms {
             return Vec::new();
         }
@@ -96,7 +96,7 @@ impl Admission {
             working: self.working,
             starving_ms: i64::try_from(self.cfg.starvation_after.as_millis()).unwrap_or(i64::MAX),
         };
-        fair_share::select(room, shares, candidates)
+        fair_share::select(room, held, candidates)
     }
 
     /// Upstream said its concurrency is full when we asked for `attempted` units while `in_flight`
@@ -184,23 +184,33 @@ mod tests {
         }
     }
 
-    /// One client's units in flight.
-    fn held(in_flight: i64) -> Shares {
-        Shares::from([(
-            "A".to_string(),
-            crate::domain::fair_share::ClientShare {
-                in_flight,
-                ..Default::default()
+    /// One client's units in flight, as one task.
+    fn held(in_flight: i64) -> Held {
+        Held {
+            shares: crate::domain::fair_share::Shares::from([(
+                "A".to_string(),
+                crate::domain::fair_share::ClientShare {
+                    in_flight,
+                    ..Default::default()
+                },
+            )]),
+            running: if in_flight > 0 {
+                vec![in_flight]
+            } else {
+                vec![]
             },
-        )])
+        }
     }
 
     #[test]
     fn fills_the_free_units_in_order_and_backfills_small_tasks() {
-        let a = adm(10);
+        let a = adm(12);
         let cs = [c("a", 4, 0), c("b", 9, 0), c("c", 3, 0), c("d", 5, 0)];
+        // b is reserved the room a leaves when it ends; c fits beside b then, d would not.
         assert_eq!(a.select(1000, &held(0), &cs), vec!["a", "c"]);
-        assert_eq!(a.select(1000, &held(8), &cs), Vec::<String>::new());
+        assert_eq!(a.select(1000, &held(10), &cs), Vec::<String>::new());
+        let a = adm(10);
+        assert_eq!(a.select(1000, &held(0), &cs), vec!["a"], "c would delay b");
     }
 
     #[test]

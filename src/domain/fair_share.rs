@@ -7,12 +7,15 @@
 //! and survive restarts; and a client that was idle gets no credit for it, as in any SFQ.
 //! ARCHITECTURE.md says why this and not deficit round robin.
 //!
-//! Within a client, tasks go by priority, then age. A task that does not fit the free units lets
-//! smaller ones of its own client overtake it until it has waited `starvation_after`. When the
-//! client whose turn it is has nothing that fits, the free units are held for it (no other client
-//! takes them) as long as it holds less than its weighted share of the working limit: that bounds
-//! its wait by the time for its task's `n` units to free. A client at its `max_units` cap yields
-//! its turn instead.
+//! Within a client, tasks go by priority, then age. When the task whose turn it is does not fit
+//! the free units (and its client holds less than its weighted share of the working limit), it
+//! gets a **reservation**, as in EASY backfilling: running tasks are taken to end in the order they
+//! started (tasks of one model take about as long), so the task can start once enough of the
+//! oldest have ended; other tasks, of any client, may still start now only within the units that
+//! will be spare at that moment. A 9 on a 12-unit account thus runs beside 3 units of small tasks
+//! instead of waiting for every small task to drain (or holding 3 units idle). Once it has waited
+//! `starvation_after`, nothing starts before it. A client at its `max_units` cap, or at or above
+//! its share, yields its turn instead.
 
 use super::admission::Candidate;
 use std::cmp::Ordering;
@@ -42,6 +45,38 @@ impl Default for ClientShare {
 /// Per client name (tasks without a client are the client `""`).
 pub type Shares = HashMap<String, ClientShare>;
 
+/// What holds the account now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Held {
+    pub shares: Shares,
+    /// The `n` of every task holding units, oldest dispatch first.
+    pub running: Vec<i64>,
+}
+
+impl Held {
+    pub fn in_flight(&self) -> i64 {
+        self.shares.values().map(|s| s.in_flight).sum()
+    }
+}
+
+/// Units that may start now without delaying a reserved task of `need` units: what stays spare
+/// when it can start, that is once the oldest running tasks have ended and the rest (the youngest
+/// run, as long as they leave `need` free) still hold theirs.
+fn backfill_budget(running: &[i64], working: i64, need: i64) -> i64 {
+    let room_beside = working - need;
+    if room_beside <= 0 {
+        return 0;
+    }
+    let mut still_running = 0;
+    for n in running.iter().rev() {
+        if still_running + n > room_beside {
+            break;
+        }
+        still_running += n;
+    }
+    room_beside - still_running
+}
+
 /// The inputs of one pass, beyond the candidates.
 #[derive(Debug, Clone, Copy)]
 pub struct Room {
@@ -64,8 +99,9 @@ enum Turn {
     Go(usize),
     /// Something would fit the free units but not the client's cap.
     AtCap,
-    /// Nothing fits the free units.
-    NoRoom,
+    /// Nothing fits: the first task that does not fit the free units (None once a reservation
+    /// stands: only what fits within its budget may go).
+    NoRoom(Option<usize>),
 }
 
 impl<'a> Queue<'a> {
@@ -82,26 +118,27 @@ impl<'a> Queue<'a> {
     }
 
     /// `idle`: nothing is in flight and nothing chosen yet, so a task larger than the whole
-    /// working limit may go alone (it never fits otherwise).
-    fn turn(&self, free: i64, idle: bool, room: &Room) -> Turn {
+    /// working limit may go alone (it never fits otherwise). `budget`: a reservation stands and
+    /// only this many more units may start.
+    fn turn(&self, free: i64, idle: bool, budget: Option<i64>, room: &Room) -> Turn {
         let mut capped = false;
         for (i, t) in self.tasks.iter().enumerate() {
             let Some(t) = t else { continue };
             let cap_ok = self.cap_allows(t.n);
-            if cap_ok && (t.n <= free || (idle && t.n > room.working)) {
+            let fits = t.n <= free && budget.is_none_or(|b| t.n <= b);
+            if cap_ok && (fits || (idle && t.n > room.working)) {
                 return Turn::Go(i);
             }
             capped |= !cap_ok && t.n <= free;
-            if room.now_ms - t.waiting_since_ms >= room.starving_ms {
-                // It has waited long enough: nothing of its client overtakes it any more.
-                capped = !cap_ok;
-                break;
+            if cap_ok && budget.is_none() {
+                // The first that does not fit: it gets the reservation, or its client yields.
+                return Turn::NoRoom(Some(i));
             }
         }
         if capped {
             Turn::AtCap
         } else {
-            Turn::NoRoom
+            Turn::NoRoom(None)
         }
     }
 
@@ -118,13 +155,20 @@ impl<'a> Queue<'a> {
 }
 
 /// Chooses the candidates that take the free units now, in the order they should be sent.
-pub fn select(room: Room, shares: &Shares, candidates: &[Candidate]) -> Vec<String> {
-    let in_flight: i64 = shares.values().map(|s| s.in_flight).sum();
+pub fn select(room: Room, held: &Held, candidates: &[Candidate]) -> Vec<String> {
+    let shares = &held.shares;
+    let in_flight = held.in_flight();
     let mut free = room.working - in_flight;
     let mut by_client: HashMap<&str, Vec<&Candidate>> = HashMap::new();
     for c in candidates {
         by_client.entry(c.client.as_str()).or_default().push(c);
     }
+    // Weighted shares are of the clients that have work: waiting here, or running upstream.
+    let running_weight: i64 = shares
+        .iter()
+        .filter(|(name, s)| s.in_flight > 0 && !by_client.contains_key(name.as_str()))
+        .map(|(_, s)| s.weight.max(1))
+        .sum();
     let mut queues: Vec<Queue<'_>> = by_client
         .into_iter()
         .map(|(client, mut tasks)| {
@@ -145,14 +189,9 @@ pub fn select(room: Room, shares: &Shares, candidates: &[Candidate]) -> Vec<Stri
             }
         })
         .collect();
-    // Weighted shares are of the clients that have work: waiting here, or running upstream.
-    let waiting_weight: i64 = queues.iter().map(|q| q.weight).sum();
-    let running_weight: i64 = shares
-        .iter()
-        .filter(|(name, s)| s.in_flight > 0 && !candidates.iter().any(|c| &c.client == *name))
-        .map(|(_, s)| s.weight.max(1))
-        .sum();
-    let total_weight = waiting_weight + running_weight;
+    let total_weight = running_weight + queues.iter().map(|q| q.weight).sum::<i64>();
+    let mut running = held.running.clone();
+    let mut budget: Option<i64> = None;
     let mut chosen = Vec::new();
     while let Some(q) = queues
         .iter_mut()
@@ -160,22 +199,30 @@ pub fn select(room: Room, shares: &Shares, candidates: &[Candidate]) -> Vec<Stri
         .min_by(|a, b| a.before(b))
     {
         let idle = in_flight == 0 && chosen.is_empty();
-        match q.turn(free, idle, &room) {
+        match q.turn(free, idle, budget, &room) {
             Turn::Go(i) => {
                 if let Some(t) = q.tasks[i].take() {
                     free -= t.n;
                     q.held += t.n;
+                    running.push(t.n);
+                    if let Some(b) = budget.as_mut() {
+                        *b -= t.n;
+                    }
                     chosen.push(t.id.clone());
                 }
             }
             Turn::AtCap => q.done = true,
-            Turn::NoRoom => {
-                if q.held * total_weight < room.working * q.weight {
-                    // Below its share: the room is held for it.
-                    break;
-                }
-                q.done = true;
+            Turn::NoRoom(Some(i)) if q.held * total_weight < room.working * q.weight => {
+                // Below its share: its task is reserved the room it waits for.
+                let b = match q.tasks[i] {
+                    Some(t) if room.now_ms - t.waiting_since_ms < room.starving_ms => {
+                        backfill_budget(&running, room.working, t.n)
+                    }
+                    _ => 0,
+                };
+                budget = Some(b);
             }
+            Turn::NoRoom(_) => q.done = true,
         }
     }
     chosen
@@ -210,8 +257,15 @@ mod tests {
         }
     }
 
-    fn shares(list: &[(&str, ClientShare)]) -> Shares {
-        list.iter().map(|(n, s)| (n.to_string(), *s)).collect()
+    /// Clients' shares; each client's units in flight run as tasks of one unit, in list order.
+    fn shares(list: &[(&str, ClientShare)]) -> Held {
+        Held {
+            shares: list.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
+            running: list
+                .iter()
+                .flat_map(|(_, s)| std::iter::repeat_n(1, s.in_flight.max(0) as usize))
+                .collect(),
+        }
     }
 
     /// Many tasks of n from the list for each client, oldest first.
@@ -230,21 +284,21 @@ mod tests {
     /// client was given, summed over `rounds`.
     fn simulate(
         room: Room,
-        mut base: Shares,
+        base: Shares,
         mut waiting: Vec<Candidate>,
         rounds: usize,
     ) -> HashMap<String, i64> {
         let mut used: HashMap<String, i64> = HashMap::new();
+        let held = Held {
+            shares: base,
+            running: Vec::new(),
+        };
         for _ in 0..rounds {
-            for s in base.values_mut() {
-                s.in_flight = 0;
-            }
-            let chosen = select(room, &base, &waiting);
+            let chosen = select(room, &held, &waiting);
             for id in &chosen {
                 let pos = waiting.iter().position(|c| &c.id == id).expect("chosen");
                 let t = waiting.remove(pos);
                 *used.entry(t.client.clone()).or_default() += t.n;
-                base.entry(t.client).or_default().in_flight += t.n;
             }
         }
         used
@@ -258,12 +312,18 @@ mod tests {
             task("c", "A", 3, 0),
             task("d", "A", 5, 0),
         ];
+        // b is reserved what a leaves when it ends; beside b there is room for c, not d.
+        assert_eq!(select(ROOM, &Held::default(), &cs), vec!["a", "c"]);
         let room = Room {
             working: 10,
             ..ROOM
         };
-        assert_eq!(select(room, &Shares::new(), &cs), vec!["a", "c"]);
-        let busy = shares(&[("A", share(1, None, 8))]);
+        assert_eq!(
+            select(room, &Held::default(), &cs),
+            vec!["a"],
+            "c would delay b"
+        );
+        let busy = shares(&[("A", share(1, None, 10))]);
         assert!(select(room, &busy, &cs).is_empty());
     }
 
@@ -346,7 +406,8 @@ mod tests {
 
     #[test]
     fn units_are_held_for_a_large_task_of_a_client_below_its_share() {
-        // B's task needs 9 units; A (over its share) would fill each freed unit with a 1.
+        // B's task needs 9 units; A (over its share) would fill each freed unit with a 1. A's
+        // running tasks are ones, so none of A's new ones fits beside B's 9 before it starts.
         let mut waiting = backlog(&["A"], &[1], 100);
         waiting.push(task("b9", "B", 9, 5_000));
         for held_by_a in (3..=11).rev() {
@@ -366,6 +427,34 @@ mod tests {
     }
 
     #[test]
+    fn a_reservation_lets_through_only_what_fits_beside_it() {
+        // The account runs an old 6 and a young 3; a 9 waits: it can start when the 6 ends, and
+        // the 3 (still running then) leaves nothing beside it.
+        let held = Held {
+            shares: shares(&[("A", share(1, None, 9))]).shares,
+            running: vec![6, 3],
+        };
+        let cs = [task("nine", "A", 9, 0), task("one", "A", 1, 10)];
+        assert!(select(ROOM, &held, &cs).is_empty());
+        // The other way round (the 3 is older), 3 units stay spare beside the 9: the 1 goes.
+        let held = Held {
+            running: vec![3, 6],
+            ..held
+        };
+        assert_eq!(select(ROOM, &held, &cs), vec!["one"]);
+        // Once the 9 has waited `starvation_after`, nothing starts before it.
+        let late = Room {
+            now_ms: 40_000,
+            ..ROOM
+        };
+        assert!(select(late, &held, &cs).is_empty());
+        assert_eq!(backfill_budget(&[3, 6], 12, 9), 3);
+        assert_eq!(backfill_budget(&[6, 3], 12, 9), 0);
+        assert_eq!(backfill_budget(&[1, 1, 1], 12, 9), 0);
+        assert_eq!(backfill_budget(&[], 12, 13), 0);
+    }
+
+    #[test]
     fn priorities_order_a_clients_own_queue_only() {
         let mut high = task("a-high", "A", 1, 900);
         high.priority = Priority::High;
@@ -374,7 +463,7 @@ mod tests {
         let cs = [low, task("a-normal", "A", 1, 500), high];
         let room = Room { working: 2, ..ROOM };
         assert_eq!(
-            select(room, &Shares::new(), &cs),
+            select(room, &Held::default(), &cs),
             vec!["a-high", "a-normal"]
         );
         // Another client's normal task is not pushed back by A's high one: shares decide.
@@ -391,7 +480,7 @@ mod tests {
         let room = Room { working: 5, ..ROOM };
         let cs = [task("big", "A", 9, 0), task("small", "B", 1, 10)];
         // B's small task is at the same share (0) but younger: the big one's turn comes first.
-        assert_eq!(select(room, &Shares::new(), &cs), vec!["big"]);
+        assert_eq!(select(room, &Held::default(), &cs), vec!["big"]);
         let busy = shares(&[("C", share(1, None, 1))]);
         let chosen = select(room, &busy, &cs);
         assert!(!chosen.contains(&"big".to_string()), "{chosen:?}");

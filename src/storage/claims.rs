@@ -17,7 +17,7 @@ use super::{
     sql, DispatchCandidate, DueDelivery, PollCandidate, PollRow, Pool, Result, StorageError, Store,
     Task, TaskRow, TASK_COLUMNS,
 };
-use crate::domain::fair_share::{ClientShare, Shares};
+use crate::domain::fair_share::{ClientShare, Held, Shares};
 use crate::domain::Priority;
 
 /// Key of the advisory lock that serialises dispatch admission across replicas ("klr\x01").
@@ -73,8 +73,9 @@ impl Store {
         }
     }
 
-    /// Claims due pending tasks for one create call each. `decide` gets every client's share (its
-    /// weight, cap and the units its tasks hold upstream, across all replicas) and the due tasks,
+    /// Claims due pending tasks for one create call each. `decide` gets what holds the account
+    /// (every client's weight, cap and units held upstream, across all replicas, and the running
+    /// tasks' `n` oldest first) and the due tasks,
     /// up to `limit` per client in priority then due order, and names the ones to send, in order; each is marked as possibly in flight (`dispatch_started_at`), so it counts
     /// against the budget at once and a crash mid-call leads to recovery, not a loss, and its next
     /// dispatch moves to `lease_until_ms`. Returns the claimed tasks.
@@ -86,7 +87,7 @@ impl Store {
         decide: F,
     ) -> Result<Vec<Task>>
     where
-        F: FnOnce(Shares, Vec<DispatchCandidate>) -> Vec<String>,
+        F: FnOnce(Held, Vec<DispatchCandidate>) -> Vec<String>,
     {
         let _writer = self.writer().await;
         // No row locks on the select (window functions forbid them): the advisory lock already
@@ -118,9 +119,8 @@ impl Store {
                 tx.rollback().await?;
                 return Ok(Vec::new());
             }
-            let held: Vec<(String, i64)> = sqlx::query_as(sql::UNITS_IN_FLIGHT_BY_CLIENT)
-                .fetch_all(&mut *tx)
-                .await?;
+            let holding: Vec<(String, i64)> =
+                sqlx::query_as(sql::HOLDING_UNITS).fetch_all(&mut *tx).await?;
             let clients: Vec<(String, i64, Option<i64>)> =
                 sqlx::query_as(sql::CLIENT_SHARES).fetch_all(&mut *tx).await?;
             let mut shares = Shares::new();
@@ -134,15 +134,18 @@ impl Store {
                     },
                 );
             }
-            for (client, units) in held {
-                shares.entry(client).or_default().in_flight = units;
+            let mut running = Vec::with_capacity(holding.len());
+            for (client, n) in holding {
+                shares.entry(client).or_default().in_flight += n;
+                running.push(n);
             }
+            let held = Held { shares, running };
             let mut candidates = Vec::with_capacity(due.len());
             for r in due {
                 candidates.push(r.into_candidate()?);
             }
             let mut claimed = Vec::new();
-            for id in decide(shares, candidates) {
+            for id in decide(held, candidates) {
                 let row: Option<TaskRow> = sqlx::query_as(&claim)
                     .bind(&id)
                     .bind(now_ms)

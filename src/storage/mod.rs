@@ -1111,12 +1111,15 @@ pub mod sql {
             ORDER BY CASE priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END, \
             next_dispatch_at, id) AS place FROM tasks WHERE next_dispatch_at IS NOT NULL \
             AND next_dispatch_at <= $1) AS due WHERE place <= $2";
-    /// Units held upstream (in flight, or possibly in flight), per client.
-    pub const UNITS_IN_FLIGHT_BY_CLIENT: &str = "SELECT client, CAST(SUM(n) AS BIGINT) \
-            FROM (SELECT COALESCE(client, '') AS client, n FROM tasks \
-            WHERE status IN ('submitted', 'processing') \
-            UNION ALL SELECT COALESCE(client, '') AS client, n FROM tasks \
-            WHERE dispatch_started_at IS NOT NULL AND status = 'pending') AS held GROUP BY client";
+    /// Tasks holding units upstream (in flight, or possibly in flight): client, `n`, and when
+    /// the dispatch began (oldest first). One statement, so no task is missed or counted twice
+    /// when another replica's commit moves it between the two kinds.
+    pub const HOLDING_UNITS: &str = "SELECT client, n FROM (\
+            SELECT COALESCE(client, '') AS client, n, COALESCE(submitted_at, created_at) AS since \
+            FROM tasks WHERE status IN ('submitted', 'processing') \
+            UNION ALL SELECT COALESCE(client, '') AS client, n, dispatch_started_at AS since \
+            FROM tasks WHERE dispatch_started_at IS NOT NULL AND status = 'pending') AS held \
+            ORDER BY since";
     pub const CLIENT_SHARES: &str = "SELECT name, weight, max_units FROM clients";
     /// Tasks upstream holds whose next poll is due. Only rows with `poll_due_at` set (submitted or
     /// processing) are in `tasks_poll_due`, so final tasks are never read.

@@ -94,7 +94,7 @@ pub async fn step(relay: &Arc<Relay>) -> Result<usize, ServiceError> {
             now,
             CANDIDATES_PER_CLIENT,
             lease_until,
-            |shares, candidates| {
+            |held, candidates| {
                 // Tasks in doubt already count in the units in flight, and finding out costs
                 // nothing upstream, so they do not wait for room.
                 let (in_doubt, waiting): (Vec<DispatchCandidate>, Vec<DispatchCandidate>) =
@@ -111,7 +111,7 @@ pub async fn step(relay: &Arc<Relay>) -> Result<usize, ServiceError> {
                     })
                     .collect();
                 if !waiting.is_empty() {
-                    work.extend(relay.admission().select(now, &shares, &waiting));
+                    work.extend(relay.admission().select(now, &held, &waiting));
                 }
                 // Claim only what starts now, so no lease runs out while its task waits for a slot.
                 work.truncate(concurrency);
