@@ -4,9 +4,11 @@
 //! create answers `1303`. The controller keeps a *working limit* at or below the configured
 //! maximum. A `1303`/429 while `in_flight` of ours ran and `attempted` more were asked for says
 //! the room for us lies between the two: the limit resumes at the middle of that range (so each
-//! refusal halves it, and refusals stay few), and dispatch pauses with exponential backoff. It
-//! grows back by one unit each time a full working limit's worth of units has finished cleanly
-//! (additive increase).
+//! refusal halves it, and refusals stay few). A first refusal pauses nothing (the lower limit
+//! already stops more going until units free); refusals in a row pause all dispatch with
+//! exponential backoff. It
+//! grows back each time a full working limit's worth of units has finished cleanly: half-way to
+//! the level that was refused, or by one unit when none is known.
 //! The level that was refused is remembered as a ceiling: reaching it again takes
 //! `PROBE_WINDOWS` full windows, so a limit held down by another tenant is probed rarely, yet
 //! regained once that tenant leaves.
@@ -51,6 +53,8 @@ pub struct Admission {
     finished_units: i64,
     /// Units held (ours) when upstream last refused; growing to it is done cautiously.
     refused_at: Option<i64>,
+    /// When the last refusal was learnt.
+    last_refused_ms: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -69,6 +73,7 @@ impl Admission {
             busy_streak: 0,
             finished_units: 0,
             refused_at: None,
+            last_refused_ms: i64::MIN,
         }
     }
 
@@ -100,10 +105,12 @@ impl Admission {
     }
 
     /// Upstream said its concurrency is full when we asked for `attempted` units while `in_flight`
-    /// of ours were running. Returns how long dispatch pauses.
+    /// of ours were running, for a task claimed at `claimed_at_ms`. Returns how long dispatch
+    /// pauses.
     pub fn on_busy(
         &mut self,
         now_ms: i64,
+        claimed_at_ms: i64,
         in_flight: i64,
         attempted: i64,
         retry_after: Option<Duration>,
@@ -117,17 +124,26 @@ impl Admission {
         self.finished_units = 0;
         let refused = (in_flight + attempted).max(1);
         self.refused_at = Some(self.refused_at.map_or(refused, |r| r.min(refused)));
-        let mut pause = backoff(
-            self.busy_streak,
-            self.cfg.busy_initial,
-            self.cfg.busy_max,
-            jitter,
-        )
-        .max(self.cfg.busy_initial);
+        // A first refusal pauses nothing: the limit now sits at what runs (or just above), so
+        // nothing more goes until units free, and then at once (a unit idle while a pause runs
+        // out is paid for). Refused again before any create was accepted, upstream's room is
+        // shrinking under us: back off.
+        // A task claimed before the last refusal was decided without knowing of it (several
+        // creates of one pass): its refusal says nothing new about a streak.
+        let stale = claimed_at_ms < self.last_refused_ms;
+        self.last_refused_ms = self.last_refused_ms.max(now_ms);
+        let mut pause = match self.busy_streak {
+            _ if stale => Duration::ZERO,
+            0 => Duration::ZERO,
+            streak => backoff(streak - 1, self.cfg.busy_initial, self.cfg.busy_max, jitter)
+                .max(self.cfg.busy_initial),
+        };
         if let Some(ra) = retry_after {
             pause = pause.max(ra);
         }
-        self.busy_streak = self.busy_streak.saturating_add(1);
+        if !stale {
+            self.busy_streak = self.busy_streak.saturating_add(1);
+        }
         let until = now_ms.saturating_add(i64::try_from(pause.as_millis()).unwrap_or(i64::MAX));
         self.paused_until_ms = self.paused_until_ms.max(until);
         pause
@@ -145,7 +161,16 @@ impl Admission {
             return;
         }
         self.finished_units += units.max(1);
-        let next = self.working + 1;
+        // Below a refused level, the room lies between the two: close half the gap per window
+        // (a binary search, as on_busy does downwards). The refused level itself is probed
+        // rarely; with no refused level known, one unit at a time.
+        let next = match self.refused_at {
+            Some(refused) if self.working + 1 < refused => {
+                (self.working + ((refused - self.working) / 2).max(1)).min(refused - 1)
+            }
+            _ => self.working + 1,
+        }
+        .min(max);
         let window = match self.refused_at {
             Some(refused) if next >= refused => self.working * PROBE_WINDOWS,
             _ => self.working,
@@ -206,11 +231,11 @@ mod tests {
     fn fills_the_free_units_in_order_and_backfills_small_tasks() {
         let a = adm(12);
         let cs = [c("a", 4, 0), c("b", 9, 0), c("c", 3, 0), c("d", 5, 0)];
-        // b is reserved the room a leaves when it ends; c fits beside b then, d would not.
-        assert_eq!(a.select(1000, &held(0), &cs), vec!["a", "c"]);
+        // Largest first: b; d is reserved the room b leaves, and c fits beside it meanwhile.
+        assert_eq!(a.select(1000, &held(0), &cs), vec!["b", "c"]);
         assert_eq!(a.select(1000, &held(10), &cs), Vec::<String>::new());
         let a = adm(10);
-        assert_eq!(a.select(1000, &held(0), &cs), vec!["a"], "c would delay b");
+        assert_eq!(a.select(1000, &held(0), &cs), vec!["b"]);
     }
 
     #[test]
@@ -227,7 +252,7 @@ mod tests {
     #[test]
     fn a_task_larger_than_the_limit_goes_alone() {
         let mut a = adm(10);
-        a.on_busy(0, 3, 1, None, 0.5);
+        a.on_busy(0, 0, 3, 1, None, 0.5);
         let cs = [c("big", 9, 0), c("small", 1, 0)];
         assert_eq!(a.select(10_000, &held(0), &cs), vec!["big"]);
         assert!(a.select(10_000, &held(1), &cs).len() <= 1);
@@ -236,16 +261,23 @@ mod tests {
     #[test]
     fn busy_shrinks_pauses_with_backoff_and_finishing_grows_back() {
         let mut a = adm(10);
-        let p1 = a.on_busy(0, 6, 2, None, 0.0);
-        assert!(p1 >= Duration::from_secs(1), "first pause at least 1 s");
+        let p0 = a.on_busy(0, 0, 6, 2, None, 0.0);
+        assert_eq!(p0, Duration::ZERO, "a first refusal pauses nothing");
         assert_eq!(a.snapshot().working_limit, 6);
+        assert_eq!(
+            a.select(0, &held(5), &[c("x", 1, 0)]),
+            vec!["x"],
+            "the room left is used at once"
+        );
+        let p1 = a.on_busy(0, 0, 6, 2, None, 0.0);
+        assert!(p1 >= Duration::from_secs(1), "refused again: at least 1 s");
         assert!(
             a.select(500, &held(0), &[c("x", 1, 0)]).is_empty(),
             "paused"
         );
-        let p2 = a.on_busy(0, 6, 2, None, 0.0);
+        let p2 = a.on_busy(0, 0, 6, 2, None, 0.0);
         assert!(p2 > p1, "exponential");
-        let p3 = a.on_busy(0, 6, 2, Some(Duration::from_secs(120)), 0.0);
+        let p3 = a.on_busy(0, 0, 6, 2, Some(Duration::from_secs(120)), 0.0);
         assert!(p3 >= Duration::from_secs(120), "Retry-After honoured");
         a.on_accepted();
         // Below the refused level (6 + 2 = 8): a unit back per window (the limit's worth).
@@ -266,21 +298,59 @@ mod tests {
             a.on_finished(9);
         }
         assert_eq!(a.snapshot().working_limit, 10, "capped at the maximum");
-        a.on_busy(0, 0, 1, None, 0.0);
+        a.on_busy(0, 0, 0, 1, None, 0.0);
         assert_eq!(a.snapshot().working_limit, 1, "never below one unit");
+    }
+
+    #[test]
+    fn refusals_of_one_pass_count_once() {
+        let mut a = adm(12);
+        // Claimed together at 100; the refusals arrive at 150 and 160.
+        assert_eq!(a.on_busy(150, 100, 3, 9, None, 0.0), Duration::ZERO);
+        assert_eq!(a.on_busy(160, 100, 3, 4, None, 0.0), Duration::ZERO);
+        assert_eq!(a.snapshot().working_limit, 4, "the limit still takes both");
+        // Claimed after them, refused again: that is a streak.
+        assert!(a.on_busy(300, 200, 3, 1, None, 0.0) >= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn regrowth_closes_half_the_gap_to_the_refused_level_per_window() {
+        // Another tenant holds 3 of 12: 3 ran, a 9 was refused: room between 3 and 11.
+        let mut a = adm(12);
+        a.on_busy(0, 0, 3, 9, None, 0.0);
+        assert_eq!(a.snapshot().working_limit, 7);
+        a.on_finished(7);
+        assert_eq!(
+            a.snapshot().working_limit,
+            9,
+            "half-way to 12, in one window"
+        );
+        a.on_finished(9);
+        assert_eq!(a.snapshot().working_limit, 10);
+        // 10 is refused with 9 running: the room is 9, found with two refusals in all.
+        a.on_busy(0, 0, 9, 1, None, 0.0);
+        assert_eq!(a.snapshot().working_limit, 9);
+        a.on_finished(9 * (PROBE_WINDOWS - 1));
+        assert_eq!(
+            a.snapshot().working_limit,
+            9,
+            "the refused level is probed rarely"
+        );
+        a.on_finished(9);
+        assert_eq!(a.snapshot().working_limit, 10);
     }
 
     #[test]
     fn a_refusal_resumes_at_the_middle_of_what_it_leaves_open() {
         // 3 of ours ran and a task of 9 was refused: the room is 3 to 11, resume at 7.
         let mut a = adm(12);
-        a.on_busy(0, 3, 9, None, 0.0);
+        a.on_busy(0, 0, 3, 9, None, 0.0);
         assert_eq!(a.snapshot().working_limit, 7);
         // A refusal of a single unit pins it down exactly.
-        a.on_busy(0, 5, 1, None, 0.0);
+        a.on_busy(0, 0, 5, 1, None, 0.0);
         assert_eq!(a.snapshot().working_limit, 5);
         // Never above the limit it had.
-        a.on_busy(0, 4, 9, None, 0.0);
+        a.on_busy(0, 0, 4, 9, None, 0.0);
         assert_eq!(a.snapshot().working_limit, 5);
     }
 }

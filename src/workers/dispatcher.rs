@@ -190,10 +190,14 @@ async fn dispatch_one(relay: &Relay, task: Task, now_claimed: i64) -> Result<(),
             let (next_attempt_at_ms, detail) = if busy {
                 // The account is full: pause all dispatch, and keep this task's place in line.
                 let others = relay.store.units_in_flight().await? - task.n;
-                let pause =
-                    relay
-                        .admission()
-                        .on_busy(now, others.max(0), task.n, retry_after, jitter());
+                let pause = relay.admission().on_busy(
+                    now,
+                    now_claimed,
+                    others.max(0),
+                    task.n,
+                    retry_after,
+                    jitter(),
+                );
                 tracing::warn!(task_id = %id, %reason, ?pause, "upstream concurrency full; dispatch paused");
                 (
                     now,

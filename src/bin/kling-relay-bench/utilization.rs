@@ -104,6 +104,13 @@ pub async fn utilization(args: &Args, kind: &'static str) -> anyhow::Result<Vec<
         sim.stop();
         db.remove().await;
 
+        if std::env::var_os("KLR_BENCH_UNIT_LOG").is_some() {
+            let mut level = 0;
+            for (t, u) in &log {
+                level += u;
+                eprintln!("{case} {:>6} {u:>3} {level:>3}", t - started_ms);
+            }
+        }
         let last_free = log.iter().filter(|(_, u)| *u < 0).map(|(t, _)| *t).max();
         let makespan_s = last_free.map_or(0.0, |t| (t - started_ms) as f64 / 1000.0);
         // The units the relay can have: the account's, less what the other tenant holds.
