@@ -4,9 +4,8 @@
 //! create answers `1303`. The controller keeps a *working limit* at or below the configured
 //! maximum. A `1303`/429 while `in_flight` of ours ran and `attempted` more were asked for says
 //! the room for us lies between the two: the limit resumes at the middle of that range (so each
-//! refusal halves it, and refusals stay few). A first refusal pauses nothing (the lower limit
-//! already stops more going until units free); refusals in a row pause all dispatch with
-//! exponential backoff. It
+//! refusal halves it, and refusals stay few), and dispatch pauses with exponential backoff
+//! (refusals of creates sent together count once). It
 //! grows back each time a full working limit's worth of units has finished cleanly: half-way to
 //! the level that was refused, or by one unit when none is known.
 //! The level that was refused is remembered as a ceiling: reaching it again takes
@@ -124,19 +123,22 @@ impl Admission {
         self.finished_units = 0;
         let refused = (in_flight + attempted).max(1);
         self.refused_at = Some(self.refused_at.map_or(refused, |r| r.min(refused)));
-        // A first refusal pauses nothing: the limit now sits at what runs (or just above), so
-        // nothing more goes until units free, and then at once (a unit idle while a pause runs
-        // out is paid for). Refused again before any create was accepted, upstream's room is
-        // shrinking under us: back off.
         // A task claimed before the last refusal was decided without knowing of it (several
-        // creates of one pass): its refusal says nothing new about a streak.
+        // creates of one pass): its refusal is the same event, and neither extends the pause nor
+        // counts in the streak. Otherwise pause, as Kling advises for `1303`: exponential
+        // backoff from at least `busy_initial` (>= 1 s).
         let stale = claimed_at_ms < self.last_refused_ms;
         self.last_refused_ms = self.last_refused_ms.max(now_ms);
-        let mut pause = match self.busy_streak {
-            _ if stale => Duration::ZERO,
-            0 => Duration::ZERO,
-            streak => backoff(streak - 1, self.cfg.busy_initial, self.cfg.busy_max, jitter)
-                .max(self.cfg.busy_initial),
+        let mut pause = if stale {
+            Duration::ZERO
+        } else {
+            backoff(
+                self.busy_streak,
+                self.cfg.busy_initial,
+                self.cfg.busy_max,
+                jitter,
+            )
+            .max(self.cfg.busy_initial)
         };
         if let Some(ra) = retry_after {
             pause = pause.max(ra);
@@ -261,16 +263,9 @@ mod tests {
     #[test]
     fn busy_shrinks_pauses_with_backoff_and_finishing_grows_back() {
         let mut a = adm(10);
-        let p0 = a.on_busy(0, 0, 6, 2, None, 0.0);
-        assert_eq!(p0, Duration::ZERO, "a first refusal pauses nothing");
-        assert_eq!(a.snapshot().working_limit, 6);
-        assert_eq!(
-            a.select(0, &held(5), &[c("x", 1, 0)]),
-            vec!["x"],
-            "the room left is used at once"
-        );
         let p1 = a.on_busy(0, 0, 6, 2, None, 0.0);
-        assert!(p1 >= Duration::from_secs(1), "refused again: at least 1 s");
+        assert!(p1 >= Duration::from_secs(1), "first pause at least 1 s");
+        assert_eq!(a.snapshot().working_limit, 6);
         assert!(
             a.select(500, &held(0), &[c("x", 1, 0)]).is_empty(),
             "paused"
@@ -306,11 +301,13 @@ mod tests {
     fn refusals_of_one_pass_count_once() {
         let mut a = adm(12);
         // Claimed together at 100; the refusals arrive at 150 and 160.
-        assert_eq!(a.on_busy(150, 100, 3, 9, None, 0.0), Duration::ZERO);
+        let first = a.on_busy(150, 100, 3, 9, None, 0.0);
+        assert!(first >= Duration::from_secs(1));
         assert_eq!(a.on_busy(160, 100, 3, 4, None, 0.0), Duration::ZERO);
         assert_eq!(a.snapshot().working_limit, 4, "the limit still takes both");
-        // Claimed after them, refused again: that is a streak.
-        assert!(a.on_busy(300, 200, 3, 1, None, 0.0) >= Duration::from_secs(1));
+        assert_eq!(a.snapshot().paused_until_ms, 150 + first.as_millis() as i64);
+        // Claimed after them, refused again: that is a streak, and the pause doubles.
+        assert!(a.on_busy(3000, 2500, 3, 1, None, 0.0) > first);
     }
 
     #[test]

@@ -169,6 +169,19 @@ async fn newcomer(args: &Args, kind: &'static str, duration: Duration) -> anyhow
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let elapsed = started.elapsed();
+    if std::env::var_os("KLR_BENCH_UNIT_LOG").is_some() {
+        for t in s.store.bench_task_spans().await? {
+            if t.client == "client-b" {
+                eprintln!(
+                    "B n={} created {} waited {:?}",
+                    t.n,
+                    t.created_at,
+                    t.submitted_at.map(|d| d - t.created_at)
+                );
+            }
+        }
+    }
+    let busy = s.sim.stats().busy_answers;
     let a_dispatched = s
         .store
         .bench_task_spans()
@@ -184,8 +197,8 @@ async fn newcomer(args: &Args, kind: &'static str, duration: Duration) -> anyhow
         scenario: "fairness".into(),
         db: kind.into(),
         measure: format!(
-            "newcomer: B's wait to dispatch behind A's {backlog} (A had {a_dispatched} sent); \
-             bound, 9 units free: {bound_ms:.0} ms"
+            "newcomer: B's wait to dispatch behind A's {backlog} (A had {a_dispatched} sent, \
+             {busy} × 1303); bound, 9 units free: {bound_ms:.0} ms"
         ),
         ops: waits.len(),
         seconds: elapsed.as_secs_f64(),
