@@ -412,16 +412,7 @@ async fn the_claim_shares_units_by_weight_cap_and_priority(b: Backend) {
             units.sort();
             *seen.lock().expect("lock") = units;
             assert_eq!(held.running.iter().sum::<i64>(), held.in_flight());
-            let candidates: Vec<Candidate> = due
-                .into_iter()
-                .map(|c| Candidate {
-                    id: c.id,
-                    client: c.client,
-                    priority: c.priority,
-                    n: c.n,
-                    waiting_since_ms: c.created_at_ms,
-                })
-                .collect();
+            let candidates: Vec<Candidate> = due.into_iter().map(Candidate::from).collect();
             admission.select(now, &held, &candidates)
         }
     };

@@ -302,6 +302,19 @@ pub struct DispatchCandidate {
     pub in_doubt: bool,
 }
 
+impl From<DispatchCandidate> for crate::domain::admission::Candidate {
+    /// A task waiting for room, as admission sees it (it waits from its creation).
+    fn from(c: DispatchCandidate) -> Self {
+        crate::domain::admission::Candidate {
+            id: c.id,
+            client: c.client,
+            priority: c.priority,
+            n: c.n,
+            waiting_since_ms: c.created_at_ms,
+        }
+    }
+}
+
 /// An `Idempotency-Key` to take for a new task.
 #[derive(Debug, Clone)]
 pub struct IdempotencyClaim {

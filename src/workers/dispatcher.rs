@@ -100,16 +100,7 @@ pub async fn step(relay: &Arc<Relay>) -> Result<usize, ServiceError> {
                 let (in_doubt, waiting): (Vec<DispatchCandidate>, Vec<DispatchCandidate>) =
                     candidates.into_iter().partition(|c| c.in_doubt);
                 let mut work: Vec<String> = in_doubt.into_iter().map(|c| c.id).collect();
-                let waiting: Vec<Candidate> = waiting
-                    .into_iter()
-                    .map(|c| Candidate {
-                        id: c.id,
-                        client: c.client,
-                        priority: c.priority,
-                        n: c.n,
-                        waiting_since_ms: c.created_at_ms,
-                    })
-                    .collect();
+                let waiting: Vec<Candidate> = waiting.into_iter().map(Candidate::from).collect();
                 if !waiting.is_empty() {
                     work.extend(relay.admission().select(now, &held, &waiting));
                 }

@@ -10,6 +10,7 @@
 //!   unit-seconds its tasks held (dispatch to final, the service's view of what it gave out) while
 //!   both still had tasks waiting; the target is 50 % ± 5 %.
 
+use super::utilization::percentile;
 use super::{http_client, Args, Db, Row, Service};
 use kling_relay::simulator::{SimConfig, Simulator};
 use kling_relay::storage::{BenchSpan, Store};
@@ -18,14 +19,6 @@ use std::time::{Duration, Instant};
 
 const SIZES: [i64; 6] = [1, 1, 2, 3, 4, 9];
 const UNITS: i64 = 12;
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
 
 struct Setup {
     db: Db,

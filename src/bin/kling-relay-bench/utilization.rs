@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 const SIZES: [i64; 6] = [1, 1, 2, 3, 4, 9];
 const UNITS: i64 = 12;
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// The `p` quantile of sorted figures (nearest rank), 0 when there are none.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
