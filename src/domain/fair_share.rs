@@ -97,7 +97,8 @@ struct Queue<'a> {
     weight: i64,
     cap: Option<i64>,
     held: i64,
-    /// In priority, then age, order; `None` once chosen.
+    /// In the order they go: priority, then age, the head packed largest first; `None` once
+    /// chosen.
     tasks: Vec<Option<&'a Candidate>>,
     done: bool,
 }
