@@ -19,6 +19,14 @@ impl From<sqlx::Error> for ClientError {
     }
 }
 
+/// An update by client name that touched no row names an unknown client.
+fn found(name: &str, rows: u64) -> std::result::Result<(), ClientError> {
+    if rows == 0 {
+        return Err(ClientError::Unknown(name.to_owned()));
+    }
+    Ok(())
+}
+
 const COLUMNS: &str = "name, api_key_prefix, signing_secret, previous_signing_secret, \
     previous_secret_expires_at, notify_url, created_at, revoked_at, weight, max_units";
 
@@ -114,10 +122,7 @@ impl Store {
             "UPDATE clients SET revoked_at = COALESCE(revoked_at, $2) WHERE name = $1";
         on_pool!(self, p => {
             let done = sqlx::query(SQL).bind(name).bind(now_ms).execute(p).await?.rows_affected();
-            if done == 0 {
-                return Err(ClientError::Unknown(name.to_owned()));
-            }
-            Ok(())
+            found(name, done)
         })
     }
 
@@ -138,10 +143,7 @@ impl Store {
                 .execute(p)
                 .await?
                 .rows_affected();
-            if done == 0 {
-                return Err(ClientError::Unknown(name.to_owned()));
-            }
-            Ok(())
+            found(name, done)
         })
     }
 
@@ -163,10 +165,7 @@ impl Store {
                 .execute(p)
                 .await?
                 .rows_affected();
-            if done == 0 {
-                return Err(ClientError::Unknown(name.to_owned()));
-            }
-            Ok(())
+            found(name, done)
         })
     }
 
@@ -178,10 +177,7 @@ impl Store {
         const SQL: &str = "UPDATE clients SET notify_url = $2 WHERE name = $1";
         on_pool!(self, p => {
             let done = sqlx::query(SQL).bind(name).bind(url).execute(p).await?.rows_affected();
-            if done == 0 {
-                return Err(ClientError::Unknown(name.to_owned()));
-            }
-            Ok(())
+            found(name, done)
         })
     }
 }

@@ -10,15 +10,12 @@
 //!   unit-seconds its tasks held (dispatch to final, the service's view of what it gave out) while
 //!   both still had tasks waiting; the target is 50 % ± 5 %.
 
-use super::utilization::percentile;
+use super::utilization::{percentile, start_account, SIZES, UNITS};
 use super::{http_client, Args, Db, Row, Service};
-use kling_relay::simulator::{SimConfig, Simulator};
+use kling_relay::simulator::Simulator;
 use kling_relay::storage::{BenchSpan, Store};
 use serde_json::json;
 use std::time::{Duration, Instant};
-
-const SIZES: [i64; 6] = [1, 1, 2, 3, 4, 9];
-const UNITS: i64 = 12;
 
 struct Setup {
     db: Db,
@@ -42,17 +39,7 @@ impl Setup {
                     .api_key,
             );
         }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let sim = Simulator::start(
-            SimConfig {
-                processing_after: duration / 5,
-                finish_after: duration - duration / 5,
-                concurrency_units: UNITS,
-                ..SimConfig::default()
-            },
-            listener,
-        )
-        .await?;
+        let sim = start_account(duration).await?;
         let svc = Service::start(
             &db,
             &sim,

@@ -15,8 +15,25 @@ use kling_relay::storage::Store;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-const SIZES: [i64; 6] = [1, 1, 2, 3, 4, 9];
-const UNITS: i64 = 12;
+/// The workload both this and `fairness` use: task sizes, cycled, and the account's units.
+pub const SIZES: [i64; 6] = [1, 1, 2, 3, 4, 9];
+pub const UNITS: i64 = 12;
+
+/// A simulator of an account of [`UNITS`] whose tasks take `duration` (a fifth of it to
+/// `processing`).
+pub async fn start_account(duration: Duration) -> anyhow::Result<Simulator> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    Ok(Simulator::start(
+        SimConfig {
+            processing_after: duration / 5,
+            finish_after: duration - duration / 5,
+            concurrency_units: UNITS,
+            ..SimConfig::default()
+        },
+        listener,
+    )
+    .await?)
+}
 
 /// The `p` quantile of sorted figures (nearest rank), 0 when there are none.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -39,17 +56,7 @@ pub async fn utilization(args: &Args, kind: &'static str) -> anyhow::Result<Vec<
         let store = Store::connect(&db.url, 2).await?;
         store.migrate().await?;
         let key = client_key(&store).await?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let sim = Simulator::start(
-            SimConfig {
-                processing_after: duration / 5,
-                finish_after: duration - duration / 5,
-                concurrency_units: UNITS,
-                ..SimConfig::default()
-            },
-            listener,
-        )
-        .await?;
+        let sim = start_account(duration).await?;
         sim.set_faults(Faults {
             drop_callbacks: if case == "polling only" { 1.0 } else { 0.0 },
             units_held_elsewhere: if case == "shared account" { 3 } else { 0 },
