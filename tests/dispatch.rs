@@ -402,7 +402,8 @@ async fn the_claim_shares_units_by_weight_cap_and_priority(b: Backend) {
     let now = 1_800_000_000_000;
     let claim = |seen: std::sync::Arc<std::sync::Mutex<Vec<(String, i64)>>>| {
         let admission = &admission;
-        move |held: kling_relay::domain::fair_share::Held,
+        move |_: Option<kling_relay::domain::admission::AdmissionState>,
+              held: kling_relay::domain::fair_share::Held,
               due: Vec<kling_relay::storage::DispatchCandidate>| {
             let mut units: Vec<(String, i64)> = held
                 .shares

@@ -93,7 +93,7 @@ async fn concurrent_claims_share_the_budget_and_never_overlap(b: Backend) {
     for i in 0..12 {
         let s = replicas[i % replicas.len()].clone();
         rounds.spawn(async move {
-            s.claim_dispatches(i64::MAX / 2, 3, i64::MAX / 2 + 1, |held, due| {
+            s.claim_dispatches(i64::MAX / 2, 3, i64::MAX / 2 + 1, |_, held, due| {
                 // What any replica's admission does: fill the free units, oldest first.
                 let in_flight = held.in_flight();
                 let mut free = BUDGET - in_flight;
@@ -135,7 +135,8 @@ async fn a_lapsed_dispatch_lease_is_taken_over(b: Backend) {
     let (dead, alive) = (open_store(&db).await, open_store(&db).await);
     let r = record(1);
     dead.insert_task(r.clone(), None, CAPS).await.unwrap();
-    let take_all = |_: kling_relay::domain::fair_share::Held,
+    let take_all = |_: Option<kling_relay::domain::admission::AdmissionState>,
+                    _: kling_relay::domain::fair_share::Held,
                     due: Vec<kling_relay::storage::DispatchCandidate>| {
         due.into_iter().map(|c| c.id).collect::<Vec<_>>()
     };
@@ -237,9 +238,127 @@ async fn delivery_claims_are_disjoint(b: Backend) {
     assert_eq!(later[0].0.id, "msg_x");
 }
 
+/// What admission learns is one row every replica changes: changes made at once through two
+/// stores all land (none overwrites another), and a dispatch claim hands the stored state to its
+/// decision.
+async fn admission_changes_from_two_replicas_all_land(b: Backend) {
+    use kling_relay::domain::admission::AdmissionState;
+    let db = TestDb::new(b).await;
+    let (one, two) = (open_store(&db).await, open_store(&db).await);
+    assert_eq!(
+        one.admission_state().await.unwrap(),
+        None,
+        "nothing learnt yet"
+    );
+    let fresh = AdmissionState::fresh(12);
+    let bump = |store: Store| async move {
+        for _ in 0..20 {
+            store
+                .update_admission(1, fresh, |mut s| {
+                    s.finished_units += 1;
+                    s.working = 7;
+                    (s, ())
+                })
+                .await
+                .unwrap();
+        }
+    };
+    tokio::join!(
+        bump(one.clone()),
+        bump(two.clone()),
+        bump(one.clone()),
+        bump(two.clone())
+    );
+    let stored = two.admission_state().await.unwrap().expect("stored");
+    assert_eq!(stored.finished_units, 80, "no change lost: {stored:?}");
+    assert_eq!(stored.working, 7);
+    // The claim reads it too, in its own transaction.
+    one.insert_task(record(1), None, CAPS).await.unwrap();
+    let seen = std::sync::Mutex::new(None);
+    one.claim_dispatches(i64::MAX / 2, 3, i64::MAX / 2 + 1, |learnt, _, _| {
+        *seen.lock().unwrap() = learnt;
+        Vec::new()
+    })
+    .await
+    .unwrap();
+    assert_eq!(*seen.lock().unwrap(), Some(stored));
+}
+
+/// A `1303` learnt by one replica holds on another: a replica started later adopts the shrunken
+/// working limit instead of spending refused creates to learn it again (Postgres; SQLite has one
+/// instance, where the same row makes a restart keep what was learnt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_learnt_on_one_replica_holds_on_another() {
+    if postgres_or_skip().is_none() {
+        return;
+    }
+    let app = TestApp::spawn_with(
+        Backend::Postgres,
+        Options {
+            settings: Box::new(|s| {
+                s.cometapi.max_concurrency = 8;
+                // One create per pass, so the refusal is learnt exactly: two tasks of 2 units
+                // ran, a third was refused.
+                s.dispatch.concurrency = 1;
+                s.dispatch.wait = Duration::from_millis(10);
+            }),
+            sim: kling_relay::simulator::SimConfig {
+                concurrency_units: 4,
+                ..stalled_sim()
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    for _ in 0..6 {
+        assert_eq!(app.submit(&valid_body()).await.status(), 202);
+    }
+    wait_until(Duration::from_secs(20), || async {
+        let s = app.sim.stats();
+        s.tasks_created == 2 && s.busy_answers == 1
+    })
+    .await;
+    let working = |base: String| {
+        let http = app.http.clone();
+        async move {
+            let status = fetch_json(&http, &format!("{base}/v1/status")).await;
+            status["dispatch"]["working_limit"]
+                .as_i64()
+                .expect("working_limit")
+        }
+    };
+    assert_eq!(working(app.base.clone()).await, 4);
+    let other = app.replica().await;
+    // The new replica has work waiting and room by its own configuration (8 units), and its
+    // dispatcher runs a pass at least every 500 ms: it must not spend a create to relearn.
+    let r = app
+        .http
+        .post(format!("{}/v1/tasks", other.base))
+        .json(&valid_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let s = app.sim.stats();
+    assert_eq!(
+        (s.tasks_created, s.busy_answers),
+        (2, 1),
+        "no replica sent past the learnt limit: {s:?}"
+    );
+    assert_eq!(
+        working(other.base.clone()).await,
+        4,
+        "the new replica reports it"
+    );
+}
+
 // SQLite serves one instance, so only the takeover (by the same instance after a restart) and
 // single-claimer behaviour apply there.
-on_both_backends!(a_lapsed_dispatch_lease_is_taken_over);
+on_both_backends!(
+    a_lapsed_dispatch_lease_is_taken_over,
+    admission_changes_from_two_replicas_all_land
+);
 
 on_postgres!(
     postgres_replicas;

@@ -11,6 +11,11 @@
 //! The level that was refused is remembered as a ceiling: reaching it again takes
 //! `PROBE_WINDOWS` full windows, so a limit held down by another tenant is probed rarely, yet
 //! regained once that tenant leaves.
+//!
+//! What the controller has learnt ([`AdmissionState`]) is the account's, not a process's: the
+//! service keeps it in the database, every replica adopts it on each dispatch claim, and every
+//! change to it is a read-modify-write of that row, so one replica's refusal pauses and shrinks
+//! all of them.
 
 use super::fair_share::{self, Held, Room};
 use super::schedule::backoff;
@@ -45,15 +50,37 @@ const PROBE_WINDOWS: i64 = 8;
 #[derive(Debug, Clone)]
 pub struct Admission {
     cfg: AdmissionConfig,
-    working: i64,
-    paused_until_ms: i64,
-    busy_streak: u32,
+    state: AdmissionState,
+}
+
+/// What admission has learnt about the account: the part shared by every replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdmissionState {
+    /// The working limit in units, at most the configured maximum.
+    pub working: i64,
+    pub paused_until_ms: i64,
+    /// Consecutive refusals (each doubles the pause).
+    pub busy_streak: i64,
     /// Units finished cleanly since the working limit last grew.
-    finished_units: i64,
+    pub finished_units: i64,
     /// Units held (ours) when upstream last refused; growing to it is done cautiously.
-    refused_at: Option<i64>,
+    pub refused_at: Option<i64>,
     /// When the last refusal was learnt.
-    last_refused_ms: i64,
+    pub last_refused_ms: i64,
+}
+
+impl AdmissionState {
+    /// Nothing learnt yet: the whole configured maximum.
+    pub fn fresh(max_units: i64) -> Self {
+        AdmissionState {
+            working: max_units.max(1),
+            paused_until_ms: 0,
+            busy_streak: 0,
+            finished_units: 0,
+            refused_at: None,
+            last_refused_ms: i64::MIN,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -66,38 +93,53 @@ pub struct AdmissionSnapshot {
 impl Admission {
     pub fn new(cfg: AdmissionConfig) -> Self {
         Admission {
-            working: cfg.max_units.max(1),
+            state: AdmissionState::fresh(cfg.max_units),
             cfg,
-            paused_until_ms: 0,
-            busy_streak: 0,
-            finished_units: 0,
-            refused_at: None,
-            last_refused_ms: i64::MIN,
         }
+    }
+
+    pub fn config(&self) -> &AdmissionConfig {
+        &self.cfg
+    }
+
+    pub fn state(&self) -> AdmissionState {
+        self.state
+    }
+
+    /// Takes over what was learnt elsewhere (another replica, an earlier run). A limit learnt
+    /// under a larger configured maximum is held to this one's.
+    pub fn adopt(&mut self, state: AdmissionState) {
+        self.state = AdmissionState {
+            working: state.working.clamp(1, self.cfg.max_units.max(1)),
+            busy_streak: state.busy_streak.max(0),
+            finished_units: state.finished_units.max(0),
+            ..state
+        };
+    }
+
+    /// Whether finishing tasks can still change anything (the limit is below its maximum).
+    pub fn is_regrowing(&self) -> bool {
+        self.state.working < self.cfg.max_units.max(1)
     }
 
     pub fn snapshot(&self) -> AdmissionSnapshot {
         AdmissionSnapshot {
             max_units: self.cfg.max_units,
-            working_limit: self.working,
-            paused_until_ms: self.paused_until_ms,
+            working_limit: self.state.working,
+            paused_until_ms: self.state.paused_until_ms,
         }
-    }
-
-    pub fn paused_until_ms(&self) -> i64 {
-        self.paused_until_ms
     }
 
     /// Chooses the candidates that take the free units now, in the order to send them: see
     /// [`fair_share`] (shares between clients; within one, priority then age, small tasks
     /// backfilling until a large one has waited `starvation_after`).
     pub fn select(&self, now_ms: i64, held: &Held, candidates: &[Candidate]) -> Vec<String> {
-        if now_ms < self.paused_until_ms {
+        if now_ms < self.state.paused_until_ms {
             return Vec::new();
         }
         let room = Room {
             now_ms,
-            working: self.working,
+            working: self.state.working,
             starving_ms: i64::try_from(self.cfg.starvation_after.as_millis()).unwrap_or(i64::MAX),
         };
         fair_share::select(room, held, candidates)
@@ -119,21 +161,21 @@ impl Admission {
         // between. Resume at the middle of that range (a refused create costs nothing, and each
         // refusal halves the range), never above the previous working limit.
         let probe = in_flight + (attempted.max(1) - 1) / 2;
-        self.working = probe.clamp(1, self.working);
-        self.finished_units = 0;
+        self.state.working = probe.clamp(1, self.state.working);
+        self.state.finished_units = 0;
         let refused = (in_flight + attempted).max(1);
-        self.refused_at = Some(self.refused_at.map_or(refused, |r| r.min(refused)));
+        self.state.refused_at = Some(self.state.refused_at.map_or(refused, |r| r.min(refused)));
         // A task claimed before the last refusal was decided without knowing of it (several
         // creates of one pass): its refusal is the same event, and neither extends the pause nor
         // counts in the streak. Otherwise pause, as Kling advises for `1303`: exponential
         // backoff from at least `busy_initial` (>= 1 s).
-        let stale = claimed_at_ms < self.last_refused_ms;
-        self.last_refused_ms = self.last_refused_ms.max(now_ms);
+        let stale = claimed_at_ms < self.state.last_refused_ms;
+        self.state.last_refused_ms = self.state.last_refused_ms.max(now_ms);
         let mut pause = if stale {
             Duration::ZERO
         } else {
             backoff(
-                self.busy_streak,
+                u32::try_from(self.state.busy_streak).unwrap_or(u32::MAX),
                 self.cfg.busy_initial,
                 self.cfg.busy_max,
                 jitter,
@@ -144,45 +186,45 @@ impl Admission {
             pause = pause.max(ra);
         }
         if !stale {
-            self.busy_streak = self.busy_streak.saturating_add(1);
+            self.state.busy_streak = self.state.busy_streak.saturating_add(1);
         }
         let until = now_ms.saturating_add(i64::try_from(pause.as_millis()).unwrap_or(i64::MAX));
-        self.paused_until_ms = self.paused_until_ms.max(until);
+        self.state.paused_until_ms = self.state.paused_until_ms.max(until);
         pause
     }
 
     /// A create was accepted: the refusals streak is over.
     pub fn on_accepted(&mut self) {
-        self.busy_streak = 0;
+        self.state.busy_streak = 0;
     }
 
     /// A task that held `units` ended cleanly.
     pub fn on_finished(&mut self, units: i64) {
         let max = self.cfg.max_units.max(1);
-        if self.working >= max {
+        if self.state.working >= max {
             return;
         }
-        self.finished_units += units.max(1);
+        self.state.finished_units += units.max(1);
         // Below a refused level, the room lies between the two: close half the gap per window
         // (a binary search, as on_busy does downwards). The refused level itself is probed
         // rarely; with no refused level known, one unit at a time.
-        let next = match self.refused_at {
-            Some(refused) if self.working + 1 < refused => {
-                (self.working + ((refused - self.working) / 2).max(1)).min(refused - 1)
+        let next = match self.state.refused_at {
+            Some(refused) if self.state.working + 1 < refused => {
+                (self.state.working + ((refused - self.state.working) / 2).max(1)).min(refused - 1)
             }
-            _ => self.working + 1,
+            _ => self.state.working + 1,
         }
         .min(max);
-        let window = match self.refused_at {
-            Some(refused) if next >= refused => self.working * PROBE_WINDOWS,
-            _ => self.working,
+        let window = match self.state.refused_at {
+            Some(refused) if next >= refused => self.state.working * PROBE_WINDOWS,
+            _ => self.state.working,
         };
-        if self.finished_units >= window {
-            self.finished_units = 0;
-            self.working = next;
-            if self.refused_at.is_some_and(|r| next >= r) {
+        if self.state.finished_units >= window {
+            self.state.finished_units = 0;
+            self.state.working = next;
+            if self.state.refused_at.is_some_and(|r| next >= r) {
                 // The probe is under way: if it is refused again, on_busy sets a new ceiling.
-                self.refused_at = None;
+                self.state.refused_at = None;
             }
         }
     }
@@ -349,5 +391,32 @@ mod tests {
         // Never above the limit it had.
         a.on_busy(0, 0, 4, 9, None, 0.0);
         assert_eq!(a.snapshot().working_limit, 5);
+    }
+
+    #[test]
+    fn adopting_a_state_holds_it_to_this_configuration() {
+        let mut learnt = adm(12);
+        learnt.on_busy(0, 0, 10, 2, None, 0.0);
+        let mut other = adm(8);
+        other.adopt(learnt.state());
+        assert_eq!(other.snapshot().working_limit, 8, "held to this maximum");
+        assert_eq!(
+            other.snapshot().paused_until_ms,
+            learnt.state().paused_until_ms
+        );
+        assert!(!other.is_regrowing());
+        let mut other = adm(16);
+        other.adopt(learnt.state());
+        assert_eq!(other.snapshot().working_limit, 10);
+        assert!(other.is_regrowing());
+        // What a row could hold after a bad edit never breaks the arithmetic.
+        other.adopt(AdmissionState {
+            working: -5,
+            busy_streak: -1,
+            finished_units: -3,
+            ..AdmissionState::fresh(16)
+        });
+        assert_eq!(other.snapshot().working_limit, 1);
+        assert_eq!(other.state().busy_streak, 0);
     }
 }

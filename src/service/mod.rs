@@ -3,6 +3,7 @@
 //! the same storage rules. `clients` holds authentication and client administration, `live` the
 //! waiting for changes (long-poll and SSE).
 
+mod admission;
 pub mod clients;
 pub mod dashboard;
 pub mod live;
@@ -122,7 +123,7 @@ pub struct DispatchStatus {
 pub struct Relay {
     pub store: Store,
     /// Upstream concurrency budget; see `domain::admission`.
-    pub admission: Mutex<Admission>,
+    admission: Mutex<Admission>,
     pub upstream: CometClient,
     /// Set while upstream refuses the setup (key, IP, account, route); see `domain::halt`.
     halt: Mutex<DispatchHalt>,
@@ -447,11 +448,6 @@ impl Relay {
         self.network_policy.check_url_host(&u)
     }
 
-    pub fn admission(&self) -> MutexGuard<'_, Admission> {
-        // The controller's state stays consistent even if a holder panicked.
-        self.admission.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// The byte-budget share of dispatching a stored task: its Base64 inputs are read back and
     /// written into the create call, which costs memory like a submit of them.
     pub async fn reserve_dispatch_bytes(
@@ -673,7 +669,7 @@ impl Relay {
     }
 
     pub async fn dispatch_status(&self) -> Result<DispatchStatus, ServiceError> {
-        let admission = self.admission().snapshot();
+        let admission = self.admission_snapshot().await?;
         Ok(DispatchStatus {
             admission,
             units_in_flight: self.store.units_in_flight().await?,
@@ -870,7 +866,7 @@ impl Relay {
                 metrics::counter!("klr_task_status_changes_total", "status" => change.status.as_str(), "source" => source.as_str()).increment(1);
                 if task.status.holds_upstream_units() && change.status.is_final() {
                     if matches!(change.status, TaskStatus::Succeeded | TaskStatus::Failed) {
-                        self.admission().on_finished(task.n);
+                        self.admission_finished(task.n).await;
                     }
                     // Units were freed: pending work may fit now.
                     self.dispatch_wake.notify_one();

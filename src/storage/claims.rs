@@ -13,10 +13,12 @@
 //! advisory lock while it sums the units in flight and picks what fits, so two replicas never
 //! both spend the same free units. Claimed tasks count as in flight from the commit on.
 
+use super::admission::{StateRow, READ_STATE};
 use super::{
     sql, DispatchCandidate, DueDelivery, PollCandidate, PollRow, Pool, Result, StorageError, Store,
     Task, TaskRow, TASK_COLUMNS,
 };
+use crate::domain::admission::AdmissionState;
 use crate::domain::fair_share::{ClientShare, Held, Shares};
 use crate::domain::Priority;
 
@@ -73,7 +75,8 @@ impl Store {
         }
     }
 
-    /// Claims due pending tasks for one create call each. `decide` gets what holds the account
+    /// Claims due pending tasks for one create call each. `decide` gets what admission has
+    /// learnt about the account (stored by any replica), what holds the account
     /// (every client's weight, cap and units held upstream, across all replicas, and the running
     /// tasks' `n` oldest first) and the due tasks,
     /// up to `limit` per client in priority then due order, and names the ones to send, in order; each is marked as possibly in flight (`dispatch_started_at`), so it counts
@@ -87,7 +90,7 @@ impl Store {
         decide: F,
     ) -> Result<Vec<Task>>
     where
-        F: FnOnce(Held, Vec<DispatchCandidate>) -> Vec<String>,
+        F: FnOnce(Option<AdmissionState>, Held, Vec<DispatchCandidate>) -> Vec<String>,
     {
         let _writer = self.writer().await;
         // No row locks on the select (window functions forbid them): the advisory lock already
@@ -140,12 +143,14 @@ impl Store {
                 running.push(n);
             }
             let held = Held { shares, running };
+            let learnt: Option<StateRow> =
+                sqlx::query_as(READ_STATE).fetch_optional(&mut *tx).await?;
             let mut candidates = Vec::with_capacity(due.len());
             for r in due {
                 candidates.push(r.into_candidate()?);
             }
             let mut claimed = Vec::new();
-            for id in decide(held, candidates) {
+            for id in decide(learnt.map(AdmissionState::from), held, candidates) {
                 let row: Option<TaskRow> = sqlx::query_as(&claim)
                     .bind(&id)
                     .bind(now_ms)

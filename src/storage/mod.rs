@@ -59,6 +59,7 @@ macro_rules! on_pool {
     };
 }
 
+mod admission;
 mod archive;
 mod bench;
 #[doc(hidden)]

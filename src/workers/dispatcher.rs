@@ -94,7 +94,7 @@ pub async fn step(relay: &Arc<Relay>) -> Result<usize, ServiceError> {
             now,
             CANDIDATES_PER_CLIENT,
             lease_until,
-            |held, candidates| {
+            |learnt, held, candidates| {
                 // Tasks in doubt already count in the units in flight, and finding out costs
                 // nothing upstream, so they do not wait for room.
                 let (in_doubt, waiting): (Vec<DispatchCandidate>, Vec<DispatchCandidate>) =
@@ -102,7 +102,7 @@ pub async fn step(relay: &Arc<Relay>) -> Result<usize, ServiceError> {
                 let mut work: Vec<String> = in_doubt.into_iter().map(|c| c.id).collect();
                 let waiting: Vec<Candidate> = waiting.into_iter().map(Candidate::from).collect();
                 if !waiting.is_empty() {
-                    work.extend(relay.admission().select(now, &held, &waiting));
+                    work.extend(relay.select_for_dispatch(now, learnt, &held, &waiting));
                 }
                 // Claim only what starts now, so no lease runs out while its task waits for a slot.
                 work.truncate(concurrency);
@@ -166,7 +166,7 @@ async fn dispatch_one(relay: &Relay, task: Task, now_claimed: i64) -> Result<(),
     match relay.upstream.create(&request).await {
         Ok(report) => {
             relay.resume_dispatch();
-            relay.admission().on_accepted();
+            relay.admission_accepted().await;
             relay
                 .apply_report(id, EventSource::Dispatch, &report)
                 .await?;
@@ -181,14 +181,9 @@ async fn dispatch_one(relay: &Relay, task: Task, now_claimed: i64) -> Result<(),
             let (next_attempt_at_ms, detail) = if busy {
                 // The account is full: pause all dispatch, and keep this task's place in line.
                 let others = relay.store.units_in_flight().await? - task.n;
-                let pause = relay.admission().on_busy(
-                    now,
-                    now_claimed,
-                    others.max(0),
-                    task.n,
-                    retry_after,
-                    jitter(),
-                );
+                let pause = relay
+                    .admission_busy(now_claimed, others.max(0), task.n, retry_after, jitter())
+                    .await;
                 tracing::warn!(task_id = %id, %reason, ?pause, "upstream concurrency full; dispatch paused");
                 (
                     now,
