@@ -137,6 +137,7 @@ pub struct TaskView {
     /// null until upstream says.
     #[schema(example = "2")]
     final_unit_deduction: Option<String>,
+    cost: CostView,
     #[schema(example = "1:1")]
     aspect_ratio: Option<String>,
     /// Order among the client's own waiting tasks.
@@ -156,9 +157,27 @@ pub struct TaskView {
     completed_at: Option<String>,
 }
 
+/// What a task cost, never guessed.
+#[derive(Serialize, ToSchema)]
+pub struct CostView {
+    /// Units upstream deducted (its `final_unit_deduction` as a number); 0 for a task that ended
+    /// without reaching upstream; null while unknown (not ended, or upstream did not say).
+    #[schema(example = 2.0)]
+    units: Option<f64>,
+    /// Which channel reported the deduction (`callback`, `poll`, `dispatch`), or `not_sent`;
+    /// null while unknown.
+    #[schema(example = "callback")]
+    source: Option<String>,
+}
+
 impl From<Task> for TaskView {
     fn from(t: Task) -> Self {
+        let cost = t.cost();
         TaskView {
+            cost: CostView {
+                units: cost.units_milli.map(crate::domain::usage::milli_to_units),
+                source: cost.source,
+            },
             created_at: rfc3339(t.created_at_ms),
             updated_at: rfc3339(t.updated_at_ms),
             completed_at: t.completed_at_ms.map(rfc3339),

@@ -14,6 +14,7 @@ pub mod image_header;
 pub mod notify;
 pub mod schedule;
 pub mod task;
+pub mod usage;
 pub mod validation;
 
 pub use task::*;

@@ -459,12 +459,56 @@ pub struct Task {
     pub request_id: Option<String>,
     /// Units upstream deducted for the task, once it said (`final_unit_deduction`).
     pub final_unit_deduction: Option<String>,
+    /// Which channel reported the deduction (`callback`, `poll`, `dispatch`).
+    pub cost_source: Option<String>,
+}
+
+/// What a task cost, never guessed: upstream's deduction as reported, 0 for a task that ended
+/// without reaching upstream, unknown (None) otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cost {
+    pub units_milli: Option<i64>,
+    /// `callback`, `poll` or `dispatch` (which reported it), or `not_sent`.
+    pub source: Option<String>,
 }
 
 impl Task {
-    /// The task as it is once `change` is committed at `now_ms`; what notifications carry.
-    pub fn after(&self, change: &Change, now_ms: i64) -> Task {
+    pub fn cost(&self) -> Cost {
+        if let Some(milli) = self
+            .final_unit_deduction
+            .as_deref()
+            .and_then(super::usage::parse_units_milli)
+        {
+            return Cost {
+                units_milli: Some(milli),
+                source: Some(self.cost_source.clone().unwrap_or_else(|| "upstream".into())),
+            };
+        }
+        let never_sent = self.status.is_final()
+            && self.upstream_task_id.is_none()
+            && self.upstream_status.is_none()
+            && self.upstream_updated_at_ms.is_none()
+            && matches!(self.status, TaskStatus::Canceled | TaskStatus::Failed);
+        if never_sent {
+            return Cost {
+                units_milli: Some(0),
+                source: Some("not_sent".into()),
+            };
+        }
+        Cost {
+            units_milli: None,
+            source: None,
+        }
+    }
+
+    /// The task as it is once `change`, reported by `source`, is committed at `now_ms`; what
+    /// notifications carry.
+    pub fn after(&self, change: &Change, source: EventSource, now_ms: i64) -> Task {
         let mut t = self.clone();
+        if change.final_unit_deduction.is_some() {
+            t.cost_source = Some(source.as_str().to_owned());
+        }
+
         t.status = change.status;
         if let Some(s) = change.upstream_status {
             t.upstream_status = Some(s.as_str().to_owned());

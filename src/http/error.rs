@@ -30,6 +30,13 @@ pub enum ApiError {
         detail: String,
         retry_after_secs: u64,
     },
+    /// A client's budget would be overrun: 429 with the budget's standing as extension members.
+    #[error("{detail}")]
+    BudgetExceeded {
+        detail: String,
+        extensions: serde_json::Value,
+        retry_after_secs: u64,
+    },
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -57,7 +64,9 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooManyRequests { .. } | ApiError::BudgetExceeded { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -117,6 +126,25 @@ impl From<ServiceError> for ApiError {
                 detail: e.to_string(),
                 retry_after_secs: secs,
             },
+            ServiceError::BudgetExceeded {
+                standing,
+                requested,
+            } => {
+                let now = crate::service::now_ms();
+                let wait_ms = (standing.resets_at_ms - now).max(1000);
+                ApiError::BudgetExceeded {
+                    detail: e.to_string(),
+                    extensions: json!({
+                        "period": standing.period.as_str(),
+                        "budget_units": standing.limit_units,
+                        "spent_units": crate::domain::usage::milli_to_units(standing.spent_milli),
+                        "reserved_units": standing.reserved_units,
+                        "requested_units": requested,
+                        "resets_at": crate::resource::rfc3339(standing.resets_at_ms),
+                    }),
+                    retry_after_secs: u64::try_from(wait_ms.div_euclid(1000)).unwrap_or(1),
+                }
+            }
             ServiceError::Unauthorized => ApiError::Unauthorized(e.to_string()),
             ServiceError::ImageUnavailable(detail) => ApiError::NotFound(detail),
             ServiceError::Archive(err) => {
@@ -131,8 +159,12 @@ impl From<ServiceError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        let kind = match &self {
+            ApiError::BudgetExceeded { .. } => "/problems/budget-exceeded",
+            _ => "about:blank",
+        };
         let mut body = json!({
-            "type": "about:blank",
+            "type": kind,
             "title": status.canonical_reason().unwrap_or("Error"),
             "status": status.as_u16(),
             "detail": self.to_string(),
@@ -142,6 +174,11 @@ impl IntoResponse for ApiError {
                 if !errors.is_empty() =>
             {
                 body["errors"] = json!(errors);
+            }
+            ApiError::BudgetExceeded { extensions, .. } => {
+                if let (Some(body), Some(ext)) = (body.as_object_mut(), extensions.as_object()) {
+                    body.extend(ext.clone());
+                }
             }
             _ => {}
         }
@@ -153,6 +190,9 @@ impl IntoResponse for ApiError {
         let retry_after = match &self {
             ApiError::Unavailable(_) => Some(1),
             ApiError::TooManyRequests {
+                retry_after_secs, ..
+            }
+            | ApiError::BudgetExceeded {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
             _ => None,

@@ -7,6 +7,7 @@ mod admission;
 pub mod clients;
 pub mod dashboard;
 pub mod live;
+pub mod usage;
 
 use crate::config::Settings;
 use crate::domain::admission::{Admission, AdmissionConfig, AdmissionSnapshot};
@@ -54,6 +55,15 @@ pub enum ServiceError {
     IdempotencyConflict,
     #[error("too many tasks are waiting for dispatch; retry later")]
     QueueFull,
+    #[error(
+        "this task's {requested} units would take the client over its {} budget of {} units",
+        standing.period.as_str(),
+        standing.limit_units
+    )]
+    BudgetExceeded {
+        standing: crate::domain::usage::BudgetStanding,
+        requested: i64,
+    },
     #[error("too many submits from this client; retry in {0} s")]
     RateLimited(u64),
     #[error("missing, unknown or revoked API key")]
@@ -543,11 +553,18 @@ impl Relay {
             total: self.settings.dispatch.max_pending,
             per_client: self.settings.limits.client_max_pending,
         };
+        let record_n = record.n;
         let inserted = self.store.insert_task(record, claim.as_ref(), caps).await?;
         drop(body_budget);
         match inserted {
             InsertOutcome::Inserted => {}
             InsertOutcome::QueueFull => return Err(ServiceError::QueueFull),
+            InsertOutcome::OverBudget(standing) => {
+                return Err(ServiceError::BudgetExceeded {
+                    standing,
+                    requested: record_n,
+                })
+            }
             InsertOutcome::Existing {
                 task_id,
                 same_request: true,
@@ -721,6 +738,7 @@ impl Relay {
         &self,
         task: &Task,
         change: &crate::domain::Change,
+        source: EventSource,
         now: i64,
     ) -> Result<Option<OutboxEntry>, ServiceError> {
         let Some(client) = &task.client else {
@@ -737,7 +755,7 @@ impl Relay {
             id: format!("msg_{}", uuid::Uuid::now_v7().simple()),
             client: client.clone(),
             url,
-            payload: crate::resource::task_json(task.after(change, now)),
+            payload: crate::resource::task_json(task.after(change, source, now)),
         }))
     }
 
@@ -841,7 +859,7 @@ impl Relay {
             }
             let now = now_ms();
             let poll_due = self.poll_due_after_change(change.status, now);
-            let outbox = self.notification_for(&task, &change, now).await?;
+            let outbox = self.notification_for(&task, &change, source, now).await?;
             if self
                 .store
                 .commit_change(&Commit {

@@ -72,9 +72,11 @@ mod feed;
 mod overview;
 mod polling;
 mod sessions;
+mod usage;
 
 pub use archive::{ArchiveSetback, StoredImage};
 pub use clients::ClientError;
+pub use usage::{ClientBudgets, DurationRow, UsageRow};
 pub use deliveries::{
     AttemptRecord, Delivery, DeliveryAttempt, DueDelivery, NextStep, OutboxEntry,
 };
@@ -112,7 +114,7 @@ fn take_lock(
 const TASK_COLUMNS: &str = "id, external_task_id, upstream_task_id, status, upstream_status, \
     model_name, prompt, n, aspect_ratio, metadata, images, error_code, error_message, created_at, \
     updated_at, completed_at, upstream_updated_at, version, dispatch_attempts, dispatch_started_at, \
-    poll_count, client, notify_url, request_id, final_unit_deduction, priority";
+    poll_count, client, notify_url, request_id, final_unit_deduction, priority, cost_source";
 
 #[derive(sqlx::FromRow)]
 struct TaskRow {
@@ -142,6 +144,7 @@ struct TaskRow {
     request_id: Option<String>,
     final_unit_deduction: Option<String>,
     priority: String,
+    cost_source: Option<String>,
 }
 
 impl TryFrom<TaskRow> for Task {
@@ -194,6 +197,7 @@ impl TryFrom<TaskRow> for Task {
             notify_url: r.notify_url,
             request_id: r.request_id,
             final_unit_deduction: r.final_unit_deduction,
+            cost_source: r.cost_source,
         })
     }
 }
@@ -337,6 +341,8 @@ pub enum InsertOutcome {
     },
     /// `max_pending` tasks already wait for dispatch.
     QueueFull,
+    /// The task's `n` would take its client over this budget (spent + reserved + n).
+    OverBudget(crate::domain::usage::BudgetStanding),
 }
 
 /// A status change to commit.
@@ -616,6 +622,36 @@ impl Store {
                     });
                 }
             }
+            if let Some(client) = &t.client {
+                // Under the same lock as the insert (Postgres) or the single writer (SQLite):
+                // two submits never both spend the last of a budget.
+                let budgets: Option<usage::ClientBudgets> =
+                    sqlx::query_as(usage::CLIENT_BUDGETS).bind(client).fetch_optional(&mut *tx).await?;
+                let limits = budgets.map(|b| b.limits()).unwrap_or_default();
+                if !limits.is_empty() {
+                    let reserved: i64 =
+                        sqlx::query_scalar(usage::UNITS_RESERVED).bind(client).fetch_one(&mut *tx).await?;
+                    for (period, limit_units) in limits {
+                        let (start, resets_at_ms) = period.bounds(t.created_at_ms);
+                        let spent_milli: i64 = sqlx::query_scalar(usage::UNITS_SPENT)
+                            .bind(client)
+                            .bind(start)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                        let standing = crate::domain::usage::BudgetStanding {
+                            period,
+                            limit_units,
+                            spent_milli,
+                            reserved_units: reserved,
+                            resets_at_ms,
+                        };
+                        if !standing.admits(t.n) {
+                            tx.rollback().await?;
+                            return Ok(InsertOutcome::OverBudget(standing));
+                        }
+                    }
+                }
+            }
             let inserted = sqlx::query(TASK)
                 .bind(&t.id)
                 .bind(&t.external_task_id)
@@ -855,8 +891,12 @@ impl Store {
             poll_due_at = $11, poll_count = 0, version = version + 1, \
             final_unit_deduction = COALESCE($13, final_unit_deduction), \
             submitted_at = COALESCE(submitted_at, $14), \
-            upstream_started_at = COALESCE(upstream_started_at, $15) \
-            WHERE id = $1 AND version = $12";
+            upstream_started_at = COALESCE(upstream_started_at, $15), \
+            cost_source = CASE WHEN $13 IS NULL THEN cost_source ELSE $16 END \
+            WHERE id = $1 AND version = $12 \
+            RETURNING COALESCE(client, ''), model_name, \
+            CASE WHEN upstream_task_id IS NULL THEN NULL ELSE submitted_at END, \
+            final_unit_deduction";
         let images = change.images.as_ref().map(json_text).transpose()?;
         let is_postgres = matches!(self.pool, Pool::Postgres(_));
         let payload = self.change_payload(id);
@@ -868,7 +908,7 @@ impl Store {
         };
         on_pool!(self, p => {
             let mut tx = p.begin().await?;
-            let done = sqlx::query(SQL)
+            let done: Option<(String, String, Option<i64>, Option<String>)> = sqlx::query_as(SQL)
                 .bind(id)
                 .bind(change.status.as_str())
                 .bind(upstream_status)
@@ -884,11 +924,43 @@ impl Store {
                 .bind(&change.final_unit_deduction)
                 .bind(leaves_pending.then_some(now_ms))
                 .bind(if leaves_pending { change.upstream_updated_at_ms } else { None })
-                .execute(&mut *tx)
+                .bind(source.as_str())
+                .fetch_optional(&mut *tx)
                 .await?;
-            if done.rows_affected() == 0 {
+            let Some((client, model, submitted_at, deduction)) = done else {
                 tx.rollback().await?;
                 return Ok(false);
+            };
+            if change.status.is_final() {
+                // A task is counted once: the status machine never moves a final task, and this
+                // commit won the compare-and-set on a version that was not final.
+                let usage = usage::Finished::new(
+                    id,
+                    client,
+                    model,
+                    change.status,
+                    now_ms,
+                    submitted_at,
+                    deduction.as_deref(),
+                );
+                sqlx::query(usage::ADD_HOURLY)
+                    .bind(&usage.client)
+                    .bind(usage.hour_start)
+                    .bind(&usage.model)
+                    .bind(usage.status)
+                    .bind(usage.shard)
+                    .bind(usage.units_milli)
+                    .execute(&mut *tx)
+                    .await?;
+                if let Some(bin) = usage.duration_bin {
+                    sqlx::query(usage::ADD_DURATION)
+                        .bind(&usage.client)
+                        .bind(usage.hour_start)
+                        .bind(bin)
+                        .bind(usage.shard)
+                        .execute(&mut *tx)
+                        .await?;
+                }
             }
             sqlx::query(INSERT_EVENT_WITH_PAYLOAD)
                 .bind(id)

@@ -1,0 +1,213 @@
+//! Usage aggregates (`usage_hourly`, `usage_durations`), written in the transaction that ends a
+//! task, and the reads behind usage answers and budgets.
+
+use super::{Pool, Result, Store};
+use crate::domain::usage::{self, duration_bin, parse_units_milli, HOUR_MS};
+use crate::domain::TaskStatus;
+use sha2::{Digest, Sha256};
+
+/// Rows per aggregate group: concurrent ends of one client's tasks spread over this many.
+const SHARDS: i64 = 8;
+
+pub(super) const ADD_HOURLY: &str = "INSERT INTO usage_hourly \
+    (client, hour_start, model, status, shard, tasks, units_milli) \
+    VALUES ($1, $2, $3, $4, $5, 1, $6) \
+    ON CONFLICT (client, hour_start, model, status, shard) DO UPDATE SET \
+    tasks = usage_hourly.tasks + 1, units_milli = usage_hourly.units_milli + excluded.units_milli";
+
+pub(super) const ADD_DURATION: &str = "INSERT INTO usage_durations \
+    (client, hour_start, bin, shard, tasks) VALUES ($1, $2, $3, $4, 1) \
+    ON CONFLICT (client, hour_start, bin, shard) DO UPDATE SET \
+    tasks = usage_durations.tasks + 1";
+
+/// A task's end, as the aggregates count it.
+pub(super) struct Finished {
+    pub client: String,
+    pub model: String,
+    pub status: &'static str,
+    pub hour_start: i64,
+    pub shard: i64,
+    /// Upstream's deduction; 0 when it did not say (the cost is never guessed).
+    pub units_milli: i64,
+    /// Upstream time, when the task reached upstream.
+    pub duration_bin: Option<i64>,
+}
+
+impl Finished {
+    pub fn new(
+        id: &str,
+        client: String,
+        model: String,
+        status: TaskStatus,
+        now_ms: i64,
+        submitted_at: Option<i64>,
+        deduction: Option<&str>,
+    ) -> Finished {
+        let shard = i64::from(Sha256::digest(id.as_bytes())[0]) % SHARDS;
+        Finished {
+            client,
+            model,
+            status: status.as_str(),
+            hour_start: now_ms.div_euclid(HOUR_MS) * HOUR_MS,
+            shard,
+            units_milli: deduction.and_then(parse_units_milli).unwrap_or(0),
+            duration_bin: submitted_at.map(|s| duration_bin(now_ms - s)),
+        }
+    }
+}
+
+/// One hour of one client's usage: tasks and units by model and final status.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UsageRow {
+    pub client: String,
+    pub hour_start: i64,
+    pub model: String,
+    pub status: String,
+    pub tasks: i64,
+    pub units_milli: i64,
+}
+
+/// One hour of one client's durations histogram.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DurationRow {
+    pub hour_start: i64,
+    pub bin: i64,
+    pub tasks: i64,
+}
+
+/// A client's budgets, as set with `clients set`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct ClientBudgets {
+    pub units_per_day: Option<i64>,
+    pub units_per_month: Option<i64>,
+}
+
+impl ClientBudgets {
+    /// The budgets set, day first.
+    pub fn limits(&self) -> Vec<(usage::Period, i64)> {
+        [
+            (usage::Period::Day, self.units_per_day),
+            (usage::Period::Month, self.units_per_month),
+        ]
+        .into_iter()
+        .filter_map(|(p, l)| l.map(|l| (p, l)))
+        .collect()
+    }
+}
+
+pub(super) const CLIENT_BUDGETS: &str =
+    "SELECT units_per_day, units_per_month FROM clients WHERE name = $1";
+
+impl Store {
+    /// Usage rows in `[from_ms, to_ms)` (hour starts): one client's, or everyone's.
+    pub async fn usage_rows(
+        &self,
+        client: Option<&str>,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<UsageRow>> {
+        const ONE: &str = "SELECT client, hour_start, model, status, \
+            CAST(SUM(tasks) AS BIGINT) AS tasks, CAST(SUM(units_milli) AS BIGINT) AS units_milli \
+            FROM usage_hourly WHERE client = $1 AND hour_start >= $2 AND hour_start < $3 \
+            GROUP BY client, hour_start, model, status ORDER BY hour_start";
+        const ALL: &str = "SELECT client, hour_start, model, status, \
+            CAST(SUM(tasks) AS BIGINT) AS tasks, CAST(SUM(units_milli) AS BIGINT) AS units_milli \
+            FROM usage_hourly WHERE hour_start >= $2 AND hour_start < $3 \
+            AND ($1 = '' OR client = $1) \
+            GROUP BY client, hour_start, model, status ORDER BY hour_start";
+        let sql = if client.is_some() { ONE } else { ALL };
+        Ok(on_pool!(self, p => {
+            sqlx::query_as(sql)
+                .bind(client.unwrap_or(""))
+                .bind(from_ms)
+                .bind(to_ms)
+                .fetch_all(p)
+                .await?
+        }))
+    }
+
+    /// Duration histograms in `[from_ms, to_ms)`, by hour: one client's, or everyone's.
+    pub async fn usage_durations(
+        &self,
+        client: Option<&str>,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<DurationRow>> {
+        const ONE: &str = "SELECT hour_start, bin, CAST(SUM(tasks) AS BIGINT) AS tasks \
+            FROM usage_durations WHERE client = $1 AND hour_start >= $2 AND hour_start < $3 \
+            GROUP BY hour_start, bin";
+        const ALL: &str = "SELECT hour_start, bin, CAST(SUM(tasks) AS BIGINT) AS tasks \
+            FROM usage_durations WHERE hour_start >= $2 AND hour_start < $3 \
+            AND ($1 = '' OR client = $1) GROUP BY hour_start, bin";
+        let sql = if client.is_some() { ONE } else { ALL };
+        Ok(on_pool!(self, p => {
+            sqlx::query_as(sql)
+                .bind(client.unwrap_or(""))
+                .bind(from_ms)
+                .bind(to_ms)
+                .fetch_all(p)
+                .await?
+        }))
+    }
+
+    /// A client's budgets; None for no such client.
+    pub async fn client_budgets(&self, client: &str) -> Result<Option<ClientBudgets>> {
+        Ok(on_pool!(self, p => {
+            sqlx::query_as(CLIENT_BUDGETS).bind(client).fetch_optional(p).await?
+        }))
+    }
+
+    /// Units a client's unfinished tasks hold or will hold (`n` of pending and in-flight tasks).
+    pub async fn units_reserved(&self, client: &str) -> Result<i64> {
+        Ok(on_pool!(self, p => {
+            sqlx::query_scalar(UNITS_RESERVED).bind(client).fetch_one(p).await?
+        }))
+    }
+
+    /// Units reserved now, per client with any.
+    pub async fn units_reserved_by_client(&self) -> Result<Vec<(String, i64)>> {
+        const SQL: &str = "SELECT COALESCE(client, ''), CAST(SUM(n) AS BIGINT) FROM tasks \
+            WHERE status IN ('pending', 'submitted', 'processing') GROUP BY client";
+        Ok(on_pool!(self, p => { sqlx::query_as(SQL).fetch_all(p).await? }))
+    }
+
+    /// Thousandths of a unit deducted from `client`'s tasks that ended since `since_ms`.
+    pub async fn units_spent_since(&self, client: &str, since_ms: i64) -> Result<i64> {
+        Ok(on_pool!(self, p => {
+            sqlx::query_scalar(UNITS_SPENT).bind(client).bind(since_ms).fetch_one(p).await?
+        }))
+    }
+
+    /// Records that `client` was told about `threshold` % of its `period` budget starting at
+    /// `period_start`. False if it already was (by this or any replica).
+    pub async fn mark_budget_alert(
+        &self,
+        client: &str,
+        period: usage::Period,
+        period_start: i64,
+        threshold: i64,
+        now_ms: i64,
+    ) -> Result<bool> {
+        let _writer = self.writer().await;
+        const SQL: &str = "INSERT INTO budget_alerts (client, period, period_start, threshold, \
+            sent_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING";
+        let done = on_pool!(self, p => {
+            sqlx::query(SQL)
+                .bind(client)
+                .bind(period.as_str())
+                .bind(period_start)
+                .bind(threshold)
+                .bind(now_ms)
+                .execute(p)
+                .await?
+                .rows_affected()
+        });
+        Ok(done > 0)
+    }
+}
+
+pub(super) const UNITS_RESERVED: &str = "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM tasks \
+    WHERE client = $1 AND status IN ('pending', 'submitted', 'processing')";
+
+pub(super) const UNITS_SPENT: &str = "SELECT CAST(COALESCE(SUM(units_milli), 0) AS BIGINT) \
+    FROM usage_hourly WHERE client = $1 AND hour_start >= $2";
