@@ -4,6 +4,7 @@
 pub mod app;
 pub mod archive;
 pub mod cli_client;
+pub mod cli_usage;
 pub mod config;
 pub mod doctor;
 pub mod domain;

@@ -73,6 +73,13 @@ enum Command {
         #[command(subcommand)]
         command: ArchiveCommand,
     },
+    /// What every client spent: tasks by final status and units deducted, from the database.
+    Usage {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        args: kling_relay::cli_usage::UsageArgs,
+    },
     /// Manage the internal clients that call the API.
     Clients {
         #[arg(long, global = true)]
@@ -133,6 +140,19 @@ enum ClientsCommand {
         /// Remove the cap.
         #[arg(long)]
         no_max_units: bool,
+        /// Budget: units the client's tasks may spend per UTC day (spent + reserved); a submit
+        /// over it is refused with 429.
+        #[arg(long, conflicts_with = "no_units_per_day")]
+        units_per_day: Option<i64>,
+        /// Remove the daily budget.
+        #[arg(long)]
+        no_units_per_day: bool,
+        /// Budget: units per UTC month.
+        #[arg(long, conflicts_with = "no_units_per_month")]
+        units_per_month: Option<i64>,
+        /// Remove the monthly budget.
+        #[arg(long)]
+        no_units_per_month: bool,
     },
     /// Set (or with --clear, remove) the client's default notify URL.
     SetNotifyUrl {
@@ -381,6 +401,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             anyhow::ensure!(report.ok, "doctor: some checks failed");
             Ok(())
         }
+        Command::Usage { config, args } => {
+            let settings = Settings::load(config.as_deref())?;
+            telemetry::init(settings.log.format, "warn");
+            let store = app::open_store(&settings).await?;
+            let result = kling_relay::cli_usage::run(&store, args).await;
+            store.close().await;
+            result
+        }
         Command::Clients { config, command } => {
             let settings = Settings::load(config.as_deref())?;
             telemetry::init(settings.log.format, "warn");
@@ -469,23 +497,28 @@ async fn run_clients(
                             "revoked_at": c.revoked_at_ms.map(rfc3339),
                             "weight": c.weight,
                             "max_units": c.max_units,
+                            "units_per_day": c.units_per_day,
+                            "units_per_month": c.units_per_month,
                         })
                     })
                     .collect();
                 println!("{}", serde_json::to_string(&list)?);
             } else {
                 println!(
-                    "{:<24} {:<12} {:<8} {:>6} {:>9} notify url",
-                    "name", "key", "state", "weight", "max units"
+                    "{:<24} {:<12} {:<8} {:>6} {:>9} {:>9} {:>11} notify url",
+                    "name", "key", "state", "weight", "max units", "units/day", "units/month"
                 );
+                let dash = |v: Option<i64>| v.map_or("-".to_string(), |m| m.to_string());
                 for c in clients {
                     println!(
-                        "{:<24} {:<12} {:<8} {:>6} {:>9} {}",
+                        "{:<24} {:<12} {:<8} {:>6} {:>9} {:>9} {:>11} {}",
                         c.name,
                         format!("{}…", c.api_key_prefix),
                         if c.is_revoked() { "revoked" } else { "active" },
                         c.weight,
-                        c.max_units.map_or("-".to_string(), |m| m.to_string()),
+                        dash(c.max_units),
+                        dash(c.units_per_day),
+                        dash(c.units_per_month),
                         c.notify_url.unwrap_or_default()
                     );
                 }
@@ -518,24 +551,43 @@ async fn run_clients(
             weight,
             max_units,
             no_max_units,
+            units_per_day,
+            no_units_per_day,
+            units_per_month,
+            no_units_per_month,
         } => {
-            let cap = if no_max_units {
-                Some(None)
-            } else {
-                max_units.map(Some)
+            let setting = |value: Option<i64>, remove: bool| {
+                if remove {
+                    Some(None)
+                } else {
+                    value.map(Some)
+                }
             };
-            if weight.is_none() && cap.is_none() {
-                anyhow::bail!("give --weight, --max-units or --no-max-units");
+            let cap = setting(max_units, no_max_units);
+            let per_day = setting(units_per_day, no_units_per_day);
+            let per_month = setting(units_per_month, no_units_per_month);
+            if weight.is_none() && cap.is_none() && per_day.is_none() && per_month.is_none() {
+                anyhow::bail!(
+                    "give --weight, --max-units, --units-per-day or --units-per-month (or a --no-… to remove one)"
+                );
             }
-            admin::set_share(store, &name, weight, cap).await?;
+            if weight.is_some() || cap.is_some() {
+                admin::set_share(store, &name, weight, cap).await?;
+            }
+            if per_day.is_some() || per_month.is_some() {
+                admin::set_budgets(store, &name, per_day, per_month).await?;
+            }
             let c = store
                 .get_client(&name)
                 .await?
                 .with_context(|| format!("no client named `{name}`"))?;
+            let or_none = |v: Option<i64>| v.map_or("none".to_string(), |m| m.to_string());
             println!(
-                "client `{name}`: weight {}, max units {}",
+                "client `{name}`: weight {}, max units {}, units per day {}, units per month {}",
                 c.weight,
-                c.max_units.map_or("none".to_string(), |m| m.to_string())
+                or_none(c.max_units),
+                or_none(c.units_per_day),
+                or_none(c.units_per_month),
             );
         }
         ClientsCommand::SetNotifyUrl { name, url, clear } => {

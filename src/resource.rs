@@ -164,9 +164,9 @@ pub struct CostView {
     /// without reaching upstream; null while unknown (not ended, or upstream did not say).
     #[schema(example = 2.0)]
     units: Option<f64>,
-    /// Which channel reported the deduction (`callback`, `poll`, `dispatch`), or `not_sent`;
-    /// null while unknown.
-    #[schema(example = "callback")]
+    /// Which channel reported the deduction (`webhook`: upstream's callback, `poll`,
+    /// `dispatch`: a lookup while recovering), or `not_sent`; null while unknown.
+    #[schema(example = "webhook")]
     source: Option<String>,
 }
 

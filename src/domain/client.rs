@@ -18,6 +18,9 @@ pub struct Client {
     pub weight: i64,
     /// Most units its tasks may hold upstream at once; None: no cap beyond the account's.
     pub max_units: Option<i64>,
+    /// Budgets in units per UTC day and month (None: no budget).
+    pub units_per_day: Option<i64>,
+    pub units_per_month: Option<i64>,
 }
 
 /// Largest client weight: a thousand to one is already "this one only".
@@ -218,6 +221,8 @@ mod tests {
             revoked_at_ms: None,
             weight: 1,
             max_units: None,
+            units_per_day: None,
+            units_per_month: None,
         };
         assert_eq!(c.signing_secrets(99), vec!["new", "old"]);
         assert_eq!(c.signing_secrets(100), vec!["new"]);

@@ -459,16 +459,17 @@ pub struct Task {
     pub request_id: Option<String>,
     /// Units upstream deducted for the task, once it said (`final_unit_deduction`).
     pub final_unit_deduction: Option<String>,
-    /// Which channel reported the deduction (`callback`, `poll`, `dispatch`).
+    /// Which channel reported the deduction (`webhook`, `poll`, `dispatch`: the event sources).
     pub cost_source: Option<String>,
 }
 
-/// What a task cost, never guessed: upstream's deduction as reported, 0 for a task that ended
-/// without reaching upstream, unknown (None) otherwise.
+/// What a task cost, never guessed: upstream's deduction as reported (0 for a create upstream
+/// refused, recorded by the dispatcher), 0 for a task canceled before it was sent, unknown
+/// (None) otherwise.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cost {
     pub units_milli: Option<i64>,
-    /// `callback`, `poll` or `dispatch` (which reported it), or `not_sent`.
+    /// `webhook`, `poll` or `dispatch` (which reported it), or `not_sent`.
     pub source: Option<String>,
 }
 
@@ -481,15 +482,15 @@ impl Task {
         {
             return Cost {
                 units_milli: Some(milli),
-                source: Some(self.cost_source.clone().unwrap_or_else(|| "upstream".into())),
+                source: Some(
+                    self.cost_source
+                        .clone()
+                        .unwrap_or_else(|| "upstream".into()),
+                ),
             };
         }
-        let never_sent = self.status.is_final()
-            && self.upstream_task_id.is_none()
-            && self.upstream_status.is_none()
-            && self.upstream_updated_at_ms.is_none()
-            && matches!(self.status, TaskStatus::Canceled | TaskStatus::Failed);
-        if never_sent {
+        if self.status == TaskStatus::Canceled {
+            // Canceled only while pending and never sent (see `cancel`).
             return Cost {
                 units_milli: Some(0),
                 source: Some("not_sent".into()),

@@ -21,7 +21,11 @@ pub fn parse_units_milli(text: &str) -> Option<i64> {
     if !whole.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let whole: i64 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    let whole: i64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
     let mut milli = 0i64;
     for (i, d) in frac.bytes().take(3).enumerate() {
         milli += i64::from(d - b'0') * 10i64.pow(2 - i as u32);
@@ -238,7 +242,10 @@ mod tests {
             29 * DAY_MS,
             "2028-02"
         );
-        assert_eq!(Period::Month.bounds(t), (1_767_225_600_000, 1_769_904_000_000));
+        assert_eq!(
+            Period::Month.bounds(t),
+            (1_767_225_600_000, 1_769_904_000_000)
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod openapi;
 pub mod server;
 mod tasks;
 mod ui;
+mod usage;
 mod webhooks;
 
 use crate::service::Relay;
@@ -40,6 +41,7 @@ pub fn router(relay: Arc<Relay>) -> Router {
             post(tasks::retry_delivery),
         )
         .route("/v1/status", get(tasks::status))
+        .route("/v1/usage", get(usage::usage))
         .route_layer(middleware::from_fn_with_state(relay.clone(), authenticate));
     let request_timeout = relay.settings.server.request_timeout;
     // /metrics is served here unless it has a listener of its own.
@@ -196,6 +198,15 @@ pub async fn render_metrics(State(relay): State<AppState>) -> Response {
             metrics::gauge!("klr_client_units_in_use", "client" => client.clone())
                 .set(u.units_in_use as f64);
             metrics::gauge!("klr_client_tasks_waiting", "client" => client).set(u.waiting as f64);
+        }
+    }
+    if let Ok(g) = relay.usage_gauges().await {
+        for (client, units) in g.reserved {
+            metrics::gauge!("klr_units_reserved", "client" => client).set(units as f64);
+        }
+        for (client, period, left) in g.budget_remaining {
+            metrics::gauge!("klr_budget_remaining_units", "client" => client, "period" => period)
+                .set(left);
         }
     }
     if let Ok(n) = relay.store.pending_deliveries().await {

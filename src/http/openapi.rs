@@ -2,7 +2,7 @@
 //! it cannot drift from the code, and `/docs`, a reference page rendered from it on the server
 //! (no script, no internet).
 
-use super::{images, live, tasks, webhooks};
+use super::{images, live, tasks, usage, webhooks};
 use crate::resource::{
     ArchiveStateSchema, ArchiveView, AttemptView, CallbackOutcome, ClientUsageView, DeliveryList,
     DeliveryView, DispatchView, ErrorView, EventList, EventView, FieldErrorView, HaltView,
@@ -27,7 +27,7 @@ use utoipa::{Modify, OpenApi};
     ),
     paths(
         tasks::submit, tasks::list, tasks::get, tasks::events, tasks::cancel, live::stream,
-        tasks::deliveries, tasks::retry_delivery, tasks::status, webhooks::cometapi, webhooks::cometapi_path_token, webhooks::doctor_echo,
+        tasks::deliveries, tasks::retry_delivery, tasks::status, usage::usage, webhooks::cometapi, webhooks::cometapi_path_token, webhooks::doctor_echo,
         images::image,
         healthz, readyz, metrics, openapi_json, docs,
     ),
@@ -35,13 +35,14 @@ use utoipa::{Modify, OpenApi};
         TaskRequest, SubjectImage, TaskView, ImageView, ArchiveView, ArchiveStateSchema,
         ErrorView, StatusSchema, crate::domain::Priority, TaskPage,
         EventView, EventList, DeliveryView, AttemptView, DeliveryList, DispatchView, HaltView, StatusView, ClientUsageView, webhooks::DoctorEcho,
-        CallbackOutcome, Problem, FieldErrorView, StatusEvent,
+        CallbackOutcome, Problem, FieldErrorView, StatusEvent, usage::UsageView, usage::UsageBucketView,
     )),
     modifiers(&Security, &CommonProblems),
     tags(
         (name = "tasks", description = "Submit and follow image tasks"),
         (name = "notifications", description = "Signed status notifications to your notify URL"),
         (name = "webhooks", description = "CometAPI's callbacks to this service"),
+        (name = "usage", description = "What your tasks cost"),
         (name = "operations", description = "Health, readiness, metrics and this description"),
     ),
 )]

@@ -337,7 +337,7 @@ pub(super) fn decode_cursor(s: &str) -> Option<(i64, String)> {
     Some((at.parse().ok()?, id.to_string()))
 }
 
-fn parse_time(field: &str, value: &str) -> Result<i64, crate::domain::FieldError> {
+pub(super) fn parse_time(field: &str, value: &str) -> Result<i64, crate::domain::FieldError> {
     OffsetDateTime::parse(value, &Rfc3339)
         .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
         .map_err(|_| {

@@ -185,6 +185,8 @@ pub async fn create_client(
         revoked_at_ms: None,
         weight: 1,
         max_units: None,
+        units_per_day: None,
+        units_per_month: None,
     };
     store
         .create_client(&client, &hash_api_key(&api_key))
@@ -242,6 +244,23 @@ pub async fn set_share(
     Ok(())
 }
 
+/// Sets a client's budgets (units per UTC day and month; Some(None) removes one).
+pub async fn set_budgets(
+    store: &Store,
+    name: &str,
+    per_day: Option<Option<i64>>,
+    per_month: Option<Option<i64>>,
+) -> Result<(), AdminError> {
+    if per_day.flatten().is_some_and(|u| u < 0) || per_month.flatten().is_some_and(|u| u < 0) {
+        return Err(AdminError::Invalid(
+            "a budget is 0 units or more (remove one with --no-units-per-day or --no-units-per-month)"
+                .into(),
+        ));
+    }
+    store.set_client_budgets(name, per_day, per_month).await?;
+    Ok(())
+}
+
 /// The demo client of `serve --simulate`: created on first use, its key kept so every start can
 /// print it. Returns (name, API key, signing secret).
 pub async fn ensure_demo_client(store: &Store) -> Result<(String, String, String), AdminError> {
@@ -265,6 +284,8 @@ pub async fn ensure_demo_client(store: &Store) -> Result<(String, String, String
                 revoked_at_ms: None,
                 weight: 1,
                 max_units: None,
+                units_per_day: None,
+                units_per_month: None,
             };
             store.create_client(&client, &hash_api_key(&key)).await?;
             Ok((DEMO_CLIENT.to_owned(), key, client.signing_secret))

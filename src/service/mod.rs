@@ -759,7 +759,7 @@ impl Relay {
         }))
     }
 
-    async fn client_default_url(
+    pub(super) async fn client_default_url(
         &self,
         client: &str,
         now: i64,
@@ -839,6 +839,23 @@ impl Relay {
         .await
     }
 
+    /// Ends a task upstream never took (its create was refused, or it could not be sent):
+    /// failed, and recorded as costing nothing, since no upstream task was created to charge.
+    pub async fn refuse(&self, id: &str, error: TaskError) -> Result<ApplyOutcome, ServiceError> {
+        self.decide_and_commit(id, EventSource::Dispatch, None, |task| {
+            Ok(
+                match finish_with_error(&task.state(), TaskStatus::Failed, error.clone()) {
+                    Transition::Apply(mut change) => {
+                        change.final_unit_deduction = Some("0".into());
+                        Transition::Apply(change)
+                    }
+                    ignore => ignore,
+                },
+            )
+        })
+        .await
+    }
+
     async fn decide_and_commit(
         &self,
         id: &str,
@@ -882,6 +899,9 @@ impl Relay {
                 }
                 tracing::info!(task_id = %id, source = source.as_str(), status = %change.status, "task status changed");
                 metrics::counter!("klr_task_status_changes_total", "status" => change.status.as_str(), "source" => source.as_str()).increment(1);
+                if change.status.is_final() {
+                    self.on_task_ended(&task, &change).await;
+                }
                 if task.status.holds_upstream_units() && change.status.is_final() {
                     if matches!(change.status, TaskStatus::Succeeded | TaskStatus::Failed) {
                         self.admission_finished(task.n).await;

@@ -2,11 +2,15 @@
 //! task's end (`storage::usage`); budgets and their notifications.
 
 use super::{now_ms, Relay, ServiceError};
-use crate::domain::usage::{
-    quantile_seconds, BudgetStanding, Granularity, HOUR_MS,
-};
 use crate::domain::client::Caller;
+use crate::domain::usage::{
+    milli_to_units, parse_units_milli, quantile_seconds, thresholds_reached, BudgetStanding,
+    Granularity, HOUR_MS,
+};
+use crate::domain::{Change, Task};
 use crate::domain::{FieldError, TaskStatus};
+use crate::storage::Store;
+use crate::storage::{BudgetAlert, OutboxEntry};
 use std::collections::BTreeMap;
 
 /// At most this many buckets in one answer (a year of days, a month of hours and then some).
@@ -91,6 +95,14 @@ pub struct UsageReport {
     pub buckets: Vec<UsageBucket>,
 }
 
+/// Usage figures the metrics endpoint reports.
+#[derive(Debug, Clone, Default)]
+pub struct UsageGauges {
+    pub reserved: Vec<(String, i64)>,
+    /// (client, period, units left)
+    pub budget_remaining: Vec<(String, &'static str, f64)>,
+}
+
 /// A row of the operator's usage table.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct UsageLine {
@@ -126,7 +138,10 @@ impl Relay {
     pub async fn usage(&self, caller: &Caller, q: UsageQuery) -> Result<UsageReport, ServiceError> {
         let client = caller.scope();
         let rows = self.store.usage_rows(client, q.from_ms, q.to_ms).await?;
-        let durations = self.store.usage_durations(client, q.from_ms, q.to_ms).await?;
+        let durations = self
+            .store
+            .usage_durations(client, q.from_ms, q.to_ms)
+            .await?;
         let units_reserved = match client {
             Some(c) => self.store.units_reserved(c).await?,
             None => self
@@ -142,7 +157,7 @@ impl Relay {
             .into_iter()
             .map(|start| UsageBucket {
                 start_ms: start,
-                end_ms: q.granularity.next(start).min(i64::MAX),
+                end_ms: q.granularity.next(start),
                 tasks: final_statuses(),
                 units_deducted_milli: 0,
                 duration_p50_s: None,
@@ -177,40 +192,104 @@ impl Relay {
         })
     }
 
-    /// Usage across clients in `[from_ms, to_ms)`, grouped for the operator.
-    pub async fn usage_table(
-        &self,
-        from_ms: i64,
-        to_ms: i64,
-        by: UsageGrouping,
-    ) -> Result<Vec<UsageLine>, ServiceError> {
-        let from = from_ms.div_euclid(HOUR_MS) * HOUR_MS;
-        let rows = self.store.usage_rows(None, from, to_ms).await?;
-        let mut lines: BTreeMap<String, (BTreeMap<&'static str, i64>, i64)> = BTreeMap::new();
-        for r in rows {
-            let key = match by {
-                UsageGrouping::Client => r.client.clone(),
-                UsageGrouping::Model => r.model.clone(),
-                UsageGrouping::Day => {
-                    crate::resource::rfc3339(Granularity::Day.floor(r.hour_start))[..10].to_owned()
-                }
-            };
-            let line = lines.entry(key).or_insert_with(|| (final_statuses(), 0));
-            count_status(&mut line.0, &r.status, r.tasks);
-            line.1 += r.units_milli;
-        }
-        Ok(lines
+    /// For the metrics: every client's units reserved now, and what is left of each budget
+    /// (units; negative once overrun).
+    pub async fn usage_gauges(&self) -> Result<UsageGauges, ServiceError> {
+        let clients = self.store.list_clients().await?;
+        let open: BTreeMap<String, i64> = self
+            .store
+            .units_reserved_by_client()
+            .await?
             .into_iter()
-            .map(|(key, (tasks, milli))| UsageLine {
-                key,
-                tasks,
-                units_deducted: crate::domain::usage::milli_to_units(milli),
-            })
-            .collect())
+            .collect();
+        let mut g = UsageGauges::default();
+        for c in clients {
+            g.reserved
+                .push((c.name.clone(), open.get(&c.name).copied().unwrap_or(0)));
+            for b in self.budget_standings(&c.name).await? {
+                g.budget_remaining.push((
+                    c.name.clone(),
+                    b.period.as_str(),
+                    crate::domain::usage::milli_to_units(b.remaining_milli()),
+                ));
+            }
+        }
+        Ok(g)
+    }
+
+    /// After a task ended: count what it cost, and tell its client about each budget threshold
+    /// its cost crossed. A failure here is logged; the task's change is already committed.
+    pub(super) async fn on_task_ended(&self, task: &Task, change: &Change) {
+        let Some(client) = &task.client else {
+            return;
+        };
+        let Some(milli) = change
+            .final_unit_deduction
+            .as_deref()
+            .and_then(parse_units_milli)
+        else {
+            return;
+        };
+        // A gauge that only grows: the metrics crate's counters are integers, a deduction may not be.
+        metrics::gauge!("klr_units_deducted_total", "client" => client.clone(), "model" => task.model_name.clone())
+            .increment(milli_to_units(milli));
+        if milli == 0 {
+            return;
+        }
+        if let Err(e) = self.tell_budget_thresholds(client, &task.id).await {
+            tracing::warn!(client = %client, error = %e, "budget thresholds not checked");
+        }
+    }
+
+    async fn tell_budget_thresholds(
+        &self,
+        client: &str,
+        task_id: &str,
+    ) -> Result<(), ServiceError> {
+        let now = now_ms();
+        for standing in self.budget_standings(client).await? {
+            let (period_start, _) = standing.period.bounds(now);
+            for threshold in thresholds_reached(standing.spent_milli, standing.limit_units) {
+                let url = self.client_default_url(client, now).await?;
+                let outbox = url.map(|url| OutboxEntry {
+                    id: format!("msg_{}", uuid::Uuid::now_v7().simple()),
+                    client: client.to_owned(),
+                    url,
+                    payload: budget_event_json(client, &standing, threshold),
+                });
+                let alert = BudgetAlert {
+                    client,
+                    task_id,
+                    period: standing.period,
+                    period_start,
+                    threshold,
+                    now_ms: now,
+                };
+                if self
+                    .store
+                    .record_budget_alert(&alert, outbox.as_ref())
+                    .await?
+                {
+                    tracing::info!(
+                        client,
+                        period = standing.period.as_str(),
+                        threshold,
+                        "budget threshold reached"
+                    );
+                    if outbox.is_some() {
+                        self.notify_wake.notify_one();
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Where `client` stands against each budget it has, now.
-    pub async fn budget_standings(&self, client: &str) -> Result<Vec<BudgetStanding>, ServiceError> {
+    pub async fn budget_standings(
+        &self,
+        client: &str,
+    ) -> Result<Vec<BudgetStanding>, ServiceError> {
         let budgets = self.store.client_budgets(client).await?;
         let limits = budgets.map(|b| b.limits()).unwrap_or_default();
         if limits.is_empty() {
@@ -231,4 +310,51 @@ impl Relay {
         }
         Ok(out)
     }
+}
+
+/// Usage across clients in `[from_ms, to_ms)`, grouped for the operator.
+pub async fn usage_table(
+    store: &Store,
+    from_ms: i64,
+    to_ms: i64,
+    by: UsageGrouping,
+) -> Result<Vec<UsageLine>, ServiceError> {
+    let from = from_ms.div_euclid(HOUR_MS) * HOUR_MS;
+    let rows = store.usage_rows(None, from, to_ms).await?;
+    let mut lines: BTreeMap<String, (BTreeMap<&'static str, i64>, i64)> = BTreeMap::new();
+    for r in rows {
+        let key = match by {
+            UsageGrouping::Client => r.client.clone(),
+            UsageGrouping::Model => r.model.clone(),
+            UsageGrouping::Day => {
+                crate::resource::rfc3339(Granularity::Day.floor(r.hour_start))[..10].to_owned()
+            }
+        };
+        let line = lines.entry(key).or_insert_with(|| (final_statuses(), 0));
+        count_status(&mut line.0, &r.status, r.tasks);
+        line.1 += r.units_milli;
+    }
+    Ok(lines
+        .into_iter()
+        .map(|(key, (tasks, milli))| UsageLine {
+            key,
+            tasks,
+            units_deducted: crate::domain::usage::milli_to_units(milli),
+        })
+        .collect())
+}
+
+/// The `budget` notification: a client's spend reached `threshold` % of a budget.
+fn budget_event_json(client: &str, b: &BudgetStanding, threshold: i64) -> String {
+    serde_json::json!({
+        "type": "budget",
+        "client": client,
+        "period": b.period.as_str(),
+        "threshold_percent": threshold,
+        "budget_units": b.limit_units,
+        "spent_units": milli_to_units(b.spent_milli),
+        "reserved_units": b.reserved_units,
+        "resets_at": crate::resource::rfc3339(b.resets_at_ms),
+    })
+    .to_string()
 }

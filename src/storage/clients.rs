@@ -28,7 +28,8 @@ fn found(name: &str, rows: u64) -> std::result::Result<(), ClientError> {
 }
 
 const COLUMNS: &str = "name, api_key_prefix, signing_secret, previous_signing_secret, \
-    previous_secret_expires_at, notify_url, created_at, revoked_at, weight, max_units";
+    previous_secret_expires_at, notify_url, created_at, revoked_at, weight, max_units, \
+    units_per_day, units_per_month";
 
 #[derive(sqlx::FromRow)]
 struct ClientRow {
@@ -42,6 +43,8 @@ struct ClientRow {
     revoked_at: Option<i64>,
     weight: i64,
     max_units: Option<i64>,
+    units_per_day: Option<i64>,
+    units_per_month: Option<i64>,
 }
 
 impl From<ClientRow> for Client {
@@ -57,6 +60,8 @@ impl From<ClientRow> for Client {
             revoked_at_ms: r.revoked_at,
             weight: r.weight,
             max_units: r.max_units,
+            units_per_day: r.units_per_day,
+            units_per_month: r.units_per_month,
         }
     }
 }
@@ -162,6 +167,31 @@ impl Store {
                 .bind(weight)
                 .bind(max_units.is_some())
                 .bind(max_units.flatten())
+                .execute(p)
+                .await?
+                .rows_affected();
+            found(name, done)
+        })
+    }
+
+    /// Sets a client's budgets in units per UTC day and month (each left as it is when None;
+    /// Some(None) removes it).
+    pub async fn set_client_budgets(
+        &self,
+        name: &str,
+        per_day: Option<Option<i64>>,
+        per_month: Option<Option<i64>>,
+    ) -> std::result::Result<(), ClientError> {
+        const SQL: &str = "UPDATE clients SET \
+            units_per_day = CASE WHEN $2 THEN $3 ELSE units_per_day END, \
+            units_per_month = CASE WHEN $4 THEN $5 ELSE units_per_month END WHERE name = $1";
+        on_pool!(self, p => {
+            let done = sqlx::query(SQL)
+                .bind(name)
+                .bind(per_day.is_some())
+                .bind(per_day.flatten())
+                .bind(per_month.is_some())
+                .bind(per_month.flatten())
                 .execute(p)
                 .await?
                 .rows_affected();

@@ -76,12 +76,12 @@ mod usage;
 
 pub use archive::{ArchiveSetback, StoredImage};
 pub use clients::ClientError;
-pub use usage::{ClientBudgets, DurationRow, UsageRow};
 pub use deliveries::{
     AttemptRecord, Delivery, DeliveryAttempt, DueDelivery, NextStep, OutboxEntry,
 };
 pub use feed::{ChangeFeed, FeedEvent};
 pub use overview::ClientUsage;
+pub use usage::{BudgetAlert, ClientBudgets, DurationRow, UsageRow};
 
 /// The locks that keep a SQLite database to one serving instance; released when dropped.
 pub struct InstanceLock {

@@ -75,6 +75,17 @@ pub struct DurationRow {
     pub tasks: i64,
 }
 
+/// A budget threshold reached.
+#[derive(Debug, Clone, Copy)]
+pub struct BudgetAlert<'a> {
+    pub client: &'a str,
+    pub task_id: &'a str,
+    pub period: usage::Period,
+    pub period_start: i64,
+    pub threshold: i64,
+    pub now_ms: i64,
+}
+
 /// A client's budgets, as set with `clients set`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
 pub struct ClientBudgets {
@@ -178,31 +189,48 @@ impl Store {
         }))
     }
 
-    /// Records that `client` was told about `threshold` % of its `period` budget starting at
-    /// `period_start`. False if it already was (by this or any replica).
-    pub async fn mark_budget_alert(
+    /// Records that `client` reached `threshold` % of its `period` budget starting at
+    /// `period_start`, with the notification about it (tied to `task_id`, the task whose end
+    /// crossed it), in one transaction. False if it was already recorded, by this or any
+    /// replica: each threshold is told once per period.
+    pub async fn record_budget_alert(
         &self,
-        client: &str,
-        period: usage::Period,
-        period_start: i64,
-        threshold: i64,
-        now_ms: i64,
+        alert: &BudgetAlert<'_>,
+        outbox: Option<&super::OutboxEntry>,
     ) -> Result<bool> {
         let _writer = self.writer().await;
         const SQL: &str = "INSERT INTO budget_alerts (client, period, period_start, threshold, \
             sent_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING";
-        let done = on_pool!(self, p => {
-            sqlx::query(SQL)
-                .bind(client)
-                .bind(period.as_str())
-                .bind(period_start)
-                .bind(threshold)
-                .bind(now_ms)
-                .execute(p)
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let done = sqlx::query(SQL)
+                .bind(alert.client)
+                .bind(alert.period.as_str())
+                .bind(alert.period_start)
+                .bind(alert.threshold)
+                .bind(alert.now_ms)
+                .execute(&mut *tx)
                 .await?
-                .rows_affected()
-        });
-        Ok(done > 0)
+                .rows_affected();
+            if done == 0 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            if let Some(o) = outbox {
+                sqlx::query(super::deliveries::INSERT_OUTBOX)
+                    .bind(&o.id)
+                    .bind(alert.task_id)
+                    .bind(&o.client)
+                    .bind(&o.url)
+                    .bind("budget")
+                    .bind(&o.payload)
+                    .bind(alert.now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(true)
+        })
     }
 }
 

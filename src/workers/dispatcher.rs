@@ -141,10 +141,8 @@ async fn dispatch_one(relay: &Relay, task: Task, now_claimed: i64) -> Result<(),
     let _budget = relay.reserve_dispatch_bytes(id).await?;
     let Some(inputs) = relay.store.get_inputs(id).await? else {
         relay
-            .finish(
+            .refuse(
                 id,
-                EventSource::Dispatch,
-                TaskStatus::Failed,
                 TaskError::new(
                     "inputs_missing",
                     "the task's input images are no longer stored",
@@ -254,14 +252,7 @@ async fn dispatch_one(relay: &Relay, task: Task, now_claimed: i64) -> Result<(),
         }
         Err(UpstreamError::Rejected { code, message }) => {
             tracing::warn!(task_id = %id, %code, %message, "upstream refused the task");
-            relay
-                .finish(
-                    id,
-                    EventSource::Dispatch,
-                    TaskStatus::Failed,
-                    TaskError::new(code, message),
-                )
-                .await?;
+            relay.refuse(id, TaskError::new(code, message)).await?;
         }
         Err(UpstreamError::DuplicateExternalId { message }) => {
             recover_existing(relay, &task, &message).await?;
