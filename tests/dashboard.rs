@@ -684,3 +684,63 @@ async fn the_overview_shows_a_halted_dispatch() {
         .await;
     assert!(!page().await.contains("id=\"halted\""));
 }
+
+/// The usage page: 30 days of bars drawn as SVG on the server (no inline style, which the
+/// Content Security Policy would block), today's bar as tall as its units, the daily budget as a
+/// line, and the same numbers as a table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_usage_page_draws_units_per_day_and_the_budget() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let store = open_store(&app.db).await;
+    store
+        .set_client_budgets(&app.client.name, Some(Some(10)), None)
+        .await
+        .unwrap();
+    store.close().await;
+    for _ in 0..2 {
+        let id = app.submit_ok(&valid_body()).await;
+        app.wait_for_status(&id, "succeeded", Duration::from_secs(20))
+            .await;
+    }
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let session = sign_in(&plain, &app.base, &app.client.api_key).await;
+    let r = plain
+        .get(format!("{}/ui/usage", app.base))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let page = r.text().await.unwrap();
+    assert!(!page.contains("style="), "no inline style: {page}");
+    assert!(page.contains("aria-current=\"page\">Usage"), "{page}");
+    let chart = page
+        .split("<svg id=\"usage-chart\"")
+        .nth(1)
+        .and_then(|s| s.split("</svg>").next())
+        .unwrap_or_else(|| panic!("no chart: {page}"));
+    assert_eq!(chart.matches("<rect class=\"bar\"").count(), 30, "{chart}");
+    // Today is the last bar: 4 units against a scale of 10 (the budget) is 40 % of 180.
+    let last = chart.rsplit("<rect class=\"bar\"").next().unwrap();
+    assert!(last.contains("height=\"72.0\""), "{last}");
+    assert!(last.contains(": 4 units"), "{last}");
+    assert!(chart.contains("id=\"budget-line\""), "{chart}");
+    assert!(chart.contains("Daily budget: 10 units"), "{chart}");
+    let days = page
+        .split("<table id=\"usage-days\">")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no table: {page}"));
+    let first_row = days.split("<tr>").nth(2).unwrap();
+    assert!(
+        first_row.contains("<td>4</td><td>2</td><td>0</td>"),
+        "{first_row}"
+    );
+    assert!(page.contains("4</strong> in all"), "{page}");
+    assert!(
+        page.contains("Budget per day: <strong>10 units</strong>"),
+        "{page}"
+    );
+}

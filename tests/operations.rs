@@ -174,6 +174,8 @@ async fn metrics_cover_the_service_with_low_cardinality_labels(b: Backend) {
         "klr_notification_backlog ",
         r#"klr_notification_attempts_total{result="delivered"}"#,
         "# HELP klr_webhooks_total",
+        r#"klr_units_deducted_total{client="tester",model="kling-v2-1"}"#,
+        r#"klr_units_reserved{client="tester"}"#,
     ] {
         assert!(text.contains(series), "missing {series} in:\n{text}");
     }
@@ -239,6 +241,7 @@ async fn openapi_document_and_docs_describe_every_route(b: Backend) {
         ("get", "/v1/tasks/{id}/deliveries"),
         ("post", "/v1/tasks/{id}/deliveries/{delivery_id}/retry"),
         ("get", "/v1/status"),
+        ("get", "/v1/usage"),
         ("post", "/webhooks/cometapi/{id}"),
         ("post", "/webhooks/cometapi/{id}/{token}"),
         ("get", "/webhooks/doctor/{nonce}"),

@@ -207,6 +207,7 @@ impl Store {
         delivery_id: &str,
         now_ms: i64,
     ) -> Result<bool> {
+        let _writer = self.writer().await;
         const SQL: &str = "UPDATE deliveries SET state = 'pending', next_attempt_at = $3, \
             updated_at = $3 WHERE id = $2 AND task_id = $1";
         on_pool!(self, p => {

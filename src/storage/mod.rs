@@ -591,10 +591,13 @@ impl Store {
             .map(json_text)
             .transpose()?;
         let serialize_submits = matches!(self.pool, Pool::Postgres(_));
+        let begin = self.begin_claim();
         on_pool!(self, p => {
             let mut conn = p.acquire().await?;
             let outcome = async {
-            let mut tx = conn.begin().await?;
+            // SQLite: the write lock up front, since the budget check reads before the insert
+            // writes, and a deferred transaction whose snapshot went stale cannot upgrade.
+            let mut tx = conn.begin_with(begin).await?;
             if serialize_submits {
                 // Postgres: make the pending count and the insert one atomic step across
                 // sessions (SQLite's single writer already does).
@@ -734,6 +737,7 @@ impl Store {
 
     /// Forgets idempotency keys older than `cutoff_ms`. Returns how many.
     pub async fn delete_expired_idempotency_keys(&self, cutoff_ms: i64, limit: i64) -> Result<u64> {
+        let _writer = self.writer().await;
         const SQL: &str = "DELETE FROM idempotency_keys WHERE (scope, key) IN \
             (SELECT scope, key FROM idempotency_keys WHERE created_at < $1 LIMIT $2)";
         on_pool!(self, p => {

@@ -11,13 +11,16 @@
 //! (`SameSite=Strict`) and whose `Origin`, when sent, must be this service.
 
 mod pages;
+mod usage_page;
 
 use super::error::ApiError;
 use super::tasks::{decode_cursor, encode_cursor};
 use super::AppState;
 use crate::domain::client::Caller;
+use crate::domain::usage::{Granularity, DAY_MS};
 use crate::domain::TaskStatus;
 use crate::resource::TaskView;
+use crate::service::usage::UsageQuery;
 use crate::service::ServiceError;
 use crate::storage::ListFilter;
 use axum::extract::{Path, RawQuery, State};
@@ -40,6 +43,7 @@ pub fn routes() -> Router<AppState> {
         .route("/ui/login", get(login_form).post(login))
         .route("/ui/logout", post(logout))
         .route("/ui/overview", get(overview))
+        .route("/ui/usage", get(usage))
         .route("/ui/tasks", get(task_list))
         .route("/ui/tasks/{id}", get(task_page))
         .route("/ui/tasks/{id}/images/{index}", get(image))
@@ -342,6 +346,27 @@ async fn overview(State(relay): State<AppState>, headers: HeaderMap) -> Result<R
     let (caller, who) = session(&relay, &headers).await?;
     let o = relay.overview(&caller).await?;
     Ok(html(StatusCode::OK, pages::overview(&who, &o)))
+}
+
+async fn usage(State(relay): State<AppState>, headers: HeaderMap) -> Result<Response, UiError> {
+    let (caller, who) = session(&relay, &headers).await?;
+    let with_who = |e: ServiceError| UiError::Api(Some(who.clone()), e.into());
+    let now = crate::service::now_ms();
+    let today = Granularity::Day.floor(now);
+    let q = UsageQuery {
+        from_ms: today - 29 * DAY_MS,
+        to_ms: today + DAY_MS,
+        granularity: Granularity::Day,
+    };
+    let report = relay.usage(&caller, q).await.map_err(with_who)?;
+    let budgets = match caller.scope() {
+        Some(client) => relay.budget_standings(client).await.map_err(with_who)?,
+        None => Vec::new(),
+    };
+    Ok(html(
+        StatusCode::OK,
+        usage_page::usage(&who, &report, &budgets),
+    ))
 }
 
 async fn image(

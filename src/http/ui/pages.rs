@@ -12,6 +12,7 @@ use maud::{html, Markup, DOCTYPE};
 pub enum Nav {
     Overview,
     Tasks,
+    Usage,
     None,
 }
 
@@ -35,6 +36,7 @@ pub fn layout(title: &str, who: Option<&str>, current: Nav, body: Markup) -> Mar
                             ul {
                                 li { a href="/ui/overview" aria-current=[here(Nav::Overview)] { "Overview" } }
                                 li { a href="/ui/tasks" aria-current=[here(Nav::Tasks)] { "Tasks" } }
+                                li { a href="/ui/usage" aria-current=[here(Nav::Usage)] { "Usage" } }
                             }
                         }
                         div.who {
