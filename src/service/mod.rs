@@ -134,6 +134,8 @@ pub struct Relay {
     pub store: Store,
     /// Upstream concurrency budget; see `domain::admission`.
     admission: Mutex<Admission>,
+    /// When this replica last folded the usage aggregates' shards (`service::usage`).
+    usage_folded_at: std::sync::atomic::AtomicI64,
     pub upstream: CometClient,
     /// Set while upstream refuses the setup (key, IP, account, route); see `domain::halt`.
     halt: Mutex<DispatchHalt>,
@@ -255,6 +257,7 @@ impl Relay {
             )),
             store,
             admission,
+            usage_folded_at: std::sync::atomic::AtomicI64::new(0),
             upstream,
             halt: Mutex::new(DispatchHalt::new(HaltConfig {
                 probe_initial: d.halt_probe_initial,

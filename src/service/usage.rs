@@ -13,6 +13,9 @@ use crate::storage::Store;
 use crate::storage::{BudgetAlert, OutboxEntry};
 use std::collections::BTreeMap;
 
+/// How often a replica folds the usage aggregates' shards of past hours.
+const FOLD_EVERY_MS: i64 = 10 * 60 * 1000;
+
 /// At most this many buckets in one answer (a year of days, a month of hours and then some).
 pub const MAX_BUCKETS: i64 = 1_000;
 
@@ -281,6 +284,29 @@ impl Relay {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Folds the usage aggregates' shards of the past two days' finished hours (see
+    /// `Store::fold_usage_shards`); at most once per `FOLD_EVERY` in this replica.
+    pub async fn fold_usage(&self) -> Result<(), ServiceError> {
+        let now = now_ms();
+        let last = self
+            .usage_folded_at
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if now - last < FOLD_EVERY_MS {
+            return Ok(());
+        }
+        self.usage_folded_at
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+        let current_hour = Granularity::Hour.floor(now);
+        let folded = self
+            .store
+            .fold_usage_shards(current_hour - 48 * HOUR_MS, current_hour)
+            .await?;
+        if folded > 0 {
+            tracing::debug!(folded, "usage shards folded");
         }
         Ok(())
     }

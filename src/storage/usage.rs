@@ -120,12 +120,12 @@ impl Store {
         const ONE: &str = "SELECT client, hour_start, model, status, \
             CAST(SUM(tasks) AS BIGINT) AS tasks, CAST(SUM(units_milli) AS BIGINT) AS units_milli \
             FROM usage_hourly WHERE client = $1 AND hour_start >= $2 AND hour_start < $3 \
-            GROUP BY client, hour_start, model, status ORDER BY hour_start";
+            GROUP BY client, hour_start, model, status";
         const ALL: &str = "SELECT client, hour_start, model, status, \
             CAST(SUM(tasks) AS BIGINT) AS tasks, CAST(SUM(units_milli) AS BIGINT) AS units_milli \
             FROM usage_hourly WHERE hour_start >= $2 AND hour_start < $3 \
             AND ($1 = '' OR client = $1) \
-            GROUP BY client, hour_start, model, status ORDER BY hour_start";
+            GROUP BY client, hour_start, model, status";
         let sql = if client.is_some() { ONE } else { ALL };
         Ok(on_pool!(self, p => {
             sqlx::query_as(sql)
@@ -159,6 +159,49 @@ impl Store {
                 .fetch_all(p)
                 .await?
         }))
+    }
+
+    /// Folds the shard rows of the hours in `[from_ms, before_ms)` into one row per group
+    /// (shard -1), so reading a long range reads one row per hour, model and status. Tasks count
+    /// in the hour they end, so a past hour gets no new rows (a replica whose clock lags may
+    /// still add one; the next fold takes it). Returns the rows folded.
+    pub async fn fold_usage_shards(&self, from_ms: i64, before_ms: i64) -> Result<u64> {
+        let _writer = self.writer().await;
+        const FOLD_HOURLY: &str = "INSERT INTO usage_hourly \
+            (client, hour_start, model, status, shard, tasks, units_milli) \
+            SELECT client, hour_start, model, status, -1, SUM(tasks), SUM(units_milli) \
+            FROM usage_hourly WHERE hour_start >= $1 AND hour_start < $2 AND shard >= 0 \
+            GROUP BY client, hour_start, model, status \
+            ON CONFLICT (client, hour_start, model, status, shard) DO UPDATE SET \
+            tasks = usage_hourly.tasks + excluded.tasks, \
+            units_milli = usage_hourly.units_milli + excluded.units_milli";
+        const DROP_HOURLY: &str = "DELETE FROM usage_hourly \
+            WHERE hour_start >= $1 AND hour_start < $2 AND shard >= 0";
+        const FOLD_DURATIONS: &str = "INSERT INTO usage_durations \
+            (client, hour_start, bin, shard, tasks) \
+            SELECT client, hour_start, bin, -1, SUM(tasks) FROM usage_durations \
+            WHERE hour_start >= $1 AND hour_start < $2 AND shard >= 0 \
+            GROUP BY client, hour_start, bin \
+            ON CONFLICT (client, hour_start, bin, shard) DO UPDATE SET \
+            tasks = usage_durations.tasks + excluded.tasks";
+        const DROP_DURATIONS: &str = "DELETE FROM usage_durations \
+            WHERE hour_start >= $1 AND hour_start < $2 AND shard >= 0";
+        let begin = self.begin_claim();
+        on_pool!(self, p => {
+            let mut tx = p.begin_with(begin).await?;
+            let mut folded = 0;
+            for (fold, drop) in [(FOLD_HOURLY, DROP_HOURLY), (FOLD_DURATIONS, DROP_DURATIONS)] {
+                sqlx::query(fold).bind(from_ms).bind(before_ms).execute(&mut *tx).await?;
+                folded += sqlx::query(drop)
+                    .bind(from_ms)
+                    .bind(before_ms)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
+            tx.commit().await?;
+            Ok(folded)
+        })
     }
 
     /// A client's budgets; None for no such client.

@@ -223,6 +223,7 @@ async fn step_within(
         .store
         .delete_expired_idempotency_keys(now_ms() - ms(crate::service::IDEMPOTENCY_TTL), 1000)
         .await?;
+    relay.fold_usage().await?;
     Ok((polled, timed_out, rate_limited))
 }
 

@@ -7,6 +7,7 @@
 
 mod amplification;
 mod fairness;
+mod usage;
 mod utilization;
 
 use axum::routing::post;
@@ -894,6 +895,7 @@ async fn main() -> std::process::ExitCode {
             "amplification",
             "utilization",
             "fairness",
+            "usage",
         ],
         s => vec![s],
     };
@@ -913,6 +915,7 @@ async fn main() -> std::process::ExitCode {
                     "amplification" => amplification::amplification(&args, db).await,
                     "utilization" => utilization::utilization(&args, db).await,
                     "fairness" => fairness::fairness(&args, db).await,
+                    "usage" => usage::usage(&args, db).await,
                     other => Err(anyhow::anyhow!("unknown scenario `{other}`")),
                 }
             })
