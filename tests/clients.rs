@@ -363,7 +363,77 @@ async fn shares_through_the_cli_and_priority_through_the_api(b: Backend) {
     }
 }
 
+/// Budgets through `clients set` (shown by `clients list`), and the operator's `usage` table as
+/// text, JSON and CSV, counting a task that succeeded.
+async fn budgets_and_usage_through_the_cli(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let (ok, out, err) = cli(
+        &app.db,
+        &[
+            "clients",
+            "set",
+            "tester",
+            "--units-per-day",
+            "500",
+            "--units-per-month",
+            "9000",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("units per day 500") && out.contains("units per month 9000"),
+        "{out}"
+    );
+    let (ok, out, err) = cli(&app.db, &["clients", "list", "--json"]);
+    assert!(ok, "{err}");
+    let list: Value = serde_json::from_str(&out).expect("json");
+    let tester = list
+        .as_array()
+        .and_then(|l| l.iter().find(|c| c["name"] == "tester").cloned())
+        .expect("listed");
+    assert_eq!(
+        (
+            tester["units_per_day"].clone(),
+            tester["units_per_month"].clone()
+        ),
+        (json!(500), json!(9000))
+    );
+    let (ok, _, err) = cli(&app.db, &["clients", "set", "tester", "--no-units-per-day"]);
+    assert!(ok, "{err}");
+    let (ok, _, _) = cli(
+        &app.db,
+        &["clients", "set", "tester", "--units-per-day", "-1"],
+    );
+    assert!(!ok, "a negative budget is refused");
+
+    let id = app.submit_ok(&valid_body()).await;
+    app.wait_for_status(&id, "succeeded", Duration::from_secs(20))
+        .await;
+    let (ok, out, err) = cli(&app.db, &["usage", "--json"]);
+    assert!(ok, "{err}");
+    let rows: Value = serde_json::from_str(&out).expect("json");
+    let row = rows
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["client"] == "tester").cloned())
+        .unwrap_or_else(|| panic!("tester in {out}"));
+    assert_eq!(row["tasks"]["succeeded"], 1);
+    assert_eq!(row["units_deducted"], 2.0);
+    let (ok, csv, err) = cli(&app.db, &["usage", "--by", "model", "--csv"]);
+    assert!(ok, "{err}");
+    assert!(
+        csv.starts_with("model,canceled,failed,succeeded,timed_out,units_deducted\n"),
+        "{csv}"
+    );
+    assert!(csv.contains("kling-v2-1,0,0,1,0,2\n"), "{csv}");
+    let (ok, table, err) = cli(&app.db, &["usage", "--by", "day"]);
+    assert!(ok, "{err}");
+    assert!(table.starts_with("day "), "{table}");
+    let (ok, _, err) = cli(&app.db, &["usage", "--from", "yesterday"]);
+    assert!(!ok && err.contains("not a date"), "{err}");
+}
+
 on_both_backends!(
+    budgets_and_usage_through_the_cli,
     shares_through_the_cli_and_priority_through_the_api,
     key_lifecycle_through_the_cli,
     another_clients_task_is_not_found_on_every_route,

@@ -369,6 +369,31 @@ async fn the_dashboard_in_a_real_browser() {
     assert!(units.contains("units in flight"), "{units}");
     shoot(&c, "overview.png").await;
 
+    // Usage: 30 bars drawn by the server, today's not empty.
+    c.goto(&format!("{}/ui/usage", app.base)).await.unwrap();
+    let bars = c
+        .execute(
+            "return document.querySelectorAll('#usage-chart rect.bar').length;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(bars, json!(30));
+    let today = c
+        .execute(
+            "const b = document.querySelectorAll('#usage-chart rect.bar'); return b[b.length - 1].getBBox().height;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(
+        today.as_f64().unwrap_or(0.0) > 0.0,
+        "today's bar is drawn: {today}"
+    );
+    let days = text(&c, "#usage-days").await;
+    assert!(days.contains("Units deducted"), "{days}");
+    shoot(&c, "usage.png").await;
+
     // A phone-sized screen: the list becomes cards, nothing scrolls sideways.
     c.set_window_size(390, 844).await.unwrap();
     c.goto(&format!("{}/ui/tasks", app.base)).await.unwrap();
