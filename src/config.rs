@@ -181,6 +181,11 @@ pub struct ServerSettings {
 pub struct DatabaseSettings {
     pub url: String,
     pub max_connections: u32,
+    /// Most status changes committed in one transaction (1: each alone).
+    pub group_commit_max_batch: usize,
+    /// Once several changes are queued, how long the writer waits for more before committing.
+    #[serde(with = "humantime_serde")]
+    pub group_commit_max_wait: Duration,
 }
 
 impl fmt::Debug for DatabaseSettings {
@@ -189,6 +194,8 @@ impl fmt::Debug for DatabaseSettings {
         f.debug_struct("DatabaseSettings")
             .field("url", &redact_url(&self.url))
             .field("max_connections", &self.max_connections)
+            .field("group_commit_max_batch", &self.group_commit_max_batch)
+            .field("group_commit_max_wait", &self.group_commit_max_wait)
             .finish()
     }
 }
@@ -424,6 +431,18 @@ impl Settings {
         }
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+        if !(1..=4096).contains(&self.database.group_commit_max_batch) {
+            return Err(invalid(
+                "database.group_commit_max_batch",
+                "must be from 1 to 4096",
+            ));
+        }
+        if self.database.group_commit_max_wait > Duration::from_millis(100) {
+            return Err(invalid(
+                "database.group_commit_max_wait",
+                "must be at most 100ms (every caller in a batch waits for it)",
+            ));
         }
         self.validate_upstream()?;
         if self.server.max_concurrent_body_bytes < self.server.max_body_bytes {

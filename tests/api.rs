@@ -556,7 +556,68 @@ async fn the_largest_valid_request_is_accepted(b: Backend) {
         .await;
 }
 
+/// `Prefer: respond-async` (RFC 7240) answers once the task is stored, before its dispatch;
+/// `Prefer: wait=N` waits at most N seconds; without either, the answer waits for the dispatch.
+async fn prefer_respond_async_answers_once_stored(b: Backend) {
+    let app = TestApp::spawn_with(
+        b,
+        Options {
+            settings: Box::new(|s| s.dispatch.wait = Duration::from_secs(5)),
+            ..Options::stalled()
+        },
+    )
+    .await;
+    // Creates take 1.5 s upstream.
+    app.sim.set_faults(kling_relay::simulator::Faults {
+        create_delay_ms: 1_500,
+        ..Default::default()
+    });
+    let post = |prefer: Option<&'static str>| {
+        let (http, url) = (app.http.clone(), format!("{}/v1/tasks", app.base));
+        async move {
+            let mut req = http.post(url).json(&valid_body());
+            if let Some(p) = prefer {
+                req = req.header("prefer", p);
+            }
+            let started = std::time::Instant::now();
+            let r = req.send().await.unwrap();
+            (r, started.elapsed())
+        }
+    };
+    let (r, took) = post(Some("respond-async")).await;
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.headers()["preference-applied"], "respond-async");
+    assert!(
+        took < Duration::from_millis(1_000),
+        "answered before the dispatch: {took:?}"
+    );
+    let t: Value = r.json().await.unwrap();
+    assert_eq!(t["status"], "pending");
+    // It is dispatched all the same.
+    app.wait_for_status(
+        t["id"].as_str().unwrap(),
+        "submitted",
+        Duration::from_secs(10),
+    )
+    .await;
+
+    let (r, took) = post(Some("wait=1, foo=bar")).await;
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.headers()["preference-applied"], "wait=1");
+    assert!(took < Duration::from_millis(1_450), "{took:?}");
+
+    let (r, took) = post(None).await;
+    assert!(r.headers().get("preference-applied").is_none());
+    assert!(
+        took >= Duration::from_millis(1_400),
+        "waited for the dispatch: {took:?}"
+    );
+    let t: Value = r.json().await.unwrap();
+    assert_eq!(t["status"], "submitted");
+}
+
 on_both_backends!(
+    prefer_respond_async_answers_once_stored,
     every_validation_rule_is_enforced_and_nothing_is_stored,
     base64_inputs_upstream_would_refuse_are_refused_before_they_cost_anything,
     valid_variants_are_accepted_and_forwarded,

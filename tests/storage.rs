@@ -462,7 +462,90 @@ async fn the_query_rate_is_shared_by_every_replica(b: Backend) {
     );
 }
 
+/// Group commit: one transaction, each change its own compare-and-set (two changes decided on
+/// the same version: the first wins, the second loses and is not stored); a database error in
+/// any change of the batch stores none of them.
+async fn a_batch_of_changes_is_one_transaction_of_compare_and_sets(b: Backend) {
+    let db = TestDb::new(b).await;
+    let s = open_store(&db).await;
+    let caps = PendingCaps {
+        total: 100,
+        per_client: 100,
+    };
+    let (a, c) = (task_record(1), task_record(2));
+    s.insert_task(a.clone(), None, caps).await.unwrap();
+    s.insert_task(c.clone(), None, caps).await.unwrap();
+    let to = |status, upstream: &str| Change {
+        status,
+        upstream_status: None,
+        bind_upstream_task_id: Some(upstream.into()),
+        upstream_updated_at_ms: None,
+        images: None,
+        error: None,
+        detail: None,
+        final_unit_deduction: None,
+    };
+    let (sub_a, proc_a, sub_c) = (
+        to(TaskStatus::Submitted, "u-a"),
+        to(TaskStatus::Processing, "u-a2"),
+        to(TaskStatus::Submitted, "u-c"),
+    );
+    let commit = |id: &'static str, change, outbox| Commit {
+        id,
+        expected_version: 0,
+        change,
+        source: EventSource::Webhook,
+        now_ms: 10,
+        poll_due_at_ms: None,
+        outbox,
+        archive: false,
+        upstream_payload: None,
+        leaves_pending: true,
+    };
+    let (ida, idc): (&'static str, &'static str) = (
+        Box::leak(a.id.clone().into_boxed_str()),
+        Box::leak(c.id.clone().into_boxed_str()),
+    );
+    let won = s
+        .commit_changes(&[
+            commit(ida, &sub_a, None),
+            commit(ida, &proc_a, None),
+            commit(idc, &sub_c, None),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(won, vec![true, false, true]);
+    let ta = s.get_task(ida).await.unwrap().unwrap();
+    assert_eq!((ta.status, ta.version), (TaskStatus::Submitted, 1));
+    assert_eq!(ta.upstream_task_id.as_deref(), Some("u-a"));
+    assert_eq!(s.events(ida).await.unwrap().len(), 2, "accepted, submitted");
+
+    // The same notification id twice breaks the batch: neither change is stored.
+    let note = kling_relay::storage::OutboxEntry {
+        id: "msg_same".into(),
+        client: "c1".into(),
+        url: "http://127.0.0.1:9/hook".into(),
+        payload: "{}".into(),
+    };
+    let done = to(TaskStatus::Succeeded, "u-a");
+    let mut first = commit(ida, &done, Some(&note));
+    first.expected_version = 1;
+    let mut second = commit(idc, &done, Some(&note));
+    second.expected_version = 1;
+    assert!(s.commit_changes(&[first, second]).await.is_err());
+    for id in [ida, idc] {
+        let t = s.get_task(id).await.unwrap().unwrap();
+        assert_eq!(
+            t.status,
+            TaskStatus::Submitted,
+            "nothing of the batch stored"
+        );
+    }
+    assert_eq!(db.count("SELECT COUNT(*) FROM deliveries").await, 0);
+}
+
 on_both_backends!(
+    a_batch_of_changes_is_one_transaction_of_compare_and_sets,
     the_query_rate_is_shared_by_every_replica,
     the_poller_learns_durations_and_brings_polls_forward,
     a_claim_defeats_a_cancel_decided_before_it,

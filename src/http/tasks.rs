@@ -11,7 +11,7 @@ use crate::resource::{
 use crate::service::live::MAX_WAIT;
 use crate::storage::ListFilter;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
@@ -44,12 +44,65 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
 }
 
+/// What a submit's `Prefer` header (RFC 7240) asks for: `respond-async` (answer once the task
+/// is stored, without waiting for its dispatch) or `wait=N` (wait at most N seconds for it).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Prefer {
+    respond_async: bool,
+    wait_secs: Option<u64>,
+}
+
+impl Prefer {
+    fn from_headers(headers: &HeaderMap) -> Prefer {
+        let mut p = Prefer::default();
+        for value in headers.get_all("prefer") {
+            let Ok(text) = value.to_str() else { continue };
+            for pref in text.split(',') {
+                // A preference's parameters (after `;`) are ignored, as RFC 7240 allows.
+                let token = pref.split(';').next().unwrap_or("").trim();
+                let (name, value) = match token.split_once('=') {
+                    Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+                    None => (token, None),
+                };
+                if name.eq_ignore_ascii_case("respond-async") {
+                    p.respond_async = true;
+                } else if name.eq_ignore_ascii_case("wait") {
+                    p.wait_secs = value.and_then(|v| v.parse().ok()).or(p.wait_secs);
+                }
+            }
+        }
+        p
+    }
+
+    fn max_wait(self) -> Option<std::time::Duration> {
+        if self.respond_async {
+            Some(std::time::Duration::ZERO)
+        } else {
+            self.wait_secs.map(std::time::Duration::from_secs)
+        }
+    }
+
+    /// The `Preference-Applied` answer.
+    fn applied(self) -> Option<HeaderValue> {
+        if self.respond_async {
+            Some(HeaderValue::from_static("respond-async"))
+        } else {
+            self.wait_secs
+                .and_then(|w| HeaderValue::from_str(&format!("wait={w}")).ok())
+        }
+    }
+}
+
 /// Create a task.
 ///
 /// The task is stored before anything is sent upstream; the answer comes after at most
-/// `dispatch.wait`, usually already `submitted`.
+/// `dispatch.wait`, usually already `submitted`. With `Prefer: respond-async` it comes as soon
+/// as the task is stored (`pending`); `Prefer: wait=N` waits at most N seconds.
 #[utoipa::path(post, path = "/v1/tasks", tag = "tasks",
-    params(("Idempotency-Key" = Option<String>, Header, description = "The same key and body within 24 h return the first task (200)")),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "The same key and body within 24 h return the first task (200)"),
+        ("Prefer" = Option<String>, Header, description = "RFC 7240: `respond-async` answers once the task is stored, without waiting for its dispatch; `wait=N` waits at most N seconds"),
+    ),
     request_body(content = TaskRequest, content_type = "application/json"),
     responses(
         (status = 202, description = "Accepted and stored", body = TaskView),
@@ -88,8 +141,16 @@ pub async fn submit(
     let request_id = headers
         .get(&super::REQUEST_ID)
         .and_then(|v| v.to_str().ok());
+    let prefer = Prefer::from_headers(&headers);
     let submitted = relay
-        .submit(&caller, body, key.as_deref(), request_id, budget)
+        .submit(
+            &caller,
+            body,
+            key.as_deref(),
+            request_id,
+            prefer.max_wait(),
+            budget,
+        )
         .await?;
     let location = format!("/v1/tasks/{}", submitted.task.id);
     let status = if submitted.created {
@@ -97,9 +158,11 @@ pub async fn submit(
     } else {
         StatusCode::OK
     };
+    let applied = prefer.applied();
     Ok((
         status,
         [(header::LOCATION, location)],
+        applied.map(|a| [(HeaderName::from_static("preference-applied"), a)]),
         Json(TaskView::from(submitted.task)),
     )
         .into_response())

@@ -6,6 +6,7 @@
 mod admission;
 pub mod clients;
 pub mod dashboard;
+pub mod group_commit;
 pub mod live;
 pub mod usage;
 
@@ -20,11 +21,12 @@ use crate::domain::{
     TaskStatus, Transition, UpstreamReport,
 };
 use crate::storage::{
-    Commit, Delivery, IdempotencyClaim, InsertOutcome, ListFilter, NewTaskRecord, OutboxEntry,
-    PendingCaps, StorageError, Store,
+    Delivery, IdempotencyClaim, InsertOutcome, ListFilter, NewTaskRecord, OutboxEntry, PendingCaps,
+    StorageError, Store,
 };
 use crate::upstream::{CometClient, Wire};
 use base64::Engine;
+use group_commit::OwnedCommit;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::collections::HashMap;
@@ -134,6 +136,8 @@ pub struct Relay {
     pub store: Store,
     /// Upstream concurrency budget; see `domain::admission`.
     admission: Mutex<Admission>,
+    /// The writer that commits status changes in groups (`group_commit`).
+    group_commit: group_commit::GroupCommit,
     /// When this replica last folded the usage aggregates' shards (`service::usage`).
     usage_folded_at: std::sync::atomic::AtomicI64,
     pub upstream: CometClient,
@@ -243,6 +247,11 @@ impl Relay {
         } else {
             crate::archive::Archive::in_memory()
         };
+        let group_commit = group_commit::GroupCommit::start(
+            store.clone(),
+            settings.database.group_commit_max_batch,
+            settings.database.group_commit_max_wait,
+        );
         Ok(Relay {
             notify_wake: Notify::new(),
             archive_wake: Notify::new(),
@@ -257,6 +266,7 @@ impl Relay {
             )),
             store,
             admission,
+            group_commit,
             usage_folded_at: std::sync::atomic::AtomicI64::new(0),
             upstream,
             halt: Mutex::new(DispatchHalt::new(HaltConfig {
@@ -499,6 +509,7 @@ impl Relay {
         body: serde_json::Value,
         idempotency_key: Option<&str>,
         request_id: Option<&str>,
+        max_wait: Option<Duration>,
         body_budget: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Result<Submitted, ServiceError> {
         let wire = self.upstream.wire();
@@ -580,7 +591,11 @@ impl Relay {
             InsertOutcome::Existing { .. } => return Err(ServiceError::IdempotencyConflict),
         }
         self.dispatch_wake.notify_one();
-        let wait = self.settings.dispatch.wait;
+        // The caller may ask to wait less (`Prefer: respond-async` or `wait=`): the task is
+        // stored either way, and the answer then shows it as it is.
+        let wait = max_wait.map_or(self.settings.dispatch.wait, |w| {
+            w.min(self.settings.dispatch.wait)
+        });
         let _ = tokio::time::timeout(wait, async {
             loop {
                 match changes.recv().await {
@@ -880,18 +895,19 @@ impl Relay {
             let now = now_ms();
             let poll_due = self.poll_due_after_change(change.status, now);
             let outbox = self.notification_for(&task, &change, source, now).await?;
+            let notifies = outbox.is_some();
             if self
-                .store
-                .commit_change(&Commit {
-                    id,
+                .group_commit
+                .commit(OwnedCommit {
+                    id: id.to_owned(),
                     expected_version: task.version,
-                    change: &change,
+                    change: change.clone(),
                     source,
                     now_ms: now,
                     poll_due_at_ms: poll_due,
-                    outbox: outbox.as_ref(),
+                    outbox,
                     archive: self.settings.archive.enabled,
-                    upstream_payload: payload_text.as_deref(),
+                    upstream_payload: payload_text.clone(),
                     leaves_pending: task.status == TaskStatus::Pending
                         && change.status != TaskStatus::Pending,
                 })
@@ -912,7 +928,7 @@ impl Relay {
                     // Units were freed: pending work may fit now.
                     self.dispatch_wake.notify_one();
                 }
-                if outbox.is_some() {
+                if notifies {
                     self.notify_wake.notify_one();
                 }
                 self.publish(id);

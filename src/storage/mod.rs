@@ -28,6 +28,9 @@ pub enum StorageError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A group commit failed (or its writer stopped): nothing of the batch was stored.
+    #[error("the batch holding this change was not stored: {0}")]
+    Batch(String),
 }
 
 pub type Result<T> = std::result::Result<T, StorageError>;
@@ -870,153 +873,165 @@ impl Store {
     /// notification. Returns false when the task changed in between (the caller re-reads and
     /// decides again).
     pub async fn commit_change(&self, c: &Commit<'_>) -> Result<bool> {
+        let done = self.commit_changes(std::slice::from_ref(c)).await?;
+        Ok(done.first().copied().unwrap_or(false))
+    }
+
+    /// Commits several status changes in one transaction (group commit): each is still its own
+    /// compare-and-set with its event, notification, archive rows and usage; the result says,
+    /// per change, whether it won. Any database error fails them all: none is stored.
+    pub async fn commit_changes(&self, batch: &[Commit<'_>]) -> Result<Vec<bool>> {
         let _writer = self.writer().await;
-        let Commit {
-            id,
-            expected_version,
-            change,
-            source,
-            now_ms,
-            poll_due_at_ms,
-            outbox,
-            archive,
-            upstream_payload,
-            leaves_pending,
-        } = *c;
-        const SQL: &str = "UPDATE tasks SET status = $2, \
-            upstream_status = COALESCE($3, upstream_status), \
-            upstream_task_id = COALESCE(upstream_task_id, $4), \
-            upstream_updated_at = $5, \
-            images = COALESCE($6, images), \
-            error_code = COALESCE($7, error_code), \
-            error_message = COALESCE($8, error_message), \
-            updated_at = $9, completed_at = $10, \
-            next_dispatch_at = NULL, dispatch_started_at = NULL, \
-            poll_due_at = $11, poll_count = 0, version = version + 1, \
-            final_unit_deduction = COALESCE($13, final_unit_deduction), \
-            submitted_at = COALESCE(submitted_at, $14), \
-            upstream_started_at = COALESCE(upstream_started_at, $15), \
-            cost_source = CASE WHEN $13 IS NULL THEN cost_source ELSE $16 END \
-            WHERE id = $1 AND version = $12 \
-            RETURNING COALESCE(client, ''), model_name, \
-            CASE WHEN upstream_task_id IS NULL THEN NULL ELSE submitted_at END, \
-            final_unit_deduction";
-        let images = change.images.as_ref().map(json_text).transpose()?;
         let is_postgres = matches!(self.pool, Pool::Postgres(_));
-        let payload = self.change_payload(id);
-        let upstream_status = change.upstream_status.map(|s| s.as_str());
-        let completed_at = change.status.is_final().then_some(now_ms);
-        let (code, message) = match &change.error {
-            Some(e) => (Some(e.code.as_str()), Some(e.message.as_str())),
-            None => (None, None),
-        };
         on_pool!(self, p => {
             let mut tx = p.begin().await?;
-            let done: Option<(String, String, Option<i64>, Option<String>)> = sqlx::query_as(SQL)
-                .bind(id)
-                .bind(change.status.as_str())
-                .bind(upstream_status)
-                .bind(&change.bind_upstream_task_id)
-                .bind(change.upstream_updated_at_ms)
-                .bind(&images)
-                .bind(code)
-                .bind(message)
-                .bind(now_ms)
-                .bind(completed_at)
-                .bind(poll_due_at_ms)
-                .bind(expected_version)
-                .bind(&change.final_unit_deduction)
-                .bind(leaves_pending.then_some(now_ms))
-                .bind(if leaves_pending { change.upstream_updated_at_ms } else { None })
-                .bind(source.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-            let Some((client, model, submitted_at, deduction)) = done else {
-                tx.rollback().await?;
-                return Ok(false);
-            };
-            if change.status.is_final() {
-                // A task is counted once: the status machine never moves a final task, and this
-                // commit won the compare-and-set on a version that was not final.
-                let usage = usage::Finished::new(
+            let mut won = Vec::with_capacity(batch.len());
+            for c in batch {
+                let Commit {
                     id,
-                    client,
-                    model,
-                    change.status,
+                    expected_version,
+                    change,
+                    source,
                     now_ms,
-                    submitted_at,
-                    deduction.as_deref(),
-                );
-                sqlx::query(usage::ADD_HOURLY)
-                    .bind(&usage.client)
-                    .bind(usage.hour_start)
-                    .bind(&usage.model)
-                    .bind(usage.status)
-                    .bind(usage.shard)
-                    .bind(usage.units_milli)
-                    .execute(&mut *tx)
+                    poll_due_at_ms,
+                    outbox,
+                    archive,
+                    upstream_payload,
+                    leaves_pending,
+                } = *c;
+                const SQL: &str = "UPDATE tasks SET status = $2, \
+                    upstream_status = COALESCE($3, upstream_status), \
+                    upstream_task_id = COALESCE(upstream_task_id, $4), \
+                    upstream_updated_at = $5, \
+                    images = COALESCE($6, images), \
+                    error_code = COALESCE($7, error_code), \
+                    error_message = COALESCE($8, error_message), \
+                    updated_at = $9, completed_at = $10, \
+                    next_dispatch_at = NULL, dispatch_started_at = NULL, \
+                    poll_due_at = $11, poll_count = 0, version = version + 1, \
+                    final_unit_deduction = COALESCE($13, final_unit_deduction), \
+                    submitted_at = COALESCE(submitted_at, $14), \
+                    upstream_started_at = COALESCE(upstream_started_at, $15), \
+                    cost_source = CASE WHEN $13 IS NULL THEN cost_source ELSE $16 END \
+                    WHERE id = $1 AND version = $12 \
+                    RETURNING COALESCE(client, ''), model_name, \
+                    CASE WHEN upstream_task_id IS NULL THEN NULL ELSE submitted_at END, \
+                    final_unit_deduction";
+                let images = change.images.as_ref().map(json_text).transpose()?;
+                let payload = self.change_payload(id);
+                let upstream_status = change.upstream_status.map(|s| s.as_str());
+                let completed_at = change.status.is_final().then_some(now_ms);
+                let (code, message) = match &change.error {
+                    Some(e) => (Some(e.code.as_str()), Some(e.message.as_str())),
+                    None => (None, None),
+                };
+                let done: Option<(String, String, Option<i64>, Option<String>)> = sqlx::query_as(SQL)
+                    .bind(id)
+                    .bind(change.status.as_str())
+                    .bind(upstream_status)
+                    .bind(&change.bind_upstream_task_id)
+                    .bind(change.upstream_updated_at_ms)
+                    .bind(&images)
+                    .bind(code)
+                    .bind(message)
+                    .bind(now_ms)
+                    .bind(completed_at)
+                    .bind(poll_due_at_ms)
+                    .bind(expected_version)
+                    .bind(&change.final_unit_deduction)
+                    .bind(leaves_pending.then_some(now_ms))
+                    .bind(if leaves_pending { change.upstream_updated_at_ms } else { None })
+                    .bind(source.as_str())
+                    .fetch_optional(&mut *tx)
                     .await?;
-                if let Some(bin) = usage.duration_bin {
-                    sqlx::query(usage::ADD_DURATION)
+                let Some((client, model, submitted_at, deduction)) = done else {
+                    won.push(false);
+                    continue;
+                };
+                if change.status.is_final() {
+                    // A task is counted once: the status machine never moves a final task, and this
+                    // commit won the compare-and-set on a version that was not final.
+                    let usage = usage::Finished::new(
+                        id,
+                        client,
+                        model,
+                        change.status,
+                        now_ms,
+                        submitted_at,
+                        deduction.as_deref(),
+                    );
+                    sqlx::query(usage::ADD_HOURLY)
                         .bind(&usage.client)
                         .bind(usage.hour_start)
-                        .bind(bin)
+                        .bind(&usage.model)
+                        .bind(usage.status)
                         .bind(usage.shard)
+                        .bind(usage.units_milli)
                         .execute(&mut *tx)
                         .await?;
+                    if let Some(bin) = usage.duration_bin {
+                        sqlx::query(usage::ADD_DURATION)
+                            .bind(&usage.client)
+                            .bind(usage.hour_start)
+                            .bind(bin)
+                            .bind(usage.shard)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
                 }
-            }
-            sqlx::query(INSERT_EVENT_WITH_PAYLOAD)
-                .bind(id)
-                .bind(now_ms)
-                .bind(source.as_str())
-                .bind(change.status.as_str())
-                .bind(upstream_status)
-                .bind(&change.detail)
-                .bind(upstream_payload)
-                .execute(&mut *tx)
-                .await?;
-            if leaves_pending {
-                // Out of pending means upstream has the task or it is over: no dispatch can need
-                // its images again, so they go with the same commit (their summary stays).
-                sqlx::query(DROP_INPUT_IMAGES).bind(id).execute(&mut *tx).await?;
-            }
-            if let Some(o) = outbox {
-                // The notification is part of the change: both commit, or neither.
-                sqlx::query(deliveries::INSERT_OUTBOX)
-                    .bind(&o.id)
+                sqlx::query(INSERT_EVENT_WITH_PAYLOAD)
                     .bind(id)
-                    .bind(&o.client)
-                    .bind(&o.url)
-                    .bind(change.status.as_str())
-                    .bind(&o.payload)
                     .bind(now_ms)
+                    .bind(source.as_str())
+                    .bind(change.status.as_str())
+                    .bind(upstream_status)
+                    .bind(&change.detail)
+                    .bind(upstream_payload)
                     .execute(&mut *tx)
                     .await?;
-            }
-            if let (true, TaskStatus::Succeeded, Some(images)) =
-                (archive, change.status, &change.images)
-            {
-                for img in images {
-                    sqlx::query(archive::ENQUEUE)
+                if leaves_pending {
+                    // Out of pending means upstream has the task or it is over: no dispatch can need
+                    // its images again, so they go with the same commit (their summary stays).
+                    sqlx::query(DROP_INPUT_IMAGES).bind(id).execute(&mut *tx).await?;
+                }
+                if let Some(o) = outbox {
+                    // The notification is part of the change: both commit, or neither.
+                    sqlx::query(deliveries::INSERT_OUTBOX)
+                        .bind(&o.id)
                         .bind(id)
-                        .bind(i64::from(img.index))
-                        .bind(&img.url)
+                        .bind(&o.client)
+                        .bind(&o.url)
+                        .bind(change.status.as_str())
+                        .bind(&o.payload)
                         .bind(now_ms)
                         .execute(&mut *tx)
                         .await?;
                 }
-            }
-            if is_postgres {
-                // Delivered at commit: other replicas' waiters hear of the change (storage::feed).
-                sqlx::query("SELECT pg_notify($1, $2)")
-                    .bind(feed::CHANNEL)
-                    .bind(&payload)
-                    .execute(&mut *tx)
-                    .await?;
+                if let (true, TaskStatus::Succeeded, Some(images)) =
+                    (archive, change.status, &change.images)
+                {
+                    for img in images {
+                        sqlx::query(archive::ENQUEUE)
+                            .bind(id)
+                            .bind(i64::from(img.index))
+                            .bind(&img.url)
+                            .bind(now_ms)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+                if is_postgres {
+                    // Delivered at commit: other replicas' waiters hear of the change (storage::feed).
+                    sqlx::query("SELECT pg_notify($1, $2)")
+                        .bind(feed::CHANNEL)
+                        .bind(&payload)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                won.push(true);
             }
             tx.commit().await?;
-            Ok(true)
+            Ok(won)
         })
     }
 
