@@ -468,3 +468,143 @@ async fn inspect_sqlite(url: &str) -> (String, HashSet<String>, Vec<(String, Str
     c.close().await.unwrap();
     (integrity, ids, bound)
 }
+
+/// Fault test 4 (group commit): 64 senders post final callbacks for 300 running tasks at once,
+/// so the writer commits them in batches, and the process is killed with `kill -9` a random
+/// moment into it, three times. Every callback the service acknowledged has its task final in
+/// the database afterwards; the others may or may not, never half of one.
+async fn a_kill_mid_batch_loses_no_acknowledged_callback(b: Backend) {
+    use kling_relay::domain::{Change, EventSource, TaskStatus};
+    use kling_relay::storage::{Commit, PendingCaps};
+    const TASKS: usize = 300;
+    let db = TestDb::new(b).await;
+    let sim = start_sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut env = service_env(&listen, &db.url, &sim);
+    env.push((
+        "KLING_RELAY_SERVER__WEBHOOK_SECRET".into(),
+        WEBHOOK_SECRET.into(),
+    ));
+    let plain = reqwest::Client::new();
+    let mut rng = rand::thread_rng();
+    let mut acked_total = 0;
+    for round in 0..3 {
+        // Tasks upstream has (`submitted` as u-<round>-<i>), not due for a poll for an hour.
+        let store = open_store(&db).await;
+        let mut ids = Vec::new();
+        for i in 0..TASKS {
+            let mut r = task_record(i as i64);
+            r.client = None;
+            let upstream = format!("u-{round}-{i}");
+            store
+                .insert_task(
+                    r.clone(),
+                    None,
+                    PendingCaps {
+                        total: i64::MAX,
+                        per_client: i64::MAX,
+                    },
+                )
+                .await
+                .unwrap();
+            let submitted = Change {
+                status: TaskStatus::Submitted,
+                upstream_status: None,
+                bind_upstream_task_id: Some(upstream.clone()),
+                upstream_updated_at_ms: None,
+                images: None,
+                error: None,
+                detail: None,
+                final_unit_deduction: None,
+            };
+            assert!(store
+                .commit_change(&Commit {
+                    id: &r.id,
+                    expected_version: 0,
+                    change: &submitted,
+                    source: EventSource::Dispatch,
+                    now_ms: kling_relay::service::now_ms(),
+                    poll_due_at_ms: Some(kling_relay::service::now_ms() + 3_600_000),
+                    outbox: None,
+                    archive: false,
+                    upstream_payload: None,
+                    leaves_pending: true,
+                })
+                .await
+                .unwrap());
+            ids.push((r.id, upstream));
+        }
+        store.close().await;
+
+        let mut svc = Service::spawn(&["serve"], &env, dir.path());
+        svc.wait_ready().await;
+        let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+        let queue = Arc::new(Mutex::new(ids.clone()));
+        let mut senders = Vec::new();
+        for _ in 0..64 {
+            let (queue, acked, plain, base) = (
+                queue.clone(),
+                acked.clone(),
+                plain.clone(),
+                svc.base.clone(),
+            );
+            senders.push(tokio::spawn(async move {
+                loop {
+                    let Some((id, upstream)) = queue.lock().unwrap().pop() else {
+                        return;
+                    };
+                    let token = kling_relay::service::webhook_token(WEBHOOK_SECRET.as_bytes(), &id);
+                    let body = callback(&upstream, "succeed", 1_900_000_000_000);
+                    let r = plain
+                        .post(format!("{base}/webhooks/cometapi/{id}/{token}"))
+                        .json(&body)
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status().is_success() => acked.lock().unwrap().push(id),
+                        Ok(_) => {}
+                        // The process is gone: the rest will not be answered.
+                        Err(_) => return,
+                    }
+                }
+            }));
+        }
+        let kill_after = rng.gen_range(30..250);
+        tokio::time::sleep(Duration::from_millis(kill_after)).await;
+        svc.kill9();
+        for s in senders {
+            s.await.unwrap();
+        }
+        let acked = acked.lock().unwrap().clone();
+        acked_total += acked.len();
+        let store = open_store(&db).await;
+        for id in &acked {
+            let t = store.get_task(id).await.unwrap().unwrap();
+            assert_eq!(
+                t.status,
+                TaskStatus::Succeeded,
+                "acknowledged callback for {id} lost (kill at {kill_after} ms)"
+            );
+        }
+        // Nothing half-stored: a final task has its event too.
+        let finals = db
+            .count("SELECT COUNT(*) FROM tasks WHERE status = 'succeeded'")
+            .await;
+        let events = db
+            .count("SELECT COUNT(*) FROM task_events WHERE status = 'succeeded'")
+            .await;
+        assert_eq!(finals, events, "every final task has its final event");
+        store.close().await;
+    }
+    record_figures(&format!(
+        "chaos: group commit kills=3 backend={b:?} acknowledged={acked_total} lost=0"
+    ));
+    assert!(
+        acked_total > 0,
+        "some callbacks were answered before the kills"
+    );
+    sim.stop();
+}
+
+on_both_backends!(a_kill_mid_batch_loses_no_acknowledged_callback);
