@@ -496,6 +496,8 @@ async fn a_kill_mid_batch_loses_no_acknowledged_callback(b: Backend) {
         for i in 0..TASKS {
             let mut r = task_record(i as i64);
             r.client = None;
+            // Created now: an old task would be timed out by the poller first.
+            r.created_at_ms = kling_relay::service::now_ms();
             let upstream = format!("u-{round}-{i}");
             store
                 .insert_task(
