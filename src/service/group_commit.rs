@@ -9,6 +9,7 @@
 
 use crate::domain::{Change, EventSource};
 use crate::storage::{Commit, OutboxEntry, StorageError, Store};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -55,11 +56,21 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Starts the writer. `max_batch` 1 commits every change alone (no grouping).
-    pub fn start(store: Store, max_batch: usize, max_wait: Duration) -> GroupCommit {
+    /// Starts `writers` writers on one queue (SQLite has one writer at a time anyway; on
+    /// Postgres several batches commit at once, since a batch costs a round trip per statement).
+    /// `max_batch` 1 commits every change alone (no grouping).
+    pub fn start(
+        store: Store,
+        writers: usize,
+        max_batch: usize,
+        max_wait: Duration,
+    ) -> GroupCommit {
         let max_batch = max_batch.max(1);
         let (queue, rx) = mpsc::channel(max_batch * 4);
-        tokio::spawn(writer(store, rx, max_batch, max_wait));
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..writers.max(1) {
+            tokio::spawn(writer(store.clone(), rx.clone(), max_batch, max_wait));
+        }
         GroupCommit { queue }
     }
 
@@ -80,25 +91,42 @@ impl GroupCommit {
     }
 }
 
-async fn writer(store: Store, mut rx: mpsc::Receiver<Job>, max_batch: usize, max_wait: Duration) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
+/// Takes the next batch from the queue: what is there now, and once several are, up to
+/// `max_wait` more. None when the queue is closed.
+async fn next_batch(
+    rx: &tokio::sync::Mutex<mpsc::Receiver<Job>>,
+    max_batch: usize,
+    max_wait: Duration,
+) -> Option<Vec<Job>> {
+    let mut rx = rx.lock().await;
+    let first = rx.recv().await?;
+    let mut batch = vec![first];
+    while batch.len() < max_batch {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    if batch.len() > 1 && batch.len() < max_batch && !max_wait.is_zero() {
+        // Under load: let the batch fill a little more.
+        let deadline = tokio::time::Instant::now() + max_wait;
         while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(job)) => batch.push(job),
+                _ => break,
             }
         }
-        if batch.len() > 1 && batch.len() < max_batch && !max_wait.is_zero() {
-            // Under load: let the batch fill a little more.
-            let deadline = tokio::time::Instant::now() + max_wait;
-            while batch.len() < max_batch {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(job)) => batch.push(job),
-                    _ => break,
-                }
-            }
-        }
+    }
+    Some(batch)
+}
+
+async fn writer(
+    store: Store,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
+    max_batch: usize,
+    max_wait: Duration,
+) {
+    while let Some(batch) = next_batch(&rx, max_batch, max_wait).await {
         metrics::histogram!("klr_group_commit_batch_size").record(batch.len() as f64);
         let commits: Vec<Commit<'_>> = batch.iter().map(|j| j.commit.as_commit()).collect();
         let result = store.commit_changes(&commits).await;

@@ -247,8 +247,14 @@ impl Relay {
         } else {
             crate::archive::Archive::in_memory()
         };
+        // SQLite has one writer at a time; on Postgres half the pool commits batches at once.
+        let writers = match store.backend() {
+            "postgres" => (settings.database.max_connections as usize / 2).max(1),
+            _ => 1,
+        };
         let group_commit = group_commit::GroupCommit::start(
             store.clone(),
+            writers,
             settings.database.group_commit_max_batch,
             settings.database.group_commit_max_wait,
         );

@@ -351,4 +351,13 @@ impl Store {
             Ok(sqlx::query_scalar(SQL).bind(client).bind(from_ms).bind(to_ms).fetch_one(p).await?)
         })
     }
+
+    /// Up to `n` task ids.
+    #[doc(hidden)]
+    pub async fn bench_task_ids(&self, n: usize) -> Result<Vec<String>> {
+        const SQL: &str = "SELECT id FROM tasks ORDER BY created_at LIMIT $1";
+        on_pool!(self, p => {
+            Ok(sqlx::query_scalar(SQL).bind(n as i64).fetch_all(p).await?)
+        })
+    }
 }

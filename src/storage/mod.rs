@@ -883,10 +883,16 @@ impl Store {
     pub async fn commit_changes(&self, batch: &[Commit<'_>]) -> Result<Vec<bool>> {
         let _writer = self.writer().await;
         let is_postgres = matches!(self.pool, Pool::Postgres(_));
+        // Rows are changed in one order (tasks by id, then the usage aggregates by key), so two
+        // batches committing at once (Postgres) wait for each other instead of deadlocking.
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by(|a, b| batch[*a].id.cmp(batch[*b].id));
         on_pool!(self, p => {
             let mut tx = p.begin().await?;
-            let mut won = Vec::with_capacity(batch.len());
-            for c in batch {
+            let mut won = vec![false; batch.len()];
+            let mut ended = usage::Ended::default();
+            for &slot in &order {
+                let c = &batch[slot];
                 let Commit {
                     id,
                     expected_version,
@@ -945,13 +951,12 @@ impl Store {
                     .fetch_optional(&mut *tx)
                     .await?;
                 let Some((client, model, submitted_at, deduction)) = done else {
-                    won.push(false);
                     continue;
                 };
                 if change.status.is_final() {
                     // A task is counted once: the status machine never moves a final task, and this
                     // commit won the compare-and-set on a version that was not final.
-                    let usage = usage::Finished::new(
+                    ended.add(usage::Finished::new(
                         id,
                         client,
                         model,
@@ -959,25 +964,7 @@ impl Store {
                         now_ms,
                         submitted_at,
                         deduction.as_deref(),
-                    );
-                    sqlx::query(usage::ADD_HOURLY)
-                        .bind(&usage.client)
-                        .bind(usage.hour_start)
-                        .bind(&usage.model)
-                        .bind(usage.status)
-                        .bind(usage.shard)
-                        .bind(usage.units_milli)
-                        .execute(&mut *tx)
-                        .await?;
-                    if let Some(bin) = usage.duration_bin {
-                        sqlx::query(usage::ADD_DURATION)
-                            .bind(&usage.client)
-                            .bind(usage.hour_start)
-                            .bind(bin)
-                            .bind(usage.shard)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
+                    ));
                 }
                 sqlx::query(INSERT_EVENT_WITH_PAYLOAD)
                     .bind(id)
@@ -1028,7 +1015,29 @@ impl Store {
                         .execute(&mut *tx)
                         .await?;
                 }
-                won.push(true);
+                won[slot] = true;
+            }
+            for (key, (tasks, units_milli)) in &ended.hourly {
+                sqlx::query(usage::ADD_HOURLY)
+                    .bind(&key.0)
+                    .bind(key.1)
+                    .bind(&key.2)
+                    .bind(key.3)
+                    .bind(key.4)
+                    .bind(*tasks)
+                    .bind(*units_milli)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for (key, tasks) in &ended.durations {
+                sqlx::query(usage::ADD_DURATION)
+                    .bind(&key.0)
+                    .bind(key.1)
+                    .bind(key.2)
+                    .bind(key.3)
+                    .bind(*tasks)
+                    .execute(&mut *tx)
+                    .await?;
             }
             tx.commit().await?;
             Ok(won)

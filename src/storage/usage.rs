@@ -11,14 +11,42 @@ const SHARDS: i64 = 8;
 
 pub(super) const ADD_HOURLY: &str = "INSERT INTO usage_hourly \
     (client, hour_start, model, status, shard, tasks, units_milli) \
-    VALUES ($1, $2, $3, $4, $5, 1, $6) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7) \
     ON CONFLICT (client, hour_start, model, status, shard) DO UPDATE SET \
-    tasks = usage_hourly.tasks + 1, units_milli = usage_hourly.units_milli + excluded.units_milli";
+    tasks = usage_hourly.tasks + excluded.tasks, \
+    units_milli = usage_hourly.units_milli + excluded.units_milli";
 
 pub(super) const ADD_DURATION: &str = "INSERT INTO usage_durations \
-    (client, hour_start, bin, shard, tasks) VALUES ($1, $2, $3, $4, 1) \
+    (client, hour_start, bin, shard, tasks) VALUES ($1, $2, $3, $4, $5) \
     ON CONFLICT (client, hour_start, bin, shard) DO UPDATE SET \
-    tasks = usage_durations.tasks + 1";
+    tasks = usage_durations.tasks + excluded.tasks";
+
+/// The ends of one batch, summed per aggregate row and kept in key order (the order rows are
+/// locked in).
+#[derive(Default)]
+pub(super) struct Ended {
+    /// (client, hour, model, status, shard) -> (tasks, units_milli)
+    pub hourly: std::collections::BTreeMap<(String, i64, String, &'static str, i64), (i64, i64)>,
+    /// (client, hour, bin, shard) -> tasks
+    pub durations: std::collections::BTreeMap<(String, i64, i64, i64), i64>,
+}
+
+impl Ended {
+    pub fn add(&mut self, f: Finished) {
+        if let Some(bin) = f.duration_bin {
+            *self
+                .durations
+                .entry((f.client.clone(), f.hour_start, bin, f.shard))
+                .or_insert(0) += 1;
+        }
+        let e = self
+            .hourly
+            .entry((f.client, f.hour_start, f.model, f.status, f.shard))
+            .or_insert((0, 0));
+        e.0 += 1;
+        e.1 += f.units_milli;
+    }
+}
 
 /// A task's end, as the aggregates count it.
 pub(super) struct Finished {

@@ -541,19 +541,110 @@ async fn webhook_ingest(args: &Args, kind: &'static str) -> anyhow::Result<Vec<R
         }
     })
     .await;
+    // The database's own limit: SQLite, one writer looping the same single-row update (what a
+    // single-writer database allows); Postgres, pgbench at the same concurrency (below).
+    let (ids2, raw2) = (ids.clone(), raw.clone());
+    let single_writer = load("webhook-ingest single writer", 2 * n, 1, move |i| {
+        let (ids, raw) = (ids2.clone(), raw2.clone());
+        async move {
+            raw.bench_update_one(&ids[i / 2], i as i64)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await;
     raw.close().await;
     store.close().await;
     drop(svc);
+    let pgbench = match (kind, &db.pg) {
+        ("postgres", Some((admin, name))) => pgbench_limit(admin, name, c).await,
+        _ => None,
+    };
     sim.stop();
     db.remove().await;
 
     let mut s = service.row("webhook-ingest", kind, "service");
     let hl = http_limit.row("webhook-ingest", kind, "http limit (bare axum)");
     let sl = storage_limit.row("webhook-ingest", kind, "storage limit (sqlx updates)");
+    let mut sw = single_writer.row("webhook-ingest", kind, "single-row updates, one writer");
     s.of_limit = Some(s.per_second / sl.per_second);
     s.service_peak_rss_mb = peak;
     s.service_idle_rss_mb = idle;
-    Ok(vec![s, hl, sl])
+    let mut rows = vec![s.clone(), hl, sl];
+    if let Some(tps) = pgbench {
+        let mut pg = sw.clone();
+        pg.measure = format!("pgbench single-row updates, {c} clients (tx/s)");
+        pg.ops = 0;
+        pg.per_second = tps;
+        pg.p50_ms = 0.0;
+        pg.p90_ms = 0.0;
+        pg.p99_ms = 0.0;
+        pg.max_ms = 0.0;
+        pg.of_limit = Some(s.per_second / tps.max(1e-9));
+        rows.push(pg);
+    } else {
+        sw.of_limit = Some(s.per_second / sw.per_second.max(1e-9));
+        rows.push(sw);
+    }
+    Ok(rows)
+}
+
+/// Postgres's own single-row update transactions per second (pgbench, `clients` connections,
+/// 5 s) on a tasks-shaped table in the scenario's database; None when pgbench is missing.
+async fn pgbench_limit(admin: &str, db_name: &str, clients: usize) -> Option<f64> {
+    let mut u = url::Url::parse(admin).ok()?;
+    u.set_path(&format!("/{db_name}"));
+    let url = u.to_string();
+    let setup = "CREATE TABLE IF NOT EXISTS pgb (id BIGINT PRIMARY KEY, status TEXT NOT NULL, \
+        version BIGINT NOT NULL, updated_at BIGINT NOT NULL, payload TEXT); \
+        INSERT INTO pgb SELECT i, 'processing', 0, 0, repeat('x', 200) \
+        FROM generate_series(1, 20000) i ON CONFLICT DO NOTHING;";
+    let ok = std::process::Command::new("psql")
+        .args([url.as_str(), "-q", "-c", setup])
+        .output()
+        .ok()?
+        .status
+        .success();
+    if !ok {
+        return None;
+    }
+    let script =
+        std::env::temp_dir().join(format!("klr-pgb-{}.sql", uuid::Uuid::new_v4().simple()));
+    std::fs::write(
+        &script,
+        "\\set k random(1, 20000)\nUPDATE pgb SET status = 'succeeded', version = version + 1, \
+         updated_at = updated_at + 1 WHERE id = :k;\n",
+    )
+    .ok()?;
+    let out = std::process::Command::new("pgbench")
+        .args([
+            "-n",
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-T",
+            "5",
+            "-f",
+            &script.display().to_string(),
+            url.as_str(),
+        ])
+        .output()
+        .ok()?;
+    let _ = std::fs::remove_file(&script);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tps = text
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next())
+        .and_then(|v| v.parse().ok());
+    if tps.is_none() {
+        eprintln!(
+            "  pgbench gave no figure: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    tps
 }
 
 /// Scenario 2: POST /v1/tasks against the simulator with zero delays.
@@ -580,13 +671,49 @@ async fn submit(args: &Args, kind: &'static str) -> anyhow::Result<Vec<Row>> {
         }
     })
     .await;
+    // With `Prefer: respond-async` the POST answers once the task is stored (issue 17).
+    let (base, h) = (svc.base.clone(), http_client(Some(&key)));
+    let async_stats = load("submit respond-async", n, args.concurrency, move |_| {
+        let (base, h) = (base.clone(), h.clone());
+        async move {
+            let r = h
+                .post(format!("{base}/v1/tasks"))
+                .header("prefer", "respond-async")
+                .json(&task_body())
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if r.status() != 202 {
+                return Err(r.status().to_string());
+            }
+            Ok(())
+        }
+    })
+    .await;
     let (_, peak) = svc.rss_mb();
     drop(svc);
+    // The limit beside it: single-row update transactions on the same database, same concurrency.
+    let raw = Store::connect(&db.url, 8).await?;
+    let ids = Arc::new(raw.bench_task_ids(2 * n).await?);
+    let (ids2, raw2) = (ids.clone(), raw.clone());
+    let storage_limit = load("submit storage limit", 2 * n, args.concurrency, move |i| {
+        let (ids, raw) = (ids2.clone(), raw2.clone());
+        async move {
+            raw.bench_update_one(&ids[i % ids.len().max(1)], i as i64)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await;
+    raw.close().await;
     sim.stop();
     db.remove().await;
     let mut row = stats.row("submit", kind, "POST /v1/tasks until submitted");
     row.service_peak_rss_mb = peak;
-    Ok(vec![row])
+    let limit = storage_limit.row("submit", kind, "storage limit (sqlx updates)");
+    let mut fast = async_stats.row("submit", kind, "POST /v1/tasks, Prefer: respond-async");
+    fast.of_limit = Some(fast.per_second / limit.per_second.max(1e-9));
+    Ok(vec![row, fast, limit])
 }
 
 /// Scenario 3: history over many stored tasks, first page and a page far down, with and without
