@@ -188,9 +188,7 @@ impl Store {
         use std::collections::HashMap;
         const ROWS: usize = 400;
         let step = (span_ms / n.max(1) as i64).max(1);
-        // (client, hour, model, status, shard) -> (tasks, units_milli)
-        type HourKey = (String, i64, String, &'static str, i64);
-        let mut hourly: HashMap<HourKey, (i64, i64)> = HashMap::new();
+        let mut hourly: HashMap<super::usage::HourlyKey, (i64, i64)> = HashMap::new();
         let mut durations: HashMap<(String, i64, i64, i64), i64> = HashMap::new();
         let mut start = 0;
         while start < n {

@@ -21,12 +21,15 @@ pub(super) const ADD_DURATION: &str = "INSERT INTO usage_durations \
     ON CONFLICT (client, hour_start, bin, shard) DO UPDATE SET \
     tasks = usage_durations.tasks + excluded.tasks";
 
+/// An hourly aggregate row: (client, hour, model, status, shard).
+pub(super) type HourlyKey = (String, i64, String, &'static str, i64);
+
 /// The ends of one batch, summed per aggregate row and kept in key order (the order rows are
 /// locked in).
 #[derive(Default)]
 pub(super) struct Ended {
-    /// (client, hour, model, status, shard) -> (tasks, units_milli)
-    pub hourly: std::collections::BTreeMap<(String, i64, String, &'static str, i64), (i64, i64)>,
+    /// -> (tasks, units_milli)
+    pub hourly: std::collections::BTreeMap<HourlyKey, (i64, i64)>,
     /// (client, hour, bin, shard) -> tasks
     pub durations: std::collections::BTreeMap<(String, i64, i64, i64), i64>,
 }
