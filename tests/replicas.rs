@@ -426,6 +426,47 @@ async fn other_replicas_hear_committed_changes() {
             .is_err(),
         "a store does not hear its own changes, nor rolled-back ones"
     );
+    // A group commit of 150 changes is heard as 150 tasks (in notifications of up to 100 ids).
+    let mut batch_ids = Vec::new();
+    for i in 0..150 {
+        let r = record(i);
+        a.insert_task(r.clone(), None, CAPS).await.unwrap();
+        batch_ids.push(r.id);
+    }
+    let changes: Vec<Change> = (0..batch_ids.len())
+        .map(|i| submitted(&format!("u-many-{i}")))
+        .collect();
+    let commits: Vec<Commit> = batch_ids
+        .iter()
+        .zip(&changes)
+        .map(|(id, change)| Commit {
+            id,
+            expected_version: 0,
+            change,
+            source: EventSource::Webhook,
+            now_ms: 20,
+            poll_due_at_ms: None,
+            outbox: None,
+            archive: false,
+            upstream_payload: None,
+            leaves_pending: true,
+        })
+        .collect();
+    assert!(a.commit_changes(&commits).await.unwrap().iter().all(|w| *w));
+    let mut heard = HashSet::new();
+    while heard.len() < batch_ids.len() {
+        match tokio::time::timeout(Duration::from_secs(5), feed_b.next())
+            .await
+            .expect("heard within 5 s")
+            .unwrap()
+        {
+            FeedEvent::Changed(id) => {
+                heard.insert(id);
+            }
+            FeedEvent::Gap => {}
+        }
+    }
+    assert_eq!(heard, batch_ids.into_iter().collect::<HashSet<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

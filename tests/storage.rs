@@ -544,7 +544,78 @@ async fn a_batch_of_changes_is_one_transaction_of_compare_and_sets(b: Backend) {
     assert_eq!(db.count("SELECT COUNT(*) FROM deliveries").await, 0);
 }
 
+/// Through the group-commit writer: a change the database refuses fails only its own caller,
+/// whether or not it shared a batch with others (they are then committed one by one).
+async fn a_refused_change_fails_only_its_caller(b: Backend) {
+    use kling_relay::service::group_commit::{GroupCommit, OwnedCommit};
+    let db = TestDb::new(b).await;
+    let s = open_store(&db).await;
+    let caps = PendingCaps {
+        total: 100,
+        per_client: 100,
+    };
+    let writer = std::sync::Arc::new(GroupCommit::start(
+        s.clone(),
+        1,
+        256,
+        std::time::Duration::from_millis(50),
+    ));
+    let mut jobs = Vec::new();
+    for i in 0..3 {
+        let r = task_record(i);
+        s.insert_task(r.clone(), None, caps).await.unwrap();
+        // The first two carry the same notification id: one of them must be refused.
+        let outbox = kling_relay::storage::OutboxEntry {
+            id: if i < 2 {
+                "msg_dup".into()
+            } else {
+                "msg_other".into()
+            },
+            client: "c1".into(),
+            url: "http://127.0.0.1:9/hook".into(),
+            payload: "{}".into(),
+        };
+        let commit = OwnedCommit {
+            id: r.id.clone(),
+            expected_version: 0,
+            change: Change {
+                status: TaskStatus::Submitted,
+                upstream_status: None,
+                bind_upstream_task_id: Some(format!("u-{i}")),
+                upstream_updated_at_ms: None,
+                images: None,
+                error: None,
+                detail: None,
+                final_unit_deduction: None,
+            },
+            source: EventSource::Webhook,
+            now_ms: 10,
+            poll_due_at_ms: None,
+            outbox: Some(outbox),
+            archive: false,
+            upstream_payload: None,
+            leaves_pending: true,
+        };
+        let w = writer.clone();
+        jobs.push(tokio::spawn(async move { w.commit(commit).await }));
+    }
+    let mut outcomes = Vec::new();
+    for j in jobs {
+        outcomes.push(j.await.unwrap());
+    }
+    let refused = outcomes.iter().filter(|o| o.is_err()).count();
+    let won = outcomes.iter().filter(|o| matches!(o, Ok(true))).count();
+    assert_eq!((won, refused), (2, 1), "{outcomes:?}");
+    assert_eq!(db.count("SELECT COUNT(*) FROM deliveries").await, 2);
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM tasks WHERE status = 'submitted'")
+            .await,
+        2
+    );
+}
+
 on_both_backends!(
+    a_refused_change_fails_only_its_caller,
     a_batch_of_changes_is_one_transaction_of_compare_and_sets,
     the_query_rate_is_shared_by_every_replica,
     the_poller_learns_durations_and_brings_polls_forward,

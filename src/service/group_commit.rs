@@ -1,8 +1,9 @@
 //! Group commit: status changes from callbacks, polls and dispatch are queued to one writer that
 //! commits many in one transaction, so concurrent changes share one flush instead of waiting for
 //! one each. Each change is still its own compare-and-set (see `Store::commit_changes`), and
-//! each caller is answered only after the transaction holding its change has committed; a
-//! failed batch fails every caller in it, and nothing of it is stored.
+//! each caller is answered only after the transaction holding its change has committed. A batch
+//! the database refuses stores nothing; its changes are then committed one by one, so only a
+//! change that fails alone fails its caller.
 //!
 //! The writer takes whatever is queued when it is free (so a lone change waits for nothing),
 //! and, once several are queued, up to `max_wait` more for the batch to fill to `max_batch`.
@@ -47,7 +48,7 @@ impl OwnedCommit {
 
 struct Job {
     commit: OwnedCommit,
-    reply: oneshot::Sender<Result<bool, String>>,
+    reply: oneshot::Sender<Result<bool, StorageError>>,
 }
 
 /// The queue to the writer; the writer stops when this is dropped.
@@ -82,8 +83,7 @@ impl GroupCommit {
             .await
             .map_err(|_| StorageError::Batch("the commit writer has stopped".into()))?;
         match answer.await {
-            Ok(Ok(won)) => Ok(won),
-            Ok(Err(e)) => Err(StorageError::Batch(e)),
+            Ok(result) => result,
             Err(_) => Err(StorageError::Batch(
                 "the commit writer stopped before answering".into(),
             )),
@@ -137,11 +137,19 @@ async fn writer(
                     let _ = job.reply.send(Ok(won));
                 }
             }
-            Err(e) => {
-                tracing::error!(error = %e, changes = batch.len(), "a batch of status changes was not stored");
-                let text = e.to_string();
+            Err(e) if batch.len() > 1 => {
+                // One change the database refuses (a constraint, say) must not fail the others:
+                // each is tried alone, and only what fails alone fails.
+                tracing::warn!(error = %e, changes = batch.len(), "a batch of status changes was not stored; committing each alone");
                 for job in batch {
-                    let _ = job.reply.send(Err(text.clone()));
+                    let alone = store.commit_change(&job.commit.as_commit()).await;
+                    let _ = job.reply.send(alone);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "a status change was not stored");
+                if let Some(job) = batch.into_iter().next() {
+                    let _ = job.reply.send(Err(e));
                 }
             }
         }

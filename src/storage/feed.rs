@@ -24,7 +24,14 @@ pub enum FeedEvent {
 pub struct ChangeFeed {
     listener: PgListener,
     instance: std::sync::Arc<str>,
+    /// Task ids of a notification not handed out yet (one notification names up to
+    /// `IDS_PER_NOTIFICATION`).
+    pending: std::collections::VecDeque<String>,
 }
+
+/// Task ids per notification: a group commit names its changed tasks in few notifications,
+/// each well under Postgres's 8,000-byte payload limit.
+pub(super) const IDS_PER_NOTIFICATION: usize = 100;
 
 impl Store {
     /// A feed of other replicas' changes; None on SQLite, which serves one instance.
@@ -43,12 +50,20 @@ impl Store {
         Ok(Some(ChangeFeed {
             listener,
             instance: self.instance.clone(),
+            pending: std::collections::VecDeque::new(),
         }))
     }
 
     /// The payload of this store's change notification for a task.
-    pub(super) fn change_payload(&self, task_id: &str) -> String {
-        format!("{} {task_id}", self.instance)
+    /// "<instance> <task id> <task id> …": who changed which tasks.
+    pub(super) fn change_payload(&self, task_ids: &[&str]) -> String {
+        let mut p = String::with_capacity(self.instance.len() + 37 * task_ids.len());
+        p.push_str(&self.instance);
+        for id in task_ids {
+            p.push(' ');
+            p.push_str(id);
+        }
+        p
     }
 }
 
@@ -57,14 +72,18 @@ impl ChangeFeed {
     /// re-established this time; calling again retries.
     pub async fn next(&mut self) -> Result<FeedEvent> {
         loop {
+            if let Some(id) = self.pending.pop_front() {
+                return Ok(FeedEvent::Changed(id));
+            }
             let Some(n) = self.listener.try_recv().await? else {
                 return Ok(FeedEvent::Gap);
             };
-            match n.payload().split_once(' ') {
-                Some((from, _)) if from == &*self.instance => continue,
-                Some((_, task_id)) => return Ok(FeedEvent::Changed(task_id.to_owned())),
-                None => continue,
+            let mut words = n.payload().split(' ');
+            if words.next() == Some(&*self.instance) {
+                continue;
             }
+            self.pending
+                .extend(words.filter(|w| !w.is_empty()).map(str::to_owned));
         }
     }
 }

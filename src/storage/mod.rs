@@ -891,6 +891,7 @@ impl Store {
             let mut tx = p.begin().await?;
             let mut won = vec![false; batch.len()];
             let mut ended = usage::Ended::default();
+            let mut changed: Vec<&str> = Vec::with_capacity(batch.len());
             for &slot in &order {
                 let c = &batch[slot];
                 let Commit {
@@ -924,7 +925,6 @@ impl Store {
                     CASE WHEN upstream_task_id IS NULL THEN NULL ELSE submitted_at END, \
                     final_unit_deduction";
                 let images = change.images.as_ref().map(json_text).transpose()?;
-                let payload = self.change_payload(id);
                 let upstream_status = change.upstream_status.map(|s| s.as_str());
                 let completed_at = change.status.is_final().then_some(now_ms);
                 let (code, message) = match &change.error {
@@ -1007,15 +1007,19 @@ impl Store {
                             .await?;
                     }
                 }
-                if is_postgres {
-                    // Delivered at commit: other replicas' waiters hear of the change (storage::feed).
+                won[slot] = true;
+                changed.push(id);
+            }
+            if is_postgres {
+                // Delivered at commit: other replicas' waiters hear of the changes
+                // (storage::feed), a notification per hundred tasks.
+                for ids in changed.chunks(feed::IDS_PER_NOTIFICATION) {
                     sqlx::query("SELECT pg_notify($1, $2)")
                         .bind(feed::CHANNEL)
-                        .bind(&payload)
+                        .bind(self.change_payload(ids))
                         .execute(&mut *tx)
                         .await?;
                 }
-                won[slot] = true;
             }
             for (key, (tasks, units_milli)) in &ended.hourly {
                 sqlx::query(usage::ADD_HOURLY)
