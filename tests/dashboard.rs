@@ -769,3 +769,50 @@ async fn the_usage_page_draws_units_per_day_and_the_budget() {
         "{page}"
     );
 }
+
+/// The Overview's share bars are drawn with SVG attributes proportional to the counts (an inline
+/// style, which the Content Security Policy blocks, drew every bar full width).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_bars_follow_the_counts() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        Options {
+            settings: Box::new(|s| s.auth.required = false),
+            ..Options::default()
+        },
+    )
+    .await;
+    let mut failing = valid_body();
+    failing["prompt"] = json!("a forbidden picture");
+    let mut ids = Vec::new();
+    for body in [valid_body(), valid_body(), valid_body(), failing] {
+        ids.push(app.submit_ok(&body).await);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let want = if i == 3 { "failed" } else { "succeeded" };
+        app.wait_for_status(id, want, Duration::from_secs(20)).await;
+    }
+    let page = app.get_text_anonymously("/ui/overview").await;
+    assert!(!page.contains("style="), "no inline style: {page}");
+    let table = page
+        .split("<table id=\"status-counts\">")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no counts: {page}"));
+    let row = |status: &str| -> String {
+        table
+            .split("<tr>")
+            .find(|r| r.contains(&format!("badge {status}")))
+            .unwrap_or_else(|| panic!("no {status} row: {table}"))
+            .to_owned()
+    };
+    assert!(
+        row("succeeded").contains("class=\"fill\" x=\"0\" y=\"0\" width=\"75\""),
+        "{}",
+        row("succeeded")
+    );
+    assert!(
+        row("failed").contains("class=\"fill\" x=\"0\" y=\"0\" width=\"25\""),
+        "{}",
+        row("failed")
+    );
+}

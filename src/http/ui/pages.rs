@@ -414,7 +414,12 @@ pub fn overview(who: &str, o: &Overview) -> Markup {
                                 tr {
                                     td { (badge(s)) }
                                     td { (n) }
-                                    td { div.bar role="img" aria-label={ (pct(n, total)) " percent" } { span style={ "width:" (pct(n, total)) "%" } {} } }
+                                    // SVG attributes, not an inline style: the Content Security Policy
+                                    // blocks inline styles, which drew every bar full width.
+                                    td { svg.share role="img" aria-label={ (pct(n, total)) " percent" } viewBox="0 0 100 10" preserveAspectRatio="none" {
+                                        rect.track x="0" y="0" width="100" height="10" {}
+                                        rect.fill x="0" y="0" width=(pct(n, total)) height="10" {}
+                                    } }
                                 }
                             }
                         }
