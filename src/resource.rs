@@ -439,7 +439,7 @@ pub struct FieldErrorView {
 #[derive(Serialize, ToSchema)]
 pub struct Problem {
     #[serde(rename = "type")]
-    #[schema(example = "about:blank")]
+    #[schema(example = "/problems/validation")]
     pub kind: String,
     #[schema(example = "Unprocessable Entity")]
     pub title: String,

@@ -616,7 +616,54 @@ async fn prefer_respond_async_answers_once_stored(b: Backend) {
     assert_eq!(t["status"], "submitted");
 }
 
+/// Every problem+json names its kind in a stable `type`, so clients can branch on it.
+async fn problem_types_are_stable_per_kind(b: Backend) {
+    let app = TestApp::spawn_with(b, Options::stalled()).await;
+    let kind = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        (status, v["type"].as_str().unwrap_or_default().to_owned())
+    };
+    let url = format!("{}/v1/tasks", app.base);
+    let cases = [
+        (
+            app.http.post(&url).json(&json!({"n": 99})),
+            422,
+            "/problems/validation",
+        ),
+        (
+            app.http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body("{"),
+            400,
+            "/problems/bad-request",
+        ),
+        (
+            app.http
+                .post(&url)
+                .header("content-type", "text/plain")
+                .body("{}"),
+            415,
+            "/problems/unsupported-media-type",
+        ),
+        (
+            app.http.get(format!("{url}/{}", uuid::Uuid::now_v7())),
+            404,
+            "/problems/not-found",
+        ),
+        (app.anonymous.get(&url), 401, "/problems/unauthorized"),
+    ];
+    for (req, status, want) in cases {
+        assert_eq!(
+            kind(req.send().await.unwrap()).await,
+            (status, want.to_owned())
+        );
+    }
+}
+
 on_both_backends!(
+    problem_types_are_stable_per_kind,
     prefer_respond_async_answers_once_stored,
     every_validation_rule_is_enforced_and_nothing_is_stored,
     base64_inputs_upstream_would_refuse_are_refused_before_they_cost_anything,

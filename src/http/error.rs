@@ -55,6 +55,26 @@ impl ApiError {
         }
     }
 
+    /// The problem's `type`: stable per kind of error, so clients can branch on it (README,
+    /// "Errors"). A URI reference, relative to the service's own address.
+    pub fn problem_type(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest { .. } => "/problems/bad-request",
+            ApiError::Validation(_) => "/problems/validation",
+            ApiError::NotFound(_) => "/problems/not-found",
+            ApiError::Unauthorized(_) => "/problems/unauthorized",
+            ApiError::Conflict(_) => "/problems/conflict",
+            ApiError::UnsupportedMediaType(_) => "/problems/unsupported-media-type",
+            ApiError::Unavailable(_) => "/problems/unavailable",
+            ApiError::TooManyRequests { .. } => "/problems/rate-limited",
+            ApiError::BudgetExceeded { .. } => "/problems/budget-exceeded",
+            ApiError::PayloadTooLarge(_) => "/problems/payload-too-large",
+            ApiError::RequestTimeout(_) => "/problems/request-timeout",
+            ApiError::MethodNotAllowed => "/problems/method-not-allowed",
+            ApiError::Internal => "/problems/internal",
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
@@ -159,12 +179,8 @@ impl From<ServiceError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let kind = match &self {
-            ApiError::BudgetExceeded { .. } => "/problems/budget-exceeded",
-            _ => "about:blank",
-        };
         let mut body = json!({
-            "type": kind,
+            "type": self.problem_type(),
             "title": status.canonical_reason().unwrap_or("Error"),
             "status": status.as_u16(),
             "detail": self.to_string(),

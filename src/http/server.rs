@@ -51,7 +51,7 @@ pub struct ConnectionLimits {
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 64 << 20;
 
-const OVER_CAPACITY_BODY: &str = r#"{"type":"about:blank","title":"Service Unavailable","status":503,"detail":"too many connections: try again shortly"}"#;
+const OVER_CAPACITY_BODY: &str = r#"{"type":"/problems/unavailable","title":"Service Unavailable","status":503,"detail":"too many connections: try again shortly"}"#;
 
 /// Serves `router` on `listener` until `shutdown` fires, then lets every open connection finish its
 /// request in flight and returns once all are closed. Dropping the future closes them all at once.
