@@ -535,3 +535,70 @@ on_both_backends!(
     migrate_creates_and_upgrades_the_database,
     kill_dash_nine_at_any_moment_loses_nothing,
 );
+
+/// The access log: one line per request at `info`, with the route template, status, duration and
+/// client, never a URL (callback URLs carry their token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_has_one_access_line_without_its_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut svc = Service::spawn(
+        &["serve", "--simulate", "--log-format", "json"],
+        &[
+            ("KLING_RELAY_SERVER__LISTEN".into(), listen.clone()),
+            // The harness sets RUST_LOG=warn; this test reads the info lines.
+            ("RUST_LOG".into(), "info".into()),
+        ],
+        dir.path(),
+    );
+    svc.wait_ready().await;
+    let (key, _) = svc.demo_credentials();
+    let http = client_with_key(&key);
+    let r = http
+        .post(format!("{}/v1/tasks", svc.base))
+        .json(&valid_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let start = Instant::now();
+    loop {
+        let t: Value = fetch_json(&http, &format!("{}/v1/tasks/{id}", svc.base)).await;
+        if t["status"] == "succeeded" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "not done: {t}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    svc.kill9();
+    std::thread::sleep(Duration::from_millis(100));
+    let log = svc.stderr_text();
+    let access: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["target"] == "kling_relay::access")
+        .collect();
+    let line = |route: &str| {
+        access
+            .iter()
+            .find(|v| v["fields"]["route"] == route)
+            .unwrap_or_else(|| panic!("no access line for {route}:\n{log}"))
+            .clone()
+    };
+    let submit = line("/v1/tasks");
+    assert_eq!(submit["fields"]["status"], 202);
+    assert_eq!(submit["fields"]["method"], "POST");
+    assert_eq!(submit["fields"]["client"], "demo");
+    assert!(submit["fields"]["duration_ms"].as_f64().is_some());
+    assert_eq!(line("/v1/tasks/{id}")["fields"]["status"], 200);
+    // Upstream's callbacks, by their template: the token stays out of the log.
+    line("/webhooks/cometapi/{id}/{token}");
+    assert!(
+        !log.contains(&format!("/webhooks/cometapi/{id}/")),
+        "a callback URL (with its token) reached the log"
+    );
+}

@@ -161,10 +161,26 @@ async fn record_http_metrics(req: Request, next: Next) -> Response {
     let method = method_label(req.method());
     let route = route_of(&req);
     let resp = next.run(req).await;
-    let status = resp.status().as_u16().to_string();
-    metrics::counter!("klr_http_requests_total", "method" => method, "route" => route.clone(), "status" => status).increment(1);
+    let elapsed = started.elapsed();
+    let status = resp.status().as_u16();
+    // The access log: the route template, never the URI (callback URLs carry tokens); the
+    // request id is on the enclosing span.
+    let client = match resp.extensions().get::<crate::domain::client::Caller>() {
+        Some(crate::domain::client::Caller::Client(name)) => name.as_str(),
+        _ => "",
+    };
+    tracing::info!(
+        target: "kling_relay::access",
+        method,
+        route = %route,
+        status,
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        client,
+        "request"
+    );
+    metrics::counter!("klr_http_requests_total", "method" => method, "route" => route.clone(), "status" => status.to_string()).increment(1);
     metrics::histogram!("klr_http_request_duration_seconds", "method" => method, "route" => route)
-        .record(started.elapsed().as_secs_f64());
+        .record(elapsed.as_secs_f64());
     resp
 }
 
@@ -254,8 +270,11 @@ async fn authenticate(
         }
     };
     let caller = relay.authenticate(bearer.as_deref()).await?;
-    req.extensions_mut().insert(caller);
-    Ok(next.run(req).await)
+    req.extensions_mut().insert(caller.clone());
+    let mut resp = next.run(req).await;
+    // For the access log, written outside this layer.
+    resp.extensions_mut().insert(caller);
+    Ok(resp)
 }
 
 fn unauthorized() -> ApiError {
