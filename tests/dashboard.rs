@@ -4,7 +4,8 @@
 //! that every form control has a label. Screenshots go to `target/tmp/screenshots/`.
 //!
 //! Needs `/usr/bin/chromium` and `chromedriver` (Debian's `chromium` and `chromium-driver`;
-//! `.ci/run` installs them). Without them the test is skipped locally and fails under CI.
+//! `scripts/test` installs them). Without them the test fails naming what is missing, unless the
+//! run opts out with `KLING_RELAY_TEST_SKIP=browser`.
 
 mod common;
 
@@ -17,7 +18,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const CHROMIUM: &str = "/usr/bin/chromium";
+/// Debian's Chromium; `KLING_RELAY_TEST_CHROMIUM` names another.
+fn chromium() -> String {
+    std::env::var("KLING_RELAY_TEST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into())
+}
 
 fn chromedriver_path() -> Option<PathBuf> {
     ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
@@ -40,14 +44,13 @@ impl Drop for Driver {
 }
 
 async fn start_driver() -> Option<Driver> {
-    let Some(path) = chromedriver_path().filter(|_| std::path::Path::new(CHROMIUM).exists()) else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI: chromium and chromedriver are required for the dashboard tests"
-        );
-        eprintln!("skipping: chromium or chromedriver not installed");
-        return None;
-    };
+    let path = chromedriver_path().filter(|_| std::path::Path::new(&chromium()).exists());
+    let run = tools::require(
+        tools::Tool::Browser,
+        path.is_some(),
+        &format!("Chromium ({}) with chromedriver", chromium()),
+    );
+    let path = path.filter(|_| run)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -78,7 +81,7 @@ async fn browser(driver: &Driver) -> Client {
     caps.insert(
         "goog:chromeOptions".into(),
         json!({
-            "binary": CHROMIUM,
+            "binary": chromium(),
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                      "--window-size=1280,900", "--no-first-run", "--disable-extensions"],
         }),
@@ -815,4 +818,49 @@ async fn the_overview_bars_follow_the_counts() {
         "{}",
         row("failed")
     );
+}
+
+/// Issue 18: no silent skips. The browser test, run again in a child process with a Chromium that
+/// does not exist, fails naming what is missing; opted out, it passes and says it skipped.
+#[test]
+fn a_missing_browser_fails_the_test_unless_opted_out() {
+    let me = std::env::current_exe().expect("own test binary");
+    let run = |skip: Option<&str>| {
+        let mut cmd = Command::new(&me);
+        cmd.args(["the_dashboard_in_a_real_browser", "--exact"])
+            .env("KLING_RELAY_TEST_CHROMIUM", "/nonexistent/chromium")
+            .env_remove("KLING_RELAY_TEST_SKIP")
+            .env("RUST_BACKTRACE", "0");
+        if let Some(skip) = skip {
+            cmd.env("KLING_RELAY_TEST_SKIP", skip);
+        }
+        let out = cmd.output().expect("run the test binary");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+
+    let (ok, text) = run(None);
+    assert!(!ok, "a missing browser must fail the test:\n{text}");
+    assert!(
+        text.contains("Chromium (/nonexistent/chromium) with chromedriver is missing")
+            && text.contains("KLING_RELAY_TEST_SKIP=browser"),
+        "{text}"
+    );
+
+    let (ok, text) = run(Some("browser"));
+    assert!(ok, "opted out, the run passes:\n{text}");
+    assert!(
+        text.contains("SKIPPED the_dashboard_in_a_real_browser: Chromium")
+            && text.contains(
+                "SKIPPED in tests/dashboard.rs: 1 test(s) by KLING_RELAY_TEST_SKIP (browser: 1)"
+            ),
+        "{text}"
+    );
+
+    let (ok, text) = run(Some("bowser"));
+    assert!(!ok && text.contains("unknown tool `bowser`"), "{text}");
 }

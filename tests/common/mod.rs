@@ -4,6 +4,7 @@
 
 pub mod process;
 pub mod receiver;
+pub mod tools;
 
 use kling_relay::config::{Secret, Settings};
 use kling_relay::simulator::{SimConfig, Simulator};
@@ -38,8 +39,8 @@ macro_rules! on_both_backends {
     };
 }
 
-/// Runs each listed `async fn name(Backend)` on Postgres only, as `<module>::name` (skipped when
-/// Postgres is unreachable, except under CI).
+/// Runs each listed `async fn name(Backend)` on Postgres only, as `<module>::name` (a missing
+/// Postgres fails them unless the run opts out, see `tools`).
 #[macro_export]
 macro_rules! on_postgres {
     ($module:ident; $($name:ident),* $(,)?) => {
@@ -61,27 +62,20 @@ pub fn postgres_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
-/// Some(()) when Postgres tests should run. Without Postgres they are skipped locally, but under
-/// CI (the `CI` variable set) a missing Postgres fails the test.
+/// Some(()) when Postgres tests should run. Without Postgres the test fails, naming it, unless the
+/// run opted out (`KLING_RELAY_TEST_SKIP=postgres`, see `tools`).
 pub fn postgres_or_skip() -> Option<()> {
-    use std::net::ToSocketAddrs;
     let url =
         url::Url::parse(&postgres_admin_url()).expect("KLING_RELAY_TEST_POSTGRES_URL is not a URL");
     let host = url.host_str().unwrap_or("127.0.0.1").to_owned();
     let port = url.port().unwrap_or(5432);
-    let reachable = (host.as_str(), port)
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
-    if reachable {
-        return Some(());
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("Postgres at {host}:{port} is unreachable and CI is set: refusing to skip");
-    }
-    eprintln!("skipping: Postgres at {host}:{port} is unreachable (set CI to make this fail)");
-    None
+    let up = tools::postgres_reachable(&host, port);
+    tools::require(
+        tools::Tool::Postgres,
+        up,
+        &format!("Postgres at {host}:{port}"),
+    )
+    .then_some(())
 }
 
 /// A database of the test's own, removed when dropped.

@@ -210,18 +210,17 @@ pub fn verify_standard_webhook(secret: &str, r: &Received) -> Result<(), String>
     }
 }
 
-/// Also checks with the `standardwebhooks` package from PyPI when `KLING_RELAY_TEST_PYTHON`
-/// names a Python that has it (`.ci/run` sets one up; under CI it is required).
+/// Also checks with the `standardwebhooks` package from PyPI (see `tools::reference_python`).
 pub fn verify_with_reference_library(secret: &str, r: &Received) -> Result<(), String> {
-    let python =
-        match std::env::var("KLING_RELAY_TEST_PYTHON") {
-            Ok(p) => p,
-            Err(_) if std::env::var_os("CI").is_some() => return Err(
-                "CI is set but KLING_RELAY_TEST_PYTHON is not: cannot run the reference verifier"
-                    .into(),
-            ),
-            Err(_) => return Ok(()),
-        };
+    let python = super::tools::reference_python();
+    let run = super::tools::require(
+        super::tools::Tool::Python,
+        python.is_some(),
+        "a Python with the `standardwebhooks` package",
+    );
+    let Some(python) = python.filter(|_| run) else {
+        return Ok(());
+    };
     let script = r#"
 import json, sys
 from standardwebhooks.webhooks import Webhook
