@@ -7,7 +7,7 @@ use figment::Figment;
 use serde::Deserialize;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -201,6 +201,18 @@ impl fmt::Debug for DatabaseSettings {
 }
 
 /// The URL with any password replaced, for logs.
+/// The file a `sqlite:` URL names (`sqlite://data/x.db`, `sqlite:data/x.db`,
+/// `sqlite:///abs/x.db`, with or without `?options`); None for memory databases and Postgres.
+fn sqlite_file(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let path = rest.split('?').next().unwrap_or_default();
+    if path.is_empty() || path.starts_with(":memory:") {
+        return None;
+    }
+    Some(PathBuf::from(path))
+}
+
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut u) if u.password().is_some() => {
@@ -368,8 +380,13 @@ fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
 
 impl Settings {
     /// Loads the layered settings from the process environment.
+    /// Relative SQLite and archive paths come out absolute, against the working directory.
     pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
-        Self::load_from(file, Env::prefixed("KLING_RELAY_"), Env::raw())
+        let mut settings = Self::load_from(file, Env::prefixed("KLING_RELAY_"), Env::raw())?;
+        if let Ok(cwd) = std::env::current_dir() {
+            settings.resolve_paths(&cwd);
+        }
+        Ok(settings)
     }
 
     /// The compiled-in defaults alone, ignoring files and the environment (tests start here).
@@ -410,6 +427,40 @@ impl Settings {
         let settings: Settings = fig.extract().map_err(|e| ConfigError::Load(Box::new(e)))?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// Makes the SQLite file and the archive folder absolute, once, against `base` (the working
+    /// directory): every command then names the same files in its log, and a command run from
+    /// another folder says where it looked instead of silently using a new database there.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        if let Some(file) = sqlite_file(&self.database.url) {
+            if file.is_relative() {
+                let query = self.database.url.find('?').map(|i| &self.database.url[i..]);
+                self.database.url = format!(
+                    "sqlite://{}{}",
+                    base.join(file).display(),
+                    query.unwrap_or("")
+                );
+            }
+        }
+        let archive = Path::new(&self.archive.path);
+        if !self.archive.path.is_empty() && archive.is_relative() {
+            self.archive.path = base.join(archive).display().to_string();
+        }
+    }
+
+    /// The SQLite database's file, if the database is a SQLite file.
+    pub fn sqlite_file(&self) -> Option<PathBuf> {
+        sqlite_file(&self.database.url)
+    }
+
+    /// Where the data is, for logs and messages: the SQLite file, or the Postgres URL without
+    /// its password.
+    pub fn database_location(&self) -> String {
+        match self.sqlite_file() {
+            Some(f) => f.display().to_string(),
+            None => redact_url(&self.database.url),
+        }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -795,6 +846,27 @@ mod tests {
         assert_eq!(s.cometapi.base_url, "");
         assert!(s.cometapi.api_key.is_empty());
         assert!(s.require_api_key().is_err());
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_working_directory() {
+        let base = Path::new("/srv/relay");
+        let mut s = Settings::defaults().unwrap();
+        s.resolve_paths(base);
+        assert_eq!(s.database.url, "sqlite:///srv/relay/data/kling-relay.db");
+        assert_eq!(s.database_location(), "/srv/relay/data/kling-relay.db");
+        assert_eq!(s.archive.path, "/srv/relay/data/archive");
+        for (url, want) in [
+            ("sqlite:x.db?mode=rwc", "sqlite:///srv/relay/x.db?mode=rwc"),
+            ("sqlite:///abs/x.db", "sqlite:///abs/x.db"),
+            ("sqlite::memory:", "sqlite::memory:"),
+            ("postgres://u:pw@h/db", "postgres://u:pw@h/db"),
+        ] {
+            s.database.url = url.into();
+            s.resolve_paths(base);
+            assert_eq!(s.database.url, want);
+        }
+        assert_eq!(s.database_location(), "postgres://u:redacted@h/db");
     }
 
     #[test]

@@ -3,8 +3,7 @@
 
 pub mod app;
 pub mod archive;
-pub mod cli_client;
-pub mod cli_usage;
+pub mod cli;
 pub mod config;
 pub mod doctor;
 pub mod domain;

@@ -441,3 +441,45 @@ on_both_backends!(
     per_client_limits_answer_429_and_store_nothing,
     with_auth_off_requests_without_a_key_are_served,
 );
+
+/// Issue 18: a relative `database.url` is resolved against the working directory and named in
+/// full; a read-only command run from the wrong folder refuses instead of creating a database.
+#[test]
+fn relative_database_paths_are_resolved_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().canonicalize().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .current_dir(&folder)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .output()
+            .expect("run kling-relay");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let db = folder.join("data/kling-relay.db");
+    let (ok, err) = run(&["clients", "list"]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains(&format!("no database at {}", db.display())),
+        "{err}"
+    );
+    assert!(!db.exists(), "a read-only command created a database");
+
+    let (ok, err) = run(&["clients", "create", "alice"]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains(&format!("database: {}", db.display())),
+        "{err}"
+    );
+    assert!(db.exists());
+    let (ok, err) = run(&["clients", "list", "--json"]);
+    assert!(
+        ok && err.contains(&format!("database: {}", db.display())),
+        "{err}"
+    );
+}

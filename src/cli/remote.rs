@@ -1,6 +1,6 @@
 //! The command-line client: `kling-relay submit` and `kling-relay tasks ...`, talking to a
-//! running service over its REST API. Exit codes: 0 success, 1 the task failed, 2 usage or
-//! connection error.
+//! running service over its REST API. Exit codes: 0 success, 1 the task failed (or `tasks wait`
+//! ran out of time), 2 usage or connection error.
 
 use base64::Engine;
 use serde_json::{json, Value};
@@ -14,10 +14,15 @@ pub const EXIT_USAGE: u8 = 2;
 /// Where the service is and who is asking.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Connection {
-    /// Service base URL.
-    #[arg(long, env = "KLING_RELAY_URL", default_value = "http://127.0.0.1:8080")]
+    /// The service's base URL.
+    #[arg(
+        long,
+        env = "KLING_RELAY_URL",
+        hide_env_values = true,
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub url: String,
-    /// Client API key.
+    /// Your client's API key (`klr_…`, from `kling-relay clients create`).
     #[arg(long, env = "KLING_RELAY_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 }
@@ -29,20 +34,28 @@ pub struct SubmitArgs {
     /// A subject image: a local file (sent as Base64) or an http(s) URL. 2 to 4 of them.
     #[arg(long = "subject", required = true)]
     pub subjects: Vec<String>,
+    /// A scene image (file or URL) the subjects are placed in.
     #[arg(long)]
     pub scene: Option<String>,
+    /// A style image (file or URL) whose look the result takes.
     #[arg(long)]
     pub style: Option<String>,
+    /// What to make, in words (at most 2,500 characters).
     #[arg(long)]
     pub prompt: Option<String>,
-    #[arg(long)]
+    /// How many images to make, 1 to 9 (default 1); a task holds n units upstream.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=9))]
     pub n: Option<u8>,
-    #[arg(long)]
+    /// Shape of the images (default 16:9).
+    #[arg(long, value_parser = crate::domain::validation::ASPECT_RATIOS)]
     pub aspect_ratio: Option<String>,
+    /// Upstream model (default: the service's `cometapi.model_name`, kling-v2-1).
     #[arg(long)]
     pub model: Option<String>,
+    /// Where the service POSTs the task's status changes, signed (default: your client's URL).
     #[arg(long)]
     pub notify_url: Option<String>,
+    /// Makes a retried submit safe: the same key answers with the same task, never a second.
     #[arg(long)]
     pub idempotency_key: Option<String>,
     /// Order among your own waiting tasks: high, normal (default) or low.
@@ -61,15 +74,24 @@ pub struct SubmitArgs {
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum TasksCommand {
-    /// Your tasks, newest first.
+    /// Your tasks, newest first, a page at a time (`--all` for every page).
     List {
         #[command(flatten)]
         conn: Connection,
-        /// Only these statuses (repeat or comma-separate).
+        /// Only these statuses (repeat or comma-separate): pending, submitted, processing,
+        /// succeeded, failed, timed_out, canceled.
         #[arg(long)]
         status: Vec<String>,
-        #[arg(long, default_value_t = 20)]
+        /// Tasks per page (1 to 100).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100))]
         limit: u32,
+        /// Start after this page (the `next_cursor` a previous page printed).
+        #[arg(long, conflicts_with = "all")]
+        cursor: Option<String>,
+        /// Follow `next_cursor` to the last page.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON: the page as the API answers it (with --all, one array of every task).
         #[arg(long)]
         json: bool,
     },
@@ -77,7 +99,9 @@ pub enum TasksCommand {
     Show {
         #[command(flatten)]
         conn: Connection,
+        /// The task's id.
         id: String,
+        /// Print the task as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -85,7 +109,46 @@ pub enum TasksCommand {
     Events {
         #[command(flatten)]
         conn: Connection,
+        /// The task's id.
         id: String,
+        /// Print the timeline as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until a task is final. Exits 0 when it succeeded, 1 when it failed, timed out or was
+    /// canceled, or when --timeout passes first.
+    Wait {
+        #[command(flatten)]
+        conn: Connection,
+        /// The task's id.
+        id: String,
+        /// Give up after this long (e.g. 90s, 10m); default: wait as long as it takes.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// Print the final task as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a task that has not been sent upstream yet (one already sent cannot be recalled).
+    Cancel {
+        #[command(flatten)]
+        conn: Connection,
+        /// The task's id.
+        id: String,
+        /// Print the task as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A task's notifications to your notify URL: each attempt, its answer, what comes next.
+    Deliveries {
+        #[command(flatten)]
+        conn: Connection,
+        /// The task's id.
+        id: String,
+        /// Send this notification again now (its id, `msg_…`, from the list).
+        #[arg(long, value_name = "DELIVERY_ID")]
+        retry: Option<String>,
+        /// Print JSON as the API answers it.
         #[arg(long)]
         json: bool,
     },
@@ -138,6 +201,12 @@ impl Api {
             status.as_u16(),
             body["detail"].as_str().unwrap_or("request refused")
         );
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            msg.push_str(
+                "\n  hint: set KLING_RELAY_API_KEY (or pass --api-key) to your client's key; \
+                 `kling-relay clients create NAME` makes one",
+            );
+        }
         if let Some(errors) = body["errors"].as_array() {
             for e in errors {
                 msg.push_str(&format!(
@@ -152,6 +221,11 @@ impl Api {
 
     async fn get(&self, path: &str) -> Result<Value, UsageError> {
         self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    async fn post(&self, path: &str) -> Result<Value, UsageError> {
+        self.send(self.http.post(format!("{}{path}", self.base)))
             .await
     }
 }
@@ -240,20 +314,42 @@ pub async fn submit(a: SubmitArgs) -> Result<u8, UsageError> {
 }
 
 /// Long-polls until the task is final, with a spinner showing the live status.
-async fn wait_final(api: &Api, mut task: Value) -> Result<Value, UsageError> {
+async fn wait_final(api: &Api, task: Value) -> Result<Value, UsageError> {
+    wait_until_final(api, task, None).await
+}
+
+/// Like `wait_final`, giving up at `deadline` (the last task seen is returned, not final).
+async fn wait_until_final(
+    api: &Api,
+    mut task: Value,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<Value, UsageError> {
     let id = task["id"].as_str().unwrap_or_default().to_owned();
     let spinner = indicatif::ProgressBar::new_spinner();
     spinner.enable_steady_tick(Duration::from_millis(120));
     loop {
         let status = task["status"].as_str().unwrap_or("").to_owned();
         spinner.set_message(format!("task {id}: {status}"));
-        if is_final(&status) {
+        let left = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+        if is_final(&status) || left.is_some_and(|l| l.is_zero()) {
             spinner.finish_and_clear();
             return Ok(task);
         }
-        task = api
-            .get(&format!("/v1/tasks/{id}?wait=30&status_not={status}"))
-            .await?;
+        // The service holds a long-poll up to 30 s; never past our own deadline.
+        let wait = left.map_or(30, |l| l.as_secs().clamp(1, 30));
+        let path = format!(
+            "/v1/tasks/{}?wait={wait}&status_not={}",
+            segment(&id),
+            segment(&status)
+        );
+        let next = api.get(&path);
+        task = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, next).await {
+                Ok(t) => t?,
+                Err(_) => task,
+            },
+            None => next.await?,
+        };
     }
 }
 
@@ -311,48 +407,116 @@ fn print_task(t: &Value) {
     }
 }
 
+fn print_task_rows(tasks: &[Value]) {
+    println!(
+        "{:<38} {:<11} {:<26} {:>2}  prompt",
+        "id", "status", "created", "n"
+    );
+    for t in tasks {
+        let prompt: String = t["prompt"]
+            .as_str()
+            .unwrap_or("")
+            .chars()
+            .take(40)
+            .collect();
+        println!(
+            "{:<38} {:<11} {:<26} {:>2}  {}",
+            t["id"].as_str().unwrap_or(""),
+            t["status"].as_str().unwrap_or(""),
+            t["created_at"].as_str().unwrap_or(""),
+            t["n"],
+            prompt
+        );
+    }
+}
+
+fn print_deliveries(v: &Value) {
+    let list = v["deliveries"].as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no notifications for this task");
+        return;
+    }
+    println!(
+        "{:<36} {:<11} {:<10} {:>8} {:>6}  next attempt / last error",
+        "id", "event", "state", "attempts", "status"
+    );
+    for d in &list {
+        let tail = d["next_attempt_at"]
+            .as_str()
+            .or(d["last_error"].as_str())
+            .unwrap_or("");
+        println!(
+            "{:<36} {:<11} {:<10} {:>8} {:>6}  {}",
+            d["id"].as_str().unwrap_or(""),
+            d["event"].as_str().unwrap_or(""),
+            d["state"].as_str().unwrap_or(""),
+            d["attempts"],
+            d["last_status_code"]
+                .as_i64()
+                .map_or("-".to_string(), |c| c.to_string()),
+            tail
+        );
+    }
+}
+
+/// A path segment from user input (a task or delivery id), so `/` or `?` cannot change the route.
+fn segment(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
 pub async fn tasks(cmd: TasksCommand) -> Result<u8, UsageError> {
     match cmd {
         TasksCommand::List {
             conn,
             status,
             limit,
+            cursor,
+            all,
             json,
         } => {
             let api = Api::new(&conn)?;
-            let mut path = format!("/v1/tasks?limit={limit}");
+            let mut query = format!("/v1/tasks?limit={limit}");
             for s in &status {
-                path.push_str(&format!("&status={s}"));
+                query.push_str(&format!("&status={}", segment(s)));
             }
-            let page = api.get(&path).await?;
+            let mut cursor = cursor;
+            let mut every = Vec::new();
+            loop {
+                let path = match &cursor {
+                    Some(c) => format!("{query}&cursor={}", segment(c)),
+                    None => query.clone(),
+                };
+                let page = api.get(&path).await?;
+                let tasks = page["tasks"].as_array().cloned().unwrap_or_default();
+                let next = page["next_cursor"].as_str().map(str::to_owned);
+                if !all {
+                    if json {
+                        println!("{page}");
+                    } else {
+                        print_task_rows(&tasks);
+                        if let Some(next) = &next {
+                            println!("more: --cursor {next}");
+                        }
+                    }
+                    return Ok(EXIT_OK);
+                }
+                every.extend(tasks);
+                match next {
+                    Some(n) => cursor = Some(n),
+                    None => break,
+                }
+            }
             if json {
-                println!("{page}");
-                return Ok(EXIT_OK);
-            }
-            println!(
-                "{:<38} {:<11} {:<26} {:>2}  prompt",
-                "id", "status", "created", "n"
-            );
-            for t in page["tasks"].as_array().into_iter().flatten() {
-                let prompt: String = t["prompt"]
-                    .as_str()
-                    .unwrap_or("")
-                    .chars()
-                    .take(40)
-                    .collect();
-                println!(
-                    "{:<38} {:<11} {:<26} {:>2}  {}",
-                    t["id"].as_str().unwrap_or(""),
-                    t["status"].as_str().unwrap_or(""),
-                    t["created_at"].as_str().unwrap_or(""),
-                    t["n"],
-                    prompt
-                );
+                println!("{}", Value::Array(every));
+            } else {
+                print_task_rows(&every);
             }
             Ok(EXIT_OK)
         }
         TasksCommand::Show { conn, id, json } => {
-            let t = Api::new(&conn)?.get(&format!("/v1/tasks/{id}")).await?;
+            let t = Api::new(&conn)?
+                .get(&format!("/v1/tasks/{}", segment(&id)))
+                .await?;
             if json {
                 println!("{t}");
             } else {
@@ -362,7 +526,7 @@ pub async fn tasks(cmd: TasksCommand) -> Result<u8, UsageError> {
         }
         TasksCommand::Events { conn, id, json } => {
             let v = Api::new(&conn)?
-                .get(&format!("/v1/tasks/{id}/events"))
+                .get(&format!("/v1/tasks/{}/events", segment(&id)))
                 .await?;
             if json {
                 println!("{v}");
@@ -376,6 +540,70 @@ pub async fn tasks(cmd: TasksCommand) -> Result<u8, UsageError> {
                     e["status"].as_str().unwrap_or(""),
                     e["detail"].as_str().unwrap_or("")
                 );
+            }
+            Ok(EXIT_OK)
+        }
+        TasksCommand::Wait {
+            conn,
+            id,
+            timeout,
+            json,
+        } => {
+            let api = Api::new(&conn)?;
+            let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+            let task = api.get(&format!("/v1/tasks/{}", segment(&id))).await?;
+            let task = wait_until_final(&api, task, deadline).await?;
+            let status = task["status"].as_str().unwrap_or("").to_owned();
+            if json {
+                println!("{task}");
+            } else {
+                print_task(&task);
+            }
+            if !is_final(&status) {
+                eprintln!("gave up waiting: the task is still {status}");
+                return Ok(EXIT_TASK_FAILED);
+            }
+            Ok(if status_is_failure(&status) {
+                EXIT_TASK_FAILED
+            } else {
+                EXIT_OK
+            })
+        }
+        TasksCommand::Cancel { conn, id, json } => {
+            let t = Api::new(&conn)?
+                .post(&format!("/v1/tasks/{}/cancel", segment(&id)))
+                .await?;
+            if json {
+                println!("{t}");
+            } else {
+                print_task(&t);
+            }
+            Ok(EXIT_OK)
+        }
+        TasksCommand::Deliveries {
+            conn,
+            id,
+            retry,
+            json,
+        } => {
+            let api = Api::new(&conn)?;
+            let base = format!("/v1/tasks/{}/deliveries", segment(&id));
+            if let Some(delivery) = retry {
+                let v = api
+                    .post(&format!("{base}/{}/retry", segment(&delivery)))
+                    .await?;
+                if json {
+                    println!("{v}");
+                } else {
+                    println!("notification {delivery} queued to be sent again");
+                }
+                return Ok(EXIT_OK);
+            }
+            let v = api.get(&base).await?;
+            if json {
+                println!("{v}");
+            } else {
+                print_deliveries(&v);
             }
             Ok(EXIT_OK)
         }
