@@ -356,16 +356,29 @@ fn describe_figment(err: &figment::Error) -> String {
                 }
             }
             let key = path.join(".");
-            let origin = e
-                .metadata
-                .as_ref()
-                .map(|m| format!(" (from {})", m.name))
-                .unwrap_or_default();
+            // A file is named by its path, so a syntax error says which file to open.
+            let file = e.metadata.as_ref().and_then(|m| match &m.source {
+                Some(figment::Source::File(path)) => Some(path.display().to_string()),
+                _ => None,
+            });
+            let origin = match (&file, e.metadata.as_ref()) {
+                (Some(f), _) => format!(" (in {f})"),
+                (None, Some(m)) => format!(" (from {})", m.name),
+                (None, None) => String::new(),
+            };
             let problem = match &e.kind {
                 Kind::UnknownField(name, _) => format!("unknown key `{name}`"),
-                other => other.to_string(),
+                other => other.to_string().trim_end().to_owned(),
             };
-            format!("`{key}`: {problem}{origin}")
+            if key.is_empty() {
+                // Not about one key: the file itself (a TOML syntax error, say).
+                match file {
+                    Some(f) => format!("{f}: {problem}"),
+                    None => format!("{problem}{origin}"),
+                }
+            } else {
+                format!("`{key}`: {problem}{origin}")
+            }
         })
         .collect::<Vec<_>>()
         .join("; ")
@@ -846,6 +859,22 @@ mod tests {
         assert_eq!(s.cometapi.base_url, "");
         assert!(s.cometapi.api_key.is_empty());
         assert!(s.require_api_key().is_err());
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_file_not_an_empty_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, "[server]\nlisten = [\n").unwrap();
+        let err = Settings::load(Some(&path)).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "configuration: {}: TOML parse error",
+                path.display()
+            )),
+            "{err}"
+        );
+        assert!(!err.contains("``"), "{err}");
     }
 
     #[test]

@@ -74,16 +74,34 @@ async fn start_driver() -> Option<Driver> {
 }
 
 async fn browser(driver: &Driver) -> Client {
+    browser_with(driver, &[]).await
+}
+
+/// No network beyond this machine: every other host name fails to resolve.
+const OFFLINE: &str = "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1";
+
+async fn browser_with(driver: &Driver, extra: &[&str]) -> Client {
     // fantoccini's TLS stack sees two crypto providers in this build; it talks plain http to
     // chromedriver anyway, so any provider does.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let args: Vec<&str> = [
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,900",
+        "--no-first-run",
+        "--disable-extensions",
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    .collect();
     let mut caps = serde_json::Map::new();
     caps.insert(
         "goog:chromeOptions".into(),
         json!({
             "binary": chromium(),
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1280,900", "--no-first-run", "--disable-extensions"],
+            "args": args,
         }),
     );
     ClientBuilder::rustls()
@@ -818,6 +836,70 @@ async fn the_overview_bars_follow_the_counts() {
         "{}",
         row("failed")
     );
+}
+
+/// Issue 18: `/docs` is an interactive reference that works with no network: its table of
+/// contents, and "Try it" sending real requests with the key typed into the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_reference_works_offline_in_a_real_browser() {
+    let Some(driver) = start_driver().await else {
+        return;
+    };
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let c = browser_with(&driver, &[OFFLINE]).await;
+    c.goto(&format!("{}/docs", app.base)).await.unwrap();
+    // The script is the service's own: with no network it still loads and builds the forms.
+    until_js(
+        &c,
+        "document.body.dataset.tryReady === 'yes'",
+        Duration::from_secs(10),
+    )
+    .await;
+    let links = c
+        .execute("return document.querySelectorAll('#toc a').length;", vec![])
+        .await
+        .unwrap();
+    assert!(
+        links.as_u64().unwrap_or(0) >= 20,
+        "table of contents: {links}"
+    );
+    let forms = c
+        .execute(
+            "return document.querySelectorAll('.op details.try form').length;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(forms.as_u64().unwrap_or(0) >= 20, "try-it forms: {forms}");
+
+    c.find(Locator::Css("#api-key"))
+        .await
+        .unwrap()
+        .send_keys(&app.client.api_key)
+        .await
+        .unwrap();
+    click(&c, "#get-v1-status details.try summary").await;
+    click(&c, "#get-v1-status details.try button").await;
+    until_js(
+        &c,
+        "(document.querySelector('#get-v1-status .answer .status') || {}).textContent?.startsWith('200')",
+        Duration::from_secs(10),
+    )
+    .await;
+    let body = text(&c, "#get-v1-status .answer .body").await;
+    assert!(body.contains("max_concurrency"), "{body}");
+
+    // A submit from the page, with its sample body: accepted.
+    click(&c, "#post-v1-tasks details.try summary").await;
+    click(&c, "#post-v1-tasks details.try button").await;
+    until_js(
+        &c,
+        "(document.querySelector('#post-v1-tasks .answer .status') || {}).textContent?.startsWith('202')",
+        Duration::from_secs(15),
+    )
+    .await;
+    shoot(&c, "docs.png").await;
+    let _ = c.close().await;
 }
 
 /// Issue 18: no silent skips. The browser test, run again in a child process with a Chromium that

@@ -324,7 +324,43 @@ async fn openapi_document_and_docs_describe_every_route(b: Backend) {
     ] {
         assert!(html.contains(path), "/docs lacks {path}");
     }
-    assert!(!html.contains("<script"), "no script needed");
+    // Interactive, and offline: its script and style come from this service, nothing else.
+    assert!(html.contains("<script defer src=\"/docs/docs.js\">"));
+    assert!(html.contains("<nav id=\"toc\""));
+    for attr in ["src=\"http", "href=\"http", "src=\"//", "href=\"//"] {
+        assert!(
+            !html.contains(attr),
+            "/docs loads something from elsewhere: {attr}"
+        );
+    }
+    for (asset, kind, needle) in [
+        ("/docs/docs.js", "text/javascript", "Try it"),
+        ("/docs/docs.css", "text/css", "details.try"),
+    ] {
+        let r = app
+            .anonymous
+            .get(format!("{}{asset}", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{asset}");
+        let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(ct.starts_with(kind), "{asset}: {ct}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains(needle), "{asset}");
+        assert!(
+            !text.contains("https://cdn") && !text.contains("unpkg"),
+            "{asset}"
+        );
+    }
+    // A `servers` entry, and images described as bytes, not as an array of integers.
+    assert_eq!(doc["servers"][0]["url"], "/");
+    let image =
+        &doc["paths"]["/v1/tasks/{id}/images/{index}"]["get"]["responses"]["200"]["content"];
+    for media in ["image/png", "image/jpeg"] {
+        assert_eq!(image[media]["schema"]["type"], "string", "{image}");
+        assert_eq!(image[media]["schema"]["format"], "binary", "{image}");
+    }
 }
 
 /// How the account is shared: `/v1/status`, the metrics and the dashboard's overview show, per

@@ -1,6 +1,7 @@
 //! The HTTP layer: routes, request parsing and response shapes. Handlers stay thin and call the
 //! service; errors become problem+json in `error`.
 
+pub mod docs;
 pub mod error;
 mod images;
 mod live;
@@ -61,7 +62,9 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .route("/healthz", get(openapi::healthz))
         .route("/readyz", get(openapi::readyz))
         .route("/openapi.json", get(openapi::openapi_json))
-        .route("/docs", get(openapi::docs))
+        .route("/docs", get(docs::docs))
+        .route("/docs/docs.js", get(docs::script))
+        .route("/docs/docs.css", get(docs::style))
         .merge(metrics_here)
         .merge(ui::routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
