@@ -838,6 +838,106 @@ async fn the_overview_bars_follow_the_counts() {
     );
 }
 
+/// Issue 18: the task list says why a task failed, times read relative with the exact UTC time on
+/// hover, and the overview is a region that refreshes itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_list_shows_failure_reasons_and_relative_times() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        Options {
+            settings: Box::new(|s| s.auth.required = false),
+            ..Options::default()
+        },
+    )
+    .await;
+    let mut failing = valid_body();
+    failing["prompt"] = json!("a forbidden picture");
+    let id = app.submit_ok(&failing).await;
+    app.wait_for_status(&id, "failed", Duration::from_secs(20))
+        .await;
+    let page = app.get_text_anonymously("/ui/tasks").await;
+    let row = page
+        .split(&format!("data-task=\"{id}\""))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no row: {page}"));
+    let row = row.split("</tr>").next().unwrap_or_default();
+    assert!(row.contains("class=\"reason\""), "{row}");
+    assert!(row.contains("moderation"), "the failure reason: {row}");
+    // "just now" / "5 s ago", with the exact time as the hover title.
+    assert!(row.contains("title=\"20"), "{row}");
+    assert!(row.contains(" UTC\">"), "{row}");
+    assert!(row.contains("just now") || row.contains(" s ago"), "{row}");
+
+    let overview = app.get_text_anonymously("/ui/overview").await;
+    assert!(overview.contains("data-refresh=\"running\""), "{overview}");
+}
+
+/// Issue 18: a task not yet sent upstream has a cancel button; pressing it cancels the task, a
+/// cross-site POST is refused, and a task already sent has no button.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cancel_button_cancels_a_task_not_yet_sent() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        Options {
+            settings: Box::new(|s| {
+                s.auth.required = false;
+                s.cometapi.max_concurrency = 2;
+            }),
+            ..Options::stalled()
+        },
+    )
+    .await;
+    let running = app.submit_ok(&valid_body()).await;
+    let waiting = app.submit_ok(&valid_body()).await;
+    assert_eq!(app.task(&waiting).await["status"], "pending");
+    let page = app
+        .get_text_anonymously(&format!("/ui/tasks/{waiting}"))
+        .await;
+    let action = format!("action=\"/ui/tasks/{waiting}/cancel\"");
+    assert!(page.contains(&action), "{page}");
+    let sent = app
+        .get_text_anonymously(&format!("/ui/tasks/{running}"))
+        .await;
+    assert!(
+        !sent.contains("/cancel\""),
+        "a sent task has no cancel button"
+    );
+
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let url = format!("{}/ui/tasks/{waiting}/cancel", app.base);
+    let cross = plain
+        .post(&url)
+        .header("origin", "https://elsewhere.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross.status(), 403);
+    assert_eq!(app.task(&waiting).await["status"], "pending");
+    let r = plain.post(&url).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(
+        r.headers()["location"],
+        format!("/ui/tasks/{waiting}?canceled=1").as_str()
+    );
+    assert_eq!(app.task(&waiting).await["status"], "canceled");
+    let page = app
+        .get_text_anonymously(&format!("/ui/tasks/{waiting}?canceled=1"))
+        .await;
+    assert!(page.contains("Task canceled"), "{page}");
+    assert!(!page.contains(&action), "no button once canceled");
+    // Sent already: the API's refusal, and the task goes on.
+    let r = plain
+        .post(format!("{}/ui/tasks/{running}/cancel", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(app.task(&running).await["status"], "submitted");
+}
+
 /// Issue 18: `/docs` is an interactive reference that works with no network: its table of
 /// contents, and "Try it" sending real requests with the key typed into the page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

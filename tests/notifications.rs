@@ -358,7 +358,83 @@ async fn loopback_destinations_are_opt_in(b: Backend) {
     assert!(rx.received("/ok").is_empty());
 }
 
+/// Issue 18: the dashboard's notifications view lists the signed-in client's notifications in
+/// trouble across tasks (not the delivered ones), and "Replay all dead" sends them again.
+async fn the_dashboard_lists_dead_notifications_and_replays_them(b: Backend) {
+    let app = TestApp::spawn_with(b, Options::stalled()).await;
+    let rx = Receiver::start().await;
+    rx.script("/down", &[500; 4]);
+    let dead_task = submit_notified(&app, &rx.url("/down")).await;
+    let dead = wait_deliveries(&app, &dead_task, all_in("dead", 1)).await;
+    let dead_id = dead[0]["id"].as_str().unwrap().to_owned();
+    let fine_task = submit_notified(&app, &rx.url("/ok")).await;
+    let fine = wait_deliveries(&app, &fine_task, all_in("delivered", 1)).await;
+    let fine_id = fine[0]["id"].as_str().unwrap().to_owned();
+
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = plain
+        .post(format!("{}/ui/login", app.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("api_key={}", app.client.api_key))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 303);
+    let cookie = login.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let page = |path: &'static str| {
+        let (plain, cookie, base) = (plain.clone(), cookie.clone(), app.base.clone());
+        async move {
+            let r = plain
+                .get(format!("{base}{path}"))
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.text().await.unwrap()
+        }
+    };
+    let html = page("/ui/notifications").await;
+    assert!(
+        html.contains(&format!("data-delivery=\"{dead_id}\" data-state=\"dead\"")),
+        "{html}"
+    );
+    assert!(
+        !html.contains(&fine_id),
+        "a delivered notification is not in trouble"
+    );
+    assert!(html.contains("Replay all dead (1)"), "{html}");
+    assert!(html.contains(&format!(
+        "/ui/tasks/{dead_task}/deliveries/{dead_id}/replay?from=notifications"
+    )));
+
+    let r = plain
+        .post(format!("{}/ui/notifications/replay-dead", app.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/ui/notifications?replayed=1");
+    let again = wait_deliveries(&app, &dead_task, all_in("delivered", 1)).await;
+    assert_eq!(again[0]["id"], dead_id.as_str(), "the same webhook-id");
+    assert_eq!(rx.received("/down").len(), 5);
+    let html = page("/ui/notifications?replayed=1").await;
+    assert!(html.contains("Every notification was delivered."), "{html}");
+    assert!(html.contains("1 notification queued"), "{html}");
+}
+
 on_both_backends!(
+    the_dashboard_lists_dead_notifications_and_replays_them,
     loopback_destinations_are_opt_in,
     every_status_change_is_notified_signed_and_after_commit,
     failing_receiver_is_retried_with_the_same_webhook_id,

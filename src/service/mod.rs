@@ -6,6 +6,7 @@
 mod admission;
 pub mod clients;
 pub mod dashboard;
+mod deliveries;
 pub mod group_commit;
 pub mod live;
 pub mod usage;
@@ -21,7 +22,7 @@ use crate::domain::{
     TaskStatus, Transition, UpstreamReport,
 };
 use crate::storage::{
-    Delivery, IdempotencyClaim, InsertOutcome, ListFilter, NewTaskRecord, OutboxEntry, PendingCaps,
+    IdempotencyClaim, InsertOutcome, ListFilter, NewTaskRecord, OutboxEntry, PendingCaps,
     StorageError, Store,
 };
 use crate::upstream::{CometClient, Wire};
@@ -677,36 +678,6 @@ impl Relay {
         })
         .await?;
         self.get(caller, id).await
-    }
-
-    /// A task's notifications.
-    pub async fn deliveries(
-        &self,
-        caller: &Caller,
-        id: &str,
-    ) -> Result<Vec<Delivery>, ServiceError> {
-        self.get(caller, id).await?;
-        Ok(self.store.list_deliveries(id).await?)
-    }
-
-    /// Sends one notification again, with its original `webhook-id`.
-    pub async fn retry_delivery(
-        &self,
-        caller: &Caller,
-        id: &str,
-        delivery_id: &str,
-    ) -> Result<Delivery, ServiceError> {
-        self.get(caller, id).await?;
-        if !self.store.retry_delivery(id, delivery_id, now_ms()).await? {
-            return Err(ServiceError::NotFound);
-        }
-        self.notify_wake.notify_one();
-        self.store
-            .list_deliveries(id)
-            .await?
-            .into_iter()
-            .find(|d| d.id == delivery_id)
-            .ok_or(ServiceError::NotFound)
     }
 
     pub async fn dispatch_status(&self) -> Result<DispatchStatus, ServiceError> {

@@ -69,6 +69,25 @@ struct DeliveryRow {
     delivered_at: Option<i64>,
 }
 
+impl Delivery {
+    fn without_attempts(r: DeliveryRow) -> Delivery {
+        Delivery {
+            id: r.id,
+            task_id: r.task_id,
+            url: r.url,
+            event_status: r.event_status,
+            state: r.state,
+            attempts: r.attempts,
+            next_attempt_at_ms: r.next_attempt_at,
+            last_status_code: r.last_status_code,
+            last_error: r.last_error,
+            created_at_ms: r.created_at,
+            delivered_at_ms: r.delivered_at,
+            attempt_log: Vec::new(),
+        }
+    }
+}
+
 #[derive(sqlx::FromRow)]
 struct AttemptRow {
     delivery_id: String,
@@ -174,8 +193,8 @@ impl Store {
         });
         Ok(rows
             .into_iter()
-            .map(|r| Delivery {
-                attempt_log: attempts
+            .map(|r| {
+                let attempt_log = attempts
                     .iter()
                     .filter(|a| a.delivery_id == r.id)
                     .map(|a| DeliveryAttempt {
@@ -184,18 +203,11 @@ impl Store {
                         error: a.error.clone(),
                         duration_ms: a.duration_ms,
                     })
-                    .collect(),
-                id: r.id,
-                task_id: r.task_id,
-                url: r.url,
-                event_status: r.event_status,
-                state: r.state,
-                attempts: r.attempts,
-                next_attempt_at_ms: r.next_attempt_at,
-                last_status_code: r.last_status_code,
-                last_error: r.last_error,
-                created_at_ms: r.created_at,
-                delivered_at_ms: r.delivered_at,
+                    .collect();
+                Delivery {
+                    attempt_log,
+                    ..Delivery::without_attempts(r)
+                }
             })
             .collect())
     }
@@ -214,6 +226,49 @@ impl Store {
             Ok(sqlx::query(SQL).bind(task_id).bind(delivery_id).bind(now_ms).execute(p).await?
                 .rows_affected() == 1)
         })
+    }
+
+    /// Notifications in trouble across tasks, newest first: dead (the schedule ran out or the
+    /// destination was refused), disabled (410), or failing and waiting for their next attempt.
+    /// `client` limits them to one client's; their attempt logs are left empty.
+    pub async fn troubled_deliveries(
+        &self,
+        client: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Delivery>> {
+        const COLUMNS: &str = "SELECT id, task_id, url, event_status, state, attempts, \
+            next_attempt_at, last_status_code, last_error, created_at, delivered_at FROM deliveries \
+            WHERE (state IN ('dead', 'disabled') OR (state = 'pending' AND attempts > 0))";
+        let rows: Vec<DeliveryRow> = match client {
+            Some(c) => {
+                let sql =
+                    format!("{COLUMNS} AND client = $1 ORDER BY created_at DESC, id LIMIT $2");
+                on_pool!(self, p => sqlx::query_as(&sql).bind(c).bind(limit).fetch_all(p).await?)
+            }
+            None => {
+                let sql = format!("{COLUMNS} ORDER BY created_at DESC, id LIMIT $1");
+                on_pool!(self, p => sqlx::query_as(&sql).bind(limit).fetch_all(p).await?)
+            }
+        };
+        Ok(rows.into_iter().map(Delivery::without_attempts).collect())
+    }
+
+    /// Queues every dead notification (of `client`, or all) for another attempt, each under its
+    /// own `webhook-id`; disabled ones stay disabled (their receiver said 410). How many.
+    pub async fn retry_dead_deliveries(&self, client: Option<&str>, now_ms: i64) -> Result<u64> {
+        let _writer = self.writer().await;
+        const SQL: &str = "UPDATE deliveries SET state = 'pending', next_attempt_at = $1, \
+            updated_at = $1 WHERE state = 'dead'";
+        let done = match client {
+            Some(c) => {
+                let sql = format!("{SQL} AND client = $2");
+                on_pool!(self, p => sqlx::query(&sql).bind(now_ms).bind(c).execute(p).await?.rows_affected())
+            }
+            None => {
+                on_pool!(self, p => sqlx::query(SQL).bind(now_ms).execute(p).await?.rows_affected())
+            }
+        };
+        Ok(done)
     }
 
     /// Deliveries waiting for an attempt (the notification backlog).

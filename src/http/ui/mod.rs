@@ -7,9 +7,11 @@
 //! its client is revoked, and after `auth.session_idle_timeout` / `auth.session_lifetime`. Every
 //! page then sees exactly what that key sees through `/v1/`. With
 //! `auth.required = false` no sign-in is needed and every task is shown. State-changing requests
-//! (sign-out, replay) are POSTs that a cross-site page cannot make with the cookie
+//! (sign-out, replay, cancel) are POSTs that a cross-site page cannot make with the cookie
 //! (`SameSite=Strict`) and whose `Origin`, when sent, must be this service.
 
+mod actions;
+mod notifications_page;
 mod pages;
 mod usage_page;
 
@@ -47,9 +49,12 @@ pub fn routes() -> Router<AppState> {
         .route("/ui/tasks", get(task_list))
         .route("/ui/tasks/{id}", get(task_page))
         .route("/ui/tasks/{id}/images/{index}", get(image))
+        .route("/ui/tasks/{id}/cancel", post(actions::cancel))
+        .route("/ui/notifications", get(actions::notifications))
+        .route("/ui/notifications/replay-dead", post(actions::replay_dead))
         .route(
             "/ui/tasks/{id}/deliveries/{delivery_id}/replay",
-            post(replay),
+            post(actions::replay),
         )
         .route("/ui/assets/ui.css", get(|| asset(CSS, "text/css")))
         .route("/ui/assets/ui.js", get(|| asset(JS, "text/javascript")))
@@ -329,7 +334,14 @@ async fn task_page(
     let raw_task =
         serde_json::to_string_pretty(&TaskView::from(task.clone()).with_archive(&archive))
             .unwrap_or_default();
-    let replayed = query.as_deref().is_some_and(|q| q.contains("replayed=1"));
+    let said = |flag: &str| query.as_deref().is_some_and(|q| q.contains(flag));
+    let notice = if said("replayed=1") {
+        Some("Notification queued for another delivery.")
+    } else if said("canceled=1") {
+        Some("Task canceled: it was never sent upstream, and nothing was charged.")
+    } else {
+        None
+    };
     let page = TaskPage {
         task: &task,
         inputs: &inputs,
@@ -337,7 +349,7 @@ async fn task_page(
         events: &events,
         deliveries: &deliveries,
         raw_task,
-        notice: replayed.then_some("Notification queued for another delivery."),
+        notice,
     };
     Ok(html(StatusCode::OK, pages::task_page(&who, &page)))
 }
@@ -378,20 +390,4 @@ async fn image(
     super::images::serve(&relay, &caller, &id, &index, &headers)
         .await
         .map_err(|e| UiError::Api(None, e))
-}
-
-async fn replay(
-    State(relay): State<AppState>,
-    headers: HeaderMap,
-    Path((id, delivery_id)): Path<(String, String)>,
-) -> Result<Response, UiError> {
-    if !same_origin(&headers) {
-        return Err(UiError::Forbidden);
-    }
-    let (caller, who) = session(&relay, &headers).await?;
-    relay
-        .retry_delivery(&caller, &id, &delivery_id)
-        .await
-        .map_err(|e| UiError::Api(Some(who), e.into()))?;
-    Ok(Redirect::to(&format!("/ui/tasks/{id}?replayed=1#deliveries")).into_response())
 }

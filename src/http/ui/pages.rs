@@ -13,6 +13,7 @@ pub enum Nav {
     Overview,
     Tasks,
     Usage,
+    Notifications,
     None,
 }
 
@@ -37,6 +38,7 @@ pub fn layout(title: &str, who: Option<&str>, current: Nav, body: Markup) -> Mar
                                 li { a href="/ui/overview" aria-current=[here(Nav::Overview)] { "Overview" } }
                                 li { a href="/ui/tasks" aria-current=[here(Nav::Tasks)] { "Tasks" } }
                                 li { a href="/ui/usage" aria-current=[here(Nav::Usage)] { "Usage" } }
+                                li { a href="/ui/notifications" aria-current=[here(Nav::Notifications)] { "Notifications" } }
                             }
                         }
                         div.who {
@@ -92,10 +94,35 @@ fn badge(status: TaskStatus) -> Markup {
     html! { span class={ "badge " (status.as_str()) } { (status.as_str().replace('_', " ")) } }
 }
 
+/// A time as people read it on a busy page ("3 min ago"), the exact UTC time on hover.
+pub fn relative_time(ms: i64) -> Markup {
+    time(ms)
+}
+
 fn time(ms: i64) -> Markup {
     let t = rfc3339(ms);
-    let short = t.get(..19).unwrap_or(&t).replace('T', " ");
-    html! { time datetime=(t) { (short) " UTC" } }
+    let exact = format!("{} UTC", t.get(..19).unwrap_or(&t).replace('T', " "));
+    html! { time datetime=(t) title=(exact) { (relative(crate::service::now_ms() - ms)) } }
+}
+
+/// `ago_ms` as "just now", "42 s ago", "5 min ago", "3 h ago", "2 days ago" (or "in …").
+fn relative(ago_ms: i64) -> String {
+    let secs = ago_ms.abs() / 1000;
+    let amount = match secs {
+        0..=4 => return "just now".into(),
+        5..=59 => format!("{secs} s"),
+        60..=3_599 => format!("{} min", secs / 60),
+        3_600..=86_399 => format!("{} h", secs / 3_600),
+        _ => match secs / 86_400 {
+            1 => "1 day".into(),
+            d => format!("{d} days"),
+        },
+    };
+    if ago_ms < 0 {
+        format!("in {amount}")
+    } else {
+        format!("{amount} ago")
+    }
 }
 
 fn stored<'a>(archive: &'a [ArchivedImage], task: &str, index: u32) -> Option<&'a ArchivedImage> {
@@ -159,7 +186,12 @@ pub fn task_list(
                         tbody {
                             @for t in tasks {
                                 tr data-task=(t.id) data-status=(t.status.as_str()) {
-                                    td data-label="Status" { (badge(t.status)) }
+                                    td data-label="Status" {
+                                        (badge(t.status))
+                                        @if let Some(e) = &t.error {
+                                            div.reason title=(e.message) { code { (e.code) } " " (truncate(&e.message, 60)) }
+                                        }
+                                    }
                                     td data-label="Created" { (time(t.created_at_ms)) }
                                     td data-label="Prompt" { (t.prompt.as_deref().map(|p| truncate(p, 80)).unwrap_or_default()) }
                                     td data-label="Images" {
@@ -258,6 +290,12 @@ pub fn task_page(who: &str, p: &TaskPage<'_>) -> Markup {
             div data-refresh=(if running { "running" } else { "idle" }) aria-live="polite" {
                 h1 { "Task " (t.id) " " (badge(t.status)) }
                 @if let Some(n) = p.notice { p role="status" { (n) } }
+                @if t.status == TaskStatus::Pending {
+                    form.cancel method="post" action={ "/ui/tasks/" (t.id) "/cancel" } {
+                        button type="submit" { "Cancel task" }
+                        span.muted { " Not sent upstream yet: canceling costs nothing." }
+                    }
+                }
                 dl.facts {
                     dt { "Status" } dd { (t.status.as_str()) @if let Some(u) = &t.upstream_status { span.muted { " (upstream: " (u) ")" } } }
                     @if let Some(e) = &t.error { dt { "Error" } dd.error { code { (e.code) } " " (e.message) } }
@@ -392,6 +430,8 @@ pub fn overview(who: &str, o: &Overview) -> Markup {
         Nav::Overview,
         html! {
             h1 { "Overview" }
+            // Always current: the region is fetched again every few seconds (ui.js).
+            div data-refresh="running" aria-live="polite" {
             @if let Some(h) = &o.halted {
                 div #halted.banner role="alert" {
                     strong { "Dispatch is halted (" (h.reason.as_str()) ")." }
@@ -465,6 +505,23 @@ pub fn overview(who: &str, o: &Overview) -> Markup {
                     }
                 }
             }
+            }
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::relative;
+
+    #[test]
+    fn times_read_relative() {
+        assert_eq!(relative(1_000), "just now");
+        assert_eq!(relative(42_000), "42 s ago");
+        assert_eq!(relative(5 * 60_000 + 10), "5 min ago");
+        assert_eq!(relative(3 * 3_600_000), "3 h ago");
+        assert_eq!(relative(86_400_000), "1 day ago");
+        assert_eq!(relative(3 * 86_400_000), "3 days ago");
+        assert_eq!(relative(-90_000), "in 1 min");
+    }
 }
