@@ -965,12 +965,16 @@ async fn the_api_reference_works_offline_in_a_real_browser() {
     );
     let forms = c
         .execute(
-            "return document.querySelectorAll('.op details.try form').length;",
+            "return [document.querySelectorAll('.op').length, \
+                     document.querySelectorAll('.op details.try form').length];",
             vec![],
         )
         .await
         .unwrap();
-    assert!(forms.as_u64().unwrap_or(0) >= 20, "try-it forms: {forms}");
+    assert!(
+        forms[0].as_u64().unwrap_or(0) >= 19 && forms[0] == forms[1],
+        "a try-it form on every operation: {forms}"
+    );
 
     c.find(Locator::Css("#api-key"))
         .await
@@ -999,6 +1003,95 @@ async fn the_api_reference_works_offline_in_a_real_browser() {
     )
     .await;
     shoot(&c, "docs.png").await;
+    let _ = c.close().await;
+}
+
+/// Issue 18, in Chromium: the cancel button cancels a task not yet sent, and the notifications
+/// view lists dead notifications across tasks and replays them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_notifications_in_a_real_browser() {
+    let Some(driver) = start_driver().await else {
+        return;
+    };
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        Options {
+            settings: Box::new(|s| {
+                s.auth.required = false;
+                s.cometapi.max_concurrency = 2;
+            }),
+            ..Options::stalled()
+        },
+    )
+    .await;
+    let rx = Receiver::start().await;
+    rx.script("/down", &[500; 8]);
+    let mut body = valid_body();
+    body["notify_url"] = json!(rx.url("/down"));
+    let running = app.submit_ok(&body).await;
+    let waiting = app.submit_ok(&body).await;
+    assert_eq!(app.task(&waiting).await["status"], "pending");
+    let c = browser(&driver).await;
+
+    c.goto(&format!("{}/ui/tasks/{waiting}", app.base))
+        .await
+        .unwrap();
+    click(&c, "form.cancel button").await;
+    until_js(
+        &c,
+        "location.search.includes('canceled=1') && document.querySelector('h1 .badge.canceled')",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(app.task(&waiting).await["status"], "canceled");
+    c.goto(&format!("{}/ui/tasks/{running}", app.base))
+        .await
+        .unwrap();
+    let buttons = c
+        .execute(
+            "return document.querySelectorAll('form.cancel').length;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        buttons,
+        json!(0),
+        "a task already sent has no cancel button"
+    );
+
+    // Both tasks' notifications to /down end dead (four failed attempts each).
+    let start = Instant::now();
+    loop {
+        c.goto(&format!("{}/ui/notifications", app.base))
+            .await
+            .unwrap();
+        let dead = c
+            .execute(
+                "return document.querySelectorAll('#troubled tr[data-state=dead]').length;",
+                vec![],
+            )
+            .await
+            .unwrap();
+        if dead == json!(2) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "dead: {dead}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    shoot(&c, "notifications.png").await;
+    click(&c, "form.replay-all button").await;
+    until_js(
+        &c,
+        "(document.querySelector('[role=status]') || {}).textContent?.includes('2 notifications queued')",
+        Duration::from_secs(10),
+    )
+    .await;
+    let start = Instant::now();
+    while rx.received("/down").len() < 10 {
+        assert!(start.elapsed() < Duration::from_secs(15), "not sent again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let _ = c.close().await;
 }
 

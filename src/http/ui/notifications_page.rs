@@ -42,8 +42,10 @@ pub fn notifications(who: &str, troubled: &[Delivery], notice: Option<String>) -
                                 td data-label="URL" { code { (d.url) } }
                                 td data-label="Attempts" { (d.attempts) }
                                 td data-label="Last answer" {
-                                    @if let Some(c) = d.last_status_code { "HTTP " (c) }
-                                    @if let Some(e) = &d.last_error { " " (e) }
+                                    @let code = d.last_status_code.map(|c| format!("HTTP {c}"));
+                                    @if let Some(c) = &code { (c) }
+                                    // The error often just repeats the status ("HTTP 500").
+                                    @if let Some(e) = d.last_error.as_ref().filter(|e| Some(*e) != code.as_ref()) { " " (e) }
                                     @if d.last_status_code.is_none() && d.last_error.is_none() { "—" }
                                 }
                                 td data-label="Created" { (relative_time(d.created_at_ms)) }
