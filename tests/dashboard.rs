@@ -836,6 +836,36 @@ async fn the_overview_bars_follow_the_counts() {
         "{}",
         row("failed")
     );
+
+    // Charts over time, each with its table: 3 succeeded and 1 failed in the last hour.
+    let table = |id: &str| -> Vec<Vec<String>> {
+        let body = page
+            .split(&format!("<table id=\"{id}\">"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {id}: {page}"));
+        let body = body.split("</table>").next().unwrap_or_default();
+        let body = body.split("<tbody>").nth(1).unwrap_or_default();
+        body.split("<tr>")
+            .skip(1)
+            .map(|r| {
+                r.split("<td>")
+                    .skip(1)
+                    .map(|c| c.split("</td>").next().unwrap_or_default().to_owned())
+                    .collect()
+            })
+            .collect()
+    };
+    let minutes = table("finished-table");
+    let sum = |col: usize| -> i64 { minutes.iter().map(|r| r[col].parse::<i64>().unwrap()).sum() };
+    assert_eq!((sum(1), sum(2), sum(3)), (3, 1, 0), "{minutes:?}");
+    assert!(page.contains("class=\"bar succeeded\""), "bars drawn");
+    assert!(page.contains("class=\"bar failed\""), "bars drawn");
+    assert!(
+        !table("duration-table").is_empty(),
+        "durations of this hour"
+    );
+    assert!(page.contains("<polyline class=\"units\""), "units sampled");
+    assert!(!table("units-table").is_empty());
 }
 
 /// Issue 18: the task list says why a task failed, times read relative with the exact UTC time on

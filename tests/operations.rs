@@ -427,7 +427,45 @@ async fn status_shows_how_clients_share_the_account(b: Backend) {
     .await;
 }
 
+/// The dashboard overview's charts read the database on both backends: tasks finished per
+/// minute, with their table.
+async fn overview_charts_read_both_backends(b: Backend) {
+    let app = TestApp::spawn_with(
+        b,
+        Options {
+            settings: Box::new(|s| s.auth.required = false),
+            ..Options::default()
+        },
+    )
+    .await;
+    for _ in 0..2 {
+        let id = app.submit_ok(&valid_body()).await;
+        app.wait_for_status(&id, "succeeded", Duration::from_secs(20))
+            .await;
+    }
+    let page = app.get_text_anonymously("/ui/overview").await;
+    let table = page
+        .split("<table id=\"finished-table\">")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no chart table: {page}"));
+    let table = table.split("</table>").next().unwrap_or_default();
+    let succeeded: i64 = table
+        .split("<tr>")
+        .skip(2)
+        .map(|r| {
+            r.split("<td>")
+                .nth(2)
+                .and_then(|c| c.split("</td>").next())
+                .and_then(|c| c.parse::<i64>().ok())
+                .unwrap_or_else(|| panic!("row {r}"))
+        })
+        .sum();
+    assert_eq!(succeeded, 2, "{table}");
+    assert!(page.contains("id=\"duration-table\""));
+}
+
 on_both_backends!(
+    overview_charts_read_both_backends,
     status_shows_how_clients_share_the_account,
     openapi_document_and_docs_describe_every_route,
     metrics_cover_the_service_with_low_cardinality_labels,

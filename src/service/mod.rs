@@ -141,6 +141,8 @@ pub struct Relay {
     group_commit: group_commit::GroupCommit,
     /// When this replica last folded the usage aggregates' shards (`service::usage`).
     usage_folded_at: std::sync::atomic::AtomicI64,
+    /// The overview's units-in-flight chart (`dashboard.rs`), kept for an hour in this process.
+    units_history: Mutex<std::collections::VecDeque<dashboard::UnitsSample>>,
     pub upstream: CometClient,
     /// Set while upstream refuses the setup (key, IP, account, route); see `domain::halt`.
     halt: Mutex<DispatchHalt>,
@@ -275,6 +277,7 @@ impl Relay {
             admission,
             group_commit,
             usage_folded_at: std::sync::atomic::AtomicI64::new(0),
+            units_history: Mutex::new(std::collections::VecDeque::new()),
             upstream,
             halt: Mutex::new(DispatchHalt::new(HaltConfig {
                 probe_initial: d.halt_probe_initial,

@@ -20,6 +20,28 @@ impl Store {
         })
     }
 
+    /// Tasks that reached a final status since `finished_since_ms`, per minute and status:
+    /// (minute start, status, count). Only tasks created since `created_since_ms` are read, so
+    /// the index on creation time bounds the work.
+    pub async fn finished_per_minute(
+        &self,
+        client: Option<&str>,
+        created_since_ms: i64,
+        finished_since_ms: i64,
+    ) -> Result<Vec<(i64, String, i64)>> {
+        const SQL: &str = "SELECT (completed_at / 60000) * 60000, status, COUNT(*) FROM tasks \
+            WHERE created_at >= $1 AND completed_at >= $2 AND ($3 = '' OR client = $3) \
+            GROUP BY (completed_at / 60000) * 60000, status";
+        on_pool!(self, p => {
+            Ok(sqlx::query_as(SQL)
+                .bind(created_since_ms)
+                .bind(finished_since_ms)
+                .bind(client.unwrap_or(""))
+                .fetch_all(p)
+                .await?)
+        })
+    }
+
     /// Why tasks created since `since_ms` failed or timed out, most frequent first:
     /// (error code, one message of that code, how many).
     pub async fn failure_reasons_since(

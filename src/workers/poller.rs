@@ -224,6 +224,7 @@ async fn step_within(
         .delete_expired_idempotency_keys(now_ms() - ms(crate::service::IDEMPOTENCY_TTL), 1000)
         .await?;
     relay.fold_usage().await?;
+    relay.sample_units().await?;
     Ok((polled, timed_out, rate_limited))
 }
 

@@ -11,6 +11,7 @@
 //! (`SameSite=Strict`) and whose `Origin`, when sent, must be this service.
 
 mod actions;
+mod charts;
 mod notifications_page;
 mod pages;
 mod usage_page;

@@ -466,6 +466,10 @@ pub fn overview(who: &str, o: &Overview) -> Markup {
                     }
                 }
             }
+            h2 { "Over time" }
+            (super::charts::finished_per_minute(&o.finished_per_minute, o.now_ms))
+            (super::charts::units(&o.units_history, o.now_ms))
+            (super::charts::durations(&o.durations))
             h2 { "Upstream concurrency" }
             p #units {
                 label for="units-meter" { (o.units_in_flight) " of " (o.working_limit) " units in flight" }
