@@ -388,6 +388,62 @@ async fn the_dashboard_in_a_real_browser() {
     assert!(counts.contains("succeeded"), "{counts}");
     let units = text(&c, "#units").await;
     assert!(units.contains("units in flight"), "{units}");
+    // As drawn: each share bar is as wide as its count's share of the total.
+    let shares = c
+        .execute(
+            "return [...document.querySelectorAll('#status-counts tbody tr')].map(r => {
+                const n = Number(r.cells[1].textContent);
+                const fill = r.querySelector('rect.fill').getBoundingClientRect().width;
+                const track = r.querySelector('rect.track').getBoundingClientRect().width;
+                return [n, fill / track];
+            });",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let shares: Vec<(f64, f64)> = shares
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_f64().unwrap(), p[1].as_f64().unwrap()))
+        .collect();
+    let total: f64 = shares.iter().map(|(n, _)| n).sum();
+    assert!(!shares.is_empty());
+    for (n, width) in &shares {
+        assert!(
+            (width - n / total).abs() < 0.02,
+            "bars as drawn: {shares:?}"
+        );
+    }
+    // The charts are drawn: finished tasks are bars of some height, units a line.
+    let drawn = c
+        .execute(
+            "return [document.querySelectorAll('#finished-chart rect.bar').length,
+                     Math.max(0, ...[...document.querySelectorAll('#finished-chart rect.bar')]
+                        .map(b => b.getBoundingClientRect().height)),
+                     document.querySelectorAll('#units-chart polyline.units').length];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(
+        drawn[0].as_u64().unwrap_or(0) >= 1 && drawn[1].as_f64().unwrap_or(0.0) > 5.0,
+        "{drawn}"
+    );
+    assert_eq!(drawn[2], json!(1), "{drawn}");
+    // The overview refreshes itself: a mark on the live region is gone once it is swapped.
+    c.execute(
+        "document.querySelector('[data-refresh]').dataset.mark = 'old';",
+        vec![],
+    )
+    .await
+    .unwrap();
+    until_js(
+        &c,
+        "document.querySelector('[data-refresh]') && !document.querySelector('[data-refresh]').dataset.mark",
+        Duration::from_secs(8),
+    )
+    .await;
     shoot(&c, "overview.png").await;
 
     // Usage: 30 bars drawn by the server, today's not empty.
