@@ -503,9 +503,10 @@ pub struct TaskRequest {
     priority: Option<Priority>,
 }
 
-/// The task resource as JSON text (the body of a notification).
-pub fn task_json(task: Task) -> String {
-    serde_json::to_string(&TaskView::from(task)).unwrap_or_else(|_| "{}".into())
+/// The task resource as JSON text (the body of a notification). A task that cannot be written
+/// as JSON is an error, never an empty `{}` sent as if it were the task.
+pub fn task_json(task: Task) -> Result<String, serde_json::Error> {
+    serde_json::to_string(&TaskView::from(task))
 }
 
 #[cfg(test)]

@@ -243,6 +243,11 @@ async fn a_delivery_can_be_replayed(b: Backend) {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+    let problem: Value = r.json().await.unwrap();
+    assert_eq!(
+        problem["detail"], "this task has no notification with this id",
+        "a 404 names what is missing"
+    );
 }
 
 async fn client_default_url_and_secret_rotation(b: Backend) {

@@ -131,6 +131,9 @@ impl From<ServiceError> for ApiError {
         match e {
             ServiceError::Invalid(errors) => ApiError::Validation(errors),
             ServiceError::NotFound => ApiError::NotFound("no task with this id".into()),
+            ServiceError::DeliveryNotFound => {
+                ApiError::NotFound("this task has no notification with this id".into())
+            }
             ServiceError::Mismatch(m) => ApiError::Conflict(m.to_string()),
             ServiceError::Contended => ApiError::Unavailable(e.to_string()),
             ServiceError::IdempotencyConflict => ApiError::Validation(vec![FieldError {

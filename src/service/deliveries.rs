@@ -49,7 +49,7 @@ impl Relay {
     ) -> Result<Delivery, ServiceError> {
         self.get(caller, id).await?;
         if !self.store.retry_delivery(id, delivery_id, now_ms()).await? {
-            return Err(ServiceError::NotFound);
+            return Err(ServiceError::DeliveryNotFound);
         }
         self.notify_wake.notify_one();
         self.store
@@ -57,6 +57,6 @@ impl Relay {
             .await?
             .into_iter()
             .find(|d| d.id == delivery_id)
-            .ok_or(ServiceError::NotFound)
+            .ok_or(ServiceError::DeliveryNotFound)
     }
 }

@@ -50,6 +50,8 @@ pub enum ServiceError {
     Invalid(Vec<FieldError>),
     #[error("task not found")]
     NotFound,
+    #[error("this task has no notification with this id")]
+    DeliveryNotFound,
     #[error(transparent)]
     Mismatch(#[from] ReportMismatch),
     #[error("the task kept changing while this update was applied; try again")]
@@ -753,7 +755,8 @@ impl Relay {
             id: format!("msg_{}", uuid::Uuid::now_v7().simple()),
             client: client.clone(),
             url,
-            payload: crate::resource::task_json(task.after(change, source, now)),
+            payload: crate::resource::task_json(task.after(change, source, now))
+                .map_err(|e| StorageError::Corrupt(format!("task {} as JSON: {e}", task.id)))?,
         }))
     }
 
