@@ -1,0 +1,195 @@
+//! The connection pool: opening (and for SQLite creating) the database, the single-instance lock
+//! of SQLite, the one-writer queue, migrations, readiness and the generated-secret store.
+
+use super::*;
+
+/// The locks that keep a SQLite database to one serving instance; released when dropped.
+pub struct InstanceLock {
+    _files: [std::fs::File; 2],
+}
+
+pub(super) fn take_lock(
+    path: &std::path::Path,
+    db: &std::path::Path,
+) -> std::result::Result<std::fs::File, String> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "another kling-relay instance is serving this SQLite database ({}, held by {}), \
+             perhaps under another name (a link); SQLite supports one instance: stop the other \
+             one, or use Postgres for several",
+            db.display(),
+            path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", path.display())),
+    }
+}
+
+impl Store {
+    /// Opens (and for SQLite creates) the database named by `url`.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
+        let pool = if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)?;
+            if let Some(dir) = opts.get_filename().parent() {
+                if !dir.as_os_str().is_empty() {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        StorageError::Corrupt(format!(
+                            "cannot create database folder {}: {e}",
+                            dir.display()
+                        ))
+                    })?;
+                }
+            }
+            let opts = opts
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                // FULL: a commit is on disk before we acknowledge it, even across power loss.
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true);
+            Pool::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(max_connections)
+                    .connect_with(opts)
+                    .await?,
+            )
+        } else {
+            let opts = PgConnectOptions::from_str(url)?;
+            Pool::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect_with(opts)
+                    .await?,
+            )
+        };
+        let write_lock = matches!(pool, Pool::Sqlite(_))
+            .then(|| std::sync::Arc::new(tokio::sync::Mutex::new(())));
+        Ok(Store {
+            pool,
+            write_lock,
+            instance: uuid::Uuid::now_v7().simple().to_string().into(),
+        })
+    }
+
+    /// Held for the length of a write transaction (SQLite only; Postgres writers run in parallel).
+    pub(super) async fn writer(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.write_lock {
+            Some(l) => Some(l.lock().await),
+            None => None,
+        }
+    }
+
+    /// One serving instance per SQLite database. Two locks: `<path>.lock` beside the file (so
+    /// two containers sharing the volume see each other), and one named after the file's identity
+    /// (device and inode) in the temporary folder, so a symlink or a hard link to the same
+    /// database, under another name, is refused too: with a hard link, two instances would keep
+    /// separate WAL files and lose acknowledged tasks. An existing database file is never opened
+    /// here (closing a second descriptor on it would release SQLite's own POSIX locks). Held
+    /// until the returned value is dropped; None for Postgres.
+    pub fn lock_single_instance(url: &str) -> std::result::Result<Option<InstanceLock>, String> {
+        if !url.starts_with("sqlite:") {
+            return Ok(None);
+        }
+        let opts = SqliteConnectOptions::from_str(url).map_err(|e| e.to_string())?;
+        let db = opts.get_filename().to_path_buf();
+        if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        let mut beside = db.as_os_str().to_owned();
+        beside.push(".lock");
+        let beside = take_lock(std::path::Path::new(&beside), &db)?;
+        // The database's identity needs the file: an empty one is a new SQLite database. Only a
+        // missing file is created (and closed at once); an existing one is never opened here.
+        if !db.exists() {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .append(true)
+                .open(&db)
+                .map_err(|e| format!("cannot create {}: {e}", db.display()))?;
+        }
+        let meta =
+            std::fs::metadata(&db).map_err(|e| format!("cannot read {}: {e}", db.display()))?;
+        let identity = {
+            use std::os::unix::fs::MetadataExt;
+            std::env::temp_dir().join(format!(
+                "kling-relay-sqlite-{}-{}.lock",
+                meta.dev(),
+                meta.ino()
+            ))
+        };
+        let identity = take_lock(&identity, &db)?;
+        Ok(Some(InstanceLock {
+            _files: [beside, identity],
+        }))
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self.pool {
+            Pool::Sqlite(_) => "sqlite",
+            Pool::Postgres(_) => "postgres",
+        }
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        match &self.pool {
+            Pool::Sqlite(p) => SQLITE_MIGRATIONS.run(p).await?,
+            Pool::Postgres(p) => POSTGRES_MIGRATIONS.run(p).await?,
+        }
+        Ok(())
+    }
+
+    /// Ready to serve: the database answers and every migration this binary knows is applied.
+    pub async fn readiness(&self) -> std::result::Result<(), String> {
+        let (migrator, applied): (&sqlx::migrate::Migrator, Result<Vec<i64>>) = match &self.pool {
+            Pool::Sqlite(p) => (
+                &SQLITE_MIGRATIONS,
+                sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                    .fetch_all(p)
+                    .await
+                    .map_err(Into::into),
+            ),
+            Pool::Postgres(p) => (
+                &POSTGRES_MIGRATIONS,
+                sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                    .fetch_all(p)
+                    .await
+                    .map_err(Into::into),
+            ),
+        };
+        let applied = applied.map_err(|_| "database unreachable".to_owned())?;
+        let missing = migrator
+            .iter()
+            .filter(|m| !applied.contains(&m.version))
+            .count();
+        if missing > 0 {
+            return Err(format!("{missing} migration(s) not applied"));
+        }
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        on_pool!(self, p => p.close().await)
+    }
+
+    /// Returns the stored secret `name`, storing `generated` first if there is none. Concurrent
+    /// first starts agree on one value.
+    pub async fn ensure_secret(&self, name: &str, generated: &str) -> Result<String> {
+        const INSERT: &str =
+            "INSERT INTO service_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING";
+        const SELECT: &str = "SELECT value FROM service_secrets WHERE name = $1";
+        on_pool!(self, p => {
+            sqlx::query(INSERT).bind(name).bind(generated).execute(p).await?;
+            let v: String = sqlx::query_scalar(SELECT).bind(name).fetch_one(p).await?;
+            Ok(v)
+        })
+    }
+}

@@ -1,0 +1,111 @@
+//! The read queries behind history and background work, public so tests can check their plans.
+//! (`storage::sql` is this module.)
+
+/// Recent succeeded tasks' durations (upstream's clock when known), newest first.
+pub const RECENT_DURATIONS: &str = "SELECT model_name, n, \
+            CASE WHEN upstream_started_at IS NOT NULL AND upstream_updated_at IS NOT NULL \
+                 THEN upstream_updated_at - upstream_started_at \
+                 ELSE completed_at - submitted_at END \
+            FROM tasks WHERE status = 'succeeded' AND submitted_at IS NOT NULL \
+            ORDER BY created_at DESC LIMIT $1";
+/// Running tasks: their polls are scheduled.
+pub const RUNNING_TASKS: &str = "SELECT id, model_name, n, submitted_at, poll_due_at FROM tasks \
+        WHERE poll_due_at IS NOT NULL AND submitted_at IS NOT NULL";
+/// Whether a pending task is due for dispatch.
+pub const DISPATCH_BACKLOG: &str = "SELECT EXISTS (SELECT 1 FROM tasks \
+    WHERE next_dispatch_at IS NOT NULL AND next_dispatch_at <= $1 AND status = 'pending')";
+/// The earliest scheduled poll.
+pub const NEXT_POLL_DUE: &str = "SELECT MIN(poll_due_at) FROM tasks WHERE poll_due_at IS NOT NULL";
+/// A task's timeline, oldest first.
+pub const EVENTS: &str = "SELECT at, source, status, upstream_status, detail, upstream_payload \
+        FROM task_events \
+        WHERE task_id = $1 ORDER BY id";
+/// Pending tasks whose dispatch is due, most overdue first.
+pub const DUE_DISPATCHES: &str = "SELECT id, n, created_at, dispatch_started_at, client, \
+        priority FROM (SELECT id, n, created_at, dispatch_started_at, \
+        COALESCE(client, '') AS client, priority, ROW_NUMBER() OVER (PARTITION BY client \
+        ORDER BY CASE priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END, \
+        next_dispatch_at, id) AS place FROM tasks WHERE next_dispatch_at IS NOT NULL \
+        AND next_dispatch_at <= $1) AS due WHERE place <= $2";
+/// Tasks holding units upstream (in flight, or possibly in flight): client, `n`, and when
+/// the dispatch began (oldest first). One statement, so no task is missed or counted twice
+/// when another replica's commit moves it between the two kinds.
+pub const HOLDING_UNITS: &str = "SELECT client, n FROM (\
+        SELECT COALESCE(client, '') AS client, n, COALESCE(submitted_at, created_at) AS since \
+        FROM tasks WHERE status IN ('submitted', 'processing') \
+        UNION ALL SELECT COALESCE(client, '') AS client, n, dispatch_started_at AS since \
+        FROM tasks WHERE dispatch_started_at IS NOT NULL AND status = 'pending') AS held \
+        ORDER BY since";
+pub const CLIENT_SHARES: &str = "SELECT name, weight, max_units FROM clients";
+/// Tasks upstream holds whose next poll is due. Only rows with `poll_due_at` set (submitted or
+/// processing) are in `tasks_poll_due`, so final tasks are never read.
+pub const DUE_POLLS: &str =
+    "SELECT id, upstream_task_id, external_task_id, created_at, poll_count \
+        FROM tasks WHERE poll_due_at IS NOT NULL AND poll_due_at <= $1 \
+        ORDER BY poll_due_at LIMIT $2";
+/// Units our tasks may hold upstream: those upstream has (`submitted`, `processing`) plus
+/// pending tasks whose create may have landed. One statement, so both sums come from one
+/// snapshot: read apart, a task moving from in doubt to submitted between them (another
+/// replica's commit) would be counted in neither, and the budget overspent.
+pub const UNITS_IN_FLIGHT: &str = "SELECT \
+    (SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM tasks \
+        WHERE status IN ('submitted', 'processing')) + \
+    (SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM tasks \
+        WHERE dispatch_started_at IS NOT NULL AND status = 'pending')";
+/// Notifications whose next attempt is due, oldest first.
+pub const DUE_DELIVERIES: &str = "SELECT id, task_id, client, url, payload, attempts \
+    FROM deliveries WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= $1 \
+    ORDER BY next_attempt_at LIMIT $2";
+/// Open tasks per status (for metrics); final tasks are not read.
+pub const OPEN_BY_STATUS: &str = "SELECT status, COUNT(*) FROM tasks \
+    WHERE status IN ('pending', 'submitted', 'processing') GROUP BY status";
+/// Tasks waiting for dispatch (the backpressure cap).
+pub const PENDING_COUNT: &str = "SELECT COUNT(*) FROM tasks WHERE status = 'pending'";
+/// Open tasks older than a cutoff. The predicate repeats the partial index's so both
+/// planners use `tasks_open_by_age`.
+pub const EXPIRED_OPEN: &str = "SELECT id FROM tasks \
+        WHERE status IN ('pending', 'submitted', 'processing') AND created_at < $1 \
+        ORDER BY created_at LIMIT $2";
+
+/// The history query for a filter; parameters are bound in the order client, statuses, created_after,
+/// created_before, cursor (created_at, id), limit.
+pub fn list(f: &super::ListFilter) -> String {
+    let mut sql = format!("SELECT {} FROM tasks WHERE 1 = 1", super::TASK_COLUMNS);
+    let mut n = 0;
+    let mut next = || {
+        n += 1;
+        format!("${n}")
+    };
+    if f.client.is_some() {
+        sql.push_str(&format!(" AND client = {}", next()));
+    }
+    if !f.statuses.is_empty() {
+        let marks: Vec<String> = f.statuses.iter().map(|_| next()).collect();
+        sql.push_str(&format!(" AND status IN ({})", marks.join(", ")));
+    }
+    if f.created_after_ms.is_some() {
+        sql.push_str(&format!(" AND created_at >= {}", next()));
+    }
+    if f.created_before_ms.is_some() {
+        sql.push_str(&format!(" AND created_at < {}", next()));
+    }
+    if f.text.is_some() {
+        let p = next();
+        sql.push_str(&format!(
+            " AND (LOWER(COALESCE(prompt, '')) LIKE {p} ESCAPE '\\' \
+             OR LOWER(COALESCE(metadata, '')) LIKE {p} ESCAPE '\\')"
+        ));
+    }
+    if f.before.is_some() {
+        // A row-value comparison, not `a < x OR (a = x AND b < y)`: both planners turn it
+        // into a range on the (…, created_at, id) index, so a deep page costs what the
+        // first page costs instead of walking every newer row.
+        let (a, b) = (next(), next());
+        sql.push_str(&format!(" AND (created_at, id) < ({a}, {b})"));
+    }
+    sql.push_str(&format!(
+        " ORDER BY created_at DESC, id DESC LIMIT {}",
+        next()
+    ));
+    sql
+}
