@@ -1,0 +1,42 @@
+//! What a use case can answer besides success; `http::error` maps each to one HTTP answer.
+
+use super::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("the request is invalid")]
+    Invalid(Vec<FieldError>),
+    #[error("task not found")]
+    NotFound,
+    #[error("this task has no notification with this id")]
+    DeliveryNotFound,
+    #[error(transparent)]
+    Mismatch(#[from] ReportMismatch),
+    #[error("the task kept changing while this update was applied; try again")]
+    Contended,
+    #[error("this Idempotency-Key was used with a different request")]
+    IdempotencyConflict,
+    #[error("too many tasks are waiting for dispatch; retry later")]
+    QueueFull,
+    #[error(
+        "this task's {requested} units would take the client over its {} budget of {} units",
+        standing.period.as_str(),
+        standing.limit_units
+    )]
+    BudgetExceeded {
+        standing: crate::domain::usage::BudgetStanding,
+        requested: i64,
+    },
+    #[error("too many submits from this client; retry in {0} s")]
+    RateLimited(u64),
+    #[error("missing, unknown or revoked API key")]
+    Unauthorized,
+    #[error("the task cannot be canceled: {0}")]
+    CannotCancel(CancelRefused),
+    #[error("{0}")]
+    ImageUnavailable(String),
+    #[error(transparent)]
+    Archive(#[from] crate::archive::ArchiveError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
