@@ -12,10 +12,12 @@ pub mod fair_share;
 pub mod halt;
 pub mod image_header;
 pub mod notify;
+pub mod query;
 pub mod schedule;
 pub mod task;
 pub mod usage;
 pub mod validation;
 
+pub use query::TaskQuery;
 pub use task::*;
 pub use validation::{is_model_name, validate_new_task, FieldError, NewTask, Rules};

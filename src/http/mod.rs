@@ -1,11 +1,14 @@
 //! The HTTP layer: routes, request parsing and response shapes. Handlers stay thin and call the
 //! service; errors become problem+json in `error`.
 
+mod cursor;
 pub mod docs;
 pub mod error;
 mod images;
 mod live;
 pub mod openapi;
+mod ops;
+pub use ops::metrics_router;
 pub mod server;
 mod tasks;
 mod ui;
@@ -47,7 +50,7 @@ pub fn router(relay: Arc<Relay>) -> Router {
     let request_timeout = relay.settings.server.request_timeout;
     // /metrics is served here unless it has a listener of its own.
     let metrics_here = if relay.settings.server.metrics_listen.is_empty() {
-        Router::new().route("/metrics", get(openapi::metrics))
+        Router::new().route("/metrics", get(ops::metrics))
     } else {
         Router::new()
     };
@@ -59,8 +62,8 @@ pub fn router(relay: Arc<Relay>) -> Router {
             post(webhooks::cometapi_path_token),
         )
         .route("/webhooks/doctor/{nonce}", get(webhooks::doctor_echo))
-        .route("/healthz", get(openapi::healthz))
-        .route("/readyz", get(openapi::readyz))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/docs", get(docs::docs))
         .route("/docs/docs.js", get(docs::script))
@@ -185,73 +188,6 @@ async fn record_http_metrics(req: Request, next: Next) -> Response {
     metrics::histogram!("klr_http_request_duration_seconds", "method" => method, "route" => route)
         .record(elapsed.as_secs_f64());
     resp
-}
-
-/// Prometheus text: counters and histograms as recorded, plus gauges read now.
-pub async fn render_metrics(State(relay): State<AppState>) -> Response {
-    let handle = crate::telemetry::metrics::handle();
-    if let Ok(d) = relay.dispatch_status().await {
-        metrics::gauge!("klr_dispatch_units_in_flight").set(d.units_in_flight as f64);
-        metrics::gauge!("klr_dispatch_working_limit").set(d.admission.working_limit as f64);
-        metrics::gauge!("klr_dispatch_max_units").set(d.admission.max_units as f64);
-        metrics::gauge!("klr_dispatch_pending").set(d.pending as f64);
-        let halted = d.halted.as_ref().map(|h| h.reason);
-        for r in crate::domain::halt::HaltReason::ALL {
-            metrics::gauge!("klr_dispatch_halted", "reason" => r.as_str())
-                .set(if halted == Some(r) { 1.0 } else { 0.0 });
-        }
-    }
-    if let Ok(open) = relay.store.open_tasks_by_status().await {
-        for status in ["pending", "submitted", "processing"] {
-            let n = open
-                .iter()
-                .find(|(s, _)| s == status)
-                .map_or(0, |(_, n)| *n);
-            metrics::gauge!("klr_tasks", "status" => status).set(n as f64);
-        }
-    }
-    if let Ok(usage) = relay.client_usage().await {
-        // Labels are client names: bounded by the number of clients, never task ids.
-        for u in &usage {
-            let client = u.client.clone().unwrap_or_default();
-            metrics::gauge!("klr_client_units_in_use", "client" => client.clone())
-                .set(u.units_in_use as f64);
-            metrics::gauge!("klr_client_tasks_waiting", "client" => client).set(u.waiting as f64);
-        }
-    }
-    if let Ok(g) = relay.usage_gauges().await {
-        for (client, units) in g.reserved {
-            metrics::gauge!("klr_units_reserved", "client" => client).set(units as f64);
-        }
-        for (client, period, left) in g.budget_remaining {
-            metrics::gauge!("klr_budget_remaining_units", "client" => client, "period" => period)
-                .set(left);
-        }
-    }
-    if let Ok(n) = relay.store.pending_deliveries().await {
-        metrics::gauge!("klr_notification_backlog").set(n as f64);
-    }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        handle.render(),
-    )
-        .into_response()
-}
-
-/// The metrics endpoint alone, for `server.metrics_listen`.
-pub fn metrics_router(relay: Arc<Relay>) -> Router {
-    Router::new()
-        .route("/metrics", get(render_metrics))
-        .with_state(relay)
-}
-
-/// Ready when the database answers and its migrations are current. Says why not, and nothing
-/// about the configuration.
-pub(crate) async fn readyz(State(relay): State<AppState>) -> Response {
-    match relay.readiness().await {
-        Ok(()) => "ready".into_response(),
-        Err(reason) => ApiError::Unavailable(format!("not ready: {reason}")).into_response(),
-    }
 }
 
 /// Every `/v1/` request carries `Authorization: Bearer <key>`; the caller it names is handed to

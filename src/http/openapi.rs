@@ -28,7 +28,7 @@ use utoipa::{Modify, OpenApi};
         tasks::submit, tasks::list, tasks::get, tasks::events, tasks::cancel, live::stream,
         tasks::deliveries, tasks::retry_delivery, tasks::status, usage::usage, webhooks::cometapi, webhooks::cometapi_path_token, webhooks::doctor_echo,
         images::image,
-        healthz, readyz, metrics, openapi_json, super::docs::docs,
+        super::ops::healthz, super::ops::readyz, super::ops::metrics, openapi_json, super::docs::docs,
     ),
     components(schemas(
         TaskRequest, SubjectImage, TaskView, ImageView, ArchiveView, ArchiveStateSchema,
@@ -154,30 +154,6 @@ impl Modify for BinaryImages {
 pub fn document() -> &'static Value {
     static DOC: OnceLock<Value> = OnceLock::new();
     DOC.get_or_init(|| serde_json::to_value(ApiDoc::openapi()).unwrap_or(Value::Null))
-}
-
-/// Liveness.
-#[utoipa::path(get, path = "/healthz", tag = "operations",
-    responses((status = 200, description = "The process is alive", body = String, content_type = "text/plain")))]
-pub async fn healthz() -> &'static str {
-    "ok"
-}
-
-/// Readiness: the database answers and its migrations are current.
-#[utoipa::path(get, path = "/readyz", tag = "operations",
-    responses(
-        (status = 200, description = "Ready", body = String, content_type = "text/plain"),
-        (status = 503, description = "Not ready, with the reason", body = Problem, content_type = "application/problem+json"),
-    ))]
-pub async fn readyz(state: axum::extract::State<super::AppState>) -> Response {
-    super::readyz(state).await
-}
-
-/// Prometheus metrics (text format). On `server.metrics_listen` instead when that is set.
-#[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text", body = String, content_type = "text/plain")))]
-pub async fn metrics(state: axum::extract::State<super::AppState>) -> Response {
-    super::render_metrics(state).await
 }
 
 /// This document.

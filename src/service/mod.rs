@@ -22,6 +22,7 @@ mod submit;
 pub mod usage;
 
 pub use error::ServiceError;
+pub use reads::Gauges;
 
 use crate::config::Settings;
 use crate::domain::admission::{Admission, AdmissionConfig, AdmissionSnapshot};
@@ -34,8 +35,7 @@ use crate::domain::{
     TaskStatus, Transition, UpstreamReport,
 };
 use crate::storage::{
-    IdempotencyClaim, InsertOutcome, ListFilter, NewTaskRecord, OutboxEntry, PendingCaps,
-    StorageError, Store,
+    IdempotencyClaim, InsertOutcome, NewTaskRecord, OutboxEntry, PendingCaps, StorageError, Store,
 };
 use crate::upstream::{CometClient, Wire};
 use base64::Engine;

@@ -121,7 +121,7 @@ impl Relay {
     pub async fn list(
         &self,
         caller: &Caller,
-        filter: &ListFilter,
+        filter: &crate::domain::TaskQuery,
     ) -> Result<Vec<Task>, ServiceError> {
         let mut filter = filter.clone();
         filter.client = caller.scope().map(str::to_owned);
@@ -132,4 +132,27 @@ impl Relay {
         self.get(caller, id).await?;
         Ok(self.store.events(id).await?)
     }
+
+    /// The gauges `/metrics` reports, read now. A figure that cannot be read is left out (the
+    /// endpoint still answers with the rest).
+    pub async fn gauges(&self) -> Gauges {
+        Gauges {
+            dispatch: self.dispatch_status().await.ok(),
+            open_tasks: self.store.open_tasks_by_status().await.ok(),
+            clients: self.client_usage().await.ok(),
+            usage: self.usage_gauges().await.ok(),
+            notification_backlog: self.store.pending_deliveries().await.ok(),
+        }
+    }
+}
+
+/// What `/metrics` reports as gauges (see `Relay::gauges`).
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    pub dispatch: Option<DispatchStatus>,
+    /// (status, tasks) of the open statuses.
+    pub open_tasks: Option<Vec<(String, i64)>>,
+    pub clients: Option<Vec<crate::storage::ClientUsage>>,
+    pub usage: Option<crate::service::usage::UsageGauges>,
+    pub notification_backlog: Option<i64>,
 }

@@ -141,20 +141,8 @@ pub struct PendingCaps {
     pub per_client: i64,
 }
 
-/// History filter; `before` is the keyset cursor `(created_at, id)` of the last task already seen.
-#[derive(Debug, Clone, Default)]
-pub struct ListFilter {
-    /// Only this client's tasks; None: everyone's.
-    pub client: Option<String>,
-    pub statuses: Vec<TaskStatus>,
-    pub created_after_ms: Option<i64>,
-    pub created_before_ms: Option<i64>,
-    /// Case-insensitive substring of the prompt or the metadata's JSON text (the dashboard's
-    /// search); a filter, not an index-served query.
-    pub text: Option<String>,
-    pub before: Option<(i64, String)>,
-    pub limit: i64,
-}
+/// The history query, as storage runs it (the type is the domain's `TaskQuery`).
+pub type ListFilter = crate::domain::TaskQuery;
 
 /// A task the poller should ask upstream about.
 #[derive(Debug, Clone)]

@@ -16,16 +16,16 @@ mod notifications_page;
 mod pages;
 mod usage_page;
 
+use super::cursor::{decode_cursor, encode_cursor};
 use super::error::ApiError;
-use super::tasks::{decode_cursor, encode_cursor};
 use super::AppState;
 use crate::domain::client::Caller;
 use crate::domain::usage::{Granularity, DAY_MS};
+use crate::domain::TaskQuery;
 use crate::domain::TaskStatus;
 use crate::resource::TaskView;
 use crate::service::usage::UsageQuery;
 use crate::service::ServiceError;
-use crate::storage::ListFilter;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -269,9 +269,9 @@ async fn task_list(
 ) -> Result<Response, UiError> {
     let (caller, who) = session(&relay, &headers).await?;
     let mut form = ListForm::default();
-    let mut filter = ListFilter {
+    let mut filter = TaskQuery {
         limit: PAGE_SIZE,
-        ..ListFilter::default()
+        ..TaskQuery::default()
     };
     let mut kept: Vec<(String, String)> = Vec::new();
     for (k, v) in url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
