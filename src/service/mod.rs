@@ -13,6 +13,7 @@ mod changes;
 pub mod clients;
 pub mod dashboard;
 mod deliveries;
+mod dispatch;
 mod error;
 pub mod group_commit;
 mod halt;

@@ -1,31 +1,15 @@
-//! Sends pending tasks upstream, within the account's concurrency, exactly once.
-//!
-//! Each pass counts the units our tasks hold upstream (from the database, so a restart does not
-//! reset it), asks the admission controller which waiting tasks fit, and sends those.
-//!
-//! Before each create call the task is claimed: `dispatch_started_at` marks that the call may
-//! reach upstream and `next_dispatch_at` moves past the call's time limit (a lease). A task whose
-//! create may have landed (in doubt) is never re-sent blindly: it is first looked up by its
-//! `external_task_id`; only when upstream answers that it does not have it, or cannot say, is the
-//! create sent again with the same id, which upstream refuses as a duplicate if it has it after all.
-//! See ARCHITECTURE.md, "Exactly once upstream".
+//! The dispatcher: a loop that asks the relay what it may send (`Relay::dispatch_allowance`,
+//! `Relay::claim_for_dispatch`), sends it a bounded number at a time (`Relay::dispatch_claimed`),
+//! and sleeps until woken or a short idle time passes. The rules are in `service::dispatch`.
 
-use super::{for_each_bounded, jitter};
-use crate::domain::admission::Candidate;
-use crate::domain::schedule::backoff;
-use crate::domain::{EventSource, Task, TaskError, TaskStatus, UpstreamReport, UpstreamStatus};
-use crate::service::{ms, now_ms, Relay, ServiceError};
-use crate::storage::{DispatchCandidate, DispatchRetry};
-use crate::upstream::{CreateRequest, Lookup, UpstreamError};
+use super::for_each_bounded;
+use crate::service::{now_ms, Relay, ServiceError};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Longest sleep between passes when nothing wakes the dispatcher.
 const IDLE: Duration = Duration::from_millis(500);
-/// Waiting tasks considered per client and pass, in priority then age order (enough for small
-/// tasks to backfill around large ones).
-const CANDIDATES_PER_CLIENT: i64 = 64;
 
 pub async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
     tracing::info!("dispatcher started");
@@ -49,299 +33,19 @@ pub async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
     tracing::info!("dispatcher stopped");
 }
 
-/// While dispatch is halted, whether this pass may send anything: None sends nothing, Some(n)
-/// at most n tasks (a probe by create lets one through).
-async fn halted_allowance(relay: &Relay) -> Option<usize> {
-    relay.halt_reason()?;
-    let reason = relay.take_halt_probe(jitter())?;
-    if !reason.probed_by_query() {
-        // Only a create shows that credit (or the route) is back; refused, it costs nothing.
-        return Some(1);
-    }
-    // A made-up id: a key that works answers task_not_exist, a refused one the same refusal.
-    let probe_id = format!("klr-probe-{}", uuid::Uuid::now_v7());
-    match relay.upstream.query(&probe_id).await {
-        Ok(_) => relay.resume_dispatch(),
-        Err(UpstreamError::Halt {
-            reason,
-            code,
-            message,
-        }) => relay.halt_dispatch(reason, &code, &message),
-        Err(e) => tracing::info!(error = %e, "dispatch halt probe got no verdict"),
-    }
-    None
-}
-
-/// One pass: claims the tasks in doubt and the waiting tasks that fit the upstream budget, then
-/// works on them. Returns how many tasks it worked on.
+/// One pass: claims what may go now and sends it. Returns how many tasks it worked on.
 pub async fn step(relay: &Arc<Relay>) -> Result<usize, ServiceError> {
-    let mut concurrency = relay.settings.dispatch.concurrency.max(1);
-    if relay.halt_reason().is_some() {
-        match halted_allowance(relay).await {
-            Some(n) => concurrency = n,
-            None if relay.halt_reason().is_some() => return Ok(0),
-            // The probe passed: dispatch as usual.
-            None => {}
-        }
-    }
+    let Some(concurrency) = relay.dispatch_allowance().await else {
+        return Ok(0);
+    };
     let now = now_ms();
-    // Past any answer the pass can still get: a lookup and a create, each within the call's
-    // time limit, and a second for the commit. See `storage::claims` on leases.
-    let lease_until = now + 2 * ms(relay.settings.cometapi.timeout) + 1000;
-    let claimed = relay
-        .store
-        .claim_dispatches(
-            now,
-            CANDIDATES_PER_CLIENT,
-            lease_until,
-            |learnt, held, candidates| {
-                // Tasks in doubt already count in the units in flight, and finding out costs
-                // nothing upstream, so they do not wait for room.
-                let (in_doubt, waiting): (Vec<DispatchCandidate>, Vec<DispatchCandidate>) =
-                    candidates.into_iter().partition(|c| c.in_doubt);
-                let mut work: Vec<String> = in_doubt.into_iter().map(|c| c.id).collect();
-                let waiting: Vec<Candidate> = waiting.into_iter().map(Candidate::from).collect();
-                if !waiting.is_empty() {
-                    work.extend(relay.select_for_dispatch(now, learnt, &held, &waiting));
-                }
-                // Claim only what starts now, so no lease runs out while its task waits for a slot.
-                work.truncate(concurrency);
-                work
-            },
-        )
-        .await?;
+    let claimed = relay.claim_for_dispatch(now, concurrency).await?;
     let n = claimed.len();
     let r = relay.clone();
     for_each_bounded(claimed, concurrency, move |task| {
         let relay = r.clone();
-        async move {
-            let id = task.id.clone();
-            if let Err(e) = dispatch_one(&relay, task, now).await {
-                tracing::error!(task_id = %id, error = %e, "dispatch failed");
-            }
-            relay.publish(&id);
-        }
+        async move { relay.dispatch_claimed(task, now).await }
     })
     .await;
     Ok(n)
-}
-
-/// Sends one claimed task upstream (after recovering it, if an earlier create may have landed).
-async fn dispatch_one(relay: &Relay, task: Task, now_claimed: i64) -> Result<(), ServiceError> {
-    let id = task.id.as_str();
-    // The mark predates this claim: an earlier create may have landed.
-    let was_in_doubt = task
-        .dispatch_started_at_ms
-        .is_some_and(|t| t != now_claimed);
-    if was_in_doubt && bind_if_upstream_has_it(relay, &task).await? {
-        return Ok(());
-    }
-    // Large Base64 inputs take their turn in the byte budget that large submits share, held
-    // until the create call is done with them.
-    let _budget = relay.reserve_dispatch_bytes(id).await?;
-    let Some(inputs) = relay.store.get_inputs(id).await? else {
-        relay
-            .refuse(
-                id,
-                TaskError::new(
-                    "inputs_missing",
-                    "the task's input images are no longer stored",
-                ),
-            )
-            .await?;
-        return Ok(());
-    };
-    let request = CreateRequest {
-        model_name: &task.model_name,
-        prompt: task.prompt.as_deref(),
-        n: task.n,
-        aspect_ratio: task.aspect_ratio.as_deref(),
-        inputs: &inputs,
-        callback_url: relay.callback_url(id),
-        external_task_id: &task.external_task_id,
-        request_id: task.request_id.as_deref(),
-    };
-    match relay.upstream.create(&request).await {
-        Ok(report) => {
-            relay.resume_dispatch();
-            relay.admission_accepted().await;
-            relay
-                .apply_report(id, EventSource::Dispatch, &report)
-                .await?;
-        }
-        Err(UpstreamError::Retryable {
-            reason,
-            retry_after,
-            maybe_sent,
-            busy,
-        }) => {
-            let now = now_ms();
-            let (next_attempt_at_ms, detail) = if busy {
-                // The account is full: pause all dispatch, and keep this task's place in line.
-                let others = relay.store.units_in_flight().await? - task.n;
-                let pause = relay
-                    .admission_busy(now_claimed, others.max(0), task.n, retry_after, jitter())
-                    .await;
-                tracing::warn!(task_id = %id, %reason, ?pause, "upstream concurrency full; dispatch paused");
-                (
-                    now,
-                    format!(
-                        "upstream concurrency full ({reason}); dispatch paused for {}",
-                        human(pause)
-                    ),
-                )
-            } else {
-                let delay = retry_delay(relay, &task).max(retry_after.unwrap_or_default());
-                tracing::warn!(task_id = %id, %reason, retry_in = ?delay, "dispatch will be retried");
-                (
-                    now + ms(delay),
-                    format!(
-                        "attempt {} not accepted ({reason}); retrying in {}",
-                        task.dispatch_attempts,
-                        human(delay)
-                    ),
-                )
-            };
-            // An earlier attempt still in doubt stays in doubt, whatever this one did.
-            put_back(
-                relay,
-                id,
-                next_attempt_at_ms,
-                maybe_sent || was_in_doubt,
-                detail,
-            )
-            .await?;
-        }
-        Err(UpstreamError::Halt {
-            reason,
-            code,
-            message,
-        }) => {
-            // The setup is refused, not the task: it keeps its place and waits, not in doubt
-            // (upstream refused the call), unless an earlier attempt was.
-            relay.halt_dispatch(reason, &code, &message);
-            let detail = format!(
-                "dispatch halted ({}, upstream {code}: {message}); the task waits",
-                reason.as_str()
-            );
-            put_back(relay, id, now_ms(), was_in_doubt, detail).await?;
-        }
-        Err(UpstreamError::Unknown { code, message })
-            if task.dispatch_attempts >= relay.settings.cometapi.unknown_code_attempts =>
-        {
-            tracing::warn!(task_id = %id, %code, %message, attempts = task.dispatch_attempts, "upstream keeps answering a code outside its published table; failing the task");
-            relay
-                .finish(
-                    id,
-                    EventSource::Dispatch,
-                    TaskStatus::Failed,
-                    TaskError::new(code, message),
-                )
-                .await?;
-        }
-        Err(UpstreamError::Unknown { code, message }) => {
-            let delay = retry_delay(relay, &task);
-            tracing::warn!(task_id = %id, %code, %message, retry_in = ?delay, "upstream answered a code outside its published table; retrying");
-            let detail = format!(
-                "attempt {} answered unknown code {code} ({message}); retrying in {}",
-                task.dispatch_attempts,
-                human(delay)
-            );
-            // Nothing says the call was refused before it landed.
-            put_back(relay, id, now_ms() + ms(delay), true, detail).await?;
-        }
-        Err(UpstreamError::Rejected { code, message }) => {
-            tracing::warn!(task_id = %id, %code, %message, "upstream refused the task");
-            relay.refuse(id, TaskError::new(code, message)).await?;
-        }
-        Err(UpstreamError::DuplicateExternalId { message }) => {
-            recover_existing(relay, &task, &message).await?;
-        }
-    }
-    Ok(())
-}
-
-/// The backoff before a task's next attempt, from how many it has had.
-fn retry_delay(relay: &Relay, task: &Task) -> Duration {
-    let s = &relay.settings.dispatch;
-    let attempt = u32::try_from(task.dispatch_attempts.saturating_sub(1)).unwrap_or(u32::MAX);
-    backoff(attempt, s.retry_initial, s.retry_max, jitter())
-}
-
-/// Returns a task to waiting after an attempt that did not land, with a timeline entry.
-async fn put_back(
-    relay: &Relay,
-    id: &str,
-    next_attempt_at_ms: i64,
-    maybe_sent: bool,
-    detail: String,
-) -> Result<(), ServiceError> {
-    let retry = DispatchRetry {
-        next_attempt_at_ms,
-        maybe_sent,
-        detail,
-    };
-    Ok(relay.store.retry_dispatch(id, now_ms(), &retry).await?)
-}
-
-fn human(d: Duration) -> String {
-    humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
-}
-
-/// For a task in doubt: asks upstream for it by `external_task_id` and binds it if found.
-/// Returns false when upstream does not have it or cannot say, so the create may be sent again.
-async fn bind_if_upstream_has_it(relay: &Relay, task: &Task) -> Result<bool, ServiceError> {
-    match relay
-        .upstream
-        .query_by_external_id(&task.external_task_id)
-        .await
-    {
-        Ok(Lookup::Found(report)) => {
-            tracing::info!(task_id = %task.id, "task in doubt found upstream; bound");
-            relay
-                .apply_report(&task.id, EventSource::Dispatch, &report)
-                .await?;
-            Ok(true)
-        }
-        Ok(Lookup::NotExist) => Ok(false),
-        Err(e) => {
-            tracing::info!(task_id = %task.id, error = %e, "lookup by external_task_id unavailable; re-sending under the same id");
-            Ok(false)
-        }
-    }
-}
-
-/// Upstream already holds this task (an earlier call landed but its answer was lost): bind it
-/// instead of creating a second, paid, task.
-async fn recover_existing(relay: &Relay, task: &Task, message: &str) -> Result<(), ServiceError> {
-    tracing::warn!(task_id = %task.id, "upstream already has this external_task_id; recovering it");
-    let report = match relay
-        .upstream
-        .query_by_external_id(&task.external_task_id)
-        .await
-    {
-        Ok(Lookup::Found(report)) => report,
-        // No lookup by external id here: the task is upstream, so treat it as submitted without
-        // an upstream id. Its callback carries our task id in the URL and binds it; the poller
-        // keeps trying the lookup.
-        other => {
-            tracing::info!(task_id = %task.id, lookup = ?other, "lookup by external_task_id unavailable");
-            UpstreamReport {
-                task_id: None,
-                external_task_id: Some(task.external_task_id.clone()),
-                status: UpstreamStatus::Submitted,
-                status_msg: Some(format!(
-                    "upstream already holds this external_task_id ({message}); awaiting its callback"
-                )),
-                updated_at_ms: None,
-                images: Vec::new(),
-                final_unit_deduction: None,
-                raw: None,
-            }
-        }
-    };
-    relay
-        .apply_report(&task.id, EventSource::Dispatch, &report)
-        .await?;
-    Ok(())
 }
