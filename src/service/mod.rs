@@ -18,6 +18,7 @@ mod error;
 pub mod group_commit;
 mod halt;
 pub mod live;
+pub mod poll;
 mod reads;
 mod submit;
 pub mod usage;
@@ -266,4 +267,21 @@ impl Relay {
             changes,
         })
     }
+}
+
+/// Runs `work` for every item, at most `limit` at a time, and waits for all of them.
+pub(crate) async fn for_each_bounded<T, F, Fut>(items: Vec<T>, limit: usize, work: F)
+where
+    T: Send + 'static,
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut set = tokio::task::JoinSet::new();
+    for item in items {
+        if set.len() >= limit.max(1) {
+            set.join_next().await;
+        }
+        set.spawn(work(item));
+    }
+    while set.join_next().await.is_some() {}
 }

@@ -9,26 +9,9 @@ pub mod notifier;
 pub mod poller;
 
 use crate::domain::notify::NetworkPolicy;
+pub(crate) use crate::service::for_each_bounded;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use std::future::Future;
 use std::net::SocketAddr;
-
-/// Runs `work` for every item, at most `limit` at a time, and waits for all of them.
-pub(crate) async fn for_each_bounded<T, F, Fut>(items: Vec<T>, limit: usize, work: F)
-where
-    T: Send + 'static,
-    F: Fn(T) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let mut set = tokio::task::JoinSet::new();
-    for item in items {
-        if set.len() >= limit.max(1) {
-            set.join_next().await;
-        }
-        set.spawn(work(item));
-    }
-    while set.join_next().await.is_some() {}
-}
 
 pub(crate) fn jitter() -> f64 {
     rand::random::<f64>()
