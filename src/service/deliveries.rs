@@ -59,4 +59,21 @@ impl Relay {
             .find(|d| d.id == delivery_id)
             .ok_or(ServiceError::DeliveryNotFound)
     }
+
+    /// Records one delivery attempt and what comes next for it.
+    pub async fn record_delivery_attempt(
+        &self,
+        d: &crate::storage::DueDelivery,
+        record: &crate::storage::AttemptRecord,
+    ) -> Result<(), ServiceError> {
+        Ok(self.store.record_attempt(d, record).await?)
+    }
+
+    /// The client a notification is signed for (its current signing secrets).
+    pub async fn notified_client(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::domain::client::Client>, ServiceError> {
+        Ok(self.store.get_client(name).await?)
+    }
 }

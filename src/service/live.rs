@@ -12,6 +12,13 @@ use tokio::sync::broadcast;
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
 impl Relay {
+    /// Other replicas' task changes (Postgres); None on SQLite, where this is the only instance.
+    pub async fn other_replicas_changes(
+        &self,
+    ) -> Result<Option<crate::storage::ChangeFeed>, ServiceError> {
+        Ok(self.store.change_feed().await?)
+    }
+
     /// The task as soon as its status differs from `status_not` (or it is final), else after
     /// `wait`. Without `status_not`, the status at the time of the call is the one to leave.
     pub async fn wait_for_change(

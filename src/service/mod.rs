@@ -120,7 +120,7 @@ pub struct Relay {
     usage_folded_at: std::sync::atomic::AtomicI64,
     /// The overview's units-in-flight chart (`dashboard.rs`), kept for an hour in this process.
     units_history: Mutex<std::collections::VecDeque<dashboard::UnitsSample>>,
-    pub upstream: CometClient,
+    upstream: CometClient,
     /// Set while upstream refuses the setup (key, IP, account, route); see `domain::halt`.
     halt: Mutex<DispatchHalt>,
     pub settings: Arc<Settings>,

@@ -13,7 +13,7 @@ const RETRY: Duration = Duration::from_secs(1);
 
 pub async fn run(relay: Arc<Relay>, shutdown: CancellationToken) {
     let mut feed = loop {
-        match relay.store.change_feed().await {
+        match relay.other_replicas_changes().await {
             Ok(Some(feed)) => break feed,
             Ok(None) => return, // SQLite: one instance, nothing to hear
             Err(e) => {

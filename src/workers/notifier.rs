@@ -176,7 +176,7 @@ impl Notifier {
             NextStep::Disabled => "disabled",
         };
         metrics::counter!("klr_notification_attempts_total", "result" => result).increment(1);
-        self.relay.store.record_attempt(&d, &record).await?;
+        self.relay.record_delivery_attempt(&d, &record).await?;
         Ok(())
     }
 
@@ -184,7 +184,7 @@ impl Notifier {
         if let Err(why) = self.check_destination(&d.url).await {
             return Sent::Refused(why);
         }
-        let client = match self.relay.store.get_client(&d.client).await {
+        let client = match self.relay.notified_client(&d.client).await {
             Ok(Some(c)) => c,
             Ok(None) => return Sent::Refused(format!("client `{}` no longer exists", d.client)),
             Err(e) => return Sent::Failed(format!("database: {e}")),
