@@ -76,4 +76,22 @@ impl Relay {
     ) -> Result<Option<crate::domain::client::Client>, ServiceError> {
         Ok(self.store.get_client(name).await?)
     }
+
+    /// Claims up to `limit` due notifications under a lease until `lease_until_ms`; `take`
+    /// decides for each whether it can start now (and holds what it needs to).
+    pub async fn claim_deliveries<T, F>(
+        &self,
+        now_ms: i64,
+        limit: i64,
+        lease_until_ms: i64,
+        take: F,
+    ) -> Result<Vec<(crate::storage::DueDelivery, T)>, ServiceError>
+    where
+        F: FnMut(&crate::storage::DueDelivery) -> Option<T>,
+    {
+        Ok(self
+            .store
+            .claim_deliveries(now_ms, limit, lease_until_ms, take)
+            .await?)
+    }
 }

@@ -8,6 +8,7 @@
 //! administration), `live` (long-poll and SSE), `group_commit`; `error` is `ServiceError`.
 
 mod admission;
+mod archive;
 mod callback;
 mod changes;
 pub mod clients;
@@ -111,7 +112,7 @@ pub struct DispatchStatus {
 }
 
 pub struct Relay {
-    pub store: Store,
+    store: Store,
     /// Upstream concurrency budget; see `domain::admission`.
     admission: Mutex<Admission>,
     /// The writer that commits status changes in groups (`group_commit`).

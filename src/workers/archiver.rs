@@ -124,8 +124,7 @@ impl Archiver {
         let lease_until = now + 2 * ms(a.timeout) + 5_000;
         let due = self
             .relay
-            .store
-            .claim_due_images(now, a.concurrency as i64, lease_until)
+            .claim_images_to_archive(now, a.concurrency as i64, lease_until)
             .await?;
         let n = due.len();
         let me = self.clone();
@@ -143,7 +142,7 @@ impl Archiver {
     }
 
     async fn archive_one(&self, img: ArchivedImage) -> Result<(), ServiceError> {
-        let store = &self.relay.store;
+        let store = &self.relay;
         let started = Instant::now();
         let result = match self.fetch(&img.url).await {
             Ok((bytes, format)) => self.keep(&img, bytes, format).await,
@@ -199,8 +198,7 @@ impl Archiver {
             retry("the archive storage refused the write (see the service log)")
         })?;
         self.relay
-            .store
-            .image_stored(
+            .image_kept(
                 &img.task_id,
                 img.index,
                 &StoredImage {
@@ -275,9 +273,9 @@ impl Archiver {
         let Some(keep_for) = self.relay.settings.archive.retention else {
             return Ok(0);
         };
-        let store = &self.relay.store;
+        let store = &self.relay;
         let expired = store
-            .images_stored_before(now_ms() - ms(keep_for), SWEEP_BATCH)
+            .images_past_retention(now_ms() - ms(keep_for), SWEEP_BATCH)
             .await?;
         let mut removed = 0;
         for img in expired {
@@ -288,7 +286,7 @@ impl Archiver {
                 }
             }
             if store
-                .image_deleted(&img.task_id, img.index, now_ms())
+                .image_removed(&img.task_id, img.index, now_ms())
                 .await?
             {
                 removed += 1;
@@ -374,7 +372,7 @@ pub async fn backfill(
     progress: impl Fn(u64, u64),
 ) -> anyhow::Result<BackfillReport> {
     let archiver = Arc::new(Archiver::new(relay.clone())?);
-    let store = &relay.store;
+    let store = &relay;
     let total = u64::try_from(store.unarchived_count().await?).unwrap_or(0);
     let mut report = BackfillReport::default();
     let mut after = String::new();
@@ -385,7 +383,7 @@ pub async fn backfill(
         after = last.clone();
         let mut ids = Vec::new();
         for (id, images) in &tasks {
-            store.enqueue_images(id, images, now_ms()).await?;
+            store.queue_images(id, images, now_ms()).await?;
             ids.push(id.clone());
         }
         // Archive what is due now; retries due later are left to the service.

@@ -88,7 +88,6 @@ impl Notifier {
         let lease = ms(self.relay.settings.notifications.timeout) + 5_000;
         let claimed = self
             .relay
-            .store
             .claim_deliveries(now, 256, now + lease, |d| {
                 // Only what can start now is claimed: a busy URL's deliveries stay due for a
                 // later pass (or another replica) instead of sitting out a lease.
