@@ -21,3 +21,7 @@ pub mod validation;
 pub use query::TaskQuery;
 pub use task::*;
 pub use validation::{is_model_name, validate_new_task, FieldError, NewTask, Rules};
+
+/// Where CometAPI's callbacks come in: `{CALLBACK_PATH}/{task id}/{token}`. HTTP serves it and
+/// the relay writes it into each create's `callback_url`: one spelling for both.
+pub const CALLBACK_PATH: &str = "/webhooks/cometapi";

@@ -56,9 +56,12 @@ pub fn router(relay: Arc<Relay>) -> Router {
     };
     Router::new()
         .merge(v1)
-        .route("/webhooks/cometapi/{id}", post(webhooks::cometapi))
         .route(
-            "/webhooks/cometapi/{id}/{token}",
+            &format!("{}/{{id}}", crate::domain::CALLBACK_PATH),
+            post(webhooks::cometapi),
+        )
+        .route(
+            &format!("{}/{{id}}/{{token}}", crate::domain::CALLBACK_PATH),
             post(webhooks::cometapi_path_token),
         )
         .route("/webhooks/doctor/{nonce}", get(webhooks::doctor_echo))

@@ -12,7 +12,6 @@ use super::{parse_json, require_json, AppState};
 use crate::domain::EventSource;
 use crate::resource::{CallbackOutcome, Problem};
 use crate::service::ApplyOutcome;
-use crate::upstream::parse_callback;
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
@@ -92,7 +91,7 @@ async fn receive(
         ))
     })?;
     let body = parse_json(&body).inspect_err(|_| rejected("malformed"))?;
-    let report = parse_callback(&body).ok_or_else(|| {
+    let report = relay.read_callback(&body).ok_or_else(|| {
         rejected("not_a_callback");
         ApiError::bad_request("not a task callback: expected task_id and a known task_status")
     })?;

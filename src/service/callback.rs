@@ -30,8 +30,15 @@ impl Relay {
             return None;
         }
         Some(format!(
-            "{base}/webhooks/cometapi/{task_id}/{}",
+            "{base}{}/{task_id}/{}",
+            crate::domain::CALLBACK_PATH,
             self.webhook_token(task_id)
         ))
+    }
+
+    /// A callback body as upstream's report on a task, if it is one (`upstream::wire` reads
+    /// every documented shape).
+    pub fn read_callback(&self, body: &serde_json::Value) -> Option<crate::domain::UpstreamReport> {
+        crate::upstream::parse_callback(body)
     }
 }
