@@ -11,12 +11,13 @@ WORKDIR /src
 # Dependencies first, in their own layer: source changes do not rebuild them.
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && cargo build --release --locked \
+    && cargo build --release --locked --no-default-features \
     && rm -rf src
 COPY src src
 COPY migrations migrations
 COPY config config
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked
+# Without the default `bench` feature: the image holds the service, not the benchmark tool.
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked --no-default-features --bin kling-relay
 
 FROM debian:bookworm-slim
 # ca-certificates: upstream is reached over TLS.

@@ -1,6 +1,9 @@
 //! Settings: `config/default.toml` (compiled in), then `--config FILE`, then `KLING_RELAY_*`
 //! environment variables, then `COMETAPI_KEY`. Loaded and validated once at start; any bad value
 //! stops start-up with a message naming the key.
+//!
+//! Longer than 400 lines: every setting with its default, documentation and validation in one
+//! table; the checks that span sections (URLs, limits against each other) need them all in view.
 
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;

@@ -7,6 +7,9 @@
 //! accepts), the create and query paths, the lookup by `external_task_id`, whether
 //! `server.public_url` reaches this instance (a nonce left in the database, served by the running
 //! service) and keeps a query string, and the clock against upstream's.
+//!
+//! Longer than 400 lines: each probe is a few dozen lines and they run, and read, top to bottom in
+//! the order the report prints them.
 
 use crate::config::{Settings, UpstreamProfile};
 use crate::storage::Store;

@@ -1,9 +1,12 @@
 //! The JSON representation of tasks, events and deliveries: what the REST API answers and what
 //! notifications carry, so both always agree.
+//!
+//! Longer than 400 lines: every JSON shape of the API and of notifications with its OpenAPI schema,
+//! kept in one place so the document and the answers agree.
 
 use crate::domain::archive::{ArchiveState, ArchivedImage};
+use crate::domain::delivery::{Delivery, DeliveryAttempt};
 use crate::domain::{Priority, ResultImage, Task, TaskError, TaskEvent, TaskStatus};
-use crate::storage::{Delivery, DeliveryAttempt};
 use serde::Serialize;
 use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
@@ -16,20 +19,6 @@ pub fn rfc3339(ms: i64) -> String {
         .ok()
         .and_then(|t| t.format(&Rfc3339).ok())
         .unwrap_or_default()
-}
-
-/// A task status, as this service reports it.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-#[allow(dead_code)] // only describes the strings TaskStatus serialises to
-pub enum StatusSchema {
-    Pending,
-    Submitted,
-    Processing,
-    Succeeded,
-    Failed,
-    TimedOut,
-    Canceled,
 }
 
 /// A result image; upstream clears its `url` after about 30 days, `archived_url` is our copy.
@@ -48,21 +37,9 @@ pub struct ImageView {
     archive: Option<ArchiveView>,
 }
 
-/// An archive state, as this service reports it.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-#[allow(dead_code)] // only describes the strings ArchiveState serialises to
-pub enum ArchiveStateSchema {
-    Pending,
-    Stored,
-    Failed,
-    Deleted,
-}
-
 /// One image's archive record.
 #[derive(Serialize, ToSchema)]
 pub struct ArchiveView {
-    #[schema(value_type = ArchiveStateSchema)]
     state: ArchiveState,
     /// Why the last fetch failed (kept while retrying, and once failed).
     error: Option<String>,
@@ -122,7 +99,6 @@ pub struct TaskView {
     /// UUIDv7, made by this service.
     #[schema(example = "01a20ba8-cf40-726e-9ab2-608b4835a844")]
     id: String,
-    #[schema(value_type = StatusSchema)]
     status: TaskStatus,
     #[schema(example = "878106242831892487")]
     upstream_task_id: Option<String>,
@@ -375,8 +351,8 @@ pub struct ClientUsageView {
     pub share_last_hour: f64,
 }
 
-impl From<&crate::storage::ClientUsage> for ClientUsageView {
-    fn from(u: &crate::storage::ClientUsage) -> Self {
+impl From<&crate::domain::usage::ClientUsage> for ClientUsageView {
+    fn from(u: &crate::domain::usage::ClientUsage) -> Self {
         ClientUsageView {
             client: u.client.clone(),
             units_in_use: u.units_in_use,
@@ -387,7 +363,7 @@ impl From<&crate::storage::ClientUsage> for ClientUsageView {
 }
 
 /// Each client's usage with its share of the total unit-time.
-pub fn client_usage_views(usage: &[crate::storage::ClientUsage]) -> Vec<ClientUsageView> {
+pub fn client_usage_views(usage: &[crate::domain::usage::ClientUsage]) -> Vec<ClientUsageView> {
     let total: i64 = usage.iter().map(|u| u.unit_ms).sum();
     usage
         .iter()
@@ -422,7 +398,6 @@ pub struct CallbackOutcome {
     /// match the task: nothing was applied, and the task is polled at once).
     #[schema(example = "applied")]
     pub outcome: &'static str,
-    #[schema(value_type = Option<StatusSchema>)]
     pub status: Option<TaskStatus>,
 }
 

@@ -1,6 +1,9 @@
 //! The command-line client: `kling-relay submit` and `kling-relay tasks ...`, talking to a
 //! running service over its REST API. Exit codes: 0 success, 1 the task failed (or `tasks wait`
 //! ran out of time), 2 usage or connection error.
+//!
+//! Longer than 400 lines: one function per `submit` and `tasks` subcommand over a shared client,
+//! output and exit-code helpers; each is short.
 
 use base64::Engine;
 use serde_json::{json, Value};

@@ -5,9 +5,29 @@ use serde::Serialize;
 use std::fmt;
 use std::str::FromStr;
 
-/// Where one result image stands in the archive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// How a fetch that did not store its image ends.
+#[derive(Debug, Clone)]
+pub enum ArchiveSetback {
+    /// Try again at this time.
+    RetryAt(i64),
+    /// Give up: the image is marked failed.
+    GiveUp,
+}
+
+/// What a successful fetch stored.
+#[derive(Debug, Clone)]
+pub struct StoredImage<'a> {
+    pub object_key: &'a str,
+    pub content_type: &'a str,
+    pub size_bytes: i64,
+    pub sha256: &'a str,
+}
+
+/// An archive state: where one result image stands in the archive.
+// The OpenAPI schema derives from this type (named `ArchiveStateSchema` there, as before).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[schema(as = ArchiveStateSchema)]
 pub enum ArchiveState {
     /// Waiting for (another) fetch.
     Pending,

@@ -7,6 +7,7 @@
 pub mod admission;
 pub mod archive;
 pub mod client;
+pub mod delivery;
 pub mod durations;
 pub mod fair_share;
 pub mod halt;

@@ -2,6 +2,12 @@
 
 use std::time::Duration;
 
+/// A `Retry-After` header's value given in seconds (the HTTP-date form is not used by the peers
+/// this service talks to: upstream and notification receivers).
+pub fn retry_after_seconds(value: &str) -> Option<Duration> {
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
 /// Exponential backoff: `initial * 2^attempt`, capped at `max`, then spread by up to ±25% jitter so
 /// many tasks that failed together do not retry together.
 pub fn backoff(attempt: u32, initial: Duration, max: Duration, jitter: f64) -> Duration {

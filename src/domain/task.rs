@@ -1,12 +1,18 @@
 //! Task statuses and the one status machine that every source of news goes through.
+//!
+//! Longer than 400 lines: the task's types and its status machine (`apply_report`, cancel, finish)
+//! are one set of rules that must be read together.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
-/// Where a task is in its life, as this service reports it to its clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// A task status: where a task is in its life, as this service reports it.
+// The OpenAPI schema derives from this type (named `StatusSchema` there, as before), so the two
+// cannot drift.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[schema(as = StatusSchema)]
 pub enum TaskStatus {
     /// Stored here, not yet accepted upstream.
     Pending,
@@ -647,6 +653,15 @@ impl TaskInputs {
         }
         out
     }
+}
+
+/// What the change feed heard of other replicas' commits (`storage::feed` listens).
+#[derive(Debug, PartialEq, Eq)]
+pub enum FeedEvent {
+    /// Another replica committed a change of this task.
+    Changed(String),
+    /// Changes may have been missed (the connection was lost and is being re-established).
+    Gap,
 }
 
 #[cfg(test)]

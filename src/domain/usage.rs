@@ -204,6 +204,19 @@ pub fn quantile_seconds(bins: &[(i64, i64)], q: f64) -> Option<f64> {
     None
 }
 
+/// One client's share of upstream now and over the last hour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientUsage {
+    /// None for tasks submitted without a client (authentication off).
+    pub client: Option<String>,
+    /// Units its tasks hold upstream (those whose create may have landed included).
+    pub units_in_use: i64,
+    /// Its tasks waiting for dispatch.
+    pub waiting: i64,
+    /// Unit-milliseconds its tasks held upstream within the window.
+    pub unit_ms: i64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

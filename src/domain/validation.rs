@@ -1,6 +1,9 @@
 //! Validation of a task request, field by field, so one answer lists every problem.
 //!
 //! The same rules serve the REST API and the simulator (which must refuse what CometAPI refuses).
+//!
+//! Longer than 400 lines: one validator, field by field, so one answer lists every problem; the
+//! rules are tested below it.
 
 use super::Priority;
 use base64::Engine;
@@ -18,6 +21,25 @@ const NUL_REFUSED: &str = "must not contain NUL characters (\\u0000)";
 pub const MIN_IMAGE_SIDE: u32 = 300;
 pub const MAX_ASPECT: f64 = 2.5;
 pub const ASPECT_RATIOS: [&str; 8] = ["16:9", "9:16", "1:1", "4:3", "3:4", "3:2", "2:3", "21:9"];
+
+/// The fields of a create that both the REST API and upstream take. `scence_image` is
+/// upstream's misspelt name for `scene_image`, accepted as an alias.
+pub const TASK_FIELDS: [&str; 10] = [
+    "subject_image_list",
+    "prompt",
+    "negative_prompt",
+    "watermark_info",
+    "scene_image",
+    "scence_image",
+    "style_image",
+    "n",
+    "aspect_ratio",
+    "model_name",
+];
+/// Fields only the REST API takes.
+pub const API_ONLY_FIELDS: [&str; 3] = ["metadata", "notify_url", "priority"];
+/// Fields only upstream takes; the REST API makes its own.
+pub const UPSTREAM_ONLY_FIELDS: [&str; 2] = ["callback_url", "external_task_id"];
 
 /// One failing field of a request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -117,22 +139,10 @@ pub fn validate_new_task(body: &Value, rules: Rules) -> Result<NewTask, Vec<Fiel
     let mut errors = Vec::new();
 
     for key in obj.keys() {
-        let known = matches!(
-            key.as_str(),
-            "subject_image_list"
-                | "prompt"
-                | "negative_prompt"
-                | "watermark_info"
-                | "scene_image"
-                | "scence_image"
-                | "style_image"
-                | "n"
-                | "aspect_ratio"
-                | "model_name"
-        ) || (rules.allow_metadata
-            && (key == "metadata" || key == "notify_url" || key == "priority"))
-            || (rules.allow_upstream_routing
-                && (key == "callback_url" || key == "external_task_id"));
+        let key_str = key.as_str();
+        let known = TASK_FIELDS.contains(&key_str)
+            || (rules.allow_metadata && API_ONLY_FIELDS.contains(&key_str))
+            || (rules.allow_upstream_routing && UPSTREAM_ONLY_FIELDS.contains(&key_str));
         if !known && rules.refuse_unknown_fields {
             errors.push(FieldError::new(key.clone(), "unknown field"));
         }

@@ -95,37 +95,6 @@ impl ApiError {
     }
 }
 
-/// A storage failure by what a retry would do: a corrupt row or a constraint the request breaks
-/// answers the same every time (500, 409, 422), so only an outage is a 503 worth retrying.
-/// Details stay in the log.
-fn storage_error(err: crate::storage::StorageError) -> ApiError {
-    use crate::storage::StorageError;
-    if let StorageError::Corrupt(_) = &err {
-        tracing::error!(error = %err, "stored data is corrupt");
-        return ApiError::Internal;
-    }
-    let db = match &err {
-        StorageError::Database(e) => e.as_database_error(),
-        _ => None,
-    };
-    if let Some(db) = db {
-        if db.is_unique_violation() || db.is_foreign_key_violation() || db.is_check_violation() {
-            tracing::warn!(error = %err, "the request conflicts with stored data");
-            return ApiError::Conflict("the request conflicts with data already stored".into());
-        }
-        // SQLSTATE class 22, data exception (Postgres): text it cannot store, say.
-        if db.code().is_some_and(|c| c.starts_with("22")) {
-            tracing::warn!(error = %err, "the database cannot store the request's data");
-            return ApiError::Validation(vec![FieldError {
-                field: String::new(),
-                message: "the request holds data the database cannot store".into(),
-            }]);
-        }
-    }
-    tracing::error!(error = %err, "storage failure");
-    ApiError::Unavailable("the database is unavailable; retry later".into())
-}
-
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         match e {
@@ -174,7 +143,28 @@ impl From<ServiceError> for ApiError {
                 tracing::error!(error = %err, "archive failure");
                 ApiError::Unavailable("the image archive is unavailable; retry later".into())
             }
-            ServiceError::Storage(err) => storage_error(err),
+            // By what a retry would do: a corrupt row or a constraint the request breaks answers
+            // the same every time (500, 409, 422), so only an outage is a 503 worth retrying.
+            // Details stay in the log, beside the request id of the span.
+            ServiceError::Corrupt(err) => {
+                tracing::error!(error = %err, "stored data is corrupt");
+                ApiError::Internal
+            }
+            ServiceError::StoredConflict(err) => {
+                tracing::warn!(error = %err, "the request conflicts with stored data");
+                ApiError::Conflict("the request conflicts with data already stored".into())
+            }
+            ServiceError::Unstorable(err) => {
+                tracing::warn!(error = %err, "the database cannot store the request's data");
+                ApiError::Validation(vec![FieldError {
+                    field: String::new(),
+                    message: "the request holds data the database cannot store".into(),
+                }])
+            }
+            ServiceError::Storage(err) => {
+                tracing::error!(error = %err, "storage failure");
+                ApiError::Unavailable("the database is unavailable; retry later".into())
+            }
         }
     }
 }

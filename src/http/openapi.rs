@@ -3,10 +3,9 @@
 
 use super::{images, live, tasks, usage, webhooks};
 use crate::resource::{
-    ArchiveStateSchema, ArchiveView, AttemptView, CallbackOutcome, ClientUsageView, DeliveryList,
-    DeliveryView, DispatchView, ErrorView, EventList, EventView, FieldErrorView, HaltView,
-    ImageView, Problem, StatusEvent, StatusSchema, StatusView, SubjectImage, TaskPage, TaskRequest,
-    TaskView,
+    ArchiveView, AttemptView, CallbackOutcome, ClientUsageView, DeliveryList, DeliveryView,
+    DispatchView, ErrorView, EventList, EventView, FieldErrorView, HaltView, ImageView, Problem,
+    StatusEvent, StatusView, SubjectImage, TaskPage, TaskRequest, TaskView,
 };
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -31,8 +30,8 @@ use utoipa::{Modify, OpenApi};
         super::ops::healthz, super::ops::readyz, super::ops::metrics, openapi_json, super::docs::docs,
     ),
     components(schemas(
-        TaskRequest, SubjectImage, TaskView, ImageView, ArchiveView, ArchiveStateSchema,
-        ErrorView, StatusSchema, crate::domain::Priority, TaskPage,
+        TaskRequest, SubjectImage, TaskView, ImageView, ArchiveView, crate::domain::archive::ArchiveState,
+        ErrorView, crate::domain::TaskStatus, crate::domain::Priority, TaskPage,
         EventView, EventList, DeliveryView, AttemptView, DeliveryList, DispatchView, HaltView, StatusView, ClientUsageView, webhooks::DoctorEcho,
         CallbackOutcome, Problem, FieldErrorView, StatusEvent, usage::UsageView, usage::UsageBucketView,
     )),
@@ -161,4 +160,69 @@ pub fn document() -> &'static Value {
     responses((status = 200, description = "OpenAPI 3.1", body = Object)))]
 pub async fn openapi_json() -> Response {
     Json(document()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::document;
+    use crate::domain::validation::{API_ONLY_FIELDS, ASPECT_RATIOS, TASK_FIELDS};
+    use crate::domain::{Priority, TaskStatus};
+    use serde_json::Value;
+    use std::collections::BTreeSet;
+
+    fn schema(name: &str) -> &'static Value {
+        &document()["components"]["schemas"][name]
+    }
+
+    fn enum_of(name: &str) -> Vec<String> {
+        schema(name)["enum"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name} has no enum: {}", schema(name)))
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect()
+    }
+
+    fn as_json_strings<T: serde::Serialize>(values: &[T]) -> Vec<String> {
+        values
+            .iter()
+            .filter_map(|v| serde_json::to_value(v).ok())
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect()
+    }
+
+    #[test]
+    fn the_documents_enums_are_the_types_values() {
+        assert_eq!(enum_of("StatusSchema"), as_json_strings(&TaskStatus::ALL));
+        assert_eq!(enum_of("Priority"), as_json_strings(&Priority::ALL));
+        assert_eq!(
+            enum_of("ArchiveStateSchema"),
+            ["pending", "stored", "failed", "deleted"]
+        );
+    }
+
+    /// The request body is described field by field beside the validator that reads it: the
+    /// document must name exactly the fields the API accepts (the `scence_image` alias aside).
+    #[test]
+    fn the_request_schema_names_exactly_the_fields_the_api_accepts() {
+        let documented: BTreeSet<&str> = schema("TaskRequest")["properties"]
+            .as_object()
+            .map(|p| p.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        let accepted: BTreeSet<&str> = TASK_FIELDS
+            .iter()
+            .chain(API_ONLY_FIELDS.iter())
+            .copied()
+            .filter(|f| *f != "scence_image")
+            .collect();
+        assert_eq!(documented, accepted);
+        let ratio = schema("TaskRequest")["properties"]["aspect_ratio"]["description"]
+            .as_str()
+            .unwrap_or_default();
+        assert_eq!(
+            ratio,
+            format!("One of {}.", ASPECT_RATIOS.join(", ")),
+            "the aspect ratios the document lists"
+        );
+    }
 }

@@ -1,4 +1,7 @@
 //! `/v1/tasks`: submit, read and list tasks, and read a task's timeline.
+//!
+//! Longer than 400 lines: the task routes' OpenAPI annotations (parameters, answers, examples) are
+//! a third of it, and belong beside the handlers they describe.
 
 use super::cursor::{decode_cursor, encode_cursor};
 use super::error::ApiError;
@@ -7,8 +10,8 @@ use crate::domain::client::Caller;
 use crate::domain::TaskQuery;
 use crate::domain::TaskStatus;
 use crate::resource::{
-    rfc3339, DeliveryList, DeliveryView, DispatchView, EventList, EventView, Problem, StatusSchema,
-    StatusView, TaskPage, TaskRequest, TaskView,
+    rfc3339, DeliveryList, DeliveryView, DispatchView, EventList, EventView, Problem, StatusView,
+    TaskPage, TaskRequest, TaskView,
 };
 use crate::service::live::MAX_WAIT;
 use axum::extract::{Path, RawQuery, State};
@@ -281,7 +284,7 @@ pub async fn status(State(relay): State<AppState>) -> Result<Json<StatusView>, A
     params(
         ("id" = String, Path, description = "Task id"),
         ("wait" = Option<u32>, Query, minimum = 0, maximum = 60, description = "Seconds to wait for a change"),
-        ("status_not" = Option<StatusSchema>, Query, description = "Answer once the status differs from this (default: the current status)"),
+        ("status_not" = Option<crate::domain::TaskStatus>, Query, description = "Answer once the status differs from this (default: the current status)"),
     ),
     responses(
         (status = 200, description = "The task", body = TaskView),
@@ -353,7 +356,7 @@ pub async fn events(
 /// List your tasks, newest first, with keyset paging.
 #[utoipa::path(get, path = "/v1/tasks", tag = "tasks",
     params(
-        ("status" = Option<Vec<StatusSchema>>, Query, explode = true, description = "Only these statuses (repeat, or comma-separate)"),
+        ("status" = Option<Vec<crate::domain::TaskStatus>>, Query, explode = true, description = "Only these statuses (repeat, or comma-separate)"),
         ("created_after" = Option<String>, Query, description = "RFC 3339 time, inclusive"),
         ("created_before" = Option<String>, Query, description = "RFC 3339 time, exclusive"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size, default 50"),

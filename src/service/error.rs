@@ -1,6 +1,7 @@
 //! What a use case can answer besides success; `http::error` maps each to one HTTP answer.
 
 use super::*;
+use crate::storage::StorageFailure;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -37,6 +38,28 @@ pub enum ServiceError {
     ImageUnavailable(String),
     #[error(transparent)]
     Archive(#[from] crate::archive::ArchiveError),
+    /// Stored data that cannot be read back: the same answer on every retry.
     #[error(transparent)]
-    Storage(#[from] StorageError),
+    Corrupt(StorageError),
+    /// The change breaks a constraint of what is stored.
+    #[error(transparent)]
+    StoredConflict(StorageError),
+    /// The database cannot store the request's data as given.
+    #[error(transparent)]
+    Unstorable(StorageError),
+    /// The database is unavailable; a retry may succeed.
+    #[error(transparent)]
+    Storage(StorageError),
+}
+
+/// Storage failures by what a retry would do, so HTTP never needs the storage types.
+impl From<StorageError> for ServiceError {
+    fn from(e: StorageError) -> Self {
+        match e.failure() {
+            StorageFailure::Corrupt => ServiceError::Corrupt(e),
+            StorageFailure::Conflict => ServiceError::StoredConflict(e),
+            StorageFailure::Unstorable => ServiceError::Unstorable(e),
+            StorageFailure::Unavailable => ServiceError::Storage(e),
+        }
+    }
 }

@@ -52,11 +52,7 @@ impl Store {
         change: impl FnOnce(AdmissionState) -> (AdmissionState, R),
     ) -> Result<(AdmissionState, R)> {
         let _writer = self.writer().await;
-        let lock = match self.pool {
-            Pool::Sqlite(_) => "",
-            Pool::Postgres(_) => " FOR UPDATE",
-        };
-        let read = format!("{READ_STATE}{lock}");
+        let read = format!("{READ_STATE}{}", self.for_update());
         const WRITE: &str = "INSERT INTO admission_state (account, working_limit, paused_until, \
             busy_streak, finished_units, refused_at, last_refused_at, updated_at) \
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (account) DO UPDATE SET \

@@ -2,6 +2,7 @@
 //! archiver with a lease like all background work, and read into the task resource.
 
 use super::{Pool, Result, StorageError, Store};
+pub use crate::domain::archive::{ArchiveSetback, StoredImage};
 use crate::domain::archive::{ArchiveState, ArchivedImage};
 use crate::domain::ResultImage;
 
@@ -52,24 +53,6 @@ impl TryFrom<ImageRow> for ArchivedImage {
 
 fn convert(rows: Vec<ImageRow>) -> Result<Vec<ArchivedImage>> {
     rows.into_iter().map(ArchivedImage::try_from).collect()
-}
-
-/// How a fetch that did not store its image ends.
-#[derive(Debug, Clone)]
-pub enum ArchiveSetback {
-    /// Try again at this time.
-    RetryAt(i64),
-    /// Give up: the image is marked failed.
-    GiveUp,
-}
-
-/// What a successful fetch stored.
-#[derive(Debug, Clone)]
-pub struct StoredImage<'a> {
-    pub object_key: &'a str,
-    pub content_type: &'a str,
-    pub size_bytes: i64,
-    pub sha256: &'a str,
 }
 
 impl Store {

@@ -17,7 +17,7 @@ impl Store {
     /// per change, whether it won. Any database error fails them all: none is stored.
     pub async fn commit_changes(&self, batch: &[Commit<'_>]) -> Result<Vec<bool>> {
         let _writer = self.writer().await;
-        let is_postgres = matches!(self.pool, Pool::Postgres(_));
+        let is_postgres = self.is_postgres();
         // Rows are changed in one order (tasks by id, then the usage aggregates by key), so two
         // batches committing at once (Postgres) wait for each other instead of deadlocking.
         let mut order: Vec<usize> = (0..batch.len()).collect();
@@ -149,7 +149,7 @@ impl Store {
                 // Delivered at commit: other replicas' waiters hear of the changes
                 // (storage::feed), a notification per hundred tasks.
                 for ids in changed.chunks(feed::IDS_PER_NOTIFICATION) {
-                    sqlx::query("SELECT pg_notify($1, $2)")
+                    sqlx::query(dialect::NOTIFY)
                         .bind(feed::CHANNEL)
                         .bind(self.change_payload(ids))
                         .execute(&mut *tx)

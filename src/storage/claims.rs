@@ -15,15 +15,12 @@
 
 use super::admission::{StateRow, READ_STATE};
 use super::{
-    sql, DispatchCandidate, DueDelivery, PollCandidate, PollRow, Pool, Result, StorageError, Store,
-    Task, TaskRow, TASK_COLUMNS,
+    deliveries, dialect, sql, DispatchCandidate, DueDelivery, PollCandidate, PollRow, Pool, Result,
+    StorageError, Store, Task, TaskRow, TASK_COLUMNS,
 };
 use crate::domain::admission::AdmissionState;
 use crate::domain::fair_share::{ClientShare, Held, Shares};
 use crate::domain::Priority;
-
-/// Key of the advisory lock that serialises dispatch admission across replicas ("klr\x01").
-const ADMISSION_LOCK_KEY: i64 = 0x6b6c_7201;
 
 /// A due task as the dispatch claim reads it.
 #[derive(sqlx::FromRow)]
@@ -56,25 +53,6 @@ impl DueRow {
 }
 
 impl Store {
-    /// Row locks of a claim's select: other replicas skip rows a claim is working on instead of
-    /// waiting for it.
-    pub(super) fn skip_locked(&self) -> &'static str {
-        match self.pool {
-            Pool::Sqlite(_) => "",
-            Pool::Postgres(_) => " FOR UPDATE SKIP LOCKED",
-        }
-    }
-
-    /// How a claim's transaction begins. SQLite: take the write lock up front, so a claim that
-    /// reads before it writes waits for another process's writer (the CLI's, say) in the busy
-    /// handler instead of failing on the lock upgrade.
-    pub(super) fn begin_claim(&self) -> &'static str {
-        match self.pool {
-            Pool::Sqlite(_) => "BEGIN IMMEDIATE",
-            Pool::Postgres(_) => "BEGIN",
-        }
-    }
-
     /// Claims due pending tasks for one create call each. `decide` gets what admission has
     /// learnt about the account (stored by any replica), what holds the account
     /// (every client's weight, cap and units held upstream, across all replicas, and the running
@@ -103,13 +81,13 @@ impl Store {
             WHERE id = $1 AND status = 'pending' AND next_dispatch_at IS NOT NULL \
             AND next_dispatch_at <= $2 RETURNING {TASK_COLUMNS}"
         );
-        let is_postgres = matches!(self.pool, Pool::Postgres(_));
+        let is_postgres = self.is_postgres();
         let begin = self.begin_claim();
         let rows: Vec<TaskRow> = on_pool!(self, p => {
             let mut tx = p.begin_with(begin).await?;
             if is_postgres {
-                sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                    .bind(ADMISSION_LOCK_KEY)
+                sqlx::query(dialect::ADVISORY_XACT_LOCK)
+                    .bind(dialect::ADMISSION_LOCK_KEY)
                     .execute(&mut *tx)
                     .await?;
             }
@@ -213,13 +191,13 @@ impl Store {
             updated_at = $2 WHERE id = $1 AND state = 'pending' AND next_attempt_at <= $2";
         on_pool!(self, p => {
             let mut tx = p.begin_with(begin).await?;
-            let due: Vec<DueDelivery> = sqlx::query_as(&select)
+            let due: Vec<deliveries::DueRow> = sqlx::query_as(&select)
                 .bind(now_ms)
                 .bind(limit)
                 .fetch_all(&mut *tx)
                 .await?;
             let mut claimed = Vec::new();
-            for d in due {
+            for d in due.into_iter().map(DueDelivery::from) {
                 let Some(slot) = take(&d) else { continue };
                 let done = sqlx::query(CLAIM)
                     .bind(&d.id)

@@ -2,6 +2,9 @@
 //! and their attempts.
 
 use super::{Pool, Result, Store};
+pub use crate::domain::delivery::{
+    AttemptRecord, Delivery, DeliveryAttempt, DueDelivery, NextStep,
+};
 
 /// A notification to write in the same transaction as its status change.
 #[derive(Debug, Clone)]
@@ -19,39 +22,28 @@ pub(super) const INSERT_OUTBOX: &str = "INSERT INTO deliveries (id, task_id, cli
     SELECT $1, $2, $3, $4, $5, $6, 'pending', 0, $7, $7, $7 \
     WHERE NOT EXISTS (SELECT 1 FROM disabled_urls WHERE client = $3 AND url = $4)";
 
-/// A delivery due for an attempt.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct DueDelivery {
-    pub id: String,
-    pub task_id: String,
-    pub client: String,
-    pub url: String,
-    pub payload: String,
-    pub attempts: i64,
+/// A due delivery as the claim reads it.
+#[derive(sqlx::FromRow)]
+pub(super) struct DueRow {
+    id: String,
+    task_id: String,
+    client: String,
+    url: String,
+    payload: String,
+    attempts: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct DeliveryAttempt {
-    pub at_ms: i64,
-    pub status_code: Option<i64>,
-    pub error: Option<String>,
-    pub duration_ms: i64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delivery {
-    pub id: String,
-    pub task_id: String,
-    pub url: String,
-    pub event_status: String,
-    pub state: String,
-    pub attempts: i64,
-    pub next_attempt_at_ms: Option<i64>,
-    pub last_status_code: Option<i64>,
-    pub last_error: Option<String>,
-    pub created_at_ms: i64,
-    pub delivered_at_ms: Option<i64>,
-    pub attempt_log: Vec<DeliveryAttempt>,
+impl From<DueRow> for DueDelivery {
+    fn from(r: DueRow) -> Self {
+        DueDelivery {
+            id: r.id,
+            task_id: r.task_id,
+            client: r.client,
+            url: r.url,
+            payload: r.payload,
+            attempts: r.attempts,
+        }
+    }
 }
 
 #[derive(sqlx::FromRow)]
@@ -95,26 +87,6 @@ struct AttemptRow {
     status_code: Option<i64>,
     error: Option<String>,
     duration_ms: i64,
-}
-
-/// What happens to a delivery after an attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NextStep {
-    Delivered,
-    RetryAt(i64),
-    /// The schedule is exhausted, or the destination is refused: kept, not deleted.
-    Dead,
-    /// The receiver answered 410: this URL is disabled for the client.
-    Disabled,
-}
-
-#[derive(Debug, Clone)]
-pub struct AttemptRecord {
-    pub at_ms: i64,
-    pub status_code: Option<i64>,
-    pub error: Option<String>,
-    pub duration_ms: i64,
-    pub next: NextStep,
 }
 
 impl Store {

@@ -7,19 +7,11 @@
 //! missed, so the feed reports a gap and waiters re-read instead.
 
 use super::{Pool, Result, Store};
+pub use crate::domain::FeedEvent;
 use sqlx::postgres::PgListener;
 
 /// The notification channel of task status changes.
 pub(super) const CHANNEL: &str = "klr_task_changed";
-
-/// What the feed heard.
-#[derive(Debug, PartialEq, Eq)]
-pub enum FeedEvent {
-    /// Another replica committed a change of this task.
-    Changed(String),
-    /// Changes may have been missed (the connection was lost and is being re-established).
-    Gap,
-}
 
 pub struct ChangeFeed {
     listener: PgListener,

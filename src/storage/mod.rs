@@ -1,15 +1,16 @@
 //! Storage: every SQL statement the service runs, for SQLite and Postgres.
 //!
 //! Both dialects take `$N` placeholders and share the statements; the migrations differ
-//! (`migrations/sqlite`, `migrations/postgres`), and a few runtime switches (`FOR UPDATE SKIP
-//! LOCKED`, advisory locks, `pg_notify`) are taken where `Pool` says which backend this is.
+//! (`migrations/sqlite`, `migrations/postgres`), and the runtime switches (how a transaction
+//! begins, row locks, advisory locks and their keys, `pg_notify`) are all in `dialect`.
 //! `on_pool!` expands a body once per backend, so each statement is type-checked against both
 //! drivers without a runtime `Any` layer.
 //!
 //! Status changes are compare-and-set on `version`: a change is decided on a snapshot and commits
 //! only if nobody changed the task since, together with its timeline event, in one transaction.
 //!
-//! Files: `pool` (connecting, the writer queue, migrations), `records` (row and record types),
+//! Files: `pool` (connecting, the writer queue, migrations), `dialect` (where the backends'
+//! statements differ at run time), `records` (row and record types),
 //! `tasks` (new tasks and reading them), `changes` (status changes, polls, plans), `queries`
 //! (the read queries tests check the plans of), then one file per table group.
 
@@ -41,6 +42,42 @@ pub enum StorageError {
 
 pub type Result<T> = std::result::Result<T, StorageError>;
 
+/// What a storage failure means to whoever asked: only `Unavailable` may go away on a retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageFailure {
+    /// A stored row cannot be read back as what it should be.
+    Corrupt,
+    /// The change breaks a constraint: a unique key, a reference, a check.
+    Conflict,
+    /// The database cannot store the data as given (Postgres SQLSTATE class 22, data exception).
+    Unstorable,
+    /// Anything else: the database is down, busy or unreachable, or a batch was lost.
+    Unavailable,
+}
+
+impl StorageError {
+    pub fn failure(&self) -> StorageFailure {
+        let db = match self {
+            StorageError::Corrupt(_) => return StorageFailure::Corrupt,
+            StorageError::Database(e) => e.as_database_error(),
+            _ => None,
+        };
+        match db {
+            Some(db)
+                if db.is_unique_violation()
+                    || db.is_foreign_key_violation()
+                    || db.is_check_violation() =>
+            {
+                StorageFailure::Conflict
+            }
+            Some(db) if db.code().is_some_and(|c| c.starts_with("22")) => {
+                StorageFailure::Unstorable
+            }
+            _ => StorageFailure::Unavailable,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 enum Pool {
     Sqlite(SqlitePool),
@@ -70,12 +107,15 @@ macro_rules! on_pool {
 
 mod admission;
 mod archive;
+#[cfg(feature = "bench")]
 mod bench;
+#[cfg(feature = "bench")]
 #[doc(hidden)]
 pub use bench::BenchSpan;
 mod claims;
 mod clients;
 mod deliveries;
+mod dialect;
 mod doctor;
 mod feed;
 mod overview;

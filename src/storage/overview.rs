@@ -1,6 +1,7 @@
 //! Aggregates for the dashboard's overview.
 
 use super::{Pool, Result, Store};
+pub use crate::domain::usage::ClientUsage;
 
 impl Store {
     /// Tasks created since `since_ms`, per status (one client's, or everyone's).
@@ -70,19 +71,6 @@ impl Store {
 type OpenRow = (Option<String>, i64, i64);
 /// (client, unit-milliseconds held in the window)
 type HeldRow = (Option<String>, i64);
-
-/// One client's share of upstream now and over the last hour.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientUsage {
-    /// None for tasks submitted without a client (authentication off).
-    pub client: Option<String>,
-    /// Units its tasks hold upstream (those whose create may have landed included).
-    pub units_in_use: i64,
-    /// Its tasks waiting for dispatch.
-    pub waiting: i64,
-    /// Unit-milliseconds its tasks held upstream within the window.
-    pub unit_ms: i64,
-}
 
 impl Store {
     /// Per client: units held and tasks waiting now, and unit-milliseconds held since

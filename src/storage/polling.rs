@@ -95,10 +95,7 @@ impl Store {
         let _writer = self.writer().await;
         let read = format!(
             "SELECT tat FROM rate_limits WHERE name = $1{}",
-            match self.pool {
-                Pool::Sqlite(_) => "",
-                Pool::Postgres(_) => " FOR UPDATE",
-            }
+            self.for_update()
         );
         const CREATE: &str =
             "INSERT INTO rate_limits (name, tat) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING";

@@ -45,7 +45,7 @@ impl Store {
             .as_ref()
             .map(json_text)
             .transpose()?;
-        let serialize_submits = matches!(self.pool, Pool::Postgres(_));
+        let serialize_submits = self.is_postgres();
         let begin = self.begin_claim();
         on_pool!(self, p => {
             let mut conn = p.acquire().await?;
@@ -56,7 +56,8 @@ impl Store {
             if serialize_submits {
                 // Postgres: make the pending count and the insert one atomic step across
                 // sessions (SQLite's single writer already does).
-                sqlx::query("SELECT pg_advisory_xact_lock(72430001)")
+                sqlx::query(dialect::ADVISORY_XACT_LOCK)
+                    .bind(dialect::SUBMIT_LOCK_KEY)
                     .execute(&mut *tx)
                     .await?;
             }

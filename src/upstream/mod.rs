@@ -348,12 +348,11 @@ async fn read(resp: reqwest::Result<reqwest::Response>) -> Result<Answer, Upstre
 }
 
 /// A `Retry-After` given in seconds (the HTTP-date form is not used by these peers).
-pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     headers
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs)
+        .and_then(crate::domain::schedule::retry_after_seconds)
 }
 
 fn transport_error(e: reqwest::Error) -> UpstreamError {

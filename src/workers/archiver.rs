@@ -7,13 +7,16 @@
 //! duplicates), and records its SHA-256. Network failures and 5xx are retried with backoff; a
 //! 4xx, a non-image, an oversized body or a forbidden source fails the image at once. A failed
 //! image never fails its task. The same loop runs the retention sweep.
+//!
+//! Longer than 400 lines: fetching, the retention sweep and `archive backfill` share one
+//! claim-and-fetch loop and its error handling.
 
 use super::{for_each_bounded, jitter, PolicyResolver};
 use crate::domain::archive::{object_key, ArchivedImage, ImageFormat, SourcePolicy};
+use crate::domain::archive::{ArchiveSetback, StoredImage};
 use crate::domain::notify::NetworkPolicy;
 use crate::domain::schedule::backoff;
 use crate::service::{ms, now_ms, Relay, ServiceError};
-use crate::storage::{ArchiveSetback, StoredImage};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

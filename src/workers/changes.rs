@@ -2,8 +2,8 @@
 //! (Postgres only; see `storage::feed`). Without it a waiter would hear only of changes made by
 //! its own process and sit out its whole wait when a webhook landed on another replica.
 
+use crate::domain::FeedEvent;
 use crate::service::Relay;
-use crate::storage::FeedEvent;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;

@@ -6,9 +6,9 @@
 //! time limit first, so a crash mid-attempt means another attempt, never a lost notification.
 
 use super::{jitter, PolicyResolver};
+use crate::domain::delivery::{AttemptRecord, DueDelivery, NextStep};
 use crate::domain::notify::{next_delay, signature_header};
 use crate::service::{ms, now_ms, Relay, ServiceError};
-use crate::storage::{AttemptRecord, DueDelivery, NextStep};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -208,7 +208,10 @@ impl Notifier {
         match resp {
             Ok(r) => Sent::Status(
                 r.status().as_u16(),
-                crate::upstream::retry_after(r.headers()),
+                r.headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(crate::domain::schedule::retry_after_seconds),
             ),
             Err(e) if e.is_timeout() => Sent::Failed("timed out".into()),
             Err(e) if e.is_connect() => Sent::Failed("connection failed".into()),

@@ -3,7 +3,7 @@
 //! and one that sends every dead one again.
 
 use super::pages::{layout, relative_time, Nav};
-use crate::storage::Delivery;
+use crate::domain::delivery::Delivery;
 use maud::{html, Markup};
 
 pub fn notifications(who: &str, troubled: &[Delivery], notice: Option<String>) -> Markup {

@@ -1,0 +1,73 @@
+//! Scenario `submit`: `POST /v1/tasks` against the simulator, waiting for dispatch and with
+//! `Prefer: respond-async`, beside the storage limit of the insert.
+
+use super::*;
+
+/// Scenario 2: POST /v1/tasks against the simulator with zero delays.
+pub(super) async fn submit(args: &Args, kind: &'static str) -> anyhow::Result<Vec<Row>> {
+    let n = if args.smoke { 50 } else { 2000 };
+    let db = Db::create(kind, &args.postgres_url).await?;
+    let store = Store::connect(&db.url, 2).await?;
+    store.migrate().await?;
+    let key = client_key(&store).await?;
+    store.close().await;
+    let sim = simulator(Duration::ZERO, Duration::ZERO).await?;
+    let svc = Service::start(&db, &sim, &[]).await?;
+    let http = http_client(Some(&key));
+    let base = svc.base.clone();
+    let stats = load("submit", n, args.concurrency, move |_| {
+        let (base, h) = (base.clone(), http.clone());
+        async move {
+            let v = post_task(&h, &base).await?;
+            // Accept-to-submitted: the POST answers once the dispatch landed (dispatch.wait).
+            if v["status"] == "pending" {
+                return Err("answered pending".into());
+            }
+            Ok(())
+        }
+    })
+    .await;
+    // With `Prefer: respond-async` the POST answers once the task is stored (issue 17).
+    let (base, h) = (svc.base.clone(), http_client(Some(&key)));
+    let async_stats = load("submit respond-async", n, args.concurrency, move |_| {
+        let (base, h) = (base.clone(), h.clone());
+        async move {
+            let r = h
+                .post(format!("{base}/v1/tasks"))
+                .header("prefer", "respond-async")
+                .json(&task_body())
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if r.status() != 202 {
+                return Err(r.status().to_string());
+            }
+            Ok(())
+        }
+    })
+    .await;
+    let (_, peak) = svc.rss_mb();
+    drop(svc);
+    // The limit beside it: single-row update transactions on the same database, same concurrency.
+    let raw = Store::connect(&db.url, 8).await?;
+    let ids = Arc::new(raw.bench_task_ids(2 * n).await?);
+    let (ids2, raw2) = (ids.clone(), raw.clone());
+    let storage_limit = load("submit storage limit", 2 * n, args.concurrency, move |i| {
+        let (ids, raw) = (ids2.clone(), raw2.clone());
+        async move {
+            raw.bench_update_one(&ids[i % ids.len().max(1)], i as i64)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await;
+    raw.close().await;
+    sim.stop();
+    db.remove().await;
+    let mut row = stats.row("submit", kind, "POST /v1/tasks until submitted");
+    row.service_peak_rss_mb = peak;
+    let limit = storage_limit.row("submit", kind, "storage limit (sqlx updates)");
+    let mut fast = async_stats.row("submit", kind, "POST /v1/tasks, Prefer: respond-async");
+    fast.of_limit = Some(fast.per_second / limit.per_second.max(1e-9));
+    Ok(vec![row, fast, limit])
+}
