@@ -2,9 +2,7 @@
 //! URLs, --wait, --out, --json, tasks list/show/events, and its exit codes. Issue 18: tasks
 //! cancel/wait/deliveries, list --cursor/--all, the 401 hint, help on every option.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -253,7 +251,7 @@ async fn cancel_wait_and_pages(b: Backend) {
 
 async fn deliveries_listed_and_sent_again(b: Backend) {
     let app = TestApp::spawn(b).await;
-    let rx = common::receiver::Receiver::start().await;
+    let rx = crate::common::receiver::Receiver::start().await;
     let url = rx.url("/hook");
     let o = tokio::task::block_in_place(|| {
         run(

@@ -1,9 +1,7 @@
 //! Issue 5: running it like production — health and readiness, request ids, and the problem+json
 //! answers for bodies too large, requests too slow and methods not allowed.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use std::time::Duration;
 
@@ -30,9 +28,7 @@ async fn health_and_readiness(b: Backend) {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 503);
-    assert_eq!(r.headers()["content-type"], "application/problem+json");
-    let text = r.text().await.unwrap();
+    let text = problem(r, 503).await.to_string();
     assert!(text.contains("migration"), "{text}");
     for secret in [app.db.url.as_str(), app.sim.api_key(), WEBHOOK_SECRET] {
         assert!(!text.contains(secret), "readyz leaks {secret}");
@@ -101,9 +97,7 @@ async fn limits_answer_in_problem_json(b: Backend) {
     let mut big = valid_body();
     big["prompt"] = Value::String("x".repeat(5000));
     let r = app.submit(&big).await;
-    assert_eq!(r.status(), 413);
-    assert_eq!(r.headers()["content-type"], "application/problem+json");
-    let v: Value = r.json().await.unwrap();
+    let v = problem(r, 413).await;
     assert_eq!(v["status"], 413);
 
     let id = app.submit_ok(&valid_body()).await;
@@ -113,8 +107,7 @@ async fn limits_answer_in_problem_json(b: Backend) {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 408);
-    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    problem(r, 408).await;
 
     let r = app
         .http
@@ -122,13 +115,12 @@ async fn limits_answer_in_problem_json(b: Backend) {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 405);
-    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    problem(r, 405).await;
 }
 
 async fn metrics_cover_the_service_with_low_cardinality_labels(b: Backend) {
     let app = TestApp::spawn(b).await;
-    let rx = common::receiver::Receiver::start().await;
+    let rx = crate::common::receiver::Receiver::start().await;
     app.sim.set_faults(kling_relay::simulator::Faults {
         drop_callbacks: 0.5,
         ..Default::default()

@@ -2,10 +2,8 @@
 //! every crate, and the whole log is searched for each secret: the CometAPI key, client API keys,
 //! callback URL tokens, the callback token secret and notification signing secrets.
 
-mod common;
-
-use common::receiver::Receiver;
-use common::*;
+use crate::common::receiver::Receiver;
+use crate::common::*;
 use kling_relay::simulator::Faults;
 use serde_json::json;
 use std::io::Write;
@@ -54,7 +52,50 @@ fn captured_log() -> Captured {
     .clone()
 }
 
+/// The log must be its process's only subscriber, at TRACE for every crate, and other tests of
+/// this binary install theirs first: so the scenario runs in a process of its own, this test
+/// binary again running only it (`own_process::*`, ignored in the ordinary run).
 async fn busy_scenario_at_trace_level_logs_no_secret(b: Backend) {
+    let name = match b {
+        Backend::Sqlite => "secrets::own_process::sqlite",
+        Backend::Postgres => "secrets::own_process::postgres",
+    };
+    let out = std::process::Command::new(std::env::current_exe().expect("own test binary"))
+        .args([name, "--exact", "--ignored", "--nocapture"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run the scenario in its own process");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the scenario failed:\n{text}");
+    assert!(
+        text.contains("1 passed"),
+        "the scenario did not run:\n{text}"
+    );
+}
+
+mod own_process {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "run by secrets::*::busy_scenario_at_trace_level_logs_no_secret in its own process"]
+    async fn sqlite() {
+        super::scenario(Backend::Sqlite).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "run by secrets::*::busy_scenario_at_trace_level_logs_no_secret in its own process"]
+    async fn postgres() {
+        if let Some(()) = postgres_or_skip() {
+            super::scenario(Backend::Postgres).await
+        }
+    }
+}
+
+async fn scenario(b: Backend) {
     let log = captured_log();
 
     let mut app = TestApp::spawn(b).await;

@@ -3,7 +3,7 @@
 //!
 //! A test whose tool is missing fails with one line naming the tool and how to get it. A run may
 //! opt out explicitly (`KLING_RELAY_TEST_SKIP=browser,postgres,python`): each skipped test then
-//! prints a `SKIPPED` line, and the test binary ends with a count of what it skipped. Both go to
+//! prints a `SKIPPED` line, and the test binary (`tests/it`) ends with a count of what it skipped. Both go to
 //! stderr past the harness's capture, so they show in a plain `cargo test`.
 
 use std::io::Write;
@@ -125,14 +125,9 @@ fn report_at_exit() {
                 .map(|(name, n)| format!("{name}: {n}"))
                 .collect();
             let total: usize = SKIPPED.iter().map(|n| n.load(Ordering::SeqCst)).sum();
-            let binary = std::env::current_exe()
-                .ok()
-                .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
-                .unwrap_or_default();
-            let binary = binary.split('-').next().unwrap_or_default().to_owned();
             let _ = writeln!(
                 std::io::stderr(),
-                "SKIPPED in tests/{binary}.rs: {total} test(s) by KLING_RELAY_TEST_SKIP ({})",
+                "SKIPPED in tests/it: {total} test(s) by KLING_RELAY_TEST_SKIP ({})",
                 parts.join(", ")
             );
         }

@@ -1,9 +1,7 @@
 //! The task lifecycle end to end: dispatch, callbacks, polling, faults, timeouts and restarts,
 //! each on SQLite and on Postgres.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use kling_relay::simulator::{Failure, Faults, SimConfig};
 use serde_json::json;
 use std::time::Duration;

@@ -2,10 +2,8 @@
 //! tolerant reader, callbacks through proxies and gateways, and the three profiles, each against
 //! the simulator playing that upstream, on SQLite and on Postgres.
 
-mod common;
-
+use crate::common::*;
 use base64::Engine;
-use common::*;
 use hmac::Mac;
 use kling_relay::config::UpstreamProfile;
 use kling_relay::simulator::{AnswerStyle, Faults, SimConfig};

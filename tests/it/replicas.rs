@@ -3,9 +3,7 @@
 //! waiters hear of changes made elsewhere. Each "replica" here is its own connection pool (a
 //! `Store`) or its own in-process service on the same database.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use kling_relay::domain::{Change, EventSource, TaskStatus};
 use kling_relay::storage::{Commit, FeedEvent, OutboxEntry, PendingCaps, Store};
 use serde_json::json;
@@ -58,16 +56,9 @@ async fn submitted_task(
     });
     assert!(s
         .commit_change(&Commit {
-            id: &r.id,
-            expected_version: 0,
-            change: &submitted(upstream),
-            source: EventSource::Dispatch,
-            now_ms: 10,
             poll_due_at_ms,
             outbox: outbox.as_ref(),
-            archive: false,
-            upstream_payload: None,
-            leaves_pending: false,
+            ..commit(&r.id, 0, &submitted(upstream), EventSource::Dispatch, 10)
         })
         .await
         .unwrap());
@@ -385,18 +376,13 @@ async fn other_replicas_hear_committed_changes() {
     let r = record(1);
     a.insert_task(r.clone(), None, CAPS).await.unwrap();
     assert!(a
-        .commit_change(&Commit {
-            id: &r.id,
-            expected_version: 0,
-            change: &submitted("u-1"),
-            source: EventSource::Dispatch,
-            now_ms: 10,
-            poll_due_at_ms: None,
-            outbox: None,
-            archive: false,
-            upstream_payload: None,
-            leaves_pending: false,
-        })
+        .commit_change(&commit(
+            &r.id,
+            0,
+            &submitted("u-1"),
+            EventSource::Dispatch,
+            10
+        ))
         .await
         .unwrap());
     let heard = tokio::time::timeout(Duration::from_secs(5), feed_b.next())
@@ -406,18 +392,13 @@ async fn other_replicas_hear_committed_changes() {
     assert_eq!(heard, FeedEvent::Changed(r.id.clone()));
     // A stale compare-and-set commits nothing and says nothing.
     assert!(!bb
-        .commit_change(&Commit {
-            id: &r.id,
-            expected_version: 0,
-            change: &submitted("u-1"),
-            source: EventSource::Dispatch,
-            now_ms: 11,
-            poll_due_at_ms: None,
-            outbox: None,
-            archive: false,
-            upstream_payload: None,
-            leaves_pending: false,
-        })
+        .commit_change(&commit(
+            &r.id,
+            0,
+            &submitted("u-1"),
+            EventSource::Dispatch,
+            11
+        ))
         .await
         .unwrap());
     assert!(
@@ -440,16 +421,8 @@ async fn other_replicas_hear_committed_changes() {
         .iter()
         .zip(&changes)
         .map(|(id, change)| Commit {
-            id,
-            expected_version: 0,
-            change,
-            source: EventSource::Webhook,
-            now_ms: 20,
-            poll_due_at_ms: None,
-            outbox: None,
-            archive: false,
-            upstream_payload: None,
             leaves_pending: true,
+            ..commit(id, 0, change, EventSource::Webhook, 20)
         })
         .collect();
     assert!(a.commit_changes(&commits).await.unwrap().iter().all(|w| *w));

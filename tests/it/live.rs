@@ -1,9 +1,7 @@
 //! Issue 4: live updates — long-poll with `?wait=` and the SSE stream wake within 100 ms of a
 //! committed status change (measured here, asserted with slack).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 

@@ -3,9 +3,7 @@
 //! 30-second stalls. Each has the outcome ARCHITECTURE.md names ("When upstream misbehaves"),
 //! and none holds up other tasks.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use kling_relay::simulator::{Faults, Garbage};
 use std::time::{Duration, Instant};
 

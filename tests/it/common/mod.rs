@@ -704,3 +704,36 @@ pub fn sources(events: &[Value]) -> Vec<String> {
         .map(|e| e["source"].as_str().unwrap_or("").to_owned())
         .collect()
 }
+
+/// A status change with nothing beside it (no next poll, notification, archive or payload);
+/// a test sets what it needs with `Commit { leaves_pending: true, ..commit(…) }`.
+pub fn commit<'a>(
+    id: &'a str,
+    expected_version: i64,
+    change: &'a kling_relay::domain::Change,
+    source: kling_relay::domain::EventSource,
+    now_ms: i64,
+) -> kling_relay::storage::Commit<'a> {
+    kling_relay::storage::Commit {
+        id,
+        expected_version,
+        change,
+        source,
+        now_ms,
+        poll_due_at_ms: None,
+        outbox: None,
+        archive: false,
+        upstream_payload: None,
+        leaves_pending: false,
+    }
+}
+
+/// Checks that `r` is an RFC 9457 problem with `status`, a title and a detail; returns its body.
+pub async fn problem(r: reqwest::Response, status: u16) -> Value {
+    assert_eq!(r.status().as_u16(), status);
+    assert_eq!(content_type(&r), "application/problem+json");
+    let v: Value = r.json().await.expect("a problem+json body");
+    assert_eq!(v["status"], status, "{v}");
+    assert!(v["title"].is_string() && v["detail"].is_string(), "{v}");
+    v
+}

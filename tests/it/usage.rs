@@ -2,10 +2,8 @@
 //! UTC day and month boundaries, budgets refused exactly at the limit (also from two replicas on
 //! Postgres), and budget notifications sent once per threshold and period.
 
-mod common;
-
-use common::receiver::Receiver;
-use common::*;
+use crate::common::receiver::Receiver;
+use crate::common::*;
 use kling_relay::domain::{Change, EventSource, TaskStatus};
 use kling_relay::storage::{Commit, PendingCaps, Store};
 use serde_json::{json, Value};
@@ -59,16 +57,8 @@ async fn ended_task(
     {
         assert!(s
             .commit_change(&Commit {
-                id: &id,
-                expected_version: version as i64,
-                change: &c,
-                source: EventSource::Webhook,
-                now_ms: now,
-                poll_due_at_ms: None,
-                outbox: None,
-                archive: false,
-                upstream_payload: None,
                 leaves_pending: leaves,
+                ..commit(&id, version as i64, &c, EventSource::Webhook, now)
             })
             .await
             .unwrap());

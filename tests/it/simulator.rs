@@ -2,8 +2,6 @@
 //! check, validation, unique external ids, n-weighted concurrency (`1303`), `task_not_exist`,
 //! callbacks and their fault switches.
 
-mod common;
-
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};

@@ -3,10 +3,8 @@
 //! receivers, crashes with deliveries pending, replay, default URLs, secret rotation, and
 //! refused destinations.
 
-mod common;
-
-use common::receiver::{verify_standard_webhook, verify_with_reference_library, Receiver};
-use common::*;
+use crate::common::receiver::{verify_standard_webhook, verify_with_reference_library, Receiver};
+use crate::common::*;
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

@@ -1,10 +1,8 @@
 //! The `kling-relay` binary as users run it: configuration errors, `migrate`, the `--simulate`
 //! quickstart, the simulator CLI, and `kill -9` at any moment without losing or double-paying a task.
 
-mod common;
-
-use common::process::*;
-use common::*;
+use crate::common::process::*;
+use crate::common::*;
 use kling_relay::simulator::Faults;
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -173,7 +171,7 @@ async fn quickstart_serve_simulate_runs_the_whole_loop() {
     assert_eq!(anonymous.status(), 401, "auth is on by default");
     let http = client_with_key(&key);
     // A local trial may notify a receiver on this machine: loopback needs no listing here.
-    let rx = common::receiver::Receiver::start().await;
+    let rx = crate::common::receiver::Receiver::start().await;
     let mut body = valid_body();
     body["notify_url"] = serde_json::json!(rx.url("/hook"));
     let r = http

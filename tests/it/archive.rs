@@ -3,9 +3,7 @@
 //! ETag; bad sources fail the image, never the task; a crash mid-archive ends with one copy;
 //! backfill and the retention sweep.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use kling_relay::config::ArchiveBackend;
 use kling_relay::simulator::{Faults, ImageFault};
 use serde_json::Value;
@@ -220,13 +218,21 @@ async fn bad_sources_fail_the_image_never_the_task(b: Backend) {
             assert!(img["archived_url"].is_null());
         }
         let r = get_image(&app, &id, 0).await;
-        assert_eq!(r.status(), 404);
-        assert_eq!(r.headers()["content-type"], "application/problem+json");
+        problem(r, 404).await;
     }
     // A temporary failure is retried and then succeeds.
     app.sim.set_faults(image_fault(ImageFault::Unavailable));
     let id = succeeded_task(&app).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every image has a failed fetch on record before the fault is lifted.
+    wait_until(WITHIN, || async {
+        let t = app.task(&id).await;
+        t["images"].as_array().is_some_and(|images| {
+            images
+                .iter()
+                .all(|img| img["archive"]["attempts"].as_i64().unwrap_or(0) >= 1)
+        })
+    })
+    .await;
     app.sim.set_faults(Faults::default());
     let t = archived(&app, &id).await;
     for img in t["images"].as_array().unwrap() {
@@ -311,7 +317,7 @@ async fn backfill_archives_earlier_successes_and_resumes(b: Backend) {
 
     let path = dir.path().join("archive").display().to_string();
     let backfill = |db: &TestDb| {
-        let out = common::process::command(&["archive", "backfill", "--batch", "2"])
+        let out = crate::common::process::command(&["archive", "backfill", "--batch", "2"])
             .env("KLING_RELAY_DATABASE__URL", &db.url)
             .env("KLING_RELAY_ARCHIVE__PATH", &path)
             .env("KLING_RELAY_ARCHIVE__ALLOW_HTTP", "true")
@@ -443,7 +449,7 @@ on_both_backends!(
 fn backfill_needs_archiving_on() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/db.sqlite", dir.path().display());
-    let out = common::process::command(&["archive", "backfill"])
+    let out = crate::common::process::command(&["archive", "backfill"])
         .env("KLING_RELAY_DATABASE__URL", &url)
         .env("KLING_RELAY_ARCHIVE__ENABLED", "false")
         .output()

@@ -1,26 +1,12 @@
 //! The REST API and the webhook receiver from the outside: validation, errors, history paging,
 //! and callback authentication, on SQLite and on Postgres.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::time::Duration;
 
 const PNG_B64: &str = PNG_300;
-
-async fn assert_problem(r: reqwest::Response, status: u16) -> Value {
-    assert_eq!(r.status().as_u16(), status);
-    assert_eq!(
-        r.headers()["content-type"].to_str().unwrap(),
-        "application/problem+json"
-    );
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["status"], status);
-    assert!(v["title"].is_string() && v["detail"].is_string());
-    v
-}
 
 fn error_fields(v: &Value) -> Vec<String> {
     v["errors"]
@@ -141,7 +127,7 @@ async fn every_validation_rule_is_enforced_and_nothing_is_stored(b: Backend) {
     ];
     for (body, want) in cases {
         let r = app.submit(&body).await;
-        let v = assert_problem(r, 422).await;
+        let v = problem(r, 422).await;
         let mut got = error_fields(&v);
         got.sort();
         let mut want: Vec<String> = want.into_iter().map(str::to_owned).collect();
@@ -158,7 +144,7 @@ async fn every_validation_rule_is_enforced_and_nothing_is_stored(b: Backend) {
     let r = app
         .submit(&json!({"subject_image_list": [], "n": 99, "aspect_ratio": "x", "extra": 1}))
         .await;
-    let v = assert_problem(r, 422).await;
+    let v = problem(r, 422).await;
     assert_eq!(error_fields(&v).len(), 4);
 
     // Not JSON, or not declared as JSON.
@@ -170,7 +156,7 @@ async fn every_validation_rule_is_enforced_and_nothing_is_stored(b: Backend) {
         .send()
         .await
         .unwrap();
-    assert_problem(r, 400).await;
+    problem(r, 400).await;
     let r = app
         .http
         .post(format!("{}/v1/tasks", app.base))
@@ -179,7 +165,7 @@ async fn every_validation_rule_is_enforced_and_nothing_is_stored(b: Backend) {
         .send()
         .await
         .unwrap();
-    assert_problem(r, 415).await;
+    problem(r, 415).await;
 
     assert_eq!(task_count(&app).await, 0, "nothing stored");
     assert_eq!(app.sim.stats().create_calls, 0, "nothing dispatched");
@@ -194,7 +180,7 @@ async fn base64_inputs_upstream_would_refuse_are_refused_before_they_cost_anythi
     ] {
         let body = json!({"subject_image_list": [{"subject_image": PNG_300}, {"subject_image": image}],
             "style_image": image});
-        let v = assert_problem(app.submit(&body).await, 422).await;
+        let v = problem(app.submit(&body).await, 422).await;
         let errors = v["errors"].as_array().unwrap();
         let mut fields = error_fields(&v);
         fields.sort();
@@ -258,7 +244,7 @@ async fn unknown_ids_and_routes_answer_404(b: Backend) {
             .send()
             .await
             .unwrap();
-        assert_problem(r, 404).await;
+        problem(r, 404).await;
     }
     // A callback with a valid token for a task we do not have.
     let (status, _) = app
@@ -385,7 +371,7 @@ async fn history_filters_and_cursor_paging_while_tasks_arrive(b: Backend) {
             .send()
             .await
             .unwrap();
-        assert_problem(r, 400).await;
+        problem(r, 400).await;
     }
 }
 
@@ -410,7 +396,7 @@ async fn webhook_requires_a_valid_token_and_a_matching_task(b: Backend) {
     let foreign = app.callback_url(&other).replace(&other, &id);
     for url in [bare.clone(), wrong, format!("{bare}/AAAA"), foreign] {
         let r = app.http.post(&url).json(&body).send().await.unwrap();
-        assert_problem(r, 401).await;
+        problem(r, 401).await;
     }
     // A token for another task does not open this one.
     let (status, _) = app
@@ -427,7 +413,7 @@ async fn webhook_requires_a_valid_token_and_a_matching_task(b: Backend) {
         .send()
         .await
         .unwrap();
-    assert_problem(r, 400).await;
+    problem(r, 400).await;
     let r = app
         .http
         .post(&good)
@@ -436,7 +422,7 @@ async fn webhook_requires_a_valid_token_and_a_matching_task(b: Backend) {
         .send()
         .await
         .unwrap();
-    assert_problem(r, 415).await;
+    problem(r, 415).await;
     let (status, _) = app
         .post_callback(
             &good,

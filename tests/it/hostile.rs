@@ -3,9 +3,7 @@
 //! events never move a task backwards and never change a final task; oversized bodies, deep
 //! nesting, invalid UTF-8, huge numbers and wrong content types get a clear 4xx.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use kling_relay::domain::{
     apply_report, ResultImage, TaskState, TaskStatus, Transition, UpstreamReport, UpstreamStatus,
 };

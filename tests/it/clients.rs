@@ -1,9 +1,7 @@
 //! Issue 4: API keys and isolation — key lifecycle through the CLI, 401s, another client's task
 //! is 404 on every route, idempotency keys per client, per-client limits.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::process::Command;
 use std::time::Duration;

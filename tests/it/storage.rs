@@ -1,9 +1,7 @@
 //! Storage on both databases: every hot query is served by an index (the poller never reads final
 //! tasks), compare-and-set commits, and the persisted webhook secret.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use kling_relay::domain::{Change, EventSource, TaskStatus, Transition};
 use kling_relay::storage::{sql, Commit, ExplainArg, ListFilter, PendingCaps, Store};
 
@@ -224,16 +222,8 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
     };
     assert!(s
         .commit_change(&Commit {
-            id: &r.id,
-            expected_version: 0,
-            change: &submitted,
-            source: EventSource::Dispatch,
-            now_ms: 10,
             poll_due_at_ms: Some(20),
-            outbox: None,
-            archive: false,
-            upstream_payload: None,
-            leaves_pending: false,
+            ..commit(&r.id, 0, &submitted, EventSource::Dispatch, 10)
         })
         .await
         .unwrap());
@@ -247,33 +237,11 @@ async fn final_tasks_leave_the_work_indexes(b: Backend) {
         ..submitted.clone()
     };
     assert!(!s
-        .commit_change(&Commit {
-            id: &r.id,
-            expected_version: 0,
-            change: &done,
-            source: EventSource::Webhook,
-            now_ms: 30,
-            poll_due_at_ms: None,
-            outbox: None,
-            archive: false,
-            upstream_payload: None,
-            leaves_pending: false,
-        })
+        .commit_change(&commit(&r.id, 0, &done, EventSource::Webhook, 30))
         .await
         .unwrap());
     assert!(s
-        .commit_change(&Commit {
-            id: &r.id,
-            expected_version: 1,
-            change: &done,
-            source: EventSource::Webhook,
-            now_ms: 30,
-            poll_due_at_ms: None,
-            outbox: None,
-            archive: false,
-            upstream_payload: None,
-            leaves_pending: false,
-        })
+        .commit_change(&commit(&r.id, 1, &done, EventSource::Webhook, 30))
         .await
         .unwrap());
     assert!(s.due_polls(i64::MAX, 10).await.unwrap().is_empty());
@@ -310,18 +278,7 @@ async fn a_claim_defeats_a_cancel_decided_before_it(b: Backend) {
         panic!("cancel applies to a waiting task")
     };
     let committed = s
-        .commit_change(&Commit {
-            id: &r.id,
-            expected_version: before.version,
-            change: &cancel,
-            source: EventSource::Api,
-            now_ms: 1,
-            poll_due_at_ms: None,
-            outbox: None,
-            archive: false,
-            upstream_payload: None,
-            leaves_pending: false,
-        })
+        .commit_change(&commit(&r.id, before.version, &cancel, EventSource::Api, 1))
         .await
         .unwrap();
     assert!(!committed, "a claimed task was canceled");
@@ -369,16 +326,9 @@ async fn the_poller_learns_durations_and_brings_polls_forward(b: Backend) {
         final_unit_deduction: None,
     };
     let commit = |change, version, now, due, leaves| Commit {
-        id: &r.id,
-        expected_version: version,
-        change,
-        source: EventSource::Poll,
-        now_ms: now,
         poll_due_at_ms: due,
-        outbox: None,
-        archive: false,
-        upstream_payload: None,
         leaves_pending: leaves,
+        ..commit(&r.id, version, change, EventSource::Poll, now)
     };
     assert!(s
         .commit_change(&commit(&submitted, 0, t0 + 1_000, Some(t0 + 100_000), true))
@@ -491,16 +441,9 @@ async fn a_batch_of_changes_is_one_transaction_of_compare_and_sets(b: Backend) {
         to(TaskStatus::Submitted, "u-c"),
     );
     let commit = |id: &'static str, change, outbox| Commit {
-        id,
-        expected_version: 0,
-        change,
-        source: EventSource::Webhook,
-        now_ms: 10,
-        poll_due_at_ms: None,
         outbox,
-        archive: false,
-        upstream_payload: None,
         leaves_pending: true,
+        ..commit(id, 0, change, EventSource::Webhook, 10)
     };
     let (ida, idc): (&'static str, &'static str) = (
         Box::leak(a.id.clone().into_boxed_str()),

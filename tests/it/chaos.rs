@@ -2,11 +2,9 @@
 //! load, SQLite under `kill -9` at random moments. Each test prints its figures (tasks, kills,
 //! lost, duplicated) as one `chaos:` line; the README's Reliability section quotes them.
 
-mod common;
-
-use common::process::*;
-use common::receiver::Receiver;
-use common::*;
+use crate::common::process::*;
+use crate::common::receiver::Receiver;
+use crate::common::*;
 use kling_relay::simulator::{SimConfig, Simulator};
 use rand::Rng;
 use serde_json::Value;
@@ -522,16 +520,15 @@ async fn a_kill_mid_batch_loses_no_acknowledged_callback(b: Backend) {
             };
             assert!(store
                 .commit_change(&Commit {
-                    id: &r.id,
-                    expected_version: 0,
-                    change: &submitted,
-                    source: EventSource::Dispatch,
-                    now_ms: kling_relay::service::now_ms(),
                     poll_due_at_ms: Some(kling_relay::service::now_ms() + 3_600_000),
-                    outbox: None,
-                    archive: false,
-                    upstream_payload: None,
                     leaves_pending: true,
+                    ..commit(
+                        &r.id,
+                        0,
+                        &submitted,
+                        EventSource::Dispatch,
+                        kling_relay::service::now_ms()
+                    )
                 })
                 .await
                 .unwrap());

@@ -7,10 +7,8 @@
 //! `scripts/test` installs them). Without them the test fails naming what is missing, unless the
 //! run opts out with `KLING_RELAY_TEST_SKIP=browser`.
 
-mod common;
-
-use common::receiver::Receiver;
-use common::*;
+use crate::common::receiver::Receiver;
+use crate::common::*;
 use fantoccini::{Client, ClientBuilder, Locator};
 use kling_relay::simulator::SimConfig;
 use serde_json::json;
@@ -1188,7 +1186,7 @@ fn a_missing_browser_fails_the_test_unless_opted_out() {
     let me = std::env::current_exe().expect("own test binary");
     let run = |skip: Option<&str>| {
         let mut cmd = Command::new(&me);
-        cmd.args(["the_dashboard_in_a_real_browser", "--exact"])
+        cmd.args(["dashboard::the_dashboard_in_a_real_browser", "--exact"])
             .env("KLING_RELAY_TEST_CHROMIUM", "/nonexistent/chromium")
             .env_remove("KLING_RELAY_TEST_SKIP")
             .env("RUST_BACKTRACE", "0");
@@ -1215,10 +1213,9 @@ fn a_missing_browser_fails_the_test_unless_opted_out() {
     let (ok, text) = run(Some("browser"));
     assert!(ok, "opted out, the run passes:\n{text}");
     assert!(
-        text.contains("SKIPPED the_dashboard_in_a_real_browser: Chromium")
-            && text.contains(
-                "SKIPPED in tests/dashboard.rs: 1 test(s) by KLING_RELAY_TEST_SKIP (browser: 1)"
-            ),
+        text.contains("SKIPPED dashboard::the_dashboard_in_a_real_browser: Chromium")
+            && text
+                .contains("SKIPPED in tests/it: 1 test(s) by KLING_RELAY_TEST_SKIP (browser: 1)"),
         "{text}"
     );
 

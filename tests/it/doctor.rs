@@ -2,10 +2,8 @@
 //! and advice for each, and its exit code. The service runs in process on the test's database,
 //! so the public-URL check can reach it.
 
-mod common;
-
-use common::process::command;
-use common::*;
+use crate::common::process::command;
+use crate::common::*;
 use kling_relay::config::UpstreamProfile;
 use kling_relay::simulator::{AnswerStyle, Faults, SimConfig};
 use serde_json::Value;
@@ -163,7 +161,7 @@ async fn a_refused_key_fails_the_key_check(b: Backend) {
 /// survivor is only a warning.
 async fn a_public_url_that_does_not_reach_this_instance_fails(b: Backend) {
     let app = TestApp::playing(b, UpstreamProfile::Cometapi).await;
-    let nowhere = format!("http://127.0.0.1:{}", common::process::free_port());
+    let nowhere = format!("http://127.0.0.1:{}", crate::common::process::free_port());
     let (code, report) = doctor(&app, &[("KLING_RELAY_SERVER__PUBLIC_URL", &nowhere)]);
     assert_ne!(code, 0);
     assert_eq!(

@@ -1,0 +1,199 @@
+//! The workers' passes driven one at a time, with no loops running: each `step` is called by the
+//! test, so what a pass does (and what it must not do) is asserted without sleeping for a loop to
+//! come round. The relay here has no HTTP side and no callback URL: upstream is only ever queried.
+
+use crate::common::*;
+use kling_relay::domain::client::Caller;
+use kling_relay::domain::TaskStatus;
+use kling_relay::service::{poll, Relay};
+use kling_relay::simulator::{SimConfig, Simulator};
+use kling_relay::workers::dispatcher;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+struct Stepped {
+    relay: Arc<Relay>,
+    sim: Simulator,
+    caller: Caller,
+    _db: TestDb,
+}
+
+impl Stepped {
+    async fn new(
+        b: Backend,
+        sim: SimConfig,
+        tune: impl FnOnce(&mut kling_relay::config::Settings),
+    ) -> Stepped {
+        let db = TestDb::new(b).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sim");
+        let sim = Simulator::start(sim, listener).await.expect("start sim");
+        let mut settings = fast_settings(&db.url);
+        settings.cometapi.base_url = sim.base_url();
+        settings.cometapi.api_key = kling_relay::config::Secret::new(sim.api_key());
+        // No callbacks: the poller is the only way a change arrives.
+        settings.server.public_url = String::new();
+        tune(&mut settings);
+        let client = create_client(&db, "stepper").await;
+        let store = open_store(&db).await;
+        let relay = Relay::new(store, Arc::new(settings)).await.expect("relay");
+        Stepped {
+            relay: Arc::new(relay),
+            sim,
+            caller: Caller::Client(client.name),
+            _db: db,
+        }
+    }
+
+    /// Stores a task; no dispatcher runs, so it stays `pending` until a step sends it.
+    async fn submit(&self) -> String {
+        let submitted = self
+            .relay
+            .submit(
+                &self.caller,
+                valid_body(),
+                None,
+                None,
+                Some(Duration::ZERO),
+                None,
+            )
+            .await
+            .expect("submit");
+        assert_eq!(submitted.task.status, TaskStatus::Pending);
+        submitted.task.id
+    }
+
+    async fn status(&self, id: &str) -> TaskStatus {
+        self.relay.get_any(id).await.expect("task").status
+    }
+}
+
+/// A pass sends every waiting task once and nothing canceled; the next pass has nothing to send.
+async fn a_dispatch_step_sends_each_waiting_task_once(b: Backend) {
+    let t = Stepped::new(b, stalled_sim(), |_| {}).await;
+    let ids = [t.submit().await, t.submit().await, t.submit().await];
+    t.relay.cancel(&t.caller, &ids[2]).await.expect("cancel");
+    assert_eq!(
+        t.sim.stats().create_calls,
+        0,
+        "nothing is sent before a pass"
+    );
+
+    assert_eq!(dispatcher::step(&t.relay).await.expect("pass"), 2);
+    assert_eq!(t.sim.stats().tasks_created, 2);
+    for id in &ids[..2] {
+        assert_eq!(t.status(id).await, TaskStatus::Submitted);
+    }
+    assert_eq!(t.status(&ids[2]).await, TaskStatus::Canceled);
+
+    assert_eq!(dispatcher::step(&t.relay).await.expect("pass"), 0);
+    assert_eq!(
+        t.sim.stats().create_calls,
+        2,
+        "a second pass sends nothing again"
+    );
+    assert_eq!(t.status(&ids[2]).await, TaskStatus::Canceled);
+}
+
+/// With `max_concurrency` units (2: one task of `n` = 2), a pass sends only what fits; a finished
+/// task's units let the next pass send the one that waited.
+async fn a_dispatch_step_sends_only_what_the_units_allow(b: Backend) {
+    let t = Stepped::new(
+        b,
+        SimConfig {
+            processing_after: Duration::from_millis(50),
+            finish_after: Duration::from_millis(50),
+            ..fast_sim()
+        },
+        |s| {
+            s.cometapi.max_concurrency = 2;
+            s.poller.first_poll_after = Duration::ZERO;
+        },
+    )
+    .await;
+    let first = t.submit().await;
+    let second = t.submit().await;
+    assert_eq!(dispatcher::step(&t.relay).await.expect("pass"), 1);
+    assert_eq!(
+        dispatcher::step(&t.relay).await.expect("pass"),
+        0,
+        "both units in use"
+    );
+    assert_eq!(t.status(&second).await, TaskStatus::Pending);
+
+    // Upstream finishes the first; a poll pass hears it, and the unit is free again.
+    let upstream_id = t
+        .relay
+        .get_any(&first)
+        .await
+        .expect("task")
+        .upstream_task_id
+        .expect("sent");
+    wait_until(Duration::from_secs(10), || async {
+        t.sim.task_status(&upstream_id) == Some("succeed")
+    })
+    .await;
+    let (polled, timed_out) = poll::step(&t.relay).await.expect("poll pass");
+    assert_eq!((polled, timed_out), (1, 0));
+    assert_eq!(t.status(&first).await, TaskStatus::Succeeded);
+    assert_eq!(dispatcher::step(&t.relay).await.expect("pass"), 1);
+    assert_eq!(t.status(&second).await, TaskStatus::Submitted);
+    assert_eq!(
+        t.sim.stats().peak_units_in_use,
+        2,
+        "never both tasks at once"
+    );
+}
+
+/// A poll pass queries only what is due: a task upstream still runs is asked once, then not again
+/// until its next poll time, and a task past `give_up_after` is timed out by the pass.
+async fn a_poll_step_queries_only_what_is_due(b: Backend) {
+    let t = Stepped::new(b, stalled_sim(), |s| {
+        s.poller.first_poll_after = Duration::ZERO;
+        s.poller.interval = Duration::from_secs(3600);
+        s.poller.max_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let id = t.submit().await;
+    assert_eq!(
+        poll::step(&t.relay).await.expect("poll pass"),
+        (0, 0),
+        "nothing sent, nothing to poll"
+    );
+    assert_eq!(dispatcher::step(&t.relay).await.expect("pass"), 1);
+    let queries = t.sim.stats().query_calls;
+    assert_eq!(poll::step(&t.relay).await.expect("poll pass"), (1, 0));
+    assert_eq!(t.sim.stats().query_calls, queries + 1);
+    assert_eq!(
+        t.status(&id).await,
+        TaskStatus::Submitted,
+        "upstream has not started it"
+    );
+    assert_eq!(
+        poll::step(&t.relay).await.expect("poll pass"),
+        (0, 0),
+        "next poll is an hour away"
+    );
+    assert_eq!(t.sim.stats().query_calls, queries + 1);
+}
+
+async fn a_poll_step_times_out_what_upstream_never_finishes(b: Backend) {
+    let t = Stepped::new(b, stalled_sim(), |s| {
+        s.poller.give_up_after = Duration::from_millis(1);
+    })
+    .await;
+    let id = t.submit().await;
+    assert_eq!(dispatcher::step(&t.relay).await.expect("pass"), 1);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let (_, timed_out) = poll::step(&t.relay).await.expect("poll pass");
+    assert_eq!(timed_out, 1);
+    assert_eq!(t.status(&id).await, TaskStatus::TimedOut);
+    assert_eq!(poll::step(&t.relay).await.expect("poll pass").1, 0, "once");
+}
+
+on_both_backends!(
+    a_dispatch_step_sends_each_waiting_task_once,
+    a_dispatch_step_sends_only_what_the_units_allow,
+    a_poll_step_queries_only_what_is_due,
+    a_poll_step_times_out_what_upstream_never_finishes,
+);
