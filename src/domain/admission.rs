@@ -268,6 +268,7 @@ mod tests {
             } else {
                 vec![]
             },
+            virtual_time: 0,
         }
     }
 

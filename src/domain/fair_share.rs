@@ -1,10 +1,18 @@
 //! Fair share: which waiting tasks take the free units when several clients want them.
 //!
-//! Start-time fair queuing over concurrency units. A client's start tag is the units its tasks
-//! hold upstream (in flight, plus those chosen earlier in this pass) divided by its weight; the
-//! waiting client with the smallest tag goes next. The tags are recomputed from the tasks table on
-//! every pass, under the admission lock, so they need no stored counters, agree across replicas
-//! and survive restarts; and a client that was idle gets no credit for it, as in any SFQ.
+//! Start-time fair queuing over concurrency units, with memory. Each client has a **pass**: the
+//! units it has sent, each divided by its weight, on one virtual clock (stride scheduling). The
+//! waiting client with the lowest pass goes next, and its pass moves on by the task's units over
+//! its weight; on a tie, the one holding fewer units upstream (over its weight), then the older
+//! head. A client that starts waiting again begins at the **virtual time**, the lowest pass of
+//! the clients that kept waiting, so idling earns no credit. Passes and the virtual time are
+//! stored (`fair_passes`, `fair_clock`) and moved in the dispatch claim's transaction, under the
+//! admission lock, so they agree across replicas and survive restarts.
+//!
+//! Why memory: without it (the tag being the units held at this instant), every moment when the
+//! account drains ties all clients at zero, the older head wins, and a backlogged client's large
+//! task takes the room first, wave after wave; a light client's 9 could wait for its turn until it
+//! starved. With passes, the client that sent less goes first however the waves fall.
 //! ARCHITECTURE.md says why this and not deficit round robin.
 //!
 //! Within a client, tasks go by priority, then age, except that the next [`PACKING_WINDOW`] are
@@ -37,6 +45,8 @@ pub struct ClientShare {
     pub max_units: Option<i64>,
     /// Units its tasks hold upstream now (in flight or possibly in flight).
     pub in_flight: i64,
+    /// Its stored pass (see the module comment); 0 for a client that never sent anything.
+    pub pass: i64,
 }
 
 impl Default for ClientShare {
@@ -45,7 +55,66 @@ impl Default for ClientShare {
             weight: 1,
             max_units: None,
             in_flight: 0,
+            pass: 0,
         }
+    }
+}
+
+/// One unit's step on the virtual clock at weight 1; a task of `n` units at weight `w` moves its
+/// client's pass by `n × PASS_SCALE / w` (weights are at most 1,000, so steps stay exact enough).
+pub const PASS_SCALE: i64 = 1_000_000;
+
+fn stride(n: i64, weight: i64) -> i64 {
+    (n.max(0).saturating_mul(PASS_SCALE) / weight.max(1)).max(1)
+}
+
+/// Where a waiting client starts: its pass, or the virtual time if it fell behind (idled).
+fn start_tag(share: &ClientShare, virtual_time: i64) -> i64 {
+    share.pass.max(virtual_time)
+}
+
+/// What a dispatch claim stores after deciding: the new pass of each client that sent tasks, and
+/// the new virtual time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Passes {
+    pub by_client: Vec<(String, i64)>,
+    pub virtual_time: i64,
+}
+
+/// The passes after a claim: each client that `sent` tasks (client, units) moves on from its
+/// start tag; the virtual time becomes the lowest start tag of the clients `still_waiting`
+/// (never going back), or, when nobody waits, the highest pass reached, so that whoever comes next
+/// starts level with the last to go.
+pub fn passes_after<'a>(
+    held: &Held,
+    sent: impl IntoIterator<Item = (&'a str, i64)>,
+    still_waiting: impl IntoIterator<Item = &'a str>,
+) -> Passes {
+    let v = held.virtual_time;
+    let share_of = |c: &str| held.shares.get(c).copied().unwrap_or_default();
+    let mut moved: HashMap<&str, i64> = HashMap::new();
+    for (client, n) in sent {
+        let share = share_of(client);
+        let at = moved.entry(client).or_insert_with(|| start_tag(&share, v));
+        *at = at.saturating_add(stride(n, share.weight));
+    }
+    let tag = |c: &str| {
+        moved
+            .get(c)
+            .copied()
+            .unwrap_or_else(|| start_tag(&share_of(c), v))
+    };
+    let waiting_low = still_waiting.into_iter().map(tag).min();
+    let virtual_time = match waiting_low {
+        Some(low) => low.max(v),
+        None => moved.values().copied().max().unwrap_or(v).max(v),
+    };
+    let mut by_client: Vec<(String, i64)> =
+        moved.into_iter().map(|(c, p)| (c.to_owned(), p)).collect();
+    by_client.sort();
+    Passes {
+        by_client,
+        virtual_time,
     }
 }
 
@@ -58,6 +127,8 @@ pub struct Held {
     pub shares: Shares,
     /// The `n` of every task holding units, oldest dispatch first.
     pub running: Vec<i64>,
+    /// The stored virtual time (see the module comment).
+    pub virtual_time: i64,
 }
 
 impl Held {
@@ -94,6 +165,8 @@ pub struct Room {
 }
 
 struct Queue<'a> {
+    /// Its pass as of this moment in the pass: start tag plus what it was given so far.
+    start: i64,
     weight: i64,
     cap: Option<i64>,
     held: i64,
@@ -150,10 +223,12 @@ impl<'a> Queue<'a> {
         }
     }
 
-    /// Compares start tags (held / weight) without dividing; older head first on a tie.
+    /// Lower pass first; on a tie, fewer units held over weight (compared without dividing),
+    /// then the older head.
     fn before(&self, other: &Queue<'_>) -> Ordering {
-        (self.held * other.weight)
-            .cmp(&(other.held * self.weight))
+        self.start
+            .cmp(&other.start)
+            .then_with(|| (self.held * other.weight).cmp(&(other.held * self.weight)))
             .then_with(|| {
                 let a = self.head().map(|t| t.waiting_since_ms);
                 let b = other.head().map(|t| t.waiting_since_ms);
@@ -193,6 +268,7 @@ pub fn select(room: Room, held: &Held, candidates: &[Candidate]) -> Vec<String> 
             tasks[..window].sort_by_key(|t| (t.priority, std::cmp::Reverse(t.n)));
             let share = shares.get(client).copied().unwrap_or_default();
             Queue {
+                start: start_tag(&share, held.virtual_time),
                 weight: share.weight.max(1),
                 cap: share.max_units,
                 held: share.in_flight,
@@ -216,6 +292,7 @@ pub fn select(room: Room, held: &Held, candidates: &[Candidate]) -> Vec<String> 
                 if let Some(t) = q.tasks[i].take() {
                     free -= t.n;
                     q.held += t.n;
+                    q.start = q.start.saturating_add(stride(t.n, q.weight));
                     running.push(t.n);
                     if let Some(b) = budget.as_mut() {
                         *b -= t.n;
@@ -266,6 +343,7 @@ mod tests {
             weight,
             max_units,
             in_flight,
+            ..ClientShare::default()
         }
     }
 
@@ -277,6 +355,7 @@ mod tests {
                 .iter()
                 .flat_map(|(_, s)| std::iter::repeat_n(1, s.in_flight.max(0) as usize))
                 .collect(),
+            virtual_time: 0,
         }
     }
 
@@ -301,17 +380,30 @@ mod tests {
         rounds: usize,
     ) -> HashMap<String, i64> {
         let mut used: HashMap<String, i64> = HashMap::new();
-        let held = Held {
+        let mut held = Held {
             shares: base,
             running: Vec::new(),
+            virtual_time: 0,
         };
         for _ in 0..rounds {
             let chosen = select(room, &held, &waiting);
+            let mut sent = Vec::new();
             for id in &chosen {
                 let pos = waiting.iter().position(|c| &c.id == id).expect("chosen");
                 let t = waiting.remove(pos);
                 *used.entry(t.client.clone()).or_default() += t.n;
+                sent.push((t.client, t.n));
             }
+            // The passes move on as the claim stores them.
+            let passes = passes_after(
+                &held,
+                sent.iter().map(|(c, n)| (c.as_str(), *n)),
+                waiting.iter().map(|c| c.client.as_str()),
+            );
+            for (client, pass) in passes.by_client {
+                held.shares.entry(client).or_default().pass = pass;
+            }
+            held.virtual_time = passes.virtual_time;
         }
         used
     }
@@ -460,6 +552,7 @@ mod tests {
         let held = Held {
             shares: shares(&[("A", share(1, None, 9))]).shares,
             running: vec![6, 3],
+            virtual_time: 0,
         };
         let cs = [task("nine", "A", 9, 0), task("one", "A", 1, 10)];
         assert!(select(ROOM, &held, &cs).is_empty());
@@ -511,5 +604,109 @@ mod tests {
         let busy = shares(&[("C", share(1, None, 1))]);
         let chosen = select(room, &busy, &cs);
         assert!(!chosen.contains(&"big".to_string()), "{chosen:?}");
+    }
+
+    /// The newcomer case in waves: every task lasts one second, so the account drains and
+    /// refills at once, and a pass runs every 20 ms. A has 2,000 tasks waiting; B sends one a second.
+    /// Without memory the tags tie at every drain and A's older head takes the room first (B's 4
+    /// waited 8 s); with passes, B, which sent less, goes first.
+    #[test]
+    fn a_light_client_is_not_outrun_when_the_account_drains_in_waves() {
+        let sizes = [1i64, 1, 2, 3, 4, 9];
+        let mut waiting: Vec<Candidate> = (0..2000)
+            .map(|i| task(&format!("A-{i}"), "A", sizes[i % 6], 0))
+            .collect();
+        // (client, n, ends at)
+        let mut running: Vec<(String, i64, i64)> = Vec::new();
+        let mut passes: HashMap<String, i64> = HashMap::new();
+        let mut virtual_time = 0;
+        let mut waits: Vec<(i64, String)> = Vec::new();
+        let mut created: HashMap<String, i64> = HashMap::new();
+        let mut b_sent = 0;
+        let mut t = 0;
+        while t < 70_000 {
+            running.retain(|r| r.2 > t);
+            if t >= 5_000 && t % 1_000 == 0 && b_sent < 60 {
+                let id = format!("B-{b_sent}");
+                waiting.push(task(&id, "B", sizes[b_sent % 6], t));
+                created.insert(id, t);
+                b_sent += 1;
+            }
+            let mut shares = Shares::new();
+            for (client, pass) in &passes {
+                shares.entry(client.clone()).or_default().pass = *pass;
+            }
+            for (client, n, _) in &running {
+                shares.entry(client.clone()).or_default().in_flight += n;
+            }
+            let held = Held {
+                shares,
+                running: running.iter().map(|r| r.1).collect(),
+                virtual_time,
+            };
+            let room = Room { now_ms: t, ..ROOM };
+            let mut sent = Vec::new();
+            for id in select(room, &held, &waiting) {
+                let pos = waiting.iter().position(|c| c.id == id).expect("chosen");
+                let c = waiting.remove(pos);
+                if let Some(at) = created.get(&c.id) {
+                    waits.push((t - at, c.id.clone()));
+                }
+                running.push((c.client.clone(), c.n, t + 1_000));
+                sent.push((c.client, c.n));
+            }
+            let next = passes_after(
+                &held,
+                sent.iter().map(|(c, n)| (c.as_str(), *n)),
+                waiting.iter().map(|c| c.client.as_str()),
+            );
+            passes.extend(next.by_client);
+            virtual_time = next.virtual_time;
+            t += 20;
+        }
+        assert_eq!(waits.len(), 60, "every B task was sent");
+        waits.sort();
+        let worst = waits.last().cloned().unwrap_or_default();
+        eprintln!("B waits: {waits:?}");
+        // One wave for room to free, one more when B's own 9 is what holds it.
+        assert!(worst.0 <= 2_000, "B waited {} ms for {}", worst.0, worst.1);
+    }
+
+    #[test]
+    fn passes_move_by_units_over_weight_and_idling_earns_nothing() {
+        let mut held = shares(&[("A", share(1, None, 0)), ("B", share(2, None, 0))]);
+        held.virtual_time = 5 * PASS_SCALE;
+        // Both were behind the clock (idle): they start at it. A sends a 3, B a 4 at weight 2.
+        let p = passes_after(&held, [("A", 3), ("B", 4)], ["A"]);
+        assert_eq!(
+            p.by_client,
+            vec![
+                ("A".to_string(), 8 * PASS_SCALE),
+                ("B".to_string(), 7 * PASS_SCALE)
+            ]
+        );
+        assert_eq!(
+            p.virtual_time,
+            8 * PASS_SCALE,
+            "the lowest pass of those still waiting"
+        );
+        // Nobody waits: the clock moves to the highest pass reached, and never back.
+        assert_eq!(
+            passes_after(&held, [("B", 2)], []).virtual_time,
+            6 * PASS_SCALE
+        );
+        assert_eq!(passes_after(&held, [], []).virtual_time, 5 * PASS_SCALE);
+    }
+
+    #[test]
+    fn the_client_that_sent_less_goes_first_whatever_it_holds_now() {
+        // B holds more units at this instant, but A has sent more over time: B goes first.
+        let mut held = shares(&[("A", share(1, None, 2)), ("B", share(1, None, 4))]);
+        held.shares.get_mut("A").expect("A").pass = 10 * PASS_SCALE;
+        let cs = [task("a", "A", 6, 0), task("b", "B", 6, 100)];
+        assert_eq!(select(ROOM, &held, &cs), vec!["b"]);
+        // Level passes: the one holding less goes first, as before.
+        held.shares.get_mut("A").expect("A").pass = 0;
+        assert_eq!(select(ROOM, &held, &cs), vec!["a"]);
     }
 }

@@ -19,8 +19,9 @@ use super::{
     StorageError, Store, Task, TaskRow, TASK_COLUMNS,
 };
 use crate::domain::admission::AdmissionState;
-use crate::domain::fair_share::{ClientShare, Held, Shares};
+use crate::domain::fair_share::{passes_after, ClientShare, Held, Shares};
 use crate::domain::Priority;
+use std::collections::{HashMap, HashSet};
 
 /// A due task as the dispatch claim reads it.
 #[derive(sqlx::FromRow)]
@@ -51,6 +52,13 @@ impl DueRow {
         })
     }
 }
+
+/// Fair share's memory (`domain::fair_share`): a handful of rows, one per client, read whole.
+const READ_PASSES: &str = "SELECT client, pass FROM fair_passes";
+const READ_CLOCK: &str = "SELECT virtual_time FROM fair_clock WHERE id = 1";
+const WRITE_PASS: &str = "INSERT INTO fair_passes (client, pass) VALUES ($1, $2) \
+    ON CONFLICT (client) DO UPDATE SET pass = excluded.pass";
+const WRITE_CLOCK: &str = "UPDATE fair_clock SET virtual_time = $1 WHERE id = 1";
 
 impl Store {
     /// Claims due pending tasks for one create call each. `decide` gets what admission has
@@ -111,7 +119,7 @@ impl Store {
                     ClientShare {
                         weight,
                         max_units,
-                        in_flight: 0,
+                        ..ClientShare::default()
                     },
                 );
             }
@@ -120,13 +128,31 @@ impl Store {
                 shares.entry(client).or_default().in_flight += n;
                 running.push(n);
             }
-            let held = Held { shares, running };
+            let passes: Vec<(String, i64)> =
+                sqlx::query_as(READ_PASSES).fetch_all(&mut *tx).await?;
+            for (client, pass) in passes {
+                shares.entry(client).or_default().pass = pass;
+            }
+            let virtual_time: Option<i64> =
+                sqlx::query_scalar(READ_CLOCK).fetch_optional(&mut *tx).await?;
+            let held = Held {
+                shares,
+                running,
+                virtual_time: virtual_time.unwrap_or(0),
+            };
             let learnt: Option<StateRow> =
                 sqlx::query_as(READ_STATE).fetch_optional(&mut *tx).await?;
             let mut candidates = Vec::with_capacity(due.len());
             for r in due {
                 candidates.push(r.into_candidate()?);
             }
+            // What fair share needs afterwards: who waited for a first dispatch, with what.
+            let waiting: HashMap<String, (String, i64)> = candidates
+                .iter()
+                .filter(|c| !c.in_doubt)
+                .map(|c| (c.id.clone(), (c.client.clone(), c.n)))
+                .collect();
+            let before = held.clone();
             let mut claimed = Vec::new();
             for id in decide(learnt.map(AdmissionState::from), held, candidates) {
                 let row: Option<TaskRow> = sqlx::query_as(&claim)
@@ -136,6 +162,31 @@ impl Store {
                     .fetch_optional(&mut *tx)
                     .await?;
                 claimed.extend(row);
+            }
+            let sent: HashSet<&str> = claimed.iter().map(|r| r.id.as_str()).collect();
+            let passes = passes_after(
+                &before,
+                waiting
+                    .iter()
+                    .filter(|(id, _)| sent.contains(id.as_str()))
+                    .map(|(_, (client, n))| (client.as_str(), *n)),
+                waiting
+                    .iter()
+                    .filter(|(id, _)| !sent.contains(id.as_str()))
+                    .map(|(_, (client, _))| client.as_str()),
+            );
+            for (client, pass) in &passes.by_client {
+                sqlx::query(WRITE_PASS)
+                    .bind(client)
+                    .bind(pass)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if passes.virtual_time != before.virtual_time {
+                sqlx::query(WRITE_CLOCK)
+                    .bind(passes.virtual_time)
+                    .execute(&mut *tx)
+                    .await?;
             }
             tx.commit().await?;
             claimed

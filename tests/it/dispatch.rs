@@ -452,7 +452,96 @@ async fn the_claim_shares_units_by_weight_cap_and_priority(b: Backend) {
     store.close().await;
 }
 
+/// Fair share's memory through the real claim: what a client sent moves its stored pass (units
+/// over weight), the next claim reads it back, and a client behind the virtual time starts at it.
+async fn the_claim_keeps_each_clients_pass(b: Backend) {
+    use kling_relay::domain::fair_share::PASS_SCALE;
+    use kling_relay::service::clients::set_share;
+    use kling_relay::storage::PendingCaps;
+    let db = TestDb::new(b).await;
+    let store = open_store(&db).await;
+    for name in ["a", "b"] {
+        kling_relay::service::clients::create_client(&store, name, None)
+            .await
+            .expect("client");
+    }
+    set_share(&store, "b", Some(2), None).await.expect("weight");
+    let caps = PendingCaps {
+        total: 100_000,
+        per_client: 100_000,
+    };
+    let mut ids = std::collections::HashMap::new();
+    for (i, (client, n)) in [("a", 3), ("a", 2), ("b", 4), ("b", 1)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut r = task_record(i as i64);
+        r.client = Some(client.into());
+        r.n = n;
+        ids.insert(r.id.clone(), (client, n));
+        store.insert_task(r, None, caps).await.expect("insert");
+    }
+    let now = 1_800_000_000_000;
+    let first_of = |client: &'static str, n: i64| {
+        let ids = ids.clone();
+        move |_: Option<kling_relay::domain::admission::AdmissionState>,
+              _: kling_relay::domain::fair_share::Held,
+              due: Vec<kling_relay::storage::DispatchCandidate>| {
+            due.iter()
+                .filter(|c| ids[&c.id] == (client, n))
+                .map(|c| c.id.clone())
+                .collect::<Vec<_>>()
+        }
+    };
+    // a sends its 3 and b its 4 (weight 2: a pass of 2): both were level at the clock (0).
+    let sent = store
+        .claim_dispatches(now, 64, now + 60_000, first_of("a", 3))
+        .await
+        .expect("claim");
+    assert_eq!(sent.len(), 1);
+    store
+        .claim_dispatches(now, 64, now + 60_000, first_of("b", 4))
+        .await
+        .expect("claim");
+    let pass = |client: &'static str| {
+        let db = &db;
+        async move {
+            db.count(&format!(
+                "SELECT pass FROM fair_passes WHERE client = '{client}'"
+            ))
+            .await
+        }
+    };
+    assert_eq!(pass("a").await, 3 * PASS_SCALE);
+    assert_eq!(pass("b").await, 2 * PASS_SCALE);
+    // Both still wait: the clock is the lower of their passes.
+    assert_eq!(
+        db.count("SELECT virtual_time FROM fair_clock").await,
+        2 * PASS_SCALE
+    );
+    // The next claim reads them back.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen_in = seen.clone();
+    store
+        .claim_dispatches(now, 64, now + 60_000, move |_, held, _| {
+            *seen_in.lock().expect("lock") = Some((
+                held.shares.get("a").map(|s| s.pass),
+                held.shares.get("b").map(|s| s.pass),
+                held.virtual_time,
+            ));
+            Vec::new()
+        })
+        .await
+        .expect("claim");
+    assert_eq!(
+        *seen.lock().expect("lock"),
+        Some((Some(3 * PASS_SCALE), Some(2 * PASS_SCALE), 2 * PASS_SCALE))
+    );
+    store.close().await;
+}
+
 on_both_backends!(
+    the_claim_keeps_each_clients_pass,
     the_claim_shares_units_by_weight_cap_and_priority,
     two_hundred_tasks_fit_in_ten_units,
     adapts_to_a_lower_real_limit,
