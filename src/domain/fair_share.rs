@@ -15,10 +15,13 @@
 //! starved. With passes, the client that sent less goes first however the waves fall.
 //! ARCHITECTURE.md says why this and not deficit round robin.
 //!
-//! Within a client, tasks go by priority, then age, except that the next [`PACKING_WINDOW`] are
-//! taken largest first (first fit decreasing): started together, tasks of one model end together,
-//! and a 9 started beside a 3 keeps all 12 units busy where a 4, 2 and 1 started first would leave
-//! it waiting beside idle units. When the task whose turn it is does not fit
+//! Within a client, tasks go by priority, then age, except that the next [`PACKING_WINDOW`] that
+//! arrived together (within [`PACKING_SPAN_MS`] of the oldest) are taken largest first (first fit
+//! decreasing): started together, tasks of one model end together, and a 9 started beside a 3
+//! keeps all 12 units busy where a 4, 2 and 1 started first would leave it waiting beside idle
+//! units. Packing reorders a batch, never a trickle: a task that came later does not overtake one
+//! that was already waiting (a client's 4 would otherwise wait behind its own 9 sent a second
+//! after it, then for the room the 9 leaves). When the task whose turn it is does not fit
 //! the free units (and its client holds less than its weighted share of the working limit), it
 //! gets a **reservation**, as in EASY backfilling: running tasks are taken to end in the order they
 //! started (tasks of one model take about as long), so the task can start once enough of the
@@ -35,6 +38,10 @@ use std::collections::HashMap;
 /// How many of a client's next tasks are packed largest first. Each task can be overtaken only by
 /// tasks that came after it within this many, so none waits long for it.
 pub const PACKING_WINDOW: usize = 8;
+
+/// Tasks count as one batch for packing when they started waiting within this long of the
+/// oldest of the window.
+pub const PACKING_SPAN_MS: i64 = 500;
 
 /// What the scheduler knows of one client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,7 +271,17 @@ pub fn select(room: Room, held: &Held, candidates: &[Candidate]) -> Vec<String> 
             });
             // First fit decreasing over the queue's head: the largest go first (stable, so the
             // oldest first among equals), so small ones fill around them rather than strand them.
-            let window = tasks.len().min(PACKING_WINDOW);
+            let window = match tasks.first() {
+                Some(oldest) => tasks
+                    .iter()
+                    .take(PACKING_WINDOW)
+                    .take_while(|t| {
+                        t.priority == oldest.priority
+                            && t.waiting_since_ms - oldest.waiting_since_ms <= PACKING_SPAN_MS
+                    })
+                    .count(),
+                None => 0,
+            };
             tasks[..window].sort_by_key(|t| (t.priority, std::cmp::Reverse(t.n)));
             let share = shares.get(client).copied().unwrap_or_default();
             Queue {
@@ -543,6 +560,15 @@ mod tests {
         // Only the window is reordered: the 9 at position 8 is not pulled ahead.
         let chosen = select(ROOM, &shares(&[("A", share(1, None, 0))]), &cs[..3]);
         assert_eq!(chosen, vec!["t0", "t1", "t2"]);
+        // A trickle is not a batch: a 9 that came a second after a waiting 4 does not pass it.
+        let held = shares(&[("A", share(1, None, 8))]);
+        let trickle = [task("four", "A", 4, 0), task("nine", "A", 9, 1_000)];
+        assert_eq!(select(ROOM, &held, &trickle), vec!["four"]);
+        let batch = [task("four", "A", 4, 0), task("nine", "A", 9, 400)];
+        assert!(
+            select(ROOM, &held, &batch).is_empty(),
+            "the 9 goes first, and waits"
+        );
     }
 
     #[test]
