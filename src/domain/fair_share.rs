@@ -286,9 +286,10 @@ pub fn select(room: Room, held: &Held, candidates: &[Candidate]) -> Vec<String> 
             };
             tasks[..window].sort_by_key(|t| (t.priority, std::cmp::Reverse(t.n)));
             let share = shares.get(client).copied().unwrap_or_default();
+            let start = start_tag(&share, held.virtual_time);
             Queue {
-                start: start_tag(&share, held.virtual_time),
-                stored_start: start_tag(&share, held.virtual_time),
+                start,
+                stored_start: start,
                 weight: share.weight.max(1),
                 cap: share.max_units,
                 held: share.in_flight,
@@ -406,6 +407,15 @@ mod tests {
         out
     }
 
+    /// The passes a claim stores after sending `sent` (client, n) while `waiting` still wait.
+    fn passes_of(held: &Held, sent: &[(String, i64)], waiting: &[Candidate]) -> Passes {
+        passes_after(
+            held,
+            sent.iter().map(|(c, n)| (c.as_str(), *n)),
+            waiting.iter().map(|c| c.client.as_str()),
+        )
+    }
+
     /// Runs the scheduler as the dispatcher would, every task lasting one round: the units each
     /// client was given, summed over `rounds`.
     fn simulate(
@@ -430,11 +440,7 @@ mod tests {
                 sent.push((t.client, t.n));
             }
             // The passes move on as the claim stores them.
-            let passes = passes_after(
-                &held,
-                sent.iter().map(|(c, n)| (c.as_str(), *n)),
-                waiting.iter().map(|c| c.client.as_str()),
-            );
+            let passes = passes_of(&held, &sent, &waiting);
             for (client, pass) in passes.by_client {
                 held.shares.entry(client).or_default().pass = pass;
             }
@@ -700,11 +706,7 @@ mod tests {
                 running.push((c.client.clone(), c.n, t + 1_000));
                 sent.push((c.client, c.n));
             }
-            let next = passes_after(
-                &held,
-                sent.iter().map(|(c, n)| (c.as_str(), *n)),
-                waiting.iter().map(|c| c.client.as_str()),
-            );
+            let next = passes_of(&held, &sent, &waiting);
             passes.extend(next.by_client);
             virtual_time = next.virtual_time;
             t += 20;

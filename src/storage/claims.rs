@@ -21,7 +21,7 @@ use super::{
 use crate::domain::admission::AdmissionState;
 use crate::domain::fair_share::{passes_after, ClientShare, Held, Shares};
 use crate::domain::Priority;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 /// A due task as the dispatch claim reads it.
 #[derive(sqlx::FromRow)]
@@ -146,11 +146,12 @@ impl Store {
             for r in due {
                 candidates.push(r.into_candidate()?);
             }
-            // What fair share needs afterwards: who waited for a first dispatch, with what.
-            let waiting: HashMap<String, (String, i64)> = candidates
+            // What fair share needs afterwards: who waited for a first dispatch, with what
+            // (a task in doubt was counted when it was first claimed).
+            let waiting: Vec<(String, String, i64)> = candidates
                 .iter()
                 .filter(|c| !c.in_doubt)
-                .map(|c| (c.id.clone(), (c.client.clone(), c.n)))
+                .map(|c| (c.id.clone(), c.client.clone(), c.n))
                 .collect();
             let before = held.clone();
             let mut claimed = Vec::new();
@@ -164,16 +165,13 @@ impl Store {
                 claimed.extend(row);
             }
             let sent: HashSet<&str> = claimed.iter().map(|r| r.id.as_str()).collect();
+            let (went, stayed): (Vec<_>, Vec<_>) = waiting
+                .iter()
+                .partition(|(id, _, _)| sent.contains(id.as_str()));
             let passes = passes_after(
                 &before,
-                waiting
-                    .iter()
-                    .filter(|(id, _)| sent.contains(id.as_str()))
-                    .map(|(_, (client, n))| (client.as_str(), *n)),
-                waiting
-                    .iter()
-                    .filter(|(id, _)| !sent.contains(id.as_str()))
-                    .map(|(_, (client, _))| client.as_str()),
+                went.iter().map(|(_, client, n)| (client.as_str(), *n)),
+                stayed.iter().map(|(_, client, _)| client.as_str()),
             );
             for (client, pass) in &passes.by_client {
                 sqlx::query(WRITE_PASS)

@@ -10,7 +10,6 @@ use kling_relay::simulator::{SimConfig, Simulator};
 use kling_relay::workers::dispatcher;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 
 struct Stepped {
     relay: Arc<Relay>,
@@ -26,11 +25,7 @@ impl Stepped {
         tune: impl FnOnce(&mut kling_relay::config::Settings),
     ) -> Stepped {
         let db = TestDb::new(b).await;
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sim");
-        let sim = Simulator::start(sim, listener).await.expect("start sim");
-        let mut settings = fast_settings(&db.url);
-        settings.cometapi.base_url = sim.base_url();
-        settings.cometapi.api_key = kling_relay::config::Secret::new(sim.api_key());
+        let (sim, mut settings) = simulated_upstream(&db, sim).await;
         // No callbacks: the poller is the only way a change arrives.
         settings.server.public_url = String::new();
         tune(&mut settings);

@@ -217,6 +217,20 @@ pub fn fast_settings(db_url: &str) -> Settings {
     s
 }
 
+/// A simulator playing `cfg` on loopback, and fast settings for a relay on `db` that talks to it
+/// (its key, and the profile and Kling keys the simulator plays, unless a test says otherwise).
+pub async fn simulated_upstream(db: &TestDb, cfg: SimConfig) -> (Simulator, Settings) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sim");
+    let mut settings = fast_settings(&db.url);
+    settings.cometapi.profile = cfg.profile;
+    settings.cometapi.access_key = Secret::new(cfg.access_key.clone());
+    settings.cometapi.secret_key = Secret::new(cfg.secret_key.clone());
+    let sim = Simulator::start(cfg, listener).await.expect("start sim");
+    settings.cometapi.base_url = sim.base_url();
+    settings.cometapi.api_key = Secret::new(sim.api_key());
+    (sim, settings)
+}
+
 pub fn fast_sim() -> SimConfig {
     SimConfig {
         processing_after: Duration::from_millis(100),
@@ -315,18 +329,7 @@ impl TestApp {
         // Quiet unless RUST_LOG asks for the service's log.
         kling_relay::telemetry::init(kling_relay::config::LogFormat::Text, "off");
         let db = TestDb::new(backend).await;
-        let sim_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sim");
-        let sim_cfg = opts.sim.clone();
-        let sim = Simulator::start(opts.sim, sim_listener)
-            .await
-            .expect("start sim");
-        let mut settings = fast_settings(&db.url);
-        settings.cometapi.base_url = sim.base_url();
-        settings.cometapi.api_key = Secret::new(sim.api_key());
-        // The relay speaks the profile the simulator plays, unless a test says otherwise.
-        settings.cometapi.profile = sim_cfg.profile;
-        settings.cometapi.access_key = Secret::new(sim_cfg.access_key);
-        settings.cometapi.secret_key = Secret::new(sim_cfg.secret_key);
+        let (sim, mut settings) = simulated_upstream(&db, opts.sim).await;
         (opts.settings)(&mut settings);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
         let addr = listener.local_addr().expect("addr");
