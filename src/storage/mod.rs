@@ -131,6 +131,7 @@ pub use deliveries::{
 pub use feed::{ChangeFeed, FeedEvent};
 pub use overview::ClientUsage;
 mod changes;
+mod commits;
 mod pool;
 pub mod queries;
 mod records;

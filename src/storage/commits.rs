@@ -1,0 +1,510 @@
+//! Status changes committed: each a compare-and-set on the task's `version` with its timeline
+//! event, notification, archive rows and usage, many in one transaction (group commit; the
+//! queue that gathers them is `service::group_commit`). SQLite runs a statement per row
+//! in-process; Postgres runs one statement per round of rows, since there every statement is
+//! a round trip.
+
+use super::*;
+
+impl Store {
+    /// Commits a status change decided on `expected_version`, with its event and its
+    /// notification. Returns false when the task changed in between (the caller re-reads and
+    /// decides again).
+    pub async fn commit_change(&self, c: &Commit<'_>) -> Result<bool> {
+        let done = self.commit_changes(std::slice::from_ref(c)).await?;
+        Ok(done.first().copied().unwrap_or(false))
+    }
+
+    /// Commits several status changes in one transaction (group commit): each is still its own
+    /// compare-and-set with its event, notification, archive rows and usage; the result says,
+    /// per change, whether it won. Any database error fails them all: none is stored.
+    pub async fn commit_changes(&self, batch: &[Commit<'_>]) -> Result<Vec<bool>> {
+        match &self.pool {
+            Pool::Sqlite(p) => self.commit_rows(p, batch).await,
+            Pool::Postgres(p) => self.commit_set(p, batch).await,
+        }
+    }
+
+    /// SQLite: the changes one statement each (statements run in-process, so a batch costs one
+    /// flush, not a round trip per statement), in arrival order.
+    async fn commit_rows(&self, p: &SqlitePool, batch: &[Commit<'_>]) -> Result<Vec<bool>> {
+        let _writer = self.writer().await;
+        {
+            let mut tx = p.begin().await?;
+            let mut won = vec![false; batch.len()];
+            let mut ended = usage::Ended::default();
+            for (slot, c) in batch.iter().enumerate() {
+                let Commit {
+                    id,
+                    expected_version,
+                    change,
+                    source,
+                    now_ms,
+                    poll_due_at_ms,
+                    outbox,
+                    archive,
+                    upstream_payload,
+                    leaves_pending,
+                } = *c;
+                const SQL: &str = "UPDATE tasks SET status = $2, \
+                    upstream_status = COALESCE($3, upstream_status), \
+                    upstream_task_id = COALESCE(upstream_task_id, $4), \
+                    upstream_updated_at = $5, \
+                    images = COALESCE($6, images), \
+                    error_code = COALESCE($7, error_code), \
+                    error_message = COALESCE($8, error_message), \
+                    updated_at = $9, completed_at = $10, \
+                    next_dispatch_at = NULL, dispatch_started_at = NULL, \
+                    poll_due_at = $11, poll_count = 0, version = version + 1, \
+                    final_unit_deduction = COALESCE($13, final_unit_deduction), \
+                    submitted_at = COALESCE(submitted_at, $14), \
+                    upstream_started_at = COALESCE(upstream_started_at, $15), \
+                    cost_source = CASE WHEN $13 IS NULL THEN cost_source ELSE $16 END \
+                    WHERE id = $1 AND version = $12 \
+                    RETURNING COALESCE(client, ''), model_name, \
+                    CASE WHEN upstream_task_id IS NULL THEN NULL ELSE submitted_at END, \
+                    final_unit_deduction";
+                let images = change.images.as_ref().map(json_text).transpose()?;
+                let upstream_status = change.upstream_status.map(|s| s.as_str());
+                let completed_at = change.status.is_final().then_some(now_ms);
+                let (code, message) = match &change.error {
+                    Some(e) => (Some(e.code.as_str()), Some(e.message.as_str())),
+                    None => (None, None),
+                };
+                let done: Option<(String, String, Option<i64>, Option<String>)> =
+                    sqlx::query_as(SQL)
+                        .bind(id)
+                        .bind(change.status.as_str())
+                        .bind(upstream_status)
+                        .bind(&change.bind_upstream_task_id)
+                        .bind(change.upstream_updated_at_ms)
+                        .bind(&images)
+                        .bind(code)
+                        .bind(message)
+                        .bind(now_ms)
+                        .bind(completed_at)
+                        .bind(poll_due_at_ms)
+                        .bind(expected_version)
+                        .bind(&change.final_unit_deduction)
+                        .bind(leaves_pending.then_some(now_ms))
+                        .bind(if leaves_pending {
+                            change.upstream_updated_at_ms
+                        } else {
+                            None
+                        })
+                        .bind(source.as_str())
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                let Some((client, model, submitted_at, deduction)) = done else {
+                    continue;
+                };
+                if change.status.is_final() {
+                    // A task is counted once: the status machine never moves a final task, and this
+                    // commit won the compare-and-set on a version that was not final.
+                    ended.add(usage::Finished::new(
+                        id,
+                        client,
+                        model,
+                        change.status,
+                        now_ms,
+                        submitted_at,
+                        deduction.as_deref(),
+                    ));
+                }
+                sqlx::query(INSERT_EVENT_WITH_PAYLOAD)
+                    .bind(id)
+                    .bind(now_ms)
+                    .bind(source.as_str())
+                    .bind(change.status.as_str())
+                    .bind(upstream_status)
+                    .bind(&change.detail)
+                    .bind(upstream_payload)
+                    .execute(&mut *tx)
+                    .await?;
+                if leaves_pending {
+                    // Out of pending means upstream has the task or it is over: no dispatch can need
+                    // its images again, so they go with the same commit (their summary stays).
+                    sqlx::query(DROP_INPUT_IMAGES)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                if let Some(o) = outbox {
+                    // The notification is part of the change: both commit, or neither.
+                    sqlx::query(deliveries::INSERT_OUTBOX)
+                        .bind(&o.id)
+                        .bind(id)
+                        .bind(&o.client)
+                        .bind(&o.url)
+                        .bind(change.status.as_str())
+                        .bind(&o.payload)
+                        .bind(now_ms)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                if let (true, TaskStatus::Succeeded, Some(images)) =
+                    (archive, change.status, &change.images)
+                {
+                    for img in images {
+                        sqlx::query(archive::ENQUEUE)
+                            .bind(id)
+                            .bind(i64::from(img.index))
+                            .bind(&img.url)
+                            .bind(now_ms)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+                won[slot] = true;
+            }
+            for (key, (tasks, units_milli)) in &ended.hourly {
+                sqlx::query(usage::ADD_HOURLY)
+                    .bind(&key.0)
+                    .bind(key.1)
+                    .bind(&key.2)
+                    .bind(key.3)
+                    .bind(key.4)
+                    .bind(*tasks)
+                    .bind(*units_milli)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for (key, tasks) in &ended.durations {
+                sqlx::query(usage::ADD_DURATION)
+                    .bind(&key.0)
+                    .bind(key.1)
+                    .bind(key.2)
+                    .bind(key.3)
+                    .bind(*tasks)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(won)
+        }
+    }
+
+    /// Postgres: each round (a task appears at most once per round; a second change to it in
+    /// the same batch goes in the next round, decided on the same version, so it loses its
+    /// compare-and-set as it would have alone) is one statement for all its changes, events,
+    /// input drops and notifications; then one each for archive rows and the usage aggregates.
+    /// A batch costs a handful of round trips whatever its size, where a round trip costs about
+    /// as much as a whole single-row transaction.
+    async fn commit_set(&self, p: &PgPool, batch: &[Commit<'_>]) -> Result<Vec<bool>> {
+        let mut won = vec![false; batch.len()];
+        let mut rows: Vec<(usize, WonRow)> = Vec::with_capacity(batch.len());
+        let mut tx = p.begin().await?;
+        for round in rounds(batch) {
+            let input = SetInput::of(batch, &round)?;
+            let returned: Vec<WonRow> = input
+                .bind(sqlx::query_as(COMMIT_SET))
+                .fetch_all(&mut *tx)
+                .await?;
+            for r in returned {
+                let slot = usize::try_from(r.slot)
+                    .ok()
+                    .filter(|s| *s < batch.len())
+                    .ok_or_else(|| StorageError::Corrupt(format!("commit slot {}", r.slot)))?;
+                won[slot] = true;
+                rows.push((slot, r));
+            }
+        }
+        let mut ended = usage::Ended::default();
+        let mut images = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (slot, r) in &rows {
+            let c = &batch[*slot];
+            if c.change.status.is_final() {
+                // Counted once: a final task never moves again, and this won on a version
+                // that was not final.
+                ended.add(usage::Finished::new(
+                    c.id,
+                    r.client.clone(),
+                    r.model_name.clone(),
+                    c.change.status,
+                    c.now_ms,
+                    r.submitted_at,
+                    r.final_unit_deduction.as_deref(),
+                ));
+            }
+            if let (true, TaskStatus::Succeeded, Some(list)) =
+                (c.archive, c.change.status, &c.change.images)
+            {
+                for img in list {
+                    images.0.push(c.id);
+                    images.1.push(i64::from(img.index));
+                    images.2.push(img.url.as_str());
+                    images.3.push(c.now_ms);
+                }
+            }
+        }
+        if !images.0.is_empty() {
+            sqlx::query(ENQUEUE_SET)
+                .bind(&images.0)
+                .bind(&images.1)
+                .bind(&images.2)
+                .bind(&images.3)
+                .execute(&mut *tx)
+                .await?;
+        }
+        add_usage_set(&mut tx, &ended).await?;
+        // Delivered at commit: other replicas' waiters hear of the changes (storage::feed).
+        let mut changed: Vec<&str> = rows.iter().map(|(slot, _)| batch[*slot].id).collect();
+        changed.sort_unstable();
+        for ids in changed.chunks(feed::IDS_PER_NOTIFICATION) {
+            sqlx::query(dialect::NOTIFY)
+                .bind(feed::CHANNEL)
+                .bind(self.change_payload(ids))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(won)
+    }
+}
+
+/// The batch split into rounds in which each task appears once, in arrival order; each round
+/// sorted by task id, so concurrent batches lock rows in one order.
+fn rounds(batch: &[Commit<'_>]) -> Vec<Vec<usize>> {
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (slot, c) in batch.iter().enumerate() {
+        let r = seen.entry(c.id).or_insert(0);
+        if rounds.len() <= *r {
+            rounds.push(Vec::new());
+        }
+        rounds[*r].push(slot);
+        *r += 1;
+    }
+    for round in &mut rounds {
+        round.sort_by(|a, b| batch[*a].id.cmp(batch[*b].id));
+    }
+    rounds
+}
+
+/// What a won compare-and-set returns: what the usage aggregates need.
+#[derive(sqlx::FromRow)]
+struct WonRow {
+    slot: i64,
+    client: String,
+    model_name: String,
+    submitted_at: Option<i64>,
+    final_unit_deduction: Option<String>,
+}
+
+/// One round's changes as columns, bound as arrays and unnested in `COMMIT_SET`.
+#[derive(Default)]
+struct SetInput<'a> {
+    slot: Vec<i64>,
+    id: Vec<&'a str>,
+    expected_version: Vec<i64>,
+    status: Vec<&'static str>,
+    upstream_status: Vec<Option<&'static str>>,
+    bind_upstream_task_id: Vec<Option<&'a str>>,
+    upstream_updated_at: Vec<Option<i64>>,
+    images: Vec<Option<String>>,
+    error_code: Vec<Option<&'a str>>,
+    error_message: Vec<Option<&'a str>>,
+    now_ms: Vec<i64>,
+    completed_at: Vec<Option<i64>>,
+    poll_due_at: Vec<Option<i64>>,
+    final_unit_deduction: Vec<Option<&'a str>>,
+    submitted_at: Vec<Option<i64>>,
+    upstream_started_at: Vec<Option<i64>>,
+    source: Vec<&'static str>,
+    detail: Vec<Option<&'a str>>,
+    upstream_payload: Vec<Option<&'a str>>,
+    leaves_pending: Vec<bool>,
+    outbox_id: Vec<Option<&'a str>>,
+    outbox_client: Vec<Option<&'a str>>,
+    outbox_url: Vec<Option<&'a str>>,
+    outbox_payload: Vec<Option<&'a str>>,
+}
+
+impl<'a> SetInput<'a> {
+    fn of(batch: &'a [Commit<'a>], round: &[usize]) -> Result<SetInput<'a>> {
+        let mut s = SetInput::default();
+        for &slot in round {
+            let c = &batch[slot];
+            let change = c.change;
+            s.slot.push(slot as i64);
+            s.id.push(c.id);
+            s.expected_version.push(c.expected_version);
+            s.status.push(change.status.as_str());
+            s.upstream_status
+                .push(change.upstream_status.map(|u| u.as_str()));
+            s.bind_upstream_task_id
+                .push(change.bind_upstream_task_id.as_deref());
+            s.upstream_updated_at.push(change.upstream_updated_at_ms);
+            s.images
+                .push(change.images.as_ref().map(json_text).transpose()?);
+            s.error_code
+                .push(change.error.as_ref().map(|e| e.code.as_str()));
+            s.error_message
+                .push(change.error.as_ref().map(|e| e.message.as_str()));
+            s.now_ms.push(c.now_ms);
+            s.completed_at
+                .push(change.status.is_final().then_some(c.now_ms));
+            s.poll_due_at.push(c.poll_due_at_ms);
+            s.final_unit_deduction
+                .push(change.final_unit_deduction.as_deref());
+            s.submitted_at.push(c.leaves_pending.then_some(c.now_ms));
+            s.upstream_started_at.push(if c.leaves_pending {
+                change.upstream_updated_at_ms
+            } else {
+                None
+            });
+            s.source.push(c.source.as_str());
+            s.detail.push(change.detail.as_deref());
+            s.upstream_payload.push(c.upstream_payload);
+            s.leaves_pending.push(c.leaves_pending);
+            s.outbox_id.push(c.outbox.map(|o| o.id.as_str()));
+            s.outbox_client.push(c.outbox.map(|o| o.client.as_str()));
+            s.outbox_url.push(c.outbox.map(|o| o.url.as_str()));
+            s.outbox_payload.push(c.outbox.map(|o| o.payload.as_str()));
+        }
+        Ok(s)
+    }
+
+    fn bind<'q, O>(
+        &'q self,
+        q: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        q.bind(&self.slot)
+            .bind(&self.id)
+            .bind(&self.expected_version)
+            .bind(&self.status)
+            .bind(&self.upstream_status)
+            .bind(&self.bind_upstream_task_id)
+            .bind(&self.upstream_updated_at)
+            .bind(&self.images)
+            .bind(&self.error_code)
+            .bind(&self.error_message)
+            .bind(&self.now_ms)
+            .bind(&self.completed_at)
+            .bind(&self.poll_due_at)
+            .bind(&self.final_unit_deduction)
+            .bind(&self.submitted_at)
+            .bind(&self.upstream_started_at)
+            .bind(&self.source)
+            .bind(&self.detail)
+            .bind(&self.upstream_payload)
+            .bind(&self.leaves_pending)
+            .bind(&self.outbox_id)
+            .bind(&self.outbox_client)
+            .bind(&self.outbox_url)
+            .bind(&self.outbox_payload)
+    }
+}
+
+/// A round of compare-and-sets with their timeline events, the input images of tasks leaving
+/// `pending`, and their notifications (unless the client disabled the URL), in one statement:
+/// the same columns and rules as the per-row statements of `commit_rows`.
+const COMMIT_SET: &str = "WITH i AS (SELECT * FROM UNNEST(\
+    $1::int8[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::int8[], \
+    $8::text[], $9::text[], $10::text[], $11::int8[], $12::int8[], $13::int8[], $14::text[], \
+    $15::int8[], $16::int8[], $17::text[], $18::text[], $19::text[], $20::bool[], \
+    $21::text[], $22::text[], $23::text[], $24::text[]) \
+    AS i(slot, id, expected_version, status, upstream_status, bind_upstream_task_id, \
+    upstream_updated_at, images, error_code, error_message, now_ms, completed_at, poll_due_at, \
+    final_unit_deduction, submitted_at, upstream_started_at, source, detail, upstream_payload, \
+    leaves_pending, outbox_id, outbox_client, outbox_url, outbox_payload)), \
+    upd AS (UPDATE tasks t SET status = i.status, \
+    upstream_status = COALESCE(i.upstream_status, t.upstream_status), \
+    upstream_task_id = COALESCE(t.upstream_task_id, i.bind_upstream_task_id), \
+    upstream_updated_at = i.upstream_updated_at, \
+    images = COALESCE(i.images, t.images), \
+    error_code = COALESCE(i.error_code, t.error_code), \
+    error_message = COALESCE(i.error_message, t.error_message), \
+    updated_at = i.now_ms, completed_at = i.completed_at, \
+    next_dispatch_at = NULL, dispatch_started_at = NULL, \
+    poll_due_at = i.poll_due_at, poll_count = 0, version = t.version + 1, \
+    final_unit_deduction = COALESCE(i.final_unit_deduction, t.final_unit_deduction), \
+    submitted_at = COALESCE(t.submitted_at, i.submitted_at), \
+    upstream_started_at = COALESCE(t.upstream_started_at, i.upstream_started_at), \
+    cost_source = CASE WHEN i.final_unit_deduction IS NULL THEN t.cost_source ELSE i.source END \
+    FROM i WHERE t.id = i.id AND t.version = i.expected_version \
+    RETURNING i.slot, COALESCE(t.client, '') AS client, t.model_name, \
+    CASE WHEN t.upstream_task_id IS NULL THEN NULL ELSE t.submitted_at END AS submitted_at, \
+    t.final_unit_deduction), \
+    won AS (SELECT i.* FROM upd JOIN i ON i.slot = upd.slot), \
+    ev AS (INSERT INTO task_events \
+    (task_id, at, source, status, upstream_status, detail, upstream_payload) \
+    SELECT id, now_ms, source, status, upstream_status, detail, upstream_payload \
+    FROM won ORDER BY slot), \
+    dropped AS (UPDATE task_inputs ti SET subject_images = '[]', scene_image = NULL, \
+    style_image = NULL FROM won \
+    WHERE won.leaves_pending AND ti.task_id = won.id AND ti.subject_images <> '[]'), \
+    ob AS (INSERT INTO deliveries (id, task_id, client, url, event_status, payload, state, \
+    attempts, next_attempt_at, created_at, updated_at) \
+    SELECT outbox_id, id, outbox_client, outbox_url, status, outbox_payload, 'pending', 0, \
+    now_ms, now_ms, now_ms FROM won WHERE outbox_id IS NOT NULL AND NOT EXISTS \
+    (SELECT 1 FROM disabled_urls d WHERE d.client = won.outbox_client AND d.url = won.outbox_url)) \
+    SELECT slot, client, model_name, submitted_at, final_unit_deduction FROM upd";
+
+const ENQUEUE_SET: &str = "INSERT INTO task_images \
+    (task_id, idx, url, state, attempts, next_attempt_at, updated_at) \
+    SELECT t, i, u, 'pending', 0, n, n FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int8[]) \
+    AS x(t, i, u, n) ORDER BY t, i ON CONFLICT (task_id, idx) DO NOTHING";
+
+const ADD_HOURLY_SET: &str = "INSERT INTO usage_hourly \
+    (client, hour_start, model, status, shard, tasks, units_milli) \
+    SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::int8[], \
+    $6::int8[], $7::int8[]) \
+    ON CONFLICT (client, hour_start, model, status, shard) DO UPDATE SET \
+    tasks = usage_hourly.tasks + excluded.tasks, \
+    units_milli = usage_hourly.units_milli + excluded.units_milli";
+
+const ADD_DURATION_SET: &str = "INSERT INTO usage_durations \
+    (client, hour_start, bin, shard, tasks) \
+    SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[]) \
+    ON CONFLICT (client, hour_start, bin, shard) DO UPDATE SET \
+    tasks = usage_durations.tasks + excluded.tasks";
+
+/// The batch's ends added to the usage aggregates, one statement per table, in key order (the
+/// maps are ordered), so concurrent batches take the aggregate rows' locks in one order.
+async fn add_usage_set(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    ended: &usage::Ended,
+) -> Result<()> {
+    if !ended.hourly.is_empty() {
+        let mut cols = (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        for (k, (tasks, units)) in &ended.hourly {
+            cols.0.push(k.0.as_str());
+            cols.1.push(k.1);
+            cols.2.push(k.2.as_str());
+            cols.3.push(k.3);
+            cols.4.push(k.4);
+            cols.5.push(*tasks);
+            cols.6.push(*units);
+        }
+        sqlx::query(ADD_HOURLY_SET)
+            .bind(&cols.0)
+            .bind(&cols.1)
+            .bind(&cols.2)
+            .bind(&cols.3)
+            .bind(&cols.4)
+            .bind(&cols.5)
+            .bind(&cols.6)
+            .execute(&mut **tx)
+            .await?;
+    }
+    if !ended.durations.is_empty() {
+        let mut cols = (vec![], vec![], vec![], vec![], vec![]);
+        for (k, tasks) in &ended.durations {
+            cols.0.push(k.0.as_str());
+            cols.1.push(k.1);
+            cols.2.push(k.2);
+            cols.3.push(k.3);
+            cols.4.push(*tasks);
+        }
+        sqlx::query(ADD_DURATION_SET)
+            .bind(&cols.0)
+            .bind(&cols.1)
+            .bind(&cols.2)
+            .bind(&cols.3)
+            .bind(&cols.4)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
