@@ -164,7 +164,11 @@ impl Relay {
         // Written only with a change: most reports (duplicates, unchanged polls) are ignored.
         let mut payload_text: Option<String> = None;
         for _ in 0..MAX_CHANGE_ATTEMPTS {
-            let task = self.get_any(id).await?;
+            let task = self
+                .group_read
+                .get(id)
+                .await?
+                .ok_or(ServiceError::NotFound)?;
             let change = match decide(&task)? {
                 Transition::Ignore(reason) => return Ok(ApplyOutcome::Ignored(reason)),
                 Transition::Apply(change) => change,

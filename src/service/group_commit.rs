@@ -7,10 +7,15 @@
 //!
 //! The writer takes whatever is queued when it is free (so a lone change waits for nothing),
 //! and, once several are queued, up to `max_wait` more for the batch to fill to `max_batch`.
+//! With several writers (Postgres), a task's changes always go to the same one, chosen by the
+//! task's usage shard, so two batches committing at once never hold the same task nor the same
+//! usage aggregate row.
+//!
+//! The read a change is decided on is grouped the same way (`GroupRead`): one query for the
+//! tasks of whatever reads are queued, so a callback costs no round trip of its own.
 
-use crate::domain::{Change, EventSource};
+use crate::domain::{Change, EventSource, Task};
 use crate::storage::{Commit, OutboxEntry, StorageError, Store};
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -51,9 +56,17 @@ struct Job {
     reply: oneshot::Sender<Result<bool, StorageError>>,
 }
 
-/// The queue to the writer; the writer stops when this is dropped.
+/// The queues to the writers; a writer stops when its queue is dropped.
 pub struct GroupCommit {
-    queue: mpsc::Sender<Job>,
+    queues: Vec<mpsc::Sender<Job>>,
+}
+
+/// Which of `n` queues serves task `id` (FNV-1a: stable and cheap; ids are random anyway).
+fn shard(id: &str, n: usize) -> usize {
+    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (h % n.max(1) as u64) as usize
 }
 
 impl GroupCommit {
@@ -67,18 +80,21 @@ impl GroupCommit {
         max_wait: Duration,
     ) -> GroupCommit {
         let max_batch = max_batch.max(1);
-        let (queue, rx) = mpsc::channel(max_batch * 4);
-        let rx = Arc::new(tokio::sync::Mutex::new(rx));
-        for _ in 0..writers.max(1) {
-            tokio::spawn(writer(store.clone(), rx.clone(), max_batch, max_wait));
-        }
-        GroupCommit { queue }
+        let queues = (0..writers.max(1))
+            .map(|_| {
+                let (queue, rx) = mpsc::channel(max_batch * 4);
+                tokio::spawn(writer(store.clone(), rx, max_batch, max_wait));
+                queue
+            })
+            .collect();
+        GroupCommit { queues }
     }
 
     /// Commits `c` with whatever else is queued; true when its compare-and-set won.
     pub async fn commit(&self, c: OwnedCommit) -> Result<bool, StorageError> {
         let (reply, answer) = oneshot::channel();
-        self.queue
+        let writer = crate::storage::usage_shard(&c.id) as usize % self.queues.len();
+        self.queues[writer]
             .send(Job { commit: c, reply })
             .await
             .map_err(|_| StorageError::Batch("the commit writer has stopped".into()))?;
@@ -93,12 +109,11 @@ impl GroupCommit {
 
 /// Takes the next batch from the queue: what is there now, and once several are, up to
 /// `max_wait` more. None when the queue is closed.
-async fn next_batch(
-    rx: &tokio::sync::Mutex<mpsc::Receiver<Job>>,
+async fn next_batch<J>(
+    rx: &mut mpsc::Receiver<J>,
     max_batch: usize,
     max_wait: Duration,
-) -> Option<Vec<Job>> {
-    let mut rx = rx.lock().await;
+) -> Option<Vec<J>> {
     let first = rx.recv().await?;
     let mut batch = vec![first];
     while batch.len() < max_batch {
@@ -120,13 +135,8 @@ async fn next_batch(
     Some(batch)
 }
 
-async fn writer(
-    store: Store,
-    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
-    max_batch: usize,
-    max_wait: Duration,
-) {
-    while let Some(batch) = next_batch(&rx, max_batch, max_wait).await {
+async fn writer(store: Store, mut rx: mpsc::Receiver<Job>, max_batch: usize, max_wait: Duration) {
+    while let Some(batch) = next_batch(&mut rx, max_batch, max_wait).await {
         metrics::histogram!("klr_group_commit_batch_size").record(batch.len() as f64);
         let commits: Vec<Commit<'_>> = batch.iter().map(|j| j.commit.as_commit()).collect();
         let result = store.commit_changes(&commits).await;
@@ -150,6 +160,82 @@ async fn writer(
                 tracing::error!(error = %e, "a status change was not stored");
                 if let Some(job) = batch.into_iter().next() {
                     let _ = job.reply.send(Err(e));
+                }
+            }
+        }
+    }
+}
+
+struct ReadJob {
+    id: String,
+    reply: oneshot::Sender<Result<Option<Task>, StorageError>>,
+}
+
+/// Reads of single tasks, grouped: each reader takes whatever is queued (a lone read waits for
+/// nothing) and reads those tasks in one query.
+pub struct GroupRead {
+    queues: Vec<mpsc::Sender<ReadJob>>,
+}
+
+impl GroupRead {
+    pub fn start(store: Store, readers: usize, max_batch: usize) -> GroupRead {
+        let max_batch = max_batch.max(1);
+        let queues = (0..readers.max(1))
+            .map(|_| {
+                let (queue, rx) = mpsc::channel(max_batch * 4);
+                tokio::spawn(reader(store.clone(), rx, max_batch));
+                queue
+            })
+            .collect();
+        GroupRead { queues }
+    }
+
+    /// The task as stored now (read with whatever other reads are queued).
+    pub async fn get(&self, id: &str) -> Result<Option<Task>, StorageError> {
+        let (reply, answer) = oneshot::channel();
+        self.queues[shard(id, self.queues.len())]
+            .send(ReadJob {
+                id: id.to_owned(),
+                reply,
+            })
+            .await
+            .map_err(|_| StorageError::Batch("the task reader has stopped".into()))?;
+        answer.await.unwrap_or_else(|_| {
+            Err(StorageError::Batch(
+                "the task reader stopped before answering".into(),
+            ))
+        })
+    }
+}
+
+async fn reader(store: Store, mut rx: mpsc::Receiver<ReadJob>, max_batch: usize) {
+    while let Some(batch) = next_batch(&mut rx, max_batch, Duration::ZERO).await {
+        let ids: Vec<&str> = batch.iter().map(|j| j.id.as_str()).collect();
+        match store.get_tasks(&ids).await {
+            Ok(tasks) => {
+                let by_id: std::collections::HashMap<&str, &Result<Task, StorageError>> =
+                    tasks.iter().map(|(id, t)| (id.as_str(), t)).collect();
+                for job in batch {
+                    let answer = match by_id.get(job.id.as_str()) {
+                        None => Ok(None),
+                        Some(Ok(task)) => Ok(Some(task.clone())),
+                        Some(Err(StorageError::Corrupt(m))) => {
+                            Err(StorageError::Corrupt(m.clone()))
+                        }
+                        Some(Err(e)) => Err(StorageError::Batch(e.to_string())),
+                    };
+                    let _ = job.reply.send(answer);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, reads = batch.len(), "a group of task reads failed");
+                let message = e.to_string();
+                let mut batch = batch.into_iter();
+                if let Some(first) = batch.next() {
+                    let _ = first.reply.send(Err(e));
+                }
+                for job in batch {
+                    let _ = job.reply.send(Err(StorageError::Batch(message.clone())));
                 }
             }
         }

@@ -117,6 +117,8 @@ pub struct Relay {
     admission: Mutex<Admission>,
     /// The writer that commits status changes in groups (`group_commit`).
     group_commit: group_commit::GroupCommit,
+    /// The reads status changes are decided on, grouped (`group_commit::GroupRead`).
+    group_read: group_commit::GroupRead,
     /// When this replica last folded the usage aggregates' shards (`service::usage`).
     usage_folded_at: std::sync::atomic::AtomicI64,
     /// The overview's units-in-flight chart (`dashboard.rs`), kept for an hour in this process.
@@ -239,7 +241,15 @@ impl Relay {
             settings.database.group_commit_max_batch,
             settings.database.group_commit_max_wait,
         );
+        // Reads that decide a change, grouped the same way (two readers: reads do not wait
+        // for each other, but a reader's query is cheaper than a read each).
+        let group_read = group_commit::GroupRead::start(
+            store.clone(),
+            2,
+            settings.database.group_commit_max_batch,
+        );
         Ok(Relay {
+            group_read,
             notify_wake: Notify::new(),
             archive_wake: Notify::new(),
             archive,

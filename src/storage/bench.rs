@@ -15,6 +15,15 @@ pub struct BenchSpan {
 }
 
 impl Store {
+    /// Refreshes the planner's statistics after seeding, as autovacuum would within a minute:
+    /// a plan cached while a table was still empty (sequential scans) would otherwise outlive
+    /// the seeding and measure a state production leaves after its first minute.
+    #[doc(hidden)]
+    pub async fn bench_analyze(&self) -> Result<()> {
+        on_pool!(self, p => { sqlx::query("ANALYZE").execute(p).await?; });
+        Ok(())
+    }
+
     /// Tasks waiting for dispatch.
     #[doc(hidden)]
     pub async fn bench_count_pending(&self) -> Result<i64> {

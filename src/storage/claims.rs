@@ -78,6 +78,14 @@ impl Store {
     where
         F: FnOnce(Option<AdmissionState>, Held, Vec<DispatchCandidate>) -> Vec<String>,
     {
+        // Most passes find nothing due (a finished task wakes the dispatcher whether or not
+        // work waits): one cheap read then, without the write lock or the admission lock.
+        let any_due: bool = on_pool!(self, p => {
+            sqlx::query_scalar(sql::DISPATCH_BACKLOG).bind(now_ms).fetch_one(p).await?
+        });
+        if !any_due {
+            return Ok(Vec::new());
+        }
         let _writer = self.writer().await;
         // No row locks on the select (window functions forbid them): the advisory lock already
         // serialises admission, and the claim's compare-and-set re-checks each row.

@@ -33,6 +33,8 @@ impl Store {
             let mut tx = p.begin().await?;
             let mut won = vec![false; batch.len()];
             let mut ended = usage::Ended::default();
+            // The timeline events of the won changes, in order, written in one statement.
+            let mut events: Vec<serde_json::Value> = Vec::with_capacity(batch.len());
             for (slot, c) in batch.iter().enumerate() {
                 let Commit {
                     id,
@@ -111,16 +113,15 @@ impl Store {
                         deduction.as_deref(),
                     ));
                 }
-                sqlx::query(INSERT_EVENT_WITH_PAYLOAD)
-                    .bind(id)
-                    .bind(now_ms)
-                    .bind(source.as_str())
-                    .bind(change.status.as_str())
-                    .bind(upstream_status)
-                    .bind(&change.detail)
-                    .bind(upstream_payload)
-                    .execute(&mut *tx)
-                    .await?;
+                events.push(serde_json::json!([
+                    id,
+                    now_ms,
+                    source.as_str(),
+                    change.status.as_str(),
+                    upstream_status,
+                    change.detail,
+                    upstream_payload
+                ]));
                 if leaves_pending {
                     // Out of pending means upstream has the task or it is over: no dispatch can need
                     // its images again, so they go with the same commit (their summary stays).
@@ -156,6 +157,12 @@ impl Store {
                     }
                 }
                 won[slot] = true;
+            }
+            if !events.is_empty() {
+                sqlx::query(INSERT_EVENTS_JSON)
+                    .bind(serde_json::Value::Array(events).to_string())
+                    .execute(&mut *tx)
+                    .await?;
             }
             for (key, (tasks, units_milli)) in &ended.hourly {
                 sqlx::query(usage::ADD_HOURLY)
@@ -261,6 +268,13 @@ impl Store {
         Ok(won)
     }
 }
+
+/// SQLite: timeline events from a JSON array of `[task_id, at, source, status,
+/// upstream_status, detail, upstream_payload]`, in the array's order.
+const INSERT_EVENTS_JSON: &str = "INSERT INTO task_events \
+    (task_id, at, source, status, upstream_status, detail, upstream_payload) \
+    SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
+    value ->> 6 FROM json_each($1) ORDER BY key";
 
 /// The batch split into rounds in which each task appears once, in arrival order; each round
 /// sorted by task id, so concurrent batches lock rows in one order.

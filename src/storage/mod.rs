@@ -139,4 +139,4 @@ mod tasks;
 pub use pool::InstanceLock;
 pub use queries as sql;
 pub use records::*;
-pub use usage::{BudgetAlert, ClientBudgets, DurationRow, UsageRow};
+pub use usage::{usage_shard, BudgetAlert, ClientBudgets, DurationRow, UsageRow};

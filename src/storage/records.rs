@@ -287,6 +287,3 @@ pub(super) const INSERT_EVENT: &str =
 /// A task's images once it has left pending; its summary, prompt text and watermark stay.
 pub(super) const DROP_INPUT_IMAGES: &str = "UPDATE task_inputs SET subject_images = '[]', \
     scene_image = NULL, style_image = NULL WHERE task_id = $1 AND subject_images <> '[]'";
-pub(super) const INSERT_EVENT_WITH_PAYLOAD: &str = "INSERT INTO task_events \
-    (task_id, at, source, status, upstream_status, detail, upstream_payload) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7)";

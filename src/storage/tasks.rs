@@ -231,6 +231,30 @@ impl Store {
         row.map(Task::try_from).transpose()
     }
 
+    /// Several tasks by id in one query, each read back on its own (one corrupt row does not
+    /// hide the others); ids not found are left out.
+    pub async fn get_tasks(&self, ids: &[&str]) -> Result<Vec<(String, Result<Task>)>> {
+        let rows: Vec<TaskRow> = match &self.pool {
+            Pool::Postgres(p) => {
+                let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY($1)");
+                sqlx::query_as(&sql).bind(ids).fetch_all(p).await?
+            }
+            Pool::Sqlite(p) => {
+                let sql = format!(
+                    "SELECT {TASK_COLUMNS} FROM tasks WHERE id IN (SELECT value FROM json_each($1))"
+                );
+                sqlx::query_as(&sql)
+                    .bind(json_text(&ids)?)
+                    .fetch_all(p)
+                    .await?
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.id.clone(), Task::try_from(r)))
+            .collect())
+    }
+
     /// What the task's input images were: the summary written at submit (None for a task
     /// stored before summaries were kept, or with no inputs row).
     pub async fn input_summary(&self, id: &str) -> Result<Option<Vec<InputImage>>> {

@@ -9,6 +9,13 @@ use sha2::{Digest, Sha256};
 /// Rows per aggregate group: concurrent ends of one client's tasks spread over this many.
 const SHARDS: i64 = 8;
 
+/// Which of the aggregate rows' shards a task's end is added to. The group commit sends a
+/// task's changes to writer `usage_shard % writers`, so concurrent batches add to disjoint
+/// aggregate rows and never wait for each other's row locks.
+pub fn usage_shard(id: &str) -> i64 {
+    i64::from(Sha256::digest(id.as_bytes())[0]) % SHARDS
+}
+
 pub(super) const ADD_HOURLY: &str = "INSERT INTO usage_hourly \
     (client, hour_start, model, status, shard, tasks, units_milli) \
     VALUES ($1, $2, $3, $4, $5, $6, $7) \
@@ -74,7 +81,7 @@ impl Finished {
         submitted_at: Option<i64>,
         deduction: Option<&str>,
     ) -> Finished {
-        let shard = i64::from(Sha256::digest(id.as_bytes())[0]) % SHARDS;
+        let shard = usage_shard(id);
         Finished {
             client,
             model,

@@ -557,7 +557,194 @@ async fn a_refused_change_fails_only_its_caller(b: Backend) {
     );
 }
 
+/// A batch stores, for each change that wins, everything it carries, as a change alone would:
+/// its event (detail and upstream payload), its notification (not to a URL the client
+/// disabled), the input images of a task leaving `pending` (dropped), archive rows and usage
+/// for a success, the upstream id; a task's second change in the batch is decided again.
+/// Postgres runs one statement per round of rows and SQLite one per row, so both are checked.
+async fn a_batch_stores_what_each_change_carries(b: Backend) {
+    use kling_relay::domain::{ResultImage, UpstreamStatus};
+    let db = TestDb::new(b).await;
+    let s = open_store(&db).await;
+    let caps = PendingCaps {
+        total: 100,
+        per_client: 100,
+    };
+    let records: Vec<_> = (0..4).map(task_record).collect();
+    for r in &records {
+        s.insert_task(r.clone(), None, caps).await.unwrap();
+    }
+    let ids: Vec<&'static str> = records
+        .iter()
+        .map(|r| &*Box::leak(r.id.clone().into_boxed_str()))
+        .collect();
+    db.exec("INSERT INTO disabled_urls (client, url, disabled_at) VALUES ('c1', 'http://127.0.0.1:9/off', 1)")
+        .await;
+    let note = |id: &str, url: &str| kling_relay::storage::OutboxEntry {
+        id: format!("msg_{id}"),
+        client: "c1".into(),
+        url: url.into(),
+        payload: format!("{{\"task\":\"{id}\"}}"),
+    };
+    let (on, off) = (
+        note("a", "http://127.0.0.1:9/on"),
+        note("b", "http://127.0.0.1:9/off"),
+    );
+    let submitted = Change {
+        status: TaskStatus::Submitted,
+        upstream_status: Some(UpstreamStatus::Submitted),
+        bind_upstream_task_id: Some("u-0".into()),
+        upstream_updated_at_ms: Some(5),
+        images: None,
+        error: None,
+        detail: Some("sent".into()),
+        final_unit_deduction: None,
+    };
+    let succeeded = Change {
+        status: TaskStatus::Succeeded,
+        upstream_status: Some(UpstreamStatus::Succeed),
+        bind_upstream_task_id: Some("u-1".into()),
+        upstream_updated_at_ms: Some(9),
+        images: Some(vec![
+            ResultImage {
+                index: 0,
+                url: "https://cdn.example/0.png".into(),
+            },
+            ResultImage {
+                index: 1,
+                url: "https://cdn.example/1.png".into(),
+            },
+        ]),
+        error: None,
+        detail: None,
+        final_unit_deduction: Some("2".into()),
+    };
+    let failed = Change {
+        status: TaskStatus::Failed,
+        error: Some(kling_relay::domain::TaskError::new("upstream_failed", "no")),
+        images: None,
+        final_unit_deduction: None,
+        bind_upstream_task_id: Some("u-2".into()),
+        ..succeeded.clone()
+    };
+    let batch = [
+        Commit {
+            outbox: Some(&on),
+            leaves_pending: true,
+            upstream_payload: Some("{\"task_status\":\"submitted\"}"),
+            poll_due_at_ms: Some(1_000),
+            ..commit(ids[0], 0, &submitted, EventSource::Dispatch, 100)
+        },
+        Commit {
+            outbox: Some(&off),
+            archive: true,
+            leaves_pending: true,
+            ..commit(ids[1], 0, &succeeded, EventSource::Webhook, 100)
+        },
+        // Decided on the same version as the change before it: loses.
+        commit(ids[1], 0, &failed, EventSource::Poll, 100),
+        Commit {
+            leaves_pending: true,
+            ..commit(ids[2], 0, &failed, EventSource::Poll, 100)
+        },
+        // A stale version: loses, stores nothing.
+        commit(ids[3], 7, &submitted, EventSource::Dispatch, 100),
+    ];
+    let won = s.commit_changes(&batch).await.unwrap();
+    assert_eq!(won, vec![true, true, false, true, false]);
+
+    let t0 = s.get_task(ids[0]).await.unwrap().unwrap();
+    assert_eq!((t0.status, t0.version), (TaskStatus::Submitted, 1));
+    assert_eq!(t0.upstream_task_id.as_deref(), Some("u-0"));
+    let e0 = s.events(ids[0]).await.unwrap();
+    let last = e0.last().unwrap();
+    assert_eq!(
+        (last.status.as_str(), last.detail.as_deref()),
+        ("submitted", Some("sent"))
+    );
+    assert_eq!(
+        last.upstream_payload.as_deref(),
+        Some("{\"task_status\":\"submitted\"}")
+    );
+    let t1 = s.get_task(ids[1]).await.unwrap().unwrap();
+    assert_eq!(t1.status, TaskStatus::Succeeded);
+    assert_eq!(t1.images.len(), 2);
+    assert_eq!(t1.final_unit_deduction.as_deref(), Some("2"));
+    assert_eq!(
+        s.events(ids[1]).await.unwrap().len(),
+        2,
+        "accepted, succeeded"
+    );
+    let t2 = s.get_task(ids[2]).await.unwrap().unwrap();
+    assert_eq!(t2.status, TaskStatus::Failed);
+    assert_eq!(
+        t2.error.as_ref().map(|e| e.code.as_str()),
+        Some("upstream_failed")
+    );
+    let t3 = s.get_task(ids[3]).await.unwrap().unwrap();
+    assert_eq!((t3.status, t3.version), (TaskStatus::Pending, 0));
+    assert_eq!(s.events(ids[3]).await.unwrap().len(), 1, "only accepted");
+
+    // The notification to the disabled URL is not written; the other is.
+    assert_eq!(db.count("SELECT COUNT(*) FROM deliveries").await, 1);
+    assert_eq!(db.count("SELECT COUNT(*) FROM deliveries WHERE id = 'msg_a' AND event_status = 'submitted' AND state = 'pending'").await, 1);
+    // The three tasks that left pending lost their input images; the stale one kept them.
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM task_inputs WHERE subject_images <> '[]'")
+            .await,
+        1
+    );
+    assert!(s
+        .get_inputs(ids[3])
+        .await
+        .unwrap()
+        .is_some_and(|i| i.subject_images.len() == 2));
+    // The success's two images wait for the archive.
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM task_images WHERE state = 'pending'")
+            .await,
+        2
+    );
+    // Usage: one success of 2 units and one failure, each counted once.
+    assert_eq!(
+        db.count("SELECT CAST(COALESCE(SUM(tasks), 0) AS BIGINT) FROM usage_hourly")
+            .await,
+        2
+    );
+    assert_eq!(db.count("SELECT CAST(COALESCE(SUM(units_milli), 0) AS BIGINT) FROM usage_hourly WHERE status = 'succeeded'").await, 2000);
+}
+
+/// Reads of several tasks in one query: each found task once, unknown ids left out.
+async fn tasks_are_read_together(b: Backend) {
+    let db = TestDb::new(b).await;
+    let s = open_store(&db).await;
+    let caps = PendingCaps {
+        total: 100,
+        per_client: 100,
+    };
+    let (a, c) = (task_record(1), task_record(2));
+    s.insert_task(a.clone(), None, caps).await.unwrap();
+    s.insert_task(c.clone(), None, caps).await.unwrap();
+    let mut got: Vec<String> = s
+        .get_tasks(&[a.id.as_str(), "no-such-task", c.id.as_str()])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, t)| {
+            assert_eq!(t.unwrap().id, id);
+            id
+        })
+        .collect();
+    got.sort();
+    let mut want = vec![a.id.clone(), c.id.clone()];
+    want.sort();
+    assert_eq!(got, want);
+    assert!(s.get_tasks(&[]).await.unwrap().is_empty());
+}
+
 on_both_backends!(
+    a_batch_stores_what_each_change_carries,
+    tasks_are_read_together,
     a_refused_change_fails_only_its_caller,
     a_batch_of_changes_is_one_transaction_of_compare_and_sets,
     the_query_rate_is_shared_by_every_replica,

@@ -98,6 +98,7 @@ pub(super) async fn webhook_ingest(args: &Args, kind: &'static str) -> anyhow::R
     store.migrate().await?;
     client_key(&store).await?;
     let ids = Arc::new(seed_submitted(&store, n).await?);
+    store.bench_analyze().await?;
     let sim = simulator(Duration::from_secs(3600), Duration::from_secs(3600)).await?;
     let svc = Service::start(&db, &sim, &[]).await?;
     let (idle, _) = svc.rss_mb();
