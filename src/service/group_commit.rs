@@ -15,7 +15,7 @@
 //! tasks of whatever reads are queued, so a callback costs no round trip of its own.
 
 use crate::domain::{Change, EventSource, Task};
-use crate::storage::{Commit, OutboxEntry, StorageError, Store};
+use crate::storage::{Commit, InsertOutcome, NewTask, OutboxEntry, StorageError, Store};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -237,6 +237,96 @@ async fn reader(store: Store, mut rx: mpsc::Receiver<ReadJob>, max_batch: usize)
                 for job in batch {
                     let _ = job.reply.send(Err(StorageError::Batch(message.clone())));
                 }
+            }
+        }
+    }
+}
+
+struct InsertJob {
+    task: NewTask,
+    reply: oneshot::Sender<Result<InsertOutcome, StorageError>>,
+}
+
+/// New tasks, grouped: one writer stores whatever submits are queued in one transaction
+/// (`Store::insert_tasks`), each still checked on its own, and answers each only after that
+/// transaction committed. A batch the database refuses is stored one task at a time, so only
+/// a task that fails alone fails its caller.
+pub struct GroupInsert {
+    queue: mpsc::Sender<InsertJob>,
+}
+
+impl GroupInsert {
+    pub fn start(store: Store, max_batch: usize, max_wait: Duration) -> GroupInsert {
+        let max_batch = max_batch.max(1);
+        let (queue, rx) = mpsc::channel(max_batch * 4);
+        tokio::spawn(inserter(store, rx, max_batch, max_wait));
+        GroupInsert { queue }
+    }
+
+    pub async fn insert(&self, task: NewTask) -> Result<InsertOutcome, StorageError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(InsertJob { task, reply })
+            .await
+            .map_err(|_| StorageError::Batch("the task writer has stopped".into()))?;
+        answer.await.unwrap_or_else(|_| {
+            Err(StorageError::Batch(
+                "the task writer stopped before answering".into(),
+            ))
+        })
+    }
+}
+
+async fn inserter(
+    store: Store,
+    mut rx: mpsc::Receiver<InsertJob>,
+    max_batch: usize,
+    max_wait: Duration,
+) {
+    while let Some(batch) = next_batch(&mut rx, max_batch, max_wait).await {
+        // A task with large images (Base64) is stored alone, so no batch holds several.
+        let (large, small): (Vec<InsertJob>, Vec<InsertJob>) =
+            batch.into_iter().partition(|j| j.task.is_large());
+        for group in large
+            .into_iter()
+            .map(|j| vec![j])
+            .chain(std::iter::once(small))
+        {
+            if !group.is_empty() {
+                insert_group(&store, group).await;
+            }
+        }
+    }
+}
+
+async fn insert_group(store: &Store, group: Vec<InsertJob>) {
+    let (mut tasks, replies): (Vec<NewTask>, Vec<_>) =
+        group.into_iter().map(|j| (j.task, j.reply)).unzip();
+    let one = |mut o: Vec<InsertOutcome>| {
+        o.pop()
+            .ok_or_else(|| StorageError::Batch("no outcome for the task".into()))
+    };
+    match store.insert_tasks(&mut tasks).await {
+        Ok(outcomes) if outcomes.len() == replies.len() => {
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        Err(e) if tasks.len() == 1 => {
+            if let Some(reply) = replies.into_iter().next() {
+                let _ = reply.send(Err(e));
+            }
+        }
+        other => {
+            if let Err(e) = &other {
+                tracing::warn!(error = %e, tasks = tasks.len(), "a batch of new tasks was not stored; storing each alone");
+            }
+            for (task, reply) in tasks.iter_mut().zip(replies) {
+                let alone = store
+                    .insert_tasks(std::slice::from_mut(task))
+                    .await
+                    .and_then(one);
+                let _ = reply.send(alone);
             }
         }
     }

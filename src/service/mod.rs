@@ -119,6 +119,8 @@ pub struct Relay {
     group_commit: group_commit::GroupCommit,
     /// The reads status changes are decided on, grouped (`group_commit::GroupRead`).
     group_read: group_commit::GroupRead,
+    /// New tasks, stored in groups (`group_commit::GroupInsert`).
+    group_insert: group_commit::GroupInsert,
     /// When this replica last folded the usage aggregates' shards (`service::usage`).
     usage_folded_at: std::sync::atomic::AtomicI64,
     /// The overview's units-in-flight chart (`dashboard.rs`), kept for an hour in this process.
@@ -248,8 +250,14 @@ impl Relay {
             2,
             settings.database.group_commit_max_batch,
         );
+        let group_insert = group_commit::GroupInsert::start(
+            store.clone(),
+            settings.database.group_commit_max_batch,
+            settings.database.group_commit_max_wait,
+        );
         Ok(Relay {
             group_read,
+            group_insert,
             notify_wake: Notify::new(),
             archive_wake: Notify::new(),
             archive,

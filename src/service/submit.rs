@@ -155,7 +155,10 @@ impl Relay {
             per_client: self.settings.limits.client_max_pending,
         };
         let record_n = record.n;
-        let inserted = self.store.insert_task(record, claim.as_ref(), caps).await?;
+        let inserted = self
+            .group_insert
+            .insert(crate::storage::NewTask::new(record, claim, caps)?)
+            .await?;
         drop(body_budget);
         match inserted {
             InsertOutcome::Inserted => {}

@@ -132,6 +132,8 @@ pub use feed::{ChangeFeed, FeedEvent};
 pub use overview::ClientUsage;
 mod changes;
 mod commits;
+mod intake;
+pub use intake::NewTask;
 mod pool;
 pub mod queries;
 mod records;

@@ -742,7 +742,101 @@ async fn tasks_are_read_together(b: Backend) {
     assert!(s.get_tasks(&[]).await.unwrap().is_empty());
 }
 
+/// New tasks in one transaction (group commit for submits), each answered as it would be
+/// alone, counting the tasks before it in the batch: a key taken twice goes to the first
+/// (same request or not), the per-client and total pending caps and a client's daily budget
+/// fill up mid-batch; only admitted tasks are stored, with their inputs and first event.
+async fn a_batch_of_new_tasks_is_checked_task_by_task(b: Backend) {
+    use kling_relay::storage::{IdempotencyClaim, InsertOutcome, NewTask};
+    let db = TestDb::new(b).await;
+    let s = open_store(&db).await;
+    db.exec(
+        "INSERT INTO clients (name, api_key_hash, api_key_prefix, signing_secret, created_at, \
+         units_per_day) VALUES ('c2', 'hash', 'klr_x', 'secret', 1, 3)",
+    )
+    .await;
+    let rec = |i: i64, client: &str, n: i64| {
+        let mut r = task_record(i);
+        r.client = Some(client.into());
+        r.n = n;
+        r
+    };
+    let key = |hash: &str| IdempotencyClaim {
+        scope: "c1".into(),
+        key: "k".into(),
+        request_hash: hash.into(),
+        expired_before_ms: 0,
+    };
+    let caps = PendingCaps {
+        total: 5,
+        per_client: 3,
+    };
+    let first = rec(1, "c1", 1);
+    let mut tasks: Vec<NewTask> = [
+        (first.clone(), Some(key("h1"))),
+        (rec(2, "c1", 1), Some(key("h1"))),
+        (rec(3, "c1", 1), Some(key("h2"))),
+        (rec(4, "c1", 1), None),
+        (rec(5, "c1", 1), None),
+        (rec(6, "c1", 1), None),
+        (rec(7, "c2", 2), None),
+        (rec(8, "c2", 2), None),
+        (rec(9, "c2", 1), None),
+        (rec(10, "c3", 1), None),
+    ]
+    .into_iter()
+    .map(|(r, k)| NewTask::new(r, k, caps).unwrap())
+    .collect();
+    let outcomes = s.insert_tasks(&mut tasks).await.unwrap();
+    let existing = |same_request| InsertOutcome::Existing {
+        task_id: first.id.clone(),
+        same_request,
+    };
+    assert_eq!(
+        outcomes[..7],
+        [
+            InsertOutcome::Inserted,
+            existing(true),
+            existing(false),
+            InsertOutcome::Inserted,
+            InsertOutcome::Inserted,
+            InsertOutcome::QueueFull,
+            InsertOutcome::Inserted,
+        ]
+    );
+    assert!(
+        matches!(&outcomes[7], InsertOutcome::OverBudget(st) if st.reserved_units == 2 && st.limit_units == 3),
+        "{:?}",
+        outcomes[7]
+    );
+    assert_eq!(
+        outcomes[8..],
+        [InsertOutcome::Inserted, InsertOutcome::QueueFull]
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM tasks WHERE status = 'pending'")
+            .await,
+        5
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM task_inputs").await, 5);
+    assert_eq!(db.count("SELECT COUNT(*) FROM task_events").await, 5);
+    assert_eq!(db.count("SELECT COUNT(*) FROM idempotency_keys").await, 1);
+    let stored = s.get_inputs(tasks[0].id()).await.unwrap().unwrap();
+    assert_eq!(
+        stored.subject_images.len(),
+        2,
+        "the images are stored as sent"
+    );
+    // The key stays taken for later batches.
+    let again = s
+        .insert_task(rec(11, "c1", 1), Some(&key("h1")), caps)
+        .await
+        .unwrap();
+    assert_eq!(again, existing(true));
+}
+
 on_both_backends!(
+    a_batch_of_new_tasks_is_checked_task_by_task,
     a_batch_stores_what_each_change_carries,
     tasks_are_read_together,
     a_refused_change_fails_only_its_caller,

@@ -1,0 +1,382 @@
+//! New tasks, many in one transaction (group commit for submits; the queue that gathers them
+//! is `service::group_commit::GroupInsert`): each still checked on its own — idempotency key,
+//! the pending caps, the client's budgets — against the database and against the tasks before
+//! it in the batch, then all that pass stored with three statements (tasks, inputs, events).
+
+use super::*;
+use crate::domain::usage::{BudgetStanding, Period};
+use std::collections::HashMap;
+
+/// A new task with what its insert is checked against. Its images become their JSON column
+/// inside the insert, one task at a time (a Base64 submit is tens of MB, and converting several
+/// at once would hold each twice), and stay converted, so a batch that fails can be retried
+/// task by task without converting or copying them again.
+#[derive(Debug)]
+pub struct NewTask {
+    record: NewTaskRecord,
+    idempotency: Option<IdempotencyClaim>,
+    caps: PendingCaps,
+    metadata: Option<String>,
+    summary: String,
+    /// The subject images as JSON, once converted (then `record`'s list is empty).
+    subjects: Option<String>,
+    watermark: Option<String>,
+}
+
+impl NewTask {
+    pub fn new(
+        record: NewTaskRecord,
+        idempotency: Option<IdempotencyClaim>,
+        caps: PendingCaps,
+    ) -> Result<NewTask> {
+        let metadata = record.metadata.as_ref().map(json_text).transpose()?;
+        let summary = json_text(&record.inputs.summary())?;
+        let watermark = record
+            .inputs
+            .watermark_info
+            .as_ref()
+            .map(json_text)
+            .transpose()?;
+        Ok(NewTask {
+            record,
+            idempotency,
+            caps,
+            metadata,
+            summary,
+            subjects: None,
+            watermark,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.record.id
+    }
+
+    /// Whether its images are large enough to be stored alone (`GroupInsert` gives such a
+    /// task a batch of its own, so no batch holds several of them).
+    pub fn is_large(&self) -> bool {
+        let i = &self.record.inputs;
+        let bytes = self.subjects.as_ref().map_or(0, String::len)
+            + i.subject_images.iter().map(String::len).sum::<usize>()
+            + i.scene_image.as_ref().map_or(0, String::len)
+            + i.style_image.as_ref().map_or(0, String::len);
+        bytes > LARGE_INPUTS_BYTES
+    }
+
+    /// Converts the subject images to their JSON column, moving them (not copying).
+    fn prepare(&mut self) -> Result<()> {
+        if self.subjects.is_none() {
+            let list = std::mem::take(&mut self.record.inputs.subject_images);
+            self.subjects = Some(json_text(&list)?);
+        }
+        Ok(())
+    }
+}
+
+/// Inputs larger than this are stored in a batch of their own.
+const LARGE_INPUTS_BYTES: usize = 256 * 1024;
+
+const PENDING: &str = "SELECT COUNT(*) FROM tasks WHERE status = 'pending'";
+const CLIENT_PENDING: &str = "SELECT COUNT(*) FROM tasks WHERE client = $1 AND status = 'pending'";
+const EXPIRE_KEY: &str =
+    "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND created_at < $3";
+const CLAIM_KEY: &str = "INSERT INTO idempotency_keys (scope, key, request_hash, task_id, \
+    created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (scope, key) DO NOTHING";
+const READ_KEY: &str =
+    "SELECT request_hash, task_id FROM idempotency_keys WHERE scope = $1 AND key = $2";
+
+/// What the batch knows of a client so far: its pending tasks and its budgets' standing, each
+/// counting the tasks admitted before in the batch.
+struct ClientSoFar {
+    pending: i64,
+    limits: Vec<(Period, i64)>,
+    /// Units reserved by its unfinished tasks.
+    reserved: i64,
+    /// Units spent, per budget period and period start, as read.
+    spent: Vec<(Period, i64, i64)>,
+}
+
+impl Store {
+    /// Stores new `pending` tasks in one transaction, each with its inputs and first event,
+    /// and answers per task as `insert_task` would alone, in order: a task is checked against
+    /// the stored tasks and those before it in the batch (a key taken twice in one batch goes
+    /// to the first; the caps and budgets count the tasks admitted before). Any database error
+    /// stores none of them.
+    pub async fn insert_tasks(&self, tasks: &mut [NewTask]) -> Result<Vec<InsertOutcome>> {
+        let _writer = self.writer().await;
+        let serialize_submits = self.is_postgres();
+        let begin = self.begin_claim();
+        on_pool!(self, p => {
+            let mut conn = p.acquire().await?;
+            let outcome = async {
+                // SQLite: the write lock up front, since the checks read before the inserts
+                // write, and a deferred transaction whose snapshot went stale cannot upgrade.
+                let mut tx = conn.begin_with(begin).await?;
+                if serialize_submits {
+                    // Postgres: the counts and the inserts one atomic step across sessions
+                    // (SQLite's single writer already is).
+                    sqlx::query(dialect::ADVISORY_XACT_LOCK)
+                        .bind(dialect::SUBMIT_LOCK_KEY)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let mut pending: i64 = sqlx::query_scalar(PENDING).fetch_one(&mut *tx).await?;
+                let mut clients: HashMap<String, ClientSoFar> = HashMap::new();
+                let mut keys: HashMap<(String, String), (String, String)> = HashMap::new();
+                let mut outcomes = Vec::with_capacity(tasks.len());
+                let mut admitted: Vec<usize> = Vec::with_capacity(tasks.len());
+                for (slot, task) in tasks.iter().enumerate() {
+                    let (t, idempotency, caps) = (&task.record, &task.idempotency, task.caps);
+                    if let Some(k) = &idempotency {
+                        let scoped = (k.scope.clone(), k.key.clone());
+                        let taken = match keys.get(&scoped) {
+                            Some(hit) => Some(hit.clone()),
+                            None => {
+                                sqlx::query(EXPIRE_KEY)
+                                    .bind(&k.scope)
+                                    .bind(&k.key)
+                                    .bind(k.expired_before_ms)
+                                    .execute(&mut *tx)
+                                    .await?;
+                                sqlx::query_as::<_, (String, String)>(READ_KEY)
+                                    .bind(&k.scope)
+                                    .bind(&k.key)
+                                    .fetch_optional(&mut *tx)
+                                    .await?
+                            }
+                        };
+                        if let Some((hash, task_id)) = taken {
+                            outcomes.push(InsertOutcome::Existing {
+                                task_id,
+                                same_request: hash == k.request_hash,
+                            });
+                            continue;
+                        }
+                    }
+                    if let Some(client) = &t.client {
+                        if !clients.contains_key(client) {
+                            let loaded = load_client(&mut tx, client).await?;
+                            clients.insert(client.clone(), loaded);
+                        }
+                    }
+                    // Budgets first, as alone: a task over budget is refused as such even when
+                    // the queue is also full.
+                    let mut over: Option<BudgetStanding> = None;
+                    if let Some((client, c)) = t
+                        .client
+                        .as_ref()
+                        .and_then(|name| clients.get_mut(name).map(|c| (name, c)))
+                    {
+                        for &(period, limit_units) in &c.limits {
+                            let (start, resets_at_ms) = period.bounds(t.created_at_ms);
+                            let known = c
+                                .spent
+                                .iter()
+                                .find(|(p, s, _)| *p == period && *s == start)
+                                .map(|(_, _, v)| *v);
+                            let spent_milli = match known {
+                                Some(v) => v,
+                                None => {
+                                    let v: i64 = sqlx::query_scalar(usage::UNITS_SPENT)
+                                        .bind(client)
+                                        .bind(start)
+                                        .fetch_one(&mut *tx)
+                                        .await?;
+                                    c.spent.push((period, start, v));
+                                    v
+                                }
+                            };
+                            let standing = BudgetStanding {
+                                period,
+                                limit_units,
+                                spent_milli,
+                                reserved_units: c.reserved,
+                                resets_at_ms,
+                            };
+                            if !standing.admits(t.n) {
+                                over = Some(standing);
+                                break;
+                            }
+                        }
+                    }
+                    if let Some(standing) = over {
+                        outcomes.push(InsertOutcome::OverBudget(standing));
+                        continue;
+                    }
+                    let client_pending = t
+                        .client
+                        .as_ref()
+                        .and_then(|c| clients.get(c))
+                        .map_or(0, |c| c.pending);
+                    if pending >= caps.total || client_pending >= caps.per_client {
+                        outcomes.push(InsertOutcome::QueueFull);
+                        continue;
+                    }
+                    pending += 1;
+                    if let Some(c) = t.client.as_ref().and_then(|c| clients.get_mut(c)) {
+                        c.pending += 1;
+                        c.reserved += t.n;
+                    }
+                    if let Some(k) = idempotency {
+                        keys.insert(
+                            (k.scope.clone(), k.key.clone()),
+                            (k.request_hash.clone(), t.id.clone()),
+                        );
+                    }
+                    admitted.push(slot);
+                    outcomes.push(InsertOutcome::Inserted);
+                }
+                if !admitted.is_empty() {
+                    // The images, owned: sqlx copies a borrowed value to hand it to SQLite's
+                    // thread. A task alone (large ones always are) gives its images up, since
+                    // no retry needs them; a batch's are small, and copied so a retry has them.
+                    let alone = tasks.len() == 1;
+                    let mut images: Vec<(String, Option<String>, Option<String>)> =
+                        Vec::with_capacity(admitted.len());
+                    for &slot in &admitted {
+                        let t = &mut tasks[slot];
+                        t.prepare()?;
+                        images.push(if alone {
+                            (
+                                t.subjects.take().unwrap_or_default(),
+                                t.record.inputs.scene_image.take(),
+                                t.record.inputs.style_image.take(),
+                            )
+                        } else {
+                            (
+                                t.subjects.clone().unwrap_or_default(),
+                                t.record.inputs.scene_image.clone(),
+                                t.record.inputs.style_image.clone(),
+                            )
+                        });
+                    }
+                    let admitted: Vec<&NewTask> = admitted.iter().map(|&slot| &tasks[slot]).collect();
+                    let mut q = sqlx::QueryBuilder::new(
+                        "INSERT INTO tasks (id, external_task_id, status, model_name, prompt, n, \
+                        aspect_ratio, metadata, created_at, updated_at, next_dispatch_at, client, \
+                        notify_url, request_id, priority) ",
+                    );
+                    q.push_values(&admitted, |mut row, a| {
+                        let t = &a.record;
+                        row.push_bind(&t.id)
+                            .push_bind(&t.external_task_id)
+                            .push_bind("pending")
+                            .push_bind(&t.model_name)
+                            .push_bind(&t.prompt)
+                            .push_bind(t.n)
+                            .push_bind(&t.aspect_ratio)
+                            .push_bind(&a.metadata)
+                            .push_bind(t.created_at_ms)
+                            .push_bind(t.created_at_ms)
+                            .push_bind(t.created_at_ms)
+                            .push_bind(&t.client)
+                            .push_bind(&t.notify_url)
+                            .push_bind(&t.request_id)
+                            .push_bind(t.priority.as_str());
+                    });
+                    q.build().persistent(false).execute(&mut *tx).await?;
+                    for a in &admitted {
+                        let Some(k) = &a.idempotency else { continue };
+                        // The lock (or SQLite's single writer) makes the read above exact: a
+                        // key it did not see is free, and the batch gave it to one task only.
+                        let claimed = sqlx::query(CLAIM_KEY)
+                            .bind(&k.scope)
+                            .bind(&k.key)
+                            .bind(&k.request_hash)
+                            .bind(&a.record.id)
+                            .bind(a.record.created_at_ms)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected();
+                        if claimed == 0 {
+                            return Err(StorageError::Batch(
+                                "an idempotency key was taken outside the submit lock".into(),
+                            ));
+                        }
+                    }
+                    // Not cached: a cached SQLite statement keeps its last bound values (here,
+                    // possibly megabytes of Base64) until its next use.
+                    {
+                        let mut q = sqlx::QueryBuilder::new(
+                            "INSERT INTO task_inputs (task_id, subject_images, scene_image, \
+                            style_image, negative_prompt, watermark_info, summary) ",
+                        );
+                        q.push_values(admitted.iter().zip(images), |mut row, (a, (subjects, scene, style))| {
+                        let i = &a.record.inputs;
+                        row.push_bind(&a.record.id)
+                            .push_bind(subjects)
+                            .push_bind(scene)
+                            .push_bind(style)
+                            .push_bind(&i.negative_prompt)
+                            .push_bind(&a.watermark)
+                            .push_bind(&a.summary);
+                        });
+                        q.build().persistent(false).execute(&mut *tx).await?;
+                    }
+                    let mut q = sqlx::QueryBuilder::new(
+                        "INSERT INTO task_events (task_id, at, source, status, upstream_status, \
+                        detail) ",
+                    );
+                    q.push_values(&admitted, |mut row, a| {
+                        row.push_bind(&a.record.id)
+                            .push_bind(a.record.created_at_ms)
+                            .push_bind(EventSource::Api.as_str())
+                            .push_bind(TaskStatus::Pending.as_str())
+                            .push_bind(None::<String>)
+                            .push_bind("accepted");
+                    });
+                    q.build().persistent(false).execute(&mut *tx).await?;
+                    tx.commit().await?;
+                } else {
+                    // Expired keys deleted above go with the next batch that stores something.
+                    tx.rollback().await?;
+                }
+                Ok::<_, StorageError>(outcomes)
+            }
+            .await;
+            // A Base64 submit grows the connection's buffers to its size; the pool would keep
+            // them for as long as the connection lives.
+            conn.shrink_buffers();
+            outcome
+        })
+    }
+}
+
+/// A client's pending count, budgets and reserved units, read in the batch's transaction.
+async fn load_client<'c, DB>(
+    tx: &mut sqlx::Transaction<'c, DB>,
+    client: &str,
+) -> Result<ClientSoFar>
+where
+    DB: sqlx::Database,
+    for<'e> &'e mut DB::Connection: sqlx::Executor<'e, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: for<'r> sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    usage::ClientBudgets: for<'r> sqlx::FromRow<'r, DB::Row>,
+    (i64,): for<'r> sqlx::FromRow<'r, DB::Row>,
+{
+    let pending: i64 = sqlx::query_scalar(CLIENT_PENDING)
+        .bind(client)
+        .fetch_one(&mut **tx)
+        .await?;
+    let budgets: Option<usage::ClientBudgets> = sqlx::query_as(usage::CLIENT_BUDGETS)
+        .bind(client)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let limits = budgets.map(|b| b.limits()).unwrap_or_default();
+    let reserved: i64 = if limits.is_empty() {
+        0
+    } else {
+        sqlx::query_scalar(usage::UNITS_RESERVED)
+            .bind(client)
+            .fetch_one(&mut **tx)
+            .await?
+    };
+    Ok(ClientSoFar {
+        pending,
+        limits,
+        reserved,
+        spent: Vec::new(),
+    })
+}
