@@ -1,8 +1,7 @@
 //! Status changes committed: each a compare-and-set on the task's `version` with its timeline
 //! event, notification, archive rows and usage, many in one transaction (group commit; the
-//! queue that gathers them is `service::group_commit`). SQLite runs a statement per row
-//! in-process; Postgres runs one statement per round of rows, since there every statement is
-//! a round trip. Files: `rows` (SQLite), `set` (Postgres).
+//! queue that gathers them is `service::group_commit`), as one statement per round of rows
+//! (a task at most once per round) on both backends. Files: `rows` (SQLite), `set` (Postgres).
 
 use super::*;
 
@@ -27,4 +26,23 @@ impl Store {
             Pool::Postgres(p) => self.commit_set(p, batch).await,
         }
     }
+}
+
+/// The batch split into rounds in which each task appears once, in arrival order; each round
+/// sorted by task id, so concurrent batches lock rows in one order.
+pub(super) fn rounds(batch: &[Commit<'_>]) -> Vec<Vec<usize>> {
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (slot, c) in batch.iter().enumerate() {
+        let r = seen.entry(c.id).or_insert(0);
+        if rounds.len() <= *r {
+            rounds.push(Vec::new());
+        }
+        rounds[*r].push(slot);
+        *r += 1;
+    }
+    for round in &mut rounds {
+        round.sort_by(|a, b| batch[*a].id.cmp(batch[*b].id));
+    }
+    rounds
 }

@@ -1,180 +1,195 @@
-//! SQLite: a batch of status changes as a statement per row, in arrival order (statements run
-//! in-process, so the batch costs one flush, not a round trip per statement), and its events
-//! in one statement.
+//! SQLite: a batch of status changes as one `UPDATE … FROM json_each(…)` per round of rows
+//! (each task at most once per round), the events of the batch in one statement, and the
+//! rarer parts (input drops, notifications, archive rows) a statement per row.
 
 use super::super::*;
 
 impl Store {
-    /// SQLite: the changes one statement each (statements run in-process, so a batch costs one
-    /// flush, not a round trip per statement), in arrival order.
     pub(super) async fn commit_rows(
         &self,
         p: &SqlitePool,
         batch: &[Commit<'_>],
     ) -> Result<Vec<bool>> {
         let _writer = self.writer().await;
-        {
-            let mut tx = p.begin().await?;
-            let mut won = vec![false; batch.len()];
-            let mut ended = usage::Ended::default();
-            // The timeline events of the won changes, in order, written in one statement.
-            let mut events: Vec<serde_json::Value> = Vec::with_capacity(batch.len());
-            for (slot, c) in batch.iter().enumerate() {
-                let Commit {
-                    id,
-                    expected_version,
-                    change,
-                    source,
-                    now_ms,
-                    poll_due_at_ms,
-                    outbox,
-                    archive,
-                    upstream_payload,
-                    leaves_pending,
-                } = *c;
-                const SQL: &str = "UPDATE tasks SET status = $2, \
-                    upstream_status = COALESCE($3, upstream_status), \
-                    upstream_task_id = COALESCE(upstream_task_id, $4), \
-                    upstream_updated_at = $5, \
-                    images = COALESCE($6, images), \
-                    error_code = COALESCE($7, error_code), \
-                    error_message = COALESCE($8, error_message), \
-                    updated_at = $9, completed_at = $10, \
-                    next_dispatch_at = NULL, dispatch_started_at = NULL, \
-                    poll_due_at = $11, poll_count = 0, version = version + 1, \
-                    final_unit_deduction = COALESCE($13, final_unit_deduction), \
-                    submitted_at = COALESCE(submitted_at, $14), \
-                    upstream_started_at = COALESCE(upstream_started_at, $15), \
-                    cost_source = CASE WHEN $13 IS NULL THEN cost_source ELSE $16 END \
-                    WHERE id = $1 AND version = $12 \
-                    RETURNING COALESCE(client, ''), model_name, \
-                    CASE WHEN upstream_task_id IS NULL THEN NULL ELSE submitted_at END, \
-                    final_unit_deduction";
-                let images = change.images.as_ref().map(json_text).transpose()?;
-                let upstream_status = change.upstream_status.map(|s| s.as_str());
-                let completed_at = change.status.is_final().then_some(now_ms);
-                let (code, message) = match &change.error {
-                    Some(e) => (Some(e.code.as_str()), Some(e.message.as_str())),
-                    None => (None, None),
-                };
-                let done: Option<(String, String, Option<i64>, Option<String>)> =
-                    sqlx::query_as(SQL)
-                        .bind(id)
-                        .bind(change.status.as_str())
-                        .bind(upstream_status)
-                        .bind(&change.bind_upstream_task_id)
-                        .bind(change.upstream_updated_at_ms)
-                        .bind(&images)
-                        .bind(code)
-                        .bind(message)
-                        .bind(now_ms)
-                        .bind(completed_at)
-                        .bind(poll_due_at_ms)
-                        .bind(expected_version)
-                        .bind(&change.final_unit_deduction)
-                        .bind(leaves_pending.then_some(now_ms))
-                        .bind(if leaves_pending {
-                            change.upstream_updated_at_ms
-                        } else {
-                            None
-                        })
-                        .bind(source.as_str())
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                let Some((client, model, submitted_at, deduction)) = done else {
-                    continue;
-                };
+        let mut tx = p.begin().await?;
+        let mut won = vec![false; batch.len()];
+        let mut ended = usage::Ended::default();
+        // The timeline events of the won changes, by arrival, written in one statement.
+        let mut events: Vec<(usize, serde_json::Value)> = Vec::with_capacity(batch.len());
+        for round in super::rounds(batch) {
+            let mut rows = Vec::with_capacity(round.len());
+            for &slot in &round {
+                rows.push(update_row(&batch[slot])?);
+            }
+            let returned: Vec<WonRow> =
+                sqlx::query_as(UPDATE_JSON)
+                    .bind(serde_json::Value::Array(rows).to_string())
+                    .fetch_all(&mut *tx)
+                    .await?;
+            let slot_of: std::collections::HashMap<&str, usize> =
+                round.iter().map(|&slot| (batch[slot].id, slot)).collect();
+            for (id, client, model, submitted_at, deduction) in returned {
+                let slot = *slot_of
+                    .get(id.as_str())
+                    .ok_or_else(|| StorageError::Corrupt(format!("commit returned {id}")))?;
+                let c = &batch[slot];
+                let change = c.change;
+                won[slot] = true;
                 if change.status.is_final() {
-                    // A task is counted once: the status machine never moves a final task, and this
-                    // commit won the compare-and-set on a version that was not final.
+                    // A task is counted once: the status machine never moves a final task, and
+                    // this commit won the compare-and-set on a version that was not final.
                     ended.add(usage::Finished::new(
-                        id,
+                        c.id,
                         client,
                         model,
                         change.status,
-                        now_ms,
+                        c.now_ms,
                         submitted_at,
                         deduction.as_deref(),
                     ));
                 }
-                events.push(serde_json::json!([
-                    id,
-                    now_ms,
-                    source.as_str(),
-                    change.status.as_str(),
-                    upstream_status,
-                    change.detail,
-                    upstream_payload
-                ]));
-                if leaves_pending {
-                    // Out of pending means upstream has the task or it is over: no dispatch can need
-                    // its images again, so they go with the same commit (their summary stays).
+                events.push((
+                    slot,
+                    serde_json::json!([
+                        c.id,
+                        c.now_ms,
+                        c.source.as_str(),
+                        change.status.as_str(),
+                        change.upstream_status.map(|u| u.as_str()),
+                        change.detail,
+                        c.upstream_payload
+                    ]),
+                ));
+                if c.leaves_pending {
+                    // Out of pending means upstream has the task or it is over: no dispatch can
+                    // need its images again, so they go with the same commit (the summary stays).
                     sqlx::query(DROP_INPUT_IMAGES)
-                        .bind(id)
+                        .bind(c.id)
                         .execute(&mut *tx)
                         .await?;
                 }
-                if let Some(o) = outbox {
+                if let Some(o) = c.outbox {
                     // The notification is part of the change: both commit, or neither.
                     sqlx::query(deliveries::INSERT_OUTBOX)
                         .bind(&o.id)
-                        .bind(id)
+                        .bind(c.id)
                         .bind(&o.client)
                         .bind(&o.url)
                         .bind(change.status.as_str())
                         .bind(&o.payload)
-                        .bind(now_ms)
+                        .bind(c.now_ms)
                         .execute(&mut *tx)
                         .await?;
                 }
                 if let (true, TaskStatus::Succeeded, Some(images)) =
-                    (archive, change.status, &change.images)
+                    (c.archive, change.status, &change.images)
                 {
                     for img in images {
                         sqlx::query(archive::ENQUEUE)
-                            .bind(id)
+                            .bind(c.id)
                             .bind(i64::from(img.index))
                             .bind(&img.url)
-                            .bind(now_ms)
+                            .bind(c.now_ms)
                             .execute(&mut *tx)
                             .await?;
                     }
                 }
-                won[slot] = true;
             }
-            if !events.is_empty() {
-                sqlx::query(INSERT_EVENTS_JSON)
-                    .bind(serde_json::Value::Array(events).to_string())
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            for (key, (tasks, units_milli)) in &ended.hourly {
-                sqlx::query(usage::ADD_HOURLY)
-                    .bind(&key.0)
-                    .bind(key.1)
-                    .bind(&key.2)
-                    .bind(key.3)
-                    .bind(key.4)
-                    .bind(*tasks)
-                    .bind(*units_milli)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            for (key, tasks) in &ended.durations {
-                sqlx::query(usage::ADD_DURATION)
-                    .bind(&key.0)
-                    .bind(key.1)
-                    .bind(key.2)
-                    .bind(key.3)
-                    .bind(*tasks)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            tx.commit().await?;
-            Ok(won)
         }
+        if !events.is_empty() {
+            events.sort_by_key(|(slot, _)| *slot);
+            let events: Vec<serde_json::Value> = events.into_iter().map(|(_, e)| e).collect();
+            sqlx::query(INSERT_EVENTS_JSON)
+                .bind(serde_json::Value::Array(events).to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        for (key, (tasks, units_milli)) in &ended.hourly {
+            sqlx::query(usage::ADD_HOURLY)
+                .bind(&key.0)
+                .bind(key.1)
+                .bind(&key.2)
+                .bind(key.3)
+                .bind(key.4)
+                .bind(*tasks)
+                .bind(*units_milli)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for (key, tasks) in &ended.durations {
+            sqlx::query(usage::ADD_DURATION)
+                .bind(&key.0)
+                .bind(key.1)
+                .bind(key.2)
+                .bind(key.3)
+                .bind(*tasks)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(won)
     }
 }
+
+/// What a won compare-and-set returns: task id, client, model, when it reached upstream (if
+/// it did), upstream's deduction.
+type WonRow = (String, String, String, Option<i64>, Option<String>);
+
+/// One change as a row of `UPDATE_JSON`'s input.
+fn update_row(c: &Commit<'_>) -> Result<serde_json::Value> {
+    let change = c.change;
+    Ok(serde_json::json!([
+        c.id,
+        c.expected_version,
+        change.status.as_str(),
+        change.upstream_status.map(|u| u.as_str()),
+        change.bind_upstream_task_id,
+        change.upstream_updated_at_ms,
+        change.images.as_ref().map(json_text).transpose()?,
+        change.error.as_ref().map(|e| e.code.as_str()),
+        change.error.as_ref().map(|e| e.message.as_str()),
+        c.now_ms,
+        change.status.is_final().then_some(c.now_ms),
+        c.poll_due_at_ms,
+        change.final_unit_deduction,
+        c.leaves_pending.then_some(c.now_ms),
+        if c.leaves_pending {
+            change.upstream_updated_at_ms
+        } else {
+            None
+        },
+        c.source.as_str()
+    ]))
+}
+
+/// A round of compare-and-sets (each task at most once) from a JSON array of rows as
+/// `update_row` writes them: the same columns and rules as one change alone. SQLite's
+/// `RETURNING` names only the task's columns, so rows are told apart by task id.
+const UPDATE_JSON: &str = "UPDATE tasks SET status = i.status, \
+    upstream_status = COALESCE(i.upstream_status, tasks.upstream_status), \
+    upstream_task_id = COALESCE(tasks.upstream_task_id, i.bind_upstream_task_id), \
+    upstream_updated_at = i.upstream_updated_at, \
+    images = COALESCE(i.images, tasks.images), \
+    error_code = COALESCE(i.error_code, tasks.error_code), \
+    error_message = COALESCE(i.error_message, tasks.error_message), \
+    updated_at = i.now_ms, completed_at = i.completed_at, \
+    next_dispatch_at = NULL, dispatch_started_at = NULL, \
+    poll_due_at = i.poll_due_at, poll_count = 0, version = tasks.version + 1, \
+    final_unit_deduction = COALESCE(i.final_unit_deduction, tasks.final_unit_deduction), \
+    submitted_at = COALESCE(tasks.submitted_at, i.submitted_at), \
+    upstream_started_at = COALESCE(tasks.upstream_started_at, i.upstream_started_at), \
+    cost_source = CASE WHEN i.final_unit_deduction IS NULL THEN tasks.cost_source \
+    ELSE i.source END \
+    FROM (SELECT value ->> 0 AS id, value ->> 1 AS expected_version, value ->> 2 AS status, \
+    value ->> 3 AS upstream_status, value ->> 4 AS bind_upstream_task_id, \
+    value ->> 5 AS upstream_updated_at, value ->> 6 AS images, value ->> 7 AS error_code, \
+    value ->> 8 AS error_message, value ->> 9 AS now_ms, value ->> 10 AS completed_at, \
+    value ->> 11 AS poll_due_at, value ->> 12 AS final_unit_deduction, \
+    value ->> 13 AS submitted_at, value ->> 14 AS upstream_started_at, value ->> 15 AS source \
+    FROM json_each($1)) AS i \
+    WHERE tasks.id = i.id AND tasks.version = i.expected_version \
+    RETURNING id, COALESCE(client, ''), model_name, \
+    CASE WHEN upstream_task_id IS NULL THEN NULL ELSE submitted_at END, final_unit_deduction";
 
 /// SQLite: timeline events from a JSON array of `[task_id, at, source, status,
 /// upstream_status, detail, upstream_payload]`, in the array's order.

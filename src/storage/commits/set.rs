@@ -15,7 +15,7 @@ impl Store {
         let mut won = vec![false; batch.len()];
         let mut rows: Vec<(usize, WonRow)> = Vec::with_capacity(batch.len());
         let mut tx = p.begin().await?;
-        for round in rounds(batch) {
+        for round in super::rounds(batch) {
             let input = SetInput::of(batch, &round)?;
             let returned: Vec<WonRow> = input
                 .bind(sqlx::query_as(COMMIT_SET))
@@ -81,25 +81,6 @@ impl Store {
         tx.commit().await?;
         Ok(won)
     }
-}
-
-/// The batch split into rounds in which each task appears once, in arrival order; each round
-/// sorted by task id, so concurrent batches lock rows in one order.
-fn rounds(batch: &[Commit<'_>]) -> Vec<Vec<usize>> {
-    let mut rounds: Vec<Vec<usize>> = Vec::new();
-    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    for (slot, c) in batch.iter().enumerate() {
-        let r = seen.entry(c.id).or_insert(0);
-        if rounds.len() <= *r {
-            rounds.push(Vec::new());
-        }
-        rounds[*r].push(slot);
-        *r += 1;
-    }
-    for round in &mut rounds {
-        round.sort_by(|a, b| batch[*a].id.cmp(batch[*b].id));
-    }
-    rounds
 }
 
 /// What a won compare-and-set returns: what the usage aggregates need.
