@@ -155,6 +155,11 @@ impl Relay {
             per_client: self.settings.limits.client_max_pending,
         };
         let record_n = record.n;
+        let wait = max_wait.map_or(self.settings.dispatch.wait, |w| {
+            w.min(self.settings.dispatch.wait)
+        });
+        // Answering without waiting, the task is as the commit stored it: no read needed.
+        let as_stored = wait.is_zero().then(|| accepted_task(&record));
         let inserted = self
             .group_insert
             .insert(crate::storage::NewTask::new(record, claim, caps)?)
@@ -181,11 +186,14 @@ impl Relay {
             InsertOutcome::Existing { .. } => return Err(ServiceError::IdempotencyConflict),
         }
         self.dispatch_wake.notify_one();
+        if let Some(task) = as_stored {
+            return Ok(Submitted {
+                task,
+                created: true,
+            });
+        }
         // The caller may ask to wait less (`Prefer: respond-async` or `wait=`): the task is
         // stored either way, and the answer then shows it as it is.
-        let wait = max_wait.map_or(self.settings.dispatch.wait, |w| {
-            w.min(self.settings.dispatch.wait)
-        });
         let _ = tokio::time::timeout(wait, async {
             loop {
                 match changes.recv().await {
@@ -201,5 +209,38 @@ impl Relay {
             task: self.get(caller, &id).await?,
             created: true,
         })
+    }
+}
+
+/// A new task as its insert stores it: `pending`, version 0, nothing learnt yet (the columns'
+/// defaults in the migrations).
+fn accepted_task(r: &NewTaskRecord) -> Task {
+    Task {
+        id: r.id.clone(),
+        external_task_id: r.external_task_id.clone(),
+        upstream_task_id: None,
+        status: TaskStatus::Pending,
+        upstream_status: None,
+        model_name: r.model_name.clone(),
+        prompt: r.prompt.clone(),
+        n: r.n,
+        aspect_ratio: r.aspect_ratio.clone(),
+        priority: r.priority,
+        metadata: r.metadata.clone(),
+        images: Vec::new(),
+        error: None,
+        created_at_ms: r.created_at_ms,
+        updated_at_ms: r.created_at_ms,
+        completed_at_ms: None,
+        upstream_updated_at_ms: None,
+        version: 0,
+        dispatch_attempts: 0,
+        dispatch_started_at_ms: None,
+        poll_count: 0,
+        client: r.client.clone(),
+        notify_url: r.notify_url.clone(),
+        request_id: r.request_id.clone(),
+        final_unit_deduction: None,
+        cost_source: None,
     }
 }

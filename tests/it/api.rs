@@ -579,6 +579,31 @@ async fn prefer_respond_async_answers_once_stored(b: Backend) {
     );
     let t: Value = r.json().await.unwrap();
     assert_eq!(t["status"], "pending");
+    // The answer is the task as stored (built without reading it back): what a read shows,
+    // but for what the dispatch, under way by now, may have changed since.
+    let read: Value = app
+        .http
+        .get(format!(
+            "{}/v1/tasks/{}",
+            app.base,
+            t["id"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (answered, stored) = (t.as_object().unwrap(), read.as_object().unwrap());
+    assert_eq!(
+        answered.keys().collect::<Vec<_>>(),
+        stored.keys().collect::<Vec<_>>()
+    );
+    for (k, v) in answered {
+        if !["status", "updated_at", "dispatch_attempts", "version"].contains(&k.as_str()) {
+            assert_eq!(v, &stored[k], "{k}");
+        }
+    }
     // It is dispatched all the same.
     app.wait_for_status(
         t["id"].as_str().unwrap(),

@@ -21,11 +21,10 @@ impl Store {
             for &slot in &round {
                 rows.push(update_row(&batch[slot])?);
             }
-            let returned: Vec<WonRow> =
-                sqlx::query_as(UPDATE_JSON)
-                    .bind(serde_json::Value::Array(rows).to_string())
-                    .fetch_all(&mut *tx)
-                    .await?;
+            let returned: Vec<WonRow> = sqlx::query_as(UPDATE_JSON)
+                .bind(serde_json::Value::Array(rows).to_string())
+                .fetch_all(&mut *tx)
+                .await?;
             let slot_of: std::collections::HashMap<&str, usize> =
                 round.iter().map(|&slot| (batch[slot].id, slot)).collect();
             for (id, client, model, submitted_at, deduction) in returned {
