@@ -29,8 +29,20 @@ pub mod metrics {
             let latency = [
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ];
+            // Batch sizes are counts, not seconds.
+            let sizes = [
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+            ];
             let recorder = PrometheusBuilder::new()
                 .set_buckets(&latency)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(
+                            "klr_group_commit_batch_size".into(),
+                        ),
+                        &sizes,
+                    )
+                })
                 .map(|b| b.build_recorder())
                 .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
             let handle = recorder.handle();
@@ -52,6 +64,11 @@ pub mod metrics {
             "klr_http_request_duration_seconds",
             Unit::Seconds,
             "HTTP request latency by method and route template"
+        );
+        describe_histogram!(
+            "klr_group_commit_batch_size",
+            Unit::Count,
+            "Status changes committed per group-commit transaction"
         );
         describe_gauge!(
             "klr_tasks",

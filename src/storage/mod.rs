@@ -11,8 +11,11 @@
 //!
 //! Files: `pool` (connecting, the writer queue, migrations), `dialect` (where the backends'
 //! statements differ at run time), `records` (row and record types),
-//! `tasks` (new tasks and reading them), `changes` (status changes, polls, plans), `queries`
-//! (the read queries tests check the plans of), then one file per table group.
+//! `tasks` (one new task, reading tasks), `intake` (new tasks in batches), `commits` (status
+//! changes in batches: one statement per round of rows, written per backend in `commits/rows`
+//! for SQLite's `json_each` and `commits/set` for Postgres's `UNNEST`: with `Store::get_tasks`,
+//! the places where a statement is not shared), `changes` (dispatch retries, polls, plans), `queries` (the read
+//! queries tests check the plans of), then one file per table group.
 
 use crate::domain::{
     Change, EventSource, InputImage, Priority, ResultImage, Task, TaskError, TaskEvent, TaskInputs,

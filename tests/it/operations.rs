@@ -168,6 +168,9 @@ async fn metrics_cover_the_service_with_low_cardinality_labels(b: Backend) {
         "# HELP klr_webhooks_total",
         r#"klr_units_deducted_total{client="tester",model="kling-v2-1"}"#,
         r#"klr_units_reserved{client="tester"}"#,
+        // Batch sizes in counts, not in the latency buckets.
+        r#"klr_group_commit_batch_size_bucket{le="1"}"#,
+        r#"klr_group_commit_batch_size_bucket{le="256"}"#,
     ] {
         assert!(text.contains(series), "missing {series} in:\n{text}");
     }
