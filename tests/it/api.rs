@@ -581,19 +581,7 @@ async fn prefer_respond_async_answers_once_stored(b: Backend) {
     assert_eq!(t["status"], "pending");
     // The answer is the task as stored (built without reading it back): what a read shows,
     // but for what the dispatch, under way by now, may have changed since.
-    let read: Value = app
-        .http
-        .get(format!(
-            "{}/v1/tasks/{}",
-            app.base,
-            t["id"].as_str().unwrap()
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let read = app.task(t["id"].as_str().unwrap()).await;
     let (answered, stored) = (t.as_object().unwrap(), read.as_object().unwrap());
     assert_eq!(
         answered.keys().collect::<Vec<_>>(),

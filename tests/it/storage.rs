@@ -566,13 +566,9 @@ async fn a_batch_stores_what_each_change_carries(b: Backend) {
     use kling_relay::domain::{ResultImage, UpstreamStatus};
     let db = TestDb::new(b).await;
     let s = open_store(&db).await;
-    let caps = PendingCaps {
-        total: 100,
-        per_client: 100,
-    };
     let records: Vec<_> = (0..4).map(task_record).collect();
     for r in &records {
-        s.insert_task(r.clone(), None, caps).await.unwrap();
+        s.insert_task(r.clone(), None, CAPS).await.unwrap();
     }
     let ids: Vec<&'static str> = records
         .iter()
@@ -718,13 +714,9 @@ async fn a_batch_stores_what_each_change_carries(b: Backend) {
 async fn tasks_are_read_together(b: Backend) {
     let db = TestDb::new(b).await;
     let s = open_store(&db).await;
-    let caps = PendingCaps {
-        total: 100,
-        per_client: 100,
-    };
     let (a, c) = (task_record(1), task_record(2));
-    s.insert_task(a.clone(), None, caps).await.unwrap();
-    s.insert_task(c.clone(), None, caps).await.unwrap();
+    s.insert_task(a.clone(), None, CAPS).await.unwrap();
+    s.insert_task(c.clone(), None, CAPS).await.unwrap();
     let mut got: Vec<String> = s
         .get_tasks(&[a.id.as_str(), "no-such-task", c.id.as_str()])
         .await
