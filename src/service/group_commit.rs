@@ -56,22 +56,66 @@ struct Job {
     reply: oneshot::Sender<Result<bool, StorageError>>,
 }
 
-/// The queues to the writers; a writer stops when its queue is dropped.
-pub struct GroupCommit {
-    queues: Vec<mpsc::Sender<Job>>,
+/// Queues to workers that each serve theirs in batches; a worker stops when its queue is
+/// dropped. A job about a task goes to the queue its usage shard picks, so one task's jobs always
+/// meet the same worker.
+struct Queues<J> {
+    senders: Vec<mpsc::Sender<J>>,
+    /// What the worker is, for the error when it is gone ("commit writer").
+    worker: &'static str,
 }
 
-/// Which of `n` queues serves task `id` (FNV-1a: stable and cheap; ids are random anyway).
-fn shard(id: &str, n: usize) -> usize {
-    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    (h % n.max(1) as u64) as usize
+impl<J: Send + 'static> Queues<J> {
+    /// `workers` queues of `max_batch * 4` jobs, each served by `serve` on its own task.
+    fn start<F, Fut>(workers: usize, max_batch: usize, worker: &'static str, mut serve: F) -> Self
+    where
+        F: FnMut(mpsc::Receiver<J>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let senders = (0..workers.max(1))
+            .map(|_| {
+                let (queue, rx) = mpsc::channel(max_batch.max(1) * 4);
+                tokio::spawn(serve(rx));
+                queue
+            })
+            .collect();
+        Queues { senders, worker }
+    }
+
+    /// The queue for jobs about task `id`.
+    fn pick(&self, id: &str) -> usize {
+        crate::storage::usage_shard(id) as usize % self.senders.len()
+    }
+
+    /// Queues on `queue` (see `pick`) the job `make` builds around its reply channel, and
+    /// waits for the answer.
+    async fn ask<R>(
+        &self,
+        queue: usize,
+        make: impl FnOnce(oneshot::Sender<Result<R, StorageError>>) -> J,
+    ) -> Result<R, StorageError> {
+        let (reply, answer) = oneshot::channel();
+        self.senders[queue]
+            .send(make(reply))
+            .await
+            .map_err(|_| StorageError::Batch(format!("the {} has stopped", self.worker)))?;
+        answer.await.unwrap_or_else(|_| {
+            Err(StorageError::Batch(format!(
+                "the {} stopped before answering",
+                self.worker
+            )))
+        })
+    }
+}
+
+/// The queues to the writers.
+pub struct GroupCommit {
+    queues: Queues<Job>,
 }
 
 impl GroupCommit {
-    /// Starts `writers` writers on one queue (SQLite has one writer at a time anyway; on
-    /// Postgres several batches commit at once, since a batch costs a round trip per statement).
+    /// Starts `writers` writers, each on its own queue (SQLite has one writer at a time anyway;
+    /// on Postgres several batches commit at once, each waiting on its own round trips).
     /// `max_batch` 1 commits every change alone (no grouping).
     pub fn start(
         store: Store,
@@ -80,30 +124,19 @@ impl GroupCommit {
         max_wait: Duration,
     ) -> GroupCommit {
         let max_batch = max_batch.max(1);
-        let queues = (0..writers.max(1))
-            .map(|_| {
-                let (queue, rx) = mpsc::channel(max_batch * 4);
-                tokio::spawn(writer(store.clone(), rx, max_batch, max_wait));
-                queue
-            })
-            .collect();
-        GroupCommit { queues }
+        GroupCommit {
+            queues: Queues::start(writers, max_batch, "commit writer", |rx| {
+                writer(store.clone(), rx, max_batch, max_wait)
+            }),
+        }
     }
 
     /// Commits `c` with whatever else is queued; true when its compare-and-set won.
     pub async fn commit(&self, c: OwnedCommit) -> Result<bool, StorageError> {
-        let (reply, answer) = oneshot::channel();
-        let writer = crate::storage::usage_shard(&c.id) as usize % self.queues.len();
-        self.queues[writer]
-            .send(Job { commit: c, reply })
+        let queue = self.queues.pick(&c.id);
+        self.queues
+            .ask(queue, |reply| Job { commit: c, reply })
             .await
-            .map_err(|_| StorageError::Batch("the commit writer has stopped".into()))?;
-        match answer.await {
-            Ok(result) => result,
-            Err(_) => Err(StorageError::Batch(
-                "the commit writer stopped before answering".into(),
-            )),
-        }
     }
 }
 
@@ -174,37 +207,27 @@ struct ReadJob {
 /// Reads of single tasks, grouped: each reader takes whatever is queued (a lone read waits for
 /// nothing) and reads those tasks in one query.
 pub struct GroupRead {
-    queues: Vec<mpsc::Sender<ReadJob>>,
+    queues: Queues<ReadJob>,
 }
 
 impl GroupRead {
     pub fn start(store: Store, readers: usize, max_batch: usize) -> GroupRead {
         let max_batch = max_batch.max(1);
-        let queues = (0..readers.max(1))
-            .map(|_| {
-                let (queue, rx) = mpsc::channel(max_batch * 4);
-                tokio::spawn(reader(store.clone(), rx, max_batch));
-                queue
-            })
-            .collect();
-        GroupRead { queues }
+        GroupRead {
+            queues: Queues::start(readers, max_batch, "task reader", |rx| {
+                reader(store.clone(), rx, max_batch)
+            }),
+        }
     }
 
     /// The task as stored now (read with whatever other reads are queued).
     pub async fn get(&self, id: &str) -> Result<Option<Task>, StorageError> {
-        let (reply, answer) = oneshot::channel();
-        self.queues[shard(id, self.queues.len())]
-            .send(ReadJob {
+        self.queues
+            .ask(self.queues.pick(id), |reply| ReadJob {
                 id: id.to_owned(),
                 reply,
             })
             .await
-            .map_err(|_| StorageError::Batch("the task reader has stopped".into()))?;
-        answer.await.unwrap_or_else(|_| {
-            Err(StorageError::Batch(
-                "the task reader stopped before answering".into(),
-            ))
-        })
     }
 }
 
@@ -252,28 +275,22 @@ struct InsertJob {
 /// transaction committed. A batch the database refuses is stored one task at a time, so only
 /// a task that fails alone fails its caller.
 pub struct GroupInsert {
-    queue: mpsc::Sender<InsertJob>,
+    queues: Queues<InsertJob>,
 }
 
 impl GroupInsert {
     pub fn start(store: Store, max_batch: usize, max_wait: Duration) -> GroupInsert {
         let max_batch = max_batch.max(1);
-        let (queue, rx) = mpsc::channel(max_batch * 4);
-        tokio::spawn(inserter(store, rx, max_batch, max_wait));
-        GroupInsert { queue }
+        GroupInsert {
+            queues: Queues::start(1, max_batch, "task writer", |rx| {
+                inserter(store.clone(), rx, max_batch, max_wait)
+            }),
+        }
     }
 
     pub async fn insert(&self, task: NewTask) -> Result<InsertOutcome, StorageError> {
-        let (reply, answer) = oneshot::channel();
-        self.queue
-            .send(InsertJob { task, reply })
-            .await
-            .map_err(|_| StorageError::Batch("the task writer has stopped".into()))?;
-        answer.await.unwrap_or_else(|_| {
-            Err(StorageError::Batch(
-                "the task writer stopped before answering".into(),
-            ))
-        })
+        // One writer: submits are serialised by the submit lock anyway.
+        self.queues.ask(0, |reply| InsertJob { task, reply }).await
     }
 }
 
@@ -302,10 +319,6 @@ async fn inserter(
 async fn insert_group(store: &Store, group: Vec<InsertJob>) {
     let (mut tasks, replies): (Vec<NewTask>, Vec<_>) =
         group.into_iter().map(|j| (j.task, j.reply)).unzip();
-    let one = |mut o: Vec<InsertOutcome>| {
-        o.pop()
-            .ok_or_else(|| StorageError::Batch("no outcome for the task".into()))
-    };
     match store.insert_tasks(&mut tasks).await {
         Ok(outcomes) if outcomes.len() == replies.len() => {
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
@@ -322,11 +335,7 @@ async fn insert_group(store: &Store, group: Vec<InsertJob>) {
                 tracing::warn!(error = %e, tasks = tasks.len(), "a batch of new tasks was not stored; storing each alone");
             }
             for (task, reply) in tasks.iter_mut().zip(replies) {
-                let alone = store
-                    .insert_tasks(std::slice::from_mut(task))
-                    .await
-                    .and_then(one);
-                let _ = reply.send(alone);
+                let _ = reply.send(store.insert_one(task).await);
             }
         }
     }

@@ -14,9 +14,14 @@ impl Store {
         idempotency: Option<&IdempotencyClaim>,
         caps: PendingCaps,
     ) -> Result<InsertOutcome> {
-        let mut task = NewTask::new(t, idempotency.cloned(), caps)?;
-        let mut outcomes = self.insert_tasks(std::slice::from_mut(&mut task)).await?;
-        outcomes
+        self.insert_one(&mut NewTask::new(t, idempotency.cloned(), caps)?)
+            .await
+    }
+
+    /// `insert_tasks` with one task.
+    pub async fn insert_one(&self, task: &mut NewTask) -> Result<InsertOutcome> {
+        self.insert_tasks(std::slice::from_mut(task))
+            .await?
             .pop()
             .ok_or_else(|| StorageError::Batch("no outcome for the task".into()))
     }
