@@ -159,14 +159,11 @@ impl Store {
                             clients.insert(client.clone(), loaded);
                         }
                     }
+                    let mut so_far = t.client.as_ref().and_then(|name| clients.get_mut(name));
                     // Budgets first, as alone: a task over budget is refused as such even when
                     // the queue is also full.
                     let mut over: Option<BudgetStanding> = None;
-                    if let Some((client, c)) = t
-                        .client
-                        .as_ref()
-                        .and_then(|name| clients.get_mut(name).map(|c| (name, c)))
-                    {
+                    if let (Some(client), Some(c)) = (&t.client, so_far.as_deref_mut()) {
                         for &(period, limit_units) in &c.limits {
                             let (start, resets_at_ms) = period.bounds(t.created_at_ms);
                             let known = c
@@ -203,17 +200,13 @@ impl Store {
                         outcomes.push(InsertOutcome::OverBudget(standing));
                         continue;
                     }
-                    let client_pending = t
-                        .client
-                        .as_ref()
-                        .and_then(|c| clients.get(c))
-                        .map_or(0, |c| c.pending);
+                    let client_pending = so_far.as_ref().map_or(0, |c| c.pending);
                     if pending >= caps.total || client_pending >= caps.per_client {
                         outcomes.push(InsertOutcome::QueueFull);
                         continue;
                     }
                     pending += 1;
-                    if let Some(c) = t.client.as_ref().and_then(|c| clients.get_mut(c)) {
+                    if let Some(c) = so_far {
                         c.pending += 1;
                         c.reserved += t.n;
                     }
