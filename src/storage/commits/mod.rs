@@ -5,6 +5,30 @@
 
 use super::*;
 
+/// The compare-and-set's new values, from a round's input row `i` onto its task `t`: one text
+/// for both backends (`rows` and `set` add their input and `RETURNING`), so both apply the same
+/// rules. `version` moves on with every change; `upstream_task_id`, `submitted_at` and
+/// `upstream_started_at` are set once; a deduction names the channel that reported it.
+macro_rules! update_from_input {
+    () => {
+        "UPDATE tasks AS t SET status = i.status, \
+        upstream_status = COALESCE(i.upstream_status, t.upstream_status), \
+        upstream_task_id = COALESCE(t.upstream_task_id, i.bind_upstream_task_id), \
+        upstream_updated_at = i.upstream_updated_at, \
+        images = COALESCE(i.images, t.images), \
+        error_code = COALESCE(i.error_code, t.error_code), \
+        error_message = COALESCE(i.error_message, t.error_message), \
+        updated_at = i.now_ms, completed_at = i.completed_at, \
+        next_dispatch_at = NULL, dispatch_started_at = NULL, \
+        poll_due_at = i.poll_due_at, poll_count = 0, version = t.version + 1, \
+        final_unit_deduction = COALESCE(i.final_unit_deduction, t.final_unit_deduction), \
+        submitted_at = COALESCE(t.submitted_at, i.submitted_at), \
+        upstream_started_at = COALESCE(t.upstream_started_at, i.upstream_started_at), \
+        cost_source = CASE WHEN i.final_unit_deduction IS NULL THEN t.cost_source \
+        ELSE i.source END "
+    };
+}
+
 mod rows;
 mod set;
 

@@ -162,33 +162,21 @@ fn update_row(c: &Commit<'_>) -> Result<serde_json::Value> {
 }
 
 /// A round of compare-and-sets (each task at most once) from a JSON array of rows as
-/// `update_row` writes them: the same columns and rules as one change alone. SQLite's
+/// `update_row` writes them, onto `update_from_input!` (shared with Postgres). SQLite's
 /// `RETURNING` names only the task's columns, so rows are told apart by task id.
-const UPDATE_JSON: &str = "UPDATE tasks SET status = i.status, \
-    upstream_status = COALESCE(i.upstream_status, tasks.upstream_status), \
-    upstream_task_id = COALESCE(tasks.upstream_task_id, i.bind_upstream_task_id), \
-    upstream_updated_at = i.upstream_updated_at, \
-    images = COALESCE(i.images, tasks.images), \
-    error_code = COALESCE(i.error_code, tasks.error_code), \
-    error_message = COALESCE(i.error_message, tasks.error_message), \
-    updated_at = i.now_ms, completed_at = i.completed_at, \
-    next_dispatch_at = NULL, dispatch_started_at = NULL, \
-    poll_due_at = i.poll_due_at, poll_count = 0, version = tasks.version + 1, \
-    final_unit_deduction = COALESCE(i.final_unit_deduction, tasks.final_unit_deduction), \
-    submitted_at = COALESCE(tasks.submitted_at, i.submitted_at), \
-    upstream_started_at = COALESCE(tasks.upstream_started_at, i.upstream_started_at), \
-    cost_source = CASE WHEN i.final_unit_deduction IS NULL THEN tasks.cost_source \
-    ELSE i.source END \
-    FROM (SELECT value ->> 0 AS id, value ->> 1 AS expected_version, value ->> 2 AS status, \
+const UPDATE_JSON: &str = concat!(
+    update_from_input!(),
+    "FROM (SELECT value ->> 0 AS id, value ->> 1 AS expected_version, value ->> 2 AS status, \
     value ->> 3 AS upstream_status, value ->> 4 AS bind_upstream_task_id, \
     value ->> 5 AS upstream_updated_at, value ->> 6 AS images, value ->> 7 AS error_code, \
     value ->> 8 AS error_message, value ->> 9 AS now_ms, value ->> 10 AS completed_at, \
     value ->> 11 AS poll_due_at, value ->> 12 AS final_unit_deduction, \
     value ->> 13 AS submitted_at, value ->> 14 AS upstream_started_at, value ->> 15 AS source \
     FROM json_each($1)) AS i \
-    WHERE tasks.id = i.id AND tasks.version = i.expected_version \
+    WHERE t.id = i.id AND t.version = i.expected_version \
     RETURNING id, COALESCE(client, ''), model_name, \
-    CASE WHEN upstream_task_id IS NULL THEN NULL ELSE submitted_at END, final_unit_deduction";
+    CASE WHEN upstream_task_id IS NULL THEN NULL ELSE submitted_at END, final_unit_deduction"
+);
 
 /// SQLite: timeline events from a JSON array of `[task_id, at, source, status,
 /// upstream_status, detail, upstream_payload]`, in the array's order.

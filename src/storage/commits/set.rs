@@ -199,9 +199,10 @@ impl<'a> SetInput<'a> {
 }
 
 /// A round of compare-and-sets with their timeline events, the input images of tasks leaving
-/// `pending`, and their notifications (unless the client disabled the URL), in one statement:
-/// the same columns and rules as the per-row statements of `commit_rows`.
-const COMMIT_SET: &str = "WITH i AS (SELECT * FROM UNNEST(\
+/// `pending`, and their notifications (unless the client disabled the URL), in one statement;
+/// the compare-and-set itself is `update_from_input!`, shared with SQLite's `commit_rows`.
+const COMMIT_SET: &str = concat!(
+    "WITH i AS (SELECT * FROM UNNEST(\
     $1::int8[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::int8[], \
     $8::text[], $9::text[], $10::text[], $11::int8[], $12::int8[], $13::int8[], $14::text[], \
     $15::int8[], $16::int8[], $17::text[], $18::text[], $19::text[], $20::bool[], \
@@ -210,21 +211,9 @@ const COMMIT_SET: &str = "WITH i AS (SELECT * FROM UNNEST(\
     upstream_updated_at, images, error_code, error_message, now_ms, completed_at, poll_due_at, \
     final_unit_deduction, submitted_at, upstream_started_at, source, detail, upstream_payload, \
     leaves_pending, outbox_id, outbox_client, outbox_url, outbox_payload)), \
-    upd AS (UPDATE tasks t SET status = i.status, \
-    upstream_status = COALESCE(i.upstream_status, t.upstream_status), \
-    upstream_task_id = COALESCE(t.upstream_task_id, i.bind_upstream_task_id), \
-    upstream_updated_at = i.upstream_updated_at, \
-    images = COALESCE(i.images, t.images), \
-    error_code = COALESCE(i.error_code, t.error_code), \
-    error_message = COALESCE(i.error_message, t.error_message), \
-    updated_at = i.now_ms, completed_at = i.completed_at, \
-    next_dispatch_at = NULL, dispatch_started_at = NULL, \
-    poll_due_at = i.poll_due_at, poll_count = 0, version = t.version + 1, \
-    final_unit_deduction = COALESCE(i.final_unit_deduction, t.final_unit_deduction), \
-    submitted_at = COALESCE(t.submitted_at, i.submitted_at), \
-    upstream_started_at = COALESCE(t.upstream_started_at, i.upstream_started_at), \
-    cost_source = CASE WHEN i.final_unit_deduction IS NULL THEN t.cost_source ELSE i.source END \
-    FROM i WHERE t.id = i.id AND t.version = i.expected_version \
+    upd AS (",
+    update_from_input!(),
+    "FROM i WHERE t.id = i.id AND t.version = i.expected_version \
     RETURNING i.slot, COALESCE(t.client, '') AS client, t.model_name, \
     CASE WHEN t.upstream_task_id IS NULL THEN NULL ELSE t.submitted_at END AS submitted_at, \
     t.final_unit_deduction), \
@@ -241,7 +230,8 @@ const COMMIT_SET: &str = "WITH i AS (SELECT * FROM UNNEST(\
     SELECT outbox_id, id, outbox_client, outbox_url, status, outbox_payload, 'pending', 0, \
     now_ms, now_ms, now_ms FROM won WHERE outbox_id IS NOT NULL AND NOT EXISTS \
     (SELECT 1 FROM disabled_urls d WHERE d.client = won.outbox_client AND d.url = won.outbox_url)) \
-    SELECT slot, client, model_name, submitted_at, final_unit_deduction FROM upd";
+    SELECT slot, client, model_name, submitted_at, final_unit_deduction FROM upd"
+);
 
 const ENQUEUE_SET: &str = "INSERT INTO task_images \
     (task_id, idx, url, state, attempts, next_attempt_at, updated_at) \
