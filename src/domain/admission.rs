@@ -4,7 +4,9 @@
 //! create answers `1303`. The controller keeps a *working limit* at or below the configured
 //! maximum. A `1303`/429 while `in_flight` of ours ran and `attempted` more were asked for says
 //! the room for us lies between the two: the limit resumes at the middle of that range (so each
-//! refusal halves it, and refusals stay few), and dispatch pauses with exponential backoff
+//! refusal halves it, and refusals stay few). The refused task backs off exponentially (at least
+//! 1 s, as Kling advises); the rest of dispatch goes on within the new limit, unless the refusal
+//! is one in a row (no create accepted since the last), when all of it pauses with that backoff
 //! (refusals of creates sent together count once). It
 //! grows back each time a full working limit's worth of units has finished cleanly: half-way to
 //! the level that was refused, or by one unit when none is known.
@@ -83,6 +85,14 @@ impl AdmissionState {
     }
 }
 
+/// What a refusal for concurrency costs: the refused task's wait, and a pause of all dispatch
+/// (zero unless the refusal is one in a row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BusyPause {
+    pub task: Duration,
+    pub all: Duration,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct AdmissionSnapshot {
     pub max_units: i64,
@@ -146,8 +156,8 @@ impl Admission {
     }
 
     /// Upstream said its concurrency is full when we asked for `attempted` units while `in_flight`
-    /// of ours were running, for a task claimed at `claimed_at_ms`. Returns how long dispatch
-    /// pauses.
+    /// of ours were running, for a task claimed at `claimed_at_ms`. Returns how long the refused
+    /// task waits and how long all dispatch pauses.
     pub fn on_busy(
         &mut self,
         now_ms: i64,
@@ -156,7 +166,7 @@ impl Admission {
         attempted: i64,
         retry_after: Option<Duration>,
         jitter: f64,
-    ) -> Duration {
+    ) -> BusyPause {
         // Upstream took `in_flight` and refused `in_flight + attempted`: its room for us is in
         // between. Resume at the middle of that range (a refused create costs nothing, and each
         // refusal halves the range), never above the previous working limit.
@@ -166,31 +176,44 @@ impl Admission {
         let refused = (in_flight + attempted).max(1);
         self.state.refused_at = Some(self.state.refused_at.map_or(refused, |r| r.min(refused)));
         // A task claimed before the last refusal was decided without knowing of it (several
-        // creates of one pass): its refusal is the same event, and neither extends the pause nor
-        // counts in the streak. Otherwise pause, as Kling advises for `1303`: exponential
-        // backoff from at least `busy_initial` (>= 1 s).
+        // creates of one pass): its refusal is the same event, and neither extends a pause nor
+        // counts in the streak.
         let stale = claimed_at_ms < self.state.last_refused_ms;
         self.state.last_refused_ms = self.state.last_refused_ms.max(now_ms);
-        let mut pause = if stale {
-            Duration::ZERO
+        let streak_before = if stale {
+            (self.state.busy_streak - 1).max(0)
         } else {
-            backoff(
-                u32::try_from(self.state.busy_streak).unwrap_or(u32::MAX),
-                self.cfg.busy_initial,
-                self.cfg.busy_max,
-                jitter,
-            )
-            .max(self.cfg.busy_initial)
+            self.state.busy_streak
         };
+        // The refused task backs off as Kling advises for `1303`: exponentially, from at least
+        // `busy_initial` (>= 1 s).
+        let mut wait = backoff(
+            u32::try_from(streak_before).unwrap_or(u32::MAX),
+            self.cfg.busy_initial,
+            self.cfg.busy_max,
+            jitter,
+        )
+        .max(self.cfg.busy_initial);
         if let Some(ra) = retry_after {
-            pause = pause.max(ra);
+            wait = wait.max(ra);
         }
         if !stale {
             self.state.busy_streak = self.state.busy_streak.saturating_add(1);
         }
-        let until = now_ms.saturating_add(i64::try_from(pause.as_millis()).unwrap_or(i64::MAX));
-        self.state.paused_until_ms = self.state.paused_until_ms.max(until);
-        pause
+        // The first refusal since an accepted create only says the working limit was above the
+        // room: the limit now adapts, and what runs within it goes on (units left idle for a
+        // second cost a quarter of a shared account). A refusal in a row says the room shrank
+        // under us, or our guess of it failed: then everything waits.
+        let all = if stale || streak_before == 0 {
+            Duration::ZERO
+        } else {
+            wait
+        };
+        if !all.is_zero() {
+            let until = now_ms.saturating_add(i64::try_from(all.as_millis()).unwrap_or(i64::MAX));
+            self.state.paused_until_ms = self.state.paused_until_ms.max(until);
+        }
+        BusyPause { task: wait, all }
     }
 
     /// A create was accepted: the refusals streak is over.
@@ -307,16 +330,31 @@ mod tests {
     fn busy_shrinks_pauses_with_backoff_and_finishing_grows_back() {
         let mut a = adm(10);
         let p1 = a.on_busy(0, 0, 6, 2, None, 0.0);
-        assert!(p1 >= Duration::from_secs(1), "first pause at least 1 s");
+        assert!(
+            p1.task >= Duration::from_secs(1),
+            "the task waits at least 1 s"
+        );
+        assert_eq!(
+            p1.all,
+            Duration::ZERO,
+            "a first refusal pauses nothing else"
+        );
         assert_eq!(a.snapshot().working_limit, 6);
+        assert_eq!(
+            a.select(500, &held(5), &[c("x", 1, 0)]),
+            vec!["x"],
+            "what fits the smaller limit goes on"
+        );
+        assert!(a.select(500, &held(6), &[c("x", 1, 0)]).is_empty());
+        let p2 = a.on_busy(0, 0, 6, 2, None, 0.0);
+        assert!(p2.task > p1.task, "exponential");
+        assert_eq!(p2.all, p2.task, "a refusal in a row pauses everything");
         assert!(
             a.select(500, &held(0), &[c("x", 1, 0)]).is_empty(),
             "paused"
         );
-        let p2 = a.on_busy(0, 0, 6, 2, None, 0.0);
-        assert!(p2 > p1, "exponential");
         let p3 = a.on_busy(0, 0, 6, 2, Some(Duration::from_secs(120)), 0.0);
-        assert!(p3 >= Duration::from_secs(120), "Retry-After honoured");
+        assert!(p3.all >= Duration::from_secs(120), "Retry-After honoured");
         a.on_accepted();
         // Below the refused level (6 + 2 = 8): a unit back per window (the limit's worth).
         a.on_finished(5);
@@ -345,12 +383,28 @@ mod tests {
         let mut a = adm(12);
         // Claimed together at 100; the refusals arrive at 150 and 160.
         let first = a.on_busy(150, 100, 3, 9, None, 0.0);
-        assert!(first >= Duration::from_secs(1));
-        assert_eq!(a.on_busy(160, 100, 3, 4, None, 0.0), Duration::ZERO);
+        assert!(first.task >= Duration::from_secs(1));
+        let second = a.on_busy(160, 100, 3, 4, None, 0.0);
+        assert_eq!(second.all, Duration::ZERO, "the same event");
+        assert_eq!(second.task, first.task, "its task waits as the first's");
         assert_eq!(a.snapshot().working_limit, 4, "the limit still takes both");
-        assert_eq!(a.snapshot().paused_until_ms, 150 + first.as_millis() as i64);
-        // Claimed after them, refused again: that is a streak, and the pause doubles.
-        assert!(a.on_busy(3000, 2500, 3, 1, None, 0.0) > first);
+        assert_eq!(a.state().busy_streak, 1);
+        assert_eq!(a.snapshot().paused_until_ms, 0, "nothing else paused");
+        // Claimed after them, refused again: that is a streak, and all of dispatch pauses, for
+        // twice as long.
+        let third = a.on_busy(3000, 2500, 3, 1, None, 0.0);
+        assert!(third.all > first.task, "{third:?}");
+        assert_eq!(
+            a.snapshot().paused_until_ms,
+            3000 + third.all.as_millis() as i64
+        );
+        a.on_accepted();
+        let after = a.on_busy(9000, 8000, 3, 1, None, 0.0);
+        assert_eq!(
+            after.all,
+            Duration::ZERO,
+            "an accepted create ends the streak"
+        );
     }
 
     #[test]

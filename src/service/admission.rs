@@ -3,7 +3,9 @@
 //! Each replica keeps a copy, refreshed on every dispatch claim and every change it makes.
 
 use super::{now_ms, Relay, ServiceError};
-use crate::domain::admission::{Admission, AdmissionSnapshot, AdmissionState, Candidate};
+use crate::domain::admission::{
+    Admission, AdmissionSnapshot, AdmissionState, BusyPause, Candidate,
+};
 use crate::domain::fair_share::Held;
 use std::sync::MutexGuard;
 use std::time::Duration;
@@ -39,7 +41,7 @@ impl Relay {
     }
 
     /// Upstream refused a create for concurrency (see `Admission::on_busy`). Returns how long
-    /// dispatch pauses, on every replica.
+    /// the refused task waits, and how long dispatch pauses on every replica.
     pub async fn admission_busy(
         &self,
         claimed_at_ms: i64,
@@ -47,7 +49,7 @@ impl Relay {
         attempted: i64,
         retry_after: Option<Duration>,
         jitter: f64,
-    ) -> Duration {
+    ) -> BusyPause {
         let now = now_ms();
         self.change_admission(|a| {
             a.on_busy(

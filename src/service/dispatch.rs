@@ -163,19 +163,25 @@ async fn dispatch_one(relay: &Relay, task: Task, now_claimed: i64) -> Result<(),
         }) => {
             let now = now_ms();
             let (next_attempt_at_ms, detail) = if busy {
-                // The account is full: pause all dispatch, and keep this task's place in line.
+                // The account is full: the working limit shrinks and this task backs off (all
+                // dispatch too, after refusals in a row); it keeps its age, so its place in line.
                 let others = relay.store.units_in_flight().await? - task.n;
                 let pause = relay
                     .admission_busy(now_claimed, others.max(0), task.n, retry_after, jitter())
                     .await;
-                tracing::warn!(task_id = %id, %reason, ?pause, "upstream concurrency full; dispatch paused");
-                (
-                    now,
+                tracing::warn!(task_id = %id, %reason, task_wait = ?pause.task, all_paused = ?pause.all, "upstream concurrency full");
+                let detail = if pause.all.is_zero() {
+                    format!(
+                        "upstream concurrency full ({reason}); retrying in {}, other tasks go on within the smaller working limit",
+                        human(pause.task)
+                    )
+                } else {
                     format!(
                         "upstream concurrency full ({reason}); dispatch paused for {}",
-                        human(pause)
-                    ),
-                )
+                        human(pause.all)
+                    )
+                };
+                (now + ms(pause.task), detail)
             } else {
                 let delay = retry_delay(relay, &task).max(retry_after.unwrap_or_default());
                 tracing::warn!(task_id = %id, %reason, retry_in = ?delay, "dispatch will be retried");
