@@ -3,7 +3,7 @@
 //! Start-time fair queuing over concurrency units, with memory. Each client has a **pass**: the
 //! units it has sent, each divided by its weight, on one virtual clock (stride scheduling). The
 //! waiting client with the lowest pass goes next, and its pass moves on by the task's units over
-//! its weight. Passes within one largest waiting task of each other count as level (the lag
+//! its weight. Passes less than one largest waiting task apart count as level (the lag
 //! a discrete scheduler cannot avoid, as deficit round robin's quantum: a client that just sent
 //! a 9 leads by 9 until the others' turns come); between level clients, the one with less work
 //! waiting (over its weight) goes first, so a light, interactive client is not queued behind a
@@ -241,11 +241,11 @@ impl<'a> Queue<'a> {
         self.tasks.iter().flatten().map(|t| t.n).sum()
     }
 
-    /// Lower pass first, passes within `lag` of each other counting as level; when level, less
+    /// Lower pass first, passes less than `lag` apart counting as level; when level, less
     /// work waiting over weight, then fewer units held over weight (compared without dividing),
     /// then the older head.
     fn before(&self, other: &Queue<'_>, lag: i64) -> Ordering {
-        let by_pass = if self.start.abs_diff(other.start) <= lag.unsigned_abs() {
+        let by_pass = if self.start.abs_diff(other.start) < lag.unsigned_abs() {
             Ordering::Equal
         } else {
             self.start.cmp(&other.start)
