@@ -3,13 +3,13 @@
 //! Start-time fair queuing over concurrency units, with memory. Each client has a **pass**: the
 //! units it has sent, each divided by its weight, on one virtual clock (stride scheduling). The
 //! waiting client with the lowest pass goes next, and its pass moves on by the task's units over
-//! its weight. Passes less than one largest waiting task apart count as level (the lag
-//! a discrete scheduler cannot avoid, as deficit round robin's quantum: a client that just sent
-//! a 9 leads by 9 until the others' turns come); between level clients, the one with less work
+//! its weight. Passes less than one largest waiting task apart count as level (the lag a
+//! discrete scheduler cannot avoid, as deficit round robin's quantum: a client that just sent a 9
+//! leads by 9 until the others' turns come); between level clients, the one with less work
 //! waiting (over its weight) goes first, so a light, interactive client is not queued behind a
 //! backlog for a lead that small; then the one holding fewer units upstream (over its weight),
-//! then the older head. A client that starts waiting again begins at the **virtual time**, the lowest pass of
-//! the clients that kept waiting, so idling earns no credit. Passes and the virtual time are
+//! then the older head. A client that starts waiting again begins at the **virtual time**, the
+//! lowest pass of the clients that kept waiting, so idling earns no credit. Passes and the virtual time are
 //! stored (`fair_passes`, `fair_clock`) and moved in the dispatch claim's transaction, under the
 //! admission lock, so they agree across replicas and survive restarts.
 //!
@@ -183,6 +183,8 @@ struct Queue<'a> {
     weight: i64,
     cap: Option<i64>,
     held: i64,
+    /// Units of its tasks still waiting in this pass.
+    waiting: i64,
     /// In the order they go: priority, then age, the head packed largest first; `None` once
     /// chosen.
     tasks: Vec<Option<&'a Candidate>>,
@@ -236,11 +238,6 @@ impl<'a> Queue<'a> {
         }
     }
 
-    /// Units of its tasks still waiting in this pass.
-    fn waiting_units(&self) -> i64 {
-        self.tasks.iter().flatten().map(|t| t.n).sum()
-    }
-
     /// Lower pass first, passes less than `lag` apart counting as level; when level, less
     /// work waiting over weight, then fewer units held over weight (compared without dividing),
     /// then the older head.
@@ -251,9 +248,7 @@ impl<'a> Queue<'a> {
             self.start.cmp(&other.start)
         };
         by_pass
-            .then_with(|| {
-                (self.waiting_units() * other.weight).cmp(&(other.waiting_units() * self.weight))
-            })
+            .then_with(|| (self.waiting * other.weight).cmp(&(other.waiting * self.weight)))
             .then_with(|| (self.held * other.weight).cmp(&(other.held * self.weight)))
             .then_with(|| {
                 let a = self.head().map(|t| t.waiting_since_ms);
@@ -310,6 +305,7 @@ pub fn select(room: Room, held: &Held, candidates: &[Candidate]) -> Vec<String> 
                 weight: share.weight.max(1),
                 cap: share.max_units,
                 held: share.in_flight,
+                waiting: tasks.iter().map(|t| t.n).sum(),
                 tasks: tasks.into_iter().map(Some).collect(),
                 done: false,
             }
@@ -346,6 +342,7 @@ pub fn select(room: Room, held: &Held, candidates: &[Candidate]) -> Vec<String> 
                 if let Some(t) = q.tasks[i].take() {
                     free -= t.n;
                     q.held += t.n;
+                    q.waiting -= t.n;
                     q.start = q.start.saturating_add(stride(t.n, q.weight));
                     running.push(t.n);
                     if let Some(b) = budget.as_mut() {
@@ -679,6 +676,59 @@ mod tests {
         assert_eq!(select(room, &Held::default(), &cs), vec!["small"]);
     }
 
+    /// The scheduler driven as the dispatcher drives it, claim after claim: the passes and the
+    /// virtual time each claim stores, and the tasks running upstream (client, n, ends at), oldest
+    /// dispatch first.
+    #[derive(Default)]
+    struct Run {
+        running: Vec<(String, i64, i64)>,
+        passes: HashMap<String, i64>,
+        virtual_time: i64,
+    }
+
+    impl Run {
+        /// Tasks whose end has been seen by `t` give their units back.
+        fn retire(&mut self, t: i64) {
+            self.running.retain(|r| r.2 > t);
+        }
+
+        /// One claim at `t`: what `select` chooses leaves `waiting` and runs from and until the
+        /// times `timing(t)` gives it. Returns the chosen tasks with their dispatch times.
+        fn claim(
+            &mut self,
+            t: i64,
+            waiting: &mut Vec<Candidate>,
+            mut timing: impl FnMut(i64) -> (i64, i64),
+        ) -> Vec<(Candidate, i64)> {
+            let mut shares = Shares::new();
+            for (client, pass) in &self.passes {
+                shares.entry(client.clone()).or_default().pass = *pass;
+            }
+            for (client, n, _) in &self.running {
+                shares.entry(client.clone()).or_default().in_flight += n;
+            }
+            let held = Held {
+                shares,
+                running: self.running.iter().map(|r| r.1).collect(),
+                virtual_time: self.virtual_time,
+            };
+            let mut out = Vec::new();
+            let mut sent = Vec::new();
+            for id in select(Room { now_ms: t, ..ROOM }, &held, waiting) {
+                let pos = waiting.iter().position(|c| c.id == id).expect("chosen");
+                let c = waiting.remove(pos);
+                let (dispatched, ends) = timing(t);
+                self.running.push((c.client.clone(), c.n, ends));
+                sent.push((c.client.clone(), c.n));
+                out.push((c, dispatched));
+            }
+            let next = passes_of(&held, &sent, waiting);
+            self.passes.extend(next.by_client);
+            self.virtual_time = next.virtual_time;
+            out
+        }
+    }
+
     /// The newcomer case in waves: every task lasts one second, so the account drains and
     /// refills at once, and a pass runs every 20 ms. A has 2,000 tasks waiting; B sends one a second.
     /// Without memory the tags tie at every drain and A's older head takes the room first (B's 4
@@ -690,48 +740,24 @@ mod tests {
         let mut waiting: Vec<Candidate> = (0..2000)
             .map(|i| task(&format!("A-{i}"), "A", sizes[i % 6], 0))
             .collect();
-        // (client, n, ends at)
-        let mut running: Vec<(String, i64, i64)> = Vec::new();
-        let mut passes: HashMap<String, i64> = HashMap::new();
-        let mut virtual_time = 0;
+        let mut run = Run::default();
         let mut waits: Vec<(i64, String)> = Vec::new();
         let mut created: HashMap<String, i64> = HashMap::new();
         let mut b_sent = 0;
         let mut t = 0;
         while t < 70_000 {
-            running.retain(|r| r.2 > t);
+            run.retire(t);
             if t >= 5_000 && t % 1_000 == 0 && b_sent < 60 {
                 let id = format!("B-{b_sent}");
                 waiting.push(task(&id, "B", sizes[b_sent % 6], t));
                 created.insert(id, t);
                 b_sent += 1;
             }
-            let mut shares = Shares::new();
-            for (client, pass) in &passes {
-                shares.entry(client.clone()).or_default().pass = *pass;
-            }
-            for (client, n, _) in &running {
-                shares.entry(client.clone()).or_default().in_flight += n;
-            }
-            let held = Held {
-                shares,
-                running: running.iter().map(|r| r.1).collect(),
-                virtual_time,
-            };
-            let room = Room { now_ms: t, ..ROOM };
-            let mut sent = Vec::new();
-            for id in select(room, &held, &waiting) {
-                let pos = waiting.iter().position(|c| c.id == id).expect("chosen");
-                let c = waiting.remove(pos);
+            for (c, sent_at) in run.claim(t, &mut waiting, |t| (t, t + 1_000)) {
                 if let Some(at) = created.get(&c.id) {
-                    waits.push((t - at, c.id.clone()));
+                    waits.push((sent_at - at, c.id.clone()));
                 }
-                running.push((c.client.clone(), c.n, t + 1_000));
-                sent.push((c.client, c.n));
             }
-            let next = passes_of(&held, &sent, &waiting);
-            passes.extend(next.by_client);
-            virtual_time = next.virtual_time;
             t += 20;
         }
         assert_eq!(waits.len(), 60, "every B task was sent");
@@ -807,17 +833,14 @@ mod tests {
             .map(|i| task(&format!("A-{i}"), "A", sizes[i % 6], (i / 32) as i64 * 60))
             .collect();
         let mut waiting: Vec<Candidate> = Vec::new();
-        // (client, n, ends as seen)
-        let mut running: Vec<(String, i64, i64)> = Vec::new();
-        let mut passes: HashMap<String, i64> = HashMap::new();
-        let mut virtual_time = 0;
+        let mut run = Run::default();
         let mut waits = Vec::new();
         let mut created: HashMap<String, (i64, i64)> = HashMap::new();
         let mut b_sent = 0;
         let mut t = 0;
         let mut next_b = 5_337;
         while t < 70_000 {
-            running.retain(|r| r.2 > t);
+            run.retire(t);
             while waiting.iter().filter(|c| c.client == "A").count() < 64 {
                 match a_backlog.pop_front() {
                     Some(c) => waiting.push(c),
@@ -829,9 +852,9 @@ mod tests {
                 let n = sizes[b_sent % 6];
                 waiting.push(task(&id, "B", n, t));
                 // When n units are free if nothing more starts: running tasks end in their order.
-                let mut ends: Vec<(i64, i64)> = running.iter().map(|r| (r.2, r.1)).collect();
+                let mut ends: Vec<(i64, i64)> = run.running.iter().map(|r| (r.2, r.1)).collect();
                 ends.sort();
-                let mut used: i64 = running.iter().map(|r| r.1).sum();
+                let mut used: i64 = run.running.iter().map(|r| r.1).sum();
                 let mut free_at = t;
                 for (end, units) in ends {
                     if 12 - used >= n {
@@ -844,40 +867,15 @@ mod tests {
                 b_sent += 1;
                 next_b += 1_000;
             }
-            let mut shares = Shares::new();
-            for (client, pass) in &passes {
-                shares.entry(client.clone()).or_default().pass = *pass;
-            }
-            let mut by_start: Vec<&(String, i64, i64)> = running.iter().collect();
-            by_start.sort_by_key(|r| r.2);
-            for (client, n, _) in &running {
-                shares.entry(client.clone()).or_default().in_flight += n;
-            }
-            let held = Held {
-                shares,
-                running: by_start.iter().map(|r| r.1).collect(),
-                virtual_time,
-            };
-            let room = Room { now_ms: t, ..ROOM };
-            let mut sent = Vec::new();
-            let chosen = select(room, &held, &waiting);
-            for id in chosen {
-                let pos = waiting.iter().position(|c| c.id == id).expect("chosen");
-                let c = waiting.remove(pos);
+            let sent = run.claim(t, &mut waiting, |t| {
                 let dispatched = t + 2 + rng.below(18);
+                (dispatched, dispatched + 1_000 + 5 + rng.below(35))
+            });
+            for (c, sent_at) in sent {
                 if let Some((at, bound)) = created.get(&c.id) {
-                    waits.push((dispatched - at, *bound, c.id.clone()));
+                    waits.push((sent_at - at, *bound, c.id.clone()));
                 }
-                running.push((
-                    c.client.clone(),
-                    c.n,
-                    dispatched + 1_000 + 5 + rng.below(35),
-                ));
-                sent.push((c.client, c.n));
             }
-            let next = passes_of(&held, &sent, &waiting);
-            passes.extend(next.by_client);
-            virtual_time = next.virtual_time;
             t += 5;
         }
         waits.sort();
