@@ -3,8 +3,10 @@
 //! Upstream counts `n` units per task from `submitted` until it ends; over the account's limit a
 //! create answers `1303`. The controller keeps a *working limit* at or below the configured
 //! maximum. A `1303`/429 while `in_flight` of ours ran and `attempted` more were asked for says
-//! the room for us lies between the two: the limit resumes at the middle of that range (so each
-//! refusal halves it, and refusals stay few). The refused task backs off exponentially (at least
+//! the room for us lies between the two: the limit resumes at `in_flight`, what upstream took
+//! (or at the refused task's size if larger and below the refused level: it may fit alone), and
+//! regrowth searches upwards from there (so a refusal in a row, which pauses everything, needs the
+//! room to shrink under us, not a guess of ours to miss). The refused task backs off exponentially (at least
 //! 1 s, as Kling advises); the rest of dispatch goes on within the new limit, unless the refusal
 //! is one in a row (no create accepted since the last), when all of it pauses with that backoff
 //! (refusals of creates sent together count once). It
@@ -168,12 +170,19 @@ impl Admission {
         jitter: f64,
     ) -> BusyPause {
         // Upstream took `in_flight` and refused `in_flight + attempted`: its room for us is in
-        // between. Resume at the middle of that range (a refused create costs nothing, and each
-        // refusal halves the range), never above the previous working limit.
-        let probe = in_flight + (attempted.max(1) - 1) / 2;
-        self.state.working = probe.clamp(1, self.state.working);
-        self.state.finished_units = 0;
+        // between. Resume at what it took, or at the refused task's own size if that is more
+        // (it may fit alone, and below its size it could only go on an idle account while
+        // everything else is held to less), never at the refused level nor above the previous
+        // working limit; regrowth searches upwards from there. Resuming higher (the middle of
+        // the range) had the next create refused at once, a refusal in a row, which idles every
+        // unit for a second; a probe after a window of clean finishes is a first refusal and
+        // costs only its own task a wait.
         let refused = (in_flight + attempted).max(1);
+        self.state.working = in_flight
+            .max(attempted)
+            .min(refused - 1)
+            .clamp(1, self.state.working);
+        self.state.finished_units = 0;
         self.state.refused_at = Some(self.state.refused_at.map_or(refused, |r| r.min(refused)));
         // A task claimed before the last refusal was decided without knowing of it (several
         // creates of one pass): its refusal is the same event, and neither extends a pause nor
@@ -287,7 +296,10 @@ mod tests {
                 },
             )]),
             running: if in_flight > 0 {
-                vec![in_flight]
+                vec![crate::domain::fair_share::Running {
+                    n: in_flight,
+                    since_ms: 0,
+                }]
             } else {
                 vec![]
             },
@@ -384,7 +396,7 @@ mod tests {
         // Claimed together at 100; the refusals arrive at 150 and 160.
         let first = a.on_busy(150, 100, 3, 9, None, 0.0);
         assert!(first.task >= Duration::from_secs(1));
-        let second = a.on_busy(160, 100, 3, 4, None, 0.0);
+        let second = a.on_busy(160, 100, 2, 4, None, 0.0);
         assert_eq!(second.all, Duration::ZERO, "the same event");
         assert_eq!(second.task, first.task, "its task waits as the first's");
         assert_eq!(a.snapshot().working_limit, 4, "the limit still takes both");
@@ -409,42 +421,67 @@ mod tests {
 
     #[test]
     fn regrowth_closes_half_the_gap_to_the_refused_level_per_window() {
-        // Another tenant holds 3 of 12: 3 ran, a 9 was refused: room between 3 and 11.
-        let mut a = adm(12);
-        a.on_busy(0, 0, 3, 9, None, 0.0);
-        assert_eq!(a.snapshot().working_limit, 7);
-        a.on_finished(7);
+        // 8 of ours ran and another 8 was refused: the room is 8 to 15.
+        let mut a = adm(16);
+        a.on_busy(0, 0, 8, 8, None, 0.0);
         assert_eq!(
             a.snapshot().working_limit,
-            9,
-            "half-way to 12, in one window"
+            8,
+            "resumes at what upstream took"
         );
-        a.on_finished(9);
-        assert_eq!(a.snapshot().working_limit, 10);
-        // 10 is refused with 9 running: the room is 9, found with two refusals in all.
-        a.on_busy(0, 0, 9, 1, None, 0.0);
-        assert_eq!(a.snapshot().working_limit, 9);
-        a.on_finished(9 * (PROBE_WINDOWS - 1));
+        a.on_finished(7);
+        assert_eq!(a.snapshot().working_limit, 8, "a window not finished yet");
+        a.on_finished(1);
         assert_eq!(
             a.snapshot().working_limit,
-            9,
+            12,
+            "half-way to 16, in one window"
+        );
+        a.on_finished(12);
+        assert_eq!(a.snapshot().working_limit, 14);
+        a.on_finished(14);
+        assert_eq!(a.snapshot().working_limit, 15);
+        // 15 is refused with 14 running: the room is 14.
+        a.on_accepted();
+        let probe = a.on_busy(0, 0, 14, 1, None, 0.0);
+        assert_eq!(
+            probe.all,
+            Duration::ZERO,
+            "a probe after accepted creates pauses nothing else"
+        );
+        assert_eq!(a.snapshot().working_limit, 14);
+        a.on_finished(14 * (PROBE_WINDOWS - 1));
+        assert_eq!(
+            a.snapshot().working_limit,
+            14,
             "the refused level is probed rarely"
         );
-        a.on_finished(9);
-        assert_eq!(a.snapshot().working_limit, 10);
+        a.on_finished(14);
+        assert_eq!(a.snapshot().working_limit, 15);
     }
 
     #[test]
-    fn a_refusal_resumes_at_the_middle_of_what_it_leaves_open() {
-        // 3 of ours ran and a task of 9 was refused: the room is 3 to 11, resume at 7.
+    fn a_refusal_resumes_at_what_upstream_took_or_the_refused_task() {
+        // 9 of ours ran and a task of 3 was refused (another tenant holds 3 of 12): resuming at
+        // 9 lets the next pass's single unit wait for our own units instead of being refused in
+        // a row, which would pause everything.
         let mut a = adm(12);
-        a.on_busy(0, 0, 3, 9, None, 0.0);
-        assert_eq!(a.snapshot().working_limit, 7);
-        // A refusal of a single unit pins it down exactly.
-        a.on_busy(0, 0, 5, 1, None, 0.0);
-        assert_eq!(a.snapshot().working_limit, 5);
+        a.on_busy(0, 0, 9, 3, None, 0.0);
+        assert_eq!(a.snapshot().working_limit, 9);
+        assert!(a.select(500, &held(9), &[c("x", 1, 0)]).is_empty());
+        // 1 ran and a 9 was refused: the 9 may fit alone, so the limit stays at 9 (below it,
+        // the 9 could only go on an idle account, and everything else would be held to less).
+        let mut a = adm(12);
+        a.on_busy(0, 0, 1, 9, None, 0.0);
+        assert_eq!(a.snapshot().working_limit, 9);
+        // Nothing ran and a 9 was refused: the room is less than 9.
+        let mut a = adm(12);
+        a.on_busy(0, 0, 0, 9, None, 0.0);
+        assert_eq!(a.snapshot().working_limit, 8);
         // Never above the limit it had.
-        a.on_busy(0, 0, 4, 9, None, 0.0);
+        a.on_busy(0, 0, 10, 1, None, 0.0);
+        assert_eq!(a.snapshot().working_limit, 8);
+        a.on_busy(0, 0, 5, 1, None, 0.0);
         assert_eq!(a.snapshot().working_limit, 5);
     }
 

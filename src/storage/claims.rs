@@ -19,7 +19,7 @@ use super::{
     StorageError, Store, Task, TaskRow, TASK_COLUMNS,
 };
 use crate::domain::admission::AdmissionState;
-use crate::domain::fair_share::{passes_after, ClientShare, Held, Shares};
+use crate::domain::fair_share::{passes_after, ClientShare, Held, Running, Shares};
 use crate::domain::Priority;
 use std::collections::HashSet;
 
@@ -116,7 +116,7 @@ impl Store {
                 tx.rollback().await?;
                 return Ok(Vec::new());
             }
-            let holding: Vec<(String, i64)> =
+            let holding: Vec<(String, i64, i64)> =
                 sqlx::query_as(sql::HOLDING_UNITS).fetch_all(&mut *tx).await?;
             let clients: Vec<(String, i64, Option<i64>)> =
                 sqlx::query_as(sql::CLIENT_SHARES).fetch_all(&mut *tx).await?;
@@ -132,9 +132,9 @@ impl Store {
                 );
             }
             let mut running = Vec::with_capacity(holding.len());
-            for (client, n) in holding {
+            for (client, n, since_ms) in holding {
                 shares.entry(client).or_default().in_flight += n;
-                running.push(n);
+                running.push(Running { n, since_ms });
             }
             let passes: Vec<(String, i64)> =
                 sqlx::query_as(READ_PASSES).fetch_all(&mut *tx).await?;

@@ -30,7 +30,7 @@ pub const DUE_DISPATCHES: &str = "SELECT id, n, created_at, dispatch_started_at,
 /// Tasks holding units upstream (in flight, or possibly in flight): client, `n`, and when
 /// the dispatch began (oldest first). One statement, so no task is missed or counted twice
 /// when another replica's commit moves it between the two kinds.
-pub const HOLDING_UNITS: &str = "SELECT client, n FROM (\
+pub const HOLDING_UNITS: &str = "SELECT client, n, since FROM (\
         SELECT COALESCE(client, '') AS client, n, COALESCE(submitted_at, created_at) AS since \
         FROM tasks WHERE status IN ('submitted', 'processing') \
         UNION ALL SELECT COALESCE(client, '') AS client, n, dispatch_started_at AS since \

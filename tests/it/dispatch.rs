@@ -408,7 +408,10 @@ async fn the_claim_shares_units_by_weight_cap_and_priority(b: Backend) {
                 .collect();
             units.sort();
             *seen.lock().expect("lock") = units;
-            assert_eq!(held.running.iter().sum::<i64>(), held.in_flight());
+            assert_eq!(
+                held.running.iter().map(|r| r.n).sum::<i64>(),
+                held.in_flight()
+            );
             let candidates: Vec<Candidate> = due.into_iter().map(Candidate::from).collect();
             admission.select(now, &held, &candidates)
         }
