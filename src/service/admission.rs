@@ -72,11 +72,17 @@ impl Relay {
     }
 
     /// A task that held `units` ended cleanly. Costs a write only while the working limit is
-    /// below its maximum (regrowing after a refusal).
-    pub async fn admission_finished(&self, units: i64) {
-        if self.admission().is_regrowing() {
-            self.change_admission(|a| a.on_finished(units)).await;
+    /// below its maximum (regrowing after a refusal). Returns whether the working limit grew.
+    pub async fn admission_finished(&self, units: i64) -> bool {
+        if !self.admission().is_regrowing() {
+            return false;
         }
+        self.change_admission(|a| {
+            let before = a.snapshot().working_limit;
+            a.on_finished(units);
+            a.snapshot().working_limit > before
+        })
+        .await
     }
 
     /// Applies `change` to the stored state (taking turns with other replicas) and adopts the

@@ -200,16 +200,23 @@ impl Relay {
                 if self.settings.archive.enabled && change.status == TaskStatus::Succeeded {
                     self.archive_wake.notify_one();
                 }
+                let frees_units = task.status.holds_upstream_units() && change.status.is_final();
+                if frees_units {
+                    // Pending work may fit now: wake dispatch before the bookkeeping below (a
+                    // budget read, a regrowth step), which the next pass does not need; each
+                    // millisecond here is a unit idle on a busy account.
+                    self.dispatch_wake.notify_one();
+                }
                 tracing::info!(task_id = %id, source = source.as_str(), status = %change.status, "task status changed");
                 metrics::counter!("klr_task_status_changes_total", "status" => change.status.as_str(), "source" => source.as_str()).increment(1);
                 if change.status.is_final() {
                     self.on_task_ended(&task, &change).await;
                 }
-                if task.status.holds_upstream_units() && change.status.is_final() {
-                    if matches!(change.status, TaskStatus::Succeeded | TaskStatus::Failed) {
-                        self.admission_finished(task.n).await;
-                    }
-                    // Units were freed: pending work may fit now.
+                if frees_units
+                    && matches!(change.status, TaskStatus::Succeeded | TaskStatus::Failed)
+                    && self.admission_finished(task.n).await
+                {
+                    // The working limit grew: the pass woken above may have missed it.
                     self.dispatch_wake.notify_one();
                 }
                 if notifies {

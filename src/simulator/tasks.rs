@@ -189,16 +189,19 @@ pub(super) async fn start_task(
 /// change, and frees its units at the end.
 pub(super) async fn run_task(inner: Arc<Inner>, task_id: String, failing: bool) {
     let mut held: Vec<(Option<String>, Value)> = Vec::new();
+    // Each change at its time from the create, as upstream's work does not wait for our callbacks:
+    // sleeping after sending one added its round trip to the task's duration.
+    let created = tokio::time::Instant::now();
     let steps: [(Duration, &'static str); 2] = [
         (inner.cfg.processing_after, "processing"),
         (
-            inner.cfg.finish_after,
+            inner.cfg.processing_after + inner.cfg.finish_after,
             if failing { "failed" } else { "succeed" },
         ),
     ];
-    for (delay, status) in steps {
+    for (after, status) in steps {
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep_until(created + after) => {}
             _ = inner.shutdown.cancelled() => return,
         }
         let (url, payload) = {

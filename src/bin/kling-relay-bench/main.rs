@@ -275,6 +275,10 @@ impl Service {
         for (k, v) in extra {
             c.env(k, v);
         }
+        // For looking into a run: the service's own log filter (its log goes to stderr).
+        if let Some(filter) = std::env::var_os("KLR_BENCH_SERVICE_LOG") {
+            c.env("RUST_LOG", filter);
+        }
         let child = c.spawn()?;
         let http = reqwest::Client::new();
         let start = Instant::now();
