@@ -64,7 +64,7 @@ impl Store {
     /// Claims due pending tasks for one create call each. `decide` gets what admission has
     /// learnt about the account (stored by any replica), what holds the account
     /// (every client's weight, cap and units held upstream, across all replicas, and the running
-    /// tasks' `n` oldest first) and the due tasks,
+    /// tasks' `n` and dispatch time, oldest first) and the due tasks,
     /// up to `limit` per client in priority then due order, and names the ones to send, in order; each is marked as possibly in flight (`dispatch_started_at`), so it counts
     /// against the budget at once and a crash mid-call leads to recovery, not a loss, and its next
     /// dispatch moves to `lease_until_ms`. Returns the claimed tasks.
