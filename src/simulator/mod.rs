@@ -93,6 +93,9 @@ pub struct SimStats {
     pub busy_answers: u64,
     /// Highest `units_in_use` seen.
     pub peak_units_in_use: i64,
+    /// Create calls not yet answered, and the most seen at once.
+    pub creates_under_way: i64,
+    pub peak_creates_under_way: i64,
     /// The `x-request-id` of the last create call, if it had one.
     pub last_create_request_id: Option<String>,
     pub callbacks_sent: u64,

@@ -4,12 +4,34 @@
 
 use super::*;
 
+/// Counts a create call as under way until it is answered (tests check the relay's bound on them).
+struct UnderWay(Arc<Inner>);
+
+impl UnderWay {
+    fn start(inner: &Arc<Inner>) -> UnderWay {
+        let mut st = lock(&inner.state);
+        st.stats.creates_under_way += 1;
+        st.stats.peak_creates_under_way = st
+            .stats
+            .peak_creates_under_way
+            .max(st.stats.creates_under_way);
+        UnderWay(inner.clone())
+    }
+}
+
+impl Drop for UnderWay {
+    fn drop(&mut self) {
+        lock(&self.0.state).stats.creates_under_way -= 1;
+    }
+}
+
 /// The multi-image create route of the profile.
 pub(super) async fn create(
     State(inner): State<Arc<Inner>>,
     headers: HeaderMap,
     body: String,
 ) -> Response {
+    let _under_way = UnderWay::start(&inner);
     {
         let mut st = lock(&inner.state);
         st.stats.create_calls += 1;

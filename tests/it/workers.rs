@@ -1,15 +1,17 @@
 //! The workers' passes driven one at a time, with no loops running: each `step` is called by the
 //! test, so what a pass does (and what it must not do) is asserted without sleeping for a loop to
-//! come round. The relay here has no HTTP side and no callback URL: upstream is only ever queried.
+//! come round (one test runs the dispatcher's loop itself, for what only the loop does). The relay
+//! here has no HTTP side and no callback URL: upstream is only ever queried.
 
 use crate::common::*;
 use kling_relay::domain::client::Caller;
 use kling_relay::domain::TaskStatus;
 use kling_relay::service::{poll, Relay};
-use kling_relay::simulator::{SimConfig, Simulator};
+use kling_relay::simulator::{Faults, SimConfig, Simulator};
 use kling_relay::workers::dispatcher;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 struct Stepped {
     relay: Arc<Relay>,
@@ -186,7 +188,43 @@ async fn a_poll_step_times_out_what_upstream_never_finishes(b: Backend) {
     assert_eq!(poll::step(&t.relay).await.expect("poll pass").1, 0, "once");
 }
 
+/// The dispatcher's loop claims again while creates are under way (a claim counts its tasks'
+/// units at once), so a task that can go does not wait for a slow create of an earlier pass; and
+/// never more than `dispatch.concurrency` creates are under way.
+async fn the_dispatcher_sends_beside_slow_creates_within_its_concurrency(b: Backend) {
+    let t = Stepped::new(b, stalled_sim(), |s| s.dispatch.concurrency = 3).await;
+    t.sim.set_faults(Faults {
+        create_delay_ms: 3_000,
+        ..Faults::default()
+    });
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(dispatcher::run(t.relay.clone(), shutdown.clone()));
+    let under_way = || async { t.sim.stats().creates_under_way };
+    t.submit().await;
+    wait_until(Duration::from_secs(2), || async { under_way().await == 1 }).await;
+    // The first create answers after 3 s; the second task goes beside it.
+    t.submit().await;
+    wait_until(Duration::from_secs(2), || async { under_way().await == 2 }).await;
+    for _ in 0..3 {
+        t.submit().await;
+    }
+    wait_until(Duration::from_secs(20), || async {
+        let s = t.sim.stats();
+        s.tasks_created == 5 && s.creates_under_way == 0
+    })
+    .await;
+    assert_eq!(
+        t.sim.stats().peak_creates_under_way,
+        3,
+        "at most dispatch.concurrency creates at once, and that many when work waits"
+    );
+    shutdown.cancel();
+    running.await.expect("the dispatcher stops");
+    assert_eq!(t.sim.stats().create_calls, 5, "each task sent once");
+}
+
 on_both_backends!(
+    the_dispatcher_sends_beside_slow_creates_within_its_concurrency,
     a_dispatch_step_sends_each_waiting_task_once,
     a_dispatch_step_sends_only_what_the_units_allow,
     a_poll_step_queries_only_what_is_due,
