@@ -81,6 +81,7 @@ async fn create_text_to_image(
     headers: HeaderMap,
     body: String,
 ) -> Response {
+    let _under_way = super::tasks::UnderWay::start(&inner);
     lock(&inner.state).stats.create_calls += 1;
     let body = match super::admit_create(&inner, &headers, &body) {
         Ok(body) => body,

@@ -4,11 +4,12 @@
 
 use super::*;
 
-/// Counts a create call as under way until it is answered (tests check the relay's bound on them).
-struct UnderWay(Arc<Inner>);
+/// Counts a create call, on either create route, as under way until it is answered (tests
+/// check the relay's bound on them).
+pub(super) struct UnderWay(Arc<Inner>);
 
 impl UnderWay {
-    fn start(inner: &Arc<Inner>) -> UnderWay {
+    pub(super) fn start(inner: &Arc<Inner>) -> UnderWay {
         let mut st = lock(&inner.state);
         st.stats.creates_under_way += 1;
         st.stats.peak_creates_under_way = st

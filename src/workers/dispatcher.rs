@@ -72,14 +72,12 @@ async fn claim(relay: &Relay, sending: usize) -> Result<Option<(i64, Vec<Task>)>
 
 /// One pass: claims what may go now and sends it. Returns how many tasks it worked on.
 pub async fn step(relay: &Arc<Relay>) -> Result<usize, ServiceError> {
-    let Some(concurrency) = relay.dispatch_allowance().await else {
+    let Some((now, claimed)) = claim(relay, 0).await? else {
         return Ok(0);
     };
-    let now = now_ms();
-    let claimed = relay.claim_for_dispatch(now, concurrency).await?;
     let n = claimed.len();
     let r = relay.clone();
-    for_each_bounded(claimed, concurrency, move |task| {
+    for_each_bounded(claimed, n, move |task| {
         let relay = r.clone();
         async move { relay.dispatch_claimed(task, now).await }
     })
