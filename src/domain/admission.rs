@@ -6,10 +6,10 @@
 //! the room for us lies between the two: the limit resumes at `in_flight`, what upstream took
 //! (or at the refused task's size if larger and below the refused level: it may fit alone), and
 //! regrowth searches upwards from there (so a refusal in a row, which pauses everything, needs the
-//! room to shrink under us, not a guess of ours to miss). The refused task backs off exponentially (at least
-//! 1 s, as Kling advises); the rest of dispatch goes on within the new limit, unless the refusal
-//! is one in a row (no create accepted since the last), when all of it pauses with that backoff
-//! (refusals of creates sent together count once). It
+//! room to shrink under us, not a guess of ours to miss). The refused task backs off
+//! exponentially (at least 1 s, as Kling advises); the rest of dispatch goes on within the new
+//! limit, unless the refusal is one in a row (no create accepted since the last), when all of it
+//! pauses with that backoff (refusals of creates sent together count once). It
 //! grows back each time a full working limit's worth of units has finished cleanly: half-way to
 //! the level that was refused, or by one unit when none is known.
 //! The level that was refused is remembered as a ceiling: reaching it again takes

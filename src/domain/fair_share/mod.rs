@@ -693,12 +693,19 @@ mod tests {
         assert_eq!(select(room, &Held::default(), &cs), vec!["small"]);
     }
 
+    /// A task the simulated upstream runs.
+    struct Upstream {
+        client: String,
+        n: i64,
+        dispatched: i64,
+        ends: i64,
+    }
+
     /// The scheduler driven as the dispatcher drives it, claim after claim: the passes and the
-    /// virtual time each claim stores, and the tasks running upstream (client, n, ends at,
-    /// dispatched at), oldest dispatch first.
+    /// virtual time each claim stores, and the tasks running upstream, oldest dispatch first.
     #[derive(Default)]
     struct Run {
-        running: Vec<(String, i64, i64, i64)>,
+        running: Vec<Upstream>,
         passes: HashMap<String, i64>,
         virtual_time: i64,
     }
@@ -706,7 +713,7 @@ mod tests {
     impl Run {
         /// Tasks whose end has been seen by `t` give their units back.
         fn retire(&mut self, t: i64) {
-            self.running.retain(|r| r.2 > t);
+            self.running.retain(|r| r.ends > t);
         }
 
         /// One claim at `t`: what `select` chooses leaves `waiting` and runs from and until the
@@ -721,8 +728,8 @@ mod tests {
             for (client, pass) in &self.passes {
                 shares.entry(client.clone()).or_default().pass = *pass;
             }
-            for (client, n, _, _) in &self.running {
-                shares.entry(client.clone()).or_default().in_flight += n;
+            for r in &self.running {
+                shares.entry(r.client.clone()).or_default().in_flight += r.n;
             }
             let held = Held {
                 shares,
@@ -730,8 +737,8 @@ mod tests {
                     .running
                     .iter()
                     .map(|r| Running {
-                        n: r.1,
-                        since_ms: r.3,
+                        n: r.n,
+                        since_ms: r.dispatched,
                     })
                     .collect(),
                 virtual_time: self.virtual_time,
@@ -742,7 +749,12 @@ mod tests {
                 let pos = waiting.iter().position(|c| c.id == id).expect("chosen");
                 let c = waiting.remove(pos);
                 let (dispatched, ends) = timing(t);
-                self.running.push((c.client.clone(), c.n, ends, dispatched));
+                self.running.push(Upstream {
+                    client: c.client.clone(),
+                    n: c.n,
+                    dispatched,
+                    ends,
+                });
                 sent.push((c.client.clone(), c.n));
                 out.push((c, dispatched));
             }
@@ -876,9 +888,9 @@ mod tests {
                 let n = sizes[b_sent % 6];
                 waiting.push(task(&id, "B", n, t));
                 // When n units are free if nothing more starts: running tasks end in their order.
-                let mut ends: Vec<(i64, i64)> = run.running.iter().map(|r| (r.2, r.1)).collect();
+                let mut ends: Vec<(i64, i64)> = run.running.iter().map(|r| (r.ends, r.n)).collect();
                 ends.sort();
-                let mut used: i64 = run.running.iter().map(|r| r.1).sum();
+                let mut used: i64 = run.running.iter().map(|r| r.n).sum();
                 let mut free_at = t;
                 for (end, units) in ends {
                     if 12 - used >= n {
