@@ -180,6 +180,7 @@ impl Relay {
             let poll_due = self.poll_due_after_change(change.status, now);
             let outbox = self.notification_for(&task, &change, source, now).await?;
             let notifies = outbox.is_some();
+            let frees_units = task.status.holds_upstream_units() && change.status.is_final();
             if self
                 .group_commit
                 .commit(OwnedCommit {
@@ -194,13 +195,13 @@ impl Relay {
                     upstream_payload: payload_text.clone(),
                     leaves_pending: task.status == TaskStatus::Pending
                         && change.status != TaskStatus::Pending,
+                    urgent: frees_units && self.work_waiting(),
                 })
                 .await?
             {
                 if self.settings.archive.enabled && change.status == TaskStatus::Succeeded {
                     self.archive_wake.notify_one();
                 }
-                let frees_units = task.status.holds_upstream_units() && change.status.is_final();
                 if frees_units {
                     // Pending work may fit now: wake dispatch before the bookkeeping below (a
                     // budget read, a regrowth step), which the next pass does not need; each

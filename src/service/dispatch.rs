@@ -17,6 +17,7 @@ use crate::domain::schedule::backoff;
 use crate::domain::{EventSource, Task, TaskError, TaskStatus, UpstreamReport, UpstreamStatus};
 use crate::storage::{DispatchCandidate, DispatchRetry};
 use crate::upstream::{CreateRequest, Lookup, UpstreamError};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// Waiting tasks considered per client and pass, in priority then age order (enough for small
@@ -54,12 +55,15 @@ impl Relay {
         // Past any answer the pass can still get: a lookup and a create, each within the call's
         // time limit, and a second for the commit. See `storage::claims` on leases.
         let lease_until = now + 2 * ms(self.settings.cometapi.timeout) + 1000;
-        Ok(self
+        // Nothing due (the closure is not called) leaves nothing waiting.
+        let mut left_waiting = false;
+        let claimed = self
             .store
             .claim_dispatches(
                 now,
                 CANDIDATES_PER_CLIENT,
                 lease_until,
+                self.work_waiting(),
                 |learnt, held, candidates| {
                     // Tasks in doubt already count in the units in flight, and finding out costs
                     // nothing upstream, so they do not wait for room.
@@ -69,13 +73,26 @@ impl Relay {
                     let waiting: Vec<Candidate> =
                         waiting.into_iter().map(Candidate::from).collect();
                     if !waiting.is_empty() {
-                        work.extend(self.select_for_dispatch(now, learnt, &held, &waiting));
+                        let chosen = self.select_for_dispatch(now, learnt, &held, &waiting);
+                        left_waiting = chosen.len() < waiting.len();
+                        work.extend(chosen);
                     }
-                    work.truncate(limit);
+                    if work.len() > limit {
+                        work.truncate(limit);
+                        left_waiting = true;
+                    }
                     work
                 },
             )
-            .await?)
+            .await?;
+        self.work_waiting.store(left_waiting, Ordering::Relaxed);
+        Ok(claimed)
+    }
+
+    /// Whether the last dispatch pass left due work waiting for units: a change that frees
+    /// units then commits at once rather than in a fuller batch.
+    pub fn work_waiting(&self) -> bool {
+        self.work_waiting.load(Ordering::Relaxed)
     }
 
     /// Sends one task claimed at `now_claimed` upstream (after recovering it, if an earlier

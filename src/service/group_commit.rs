@@ -6,7 +6,8 @@
 //! change that fails alone fails its caller.
 //!
 //! The writer takes whatever is queued when it is free (so a lone change waits for nothing),
-//! and, once several are queued, up to `max_wait` more for the batch to fill to `max_batch`.
+//! and, once several are queued, up to `max_wait` more for the batch to fill to `max_batch`,
+//! unless a change in it is urgent (it frees units that waiting work can use).
 //! With several writers (Postgres), a task's changes always go to the same one, chosen by the
 //! task's usage shard, so two batches committing at once never hold the same task nor the same
 //! usage aggregate row.
@@ -32,6 +33,9 @@ pub struct OwnedCommit {
     pub archive: bool,
     pub upstream_payload: Option<String>,
     pub leaves_pending: bool,
+    /// The change frees units that waiting work can use: its batch commits without waiting to
+    /// fill, since every millisecond until the commit is a paid unit idle.
+    pub urgent: bool,
 }
 
 impl OwnedCommit {
@@ -141,11 +145,12 @@ impl GroupCommit {
 }
 
 /// Takes the next batch from the queue: what is there now, and once several are, up to
-/// `max_wait` more. None when the queue is closed.
+/// `max_wait` more unless a job in it is `urgent`. None when the queue is closed.
 async fn next_batch<J>(
     rx: &mut mpsc::Receiver<J>,
     max_batch: usize,
     max_wait: Duration,
+    urgent: impl Fn(&J) -> bool,
 ) -> Option<Vec<J>> {
     let first = rx.recv().await?;
     let mut batch = vec![first];
@@ -155,12 +160,22 @@ async fn next_batch<J>(
             Err(_) => break,
         }
     }
-    if batch.len() > 1 && batch.len() < max_batch && !max_wait.is_zero() {
+    if batch.len() > 1
+        && batch.len() < max_batch
+        && !max_wait.is_zero()
+        && !batch.iter().any(&urgent)
+    {
         // Under load: let the batch fill a little more.
         let deadline = tokio::time::Instant::now() + max_wait;
         while batch.len() < max_batch {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(job)) => batch.push(job),
+                Ok(Some(job)) => {
+                    let now = urgent(&job);
+                    batch.push(job);
+                    if now {
+                        break;
+                    }
+                }
                 _ => break,
             }
         }
@@ -169,7 +184,7 @@ async fn next_batch<J>(
 }
 
 async fn writer(store: Store, mut rx: mpsc::Receiver<Job>, max_batch: usize, max_wait: Duration) {
-    while let Some(batch) = next_batch(&mut rx, max_batch, max_wait).await {
+    while let Some(batch) = next_batch(&mut rx, max_batch, max_wait, |j| j.commit.urgent).await {
         metrics::histogram!("klr_group_commit_batch_size").record(batch.len() as f64);
         let commits: Vec<Commit<'_>> = batch.iter().map(|j| j.commit.as_commit()).collect();
         let result = store.commit_changes(&commits).await;
@@ -232,7 +247,7 @@ impl GroupRead {
 }
 
 async fn reader(store: Store, mut rx: mpsc::Receiver<ReadJob>, max_batch: usize) {
-    while let Some(batch) = next_batch(&mut rx, max_batch, Duration::ZERO).await {
+    while let Some(batch) = next_batch(&mut rx, max_batch, Duration::ZERO, |_| false).await {
         let ids: Vec<&str> = batch.iter().map(|j| j.id.as_str()).collect();
         match store.get_tasks(&ids).await {
             Ok(tasks) => {
@@ -300,7 +315,7 @@ async fn inserter(
     max_batch: usize,
     max_wait: Duration,
 ) {
-    while let Some(batch) = next_batch(&mut rx, max_batch, max_wait).await {
+    while let Some(batch) = next_batch(&mut rx, max_batch, max_wait, |_| false).await {
         // A task with large images (Base64) is stored alone, so no batch holds several.
         let (large, small): (Vec<InsertJob>, Vec<InsertJob>) =
             batch.into_iter().partition(|j| j.task.is_large());
@@ -338,5 +353,48 @@ async fn insert_group(store: &Store, group: Vec<InsertJob>) {
                 let _ = reply.send(store.insert_one(task).await);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_batch;
+    use std::time::{Duration, Instant};
+    use tokio::sync::mpsc;
+
+    /// Jobs are (id, urgent).
+    async fn batch_of(jobs: &[(u32, bool)], max_wait: Duration) -> (Vec<u32>, Duration) {
+        let (tx, mut rx) = mpsc::channel(16);
+        for j in jobs {
+            tx.send(*j).await.expect("queued");
+        }
+        let started = Instant::now();
+        let batch = tokio::time::timeout(
+            Duration::from_secs(10),
+            next_batch(&mut rx, 8, max_wait, |j: &(u32, bool)| j.1),
+        )
+        .await
+        .expect("the batch is taken without waiting out max_wait")
+        .expect("a batch");
+        (batch.iter().map(|j| j.0).collect(), started.elapsed())
+    }
+
+    #[tokio::test]
+    async fn several_queued_wait_for_the_batch_to_fill_unless_one_is_urgent() {
+        let (ids, waited) = batch_of(&[(1, false), (2, false)], Duration::from_millis(300)).await;
+        assert_eq!(ids, [1, 2]);
+        assert!(waited >= Duration::from_millis(300), "waited {waited:?}");
+
+        // An urgent job ends the wait before it starts.
+        let (ids, _) = batch_of(
+            &[(1, false), (2, true), (3, false)],
+            Duration::from_secs(3600),
+        )
+        .await;
+        assert_eq!(ids, [1, 2, 3]);
+
+        // A lone job waits for nothing.
+        let (ids, _) = batch_of(&[(1, false)], Duration::from_secs(3600)).await;
+        assert_eq!(ids, [1]);
     }
 }

@@ -132,6 +132,8 @@ pub struct Relay {
     token_key: Vec<u8>,
     /// Wakes the dispatcher when a task is accepted.
     pub dispatch_wake: Notify,
+    /// The last dispatch pass left due work waiting for units (`claim_for_dispatch`).
+    work_waiting: std::sync::atomic::AtomicBool,
     /// Wakes the poller when a task should be polled at once.
     pub poll_wake: Notify,
     /// Ids of tasks that changed or had a dispatch attempt; waiters filter by id.
@@ -282,6 +284,7 @@ impl Relay {
             token_key: key.into_bytes(),
             settings,
             dispatch_wake: Notify::new(),
+            work_waiting: std::sync::atomic::AtomicBool::new(false),
             poll_wake: Notify::new(),
             changes,
         })

@@ -8,11 +8,11 @@ use crate::domain::admission::AdmissionState;
 /// The only account today; the key leaves room for several.
 const ACCOUNT: &str = "default";
 
-pub(super) const READ_STATE: &str = "SELECT working_limit, paused_until, busy_streak, \
+const READ_STATE: &str = "SELECT working_limit, paused_until, busy_streak, \
     finished_units, refused_at, last_refused_at FROM admission_state WHERE account = 'default'";
 
 #[derive(sqlx::FromRow)]
-pub(super) struct StateRow {
+struct StateRow {
     working_limit: i64,
     paused_until: i64,
     busy_streak: i64,

@@ -13,13 +13,12 @@
 //! advisory lock while it sums the units in flight and picks what fits, so two replicas never
 //! both spend the same free units. Claimed tasks count as in flight from the commit on.
 
-use super::admission::{StateRow, READ_STATE};
 use super::{
     deliveries, dialect, sql, DispatchCandidate, DueDelivery, PollCandidate, PollRow, Pool, Result,
     StorageError, Store, Task, TaskRow, TASK_COLUMNS,
 };
 use crate::domain::admission::AdmissionState;
-use crate::domain::fair_share::{passes_after, ClientShare, Held, Running, Shares};
+use crate::domain::fair_share::{passes_after, Held, Running, Shares};
 use crate::domain::Priority;
 use std::collections::HashSet;
 
@@ -53,11 +52,102 @@ impl DueRow {
     }
 }
 
-/// Fair share's memory (`domain::fair_share`): a handful of rows, one per client, read whole.
-const READ_PASSES: &str = "SELECT client, pass FROM fair_passes";
-const READ_CLOCK: &str = "SELECT virtual_time FROM fair_clock WHERE id = 1";
-const WRITE_PASS: &str = "INSERT INTO fair_passes (client, pass) VALUES ($1, $2) \
-    ON CONFLICT (client) DO UPDATE SET pass = excluded.pass";
+/// A row of `sql::ACCOUNT_SHARES`: what its columns hold depends on `kind`.
+#[derive(sqlx::FromRow)]
+struct AccountRow {
+    kind: String,
+    name: String,
+    a: Option<i64>,
+    b: Option<i64>,
+    c: Option<i64>,
+    d: Option<i64>,
+    e: Option<i64>,
+    f: Option<i64>,
+}
+
+/// What holds and shares the account, and what admission has learnt, from the rows of
+/// `sql::ACCOUNT_SHARES`.
+fn read_account(rows: Vec<AccountRow>) -> Result<(Held, Option<AdmissionState>)> {
+    let mut shares = Shares::new();
+    let mut running = Vec::new();
+    let mut virtual_time = 0;
+    let mut learnt = None;
+    for r in rows {
+        let a =
+            r.a.ok_or_else(|| StorageError::Corrupt(format!("{} row without a value", r.kind)))?;
+        match r.kind.as_str() {
+            "held" => {
+                shares.entry(r.name).or_default().in_flight += a;
+                running.push(Running {
+                    n: a,
+                    since_ms: r.b.unwrap_or(0),
+                });
+            }
+            "client" => {
+                let share = shares.entry(r.name).or_default();
+                share.weight = a;
+                share.max_units = r.b;
+            }
+            "pass" => shares.entry(r.name).or_default().pass = a,
+            "clock" => virtual_time = a,
+            "state" => {
+                let [Some(paused_until_ms), Some(busy_streak), Some(finished_units), Some(last_refused_ms)] =
+                    [r.b, r.c, r.d, r.f]
+                else {
+                    return Err(StorageError::Corrupt("admission state with a null".into()));
+                };
+                learnt = Some(AdmissionState {
+                    working: a,
+                    paused_until_ms,
+                    busy_streak,
+                    finished_units,
+                    refused_at: r.e,
+                    last_refused_ms,
+                });
+            }
+            other => {
+                return Err(StorageError::Corrupt(format!(
+                    "account row of kind {other}"
+                )))
+            }
+        }
+    }
+    // Oldest first, as backfilling reads them (a union keeps no order).
+    running.sort_by_key(|r| r.since_ms);
+    let held = Held {
+        shares,
+        running,
+        virtual_time,
+    };
+    Ok((held, learnt))
+}
+
+/// `UPDATE … WHERE id IN ($3, $4, …)` for `k` ids (`$1` the claim's time, `$2` the lease's
+/// end): the dispatch claim of `k` tasks in one statement.
+fn claim_statement(k: usize) -> String {
+    let ids: Vec<String> = (0..k).map(|i| format!("${}", i + 3)).collect();
+    // The version bump makes a cancel decided before the claim fail its compare-and-set.
+    format!(
+        "UPDATE tasks SET dispatch_started_at = COALESCE(dispatch_started_at, $1), \
+        dispatch_attempts = dispatch_attempts + 1, next_dispatch_at = $2, version = version + 1 \
+        WHERE status = 'pending' AND next_dispatch_at IS NOT NULL AND next_dispatch_at <= $1 \
+        AND id IN ({}) RETURNING {TASK_COLUMNS}",
+        ids.join(", ")
+    )
+}
+
+/// Fair share's passes after a claim, one statement for all clients (names are unique).
+fn write_passes_statement(k: usize) -> String {
+    let rows: Vec<String> = (0..k)
+        .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+        .collect();
+    format!(
+        "INSERT INTO fair_passes (client, pass) VALUES {} \
+        ON CONFLICT (client) DO UPDATE SET pass = excluded.pass",
+        rows.join(", ")
+    )
+}
+
 const WRITE_CLOCK: &str = "UPDATE fair_clock SET virtual_time = $1 WHERE id = 1";
 
 impl Store {
@@ -67,12 +157,14 @@ impl Store {
     /// tasks' `n` and dispatch time, oldest first) and the due tasks,
     /// up to `limit` per client in priority then due order, and names the ones to send, in order; each is marked as possibly in flight (`dispatch_started_at`), so it counts
     /// against the budget at once and a crash mid-call leads to recovery, not a loss, and its next
-    /// dispatch moves to `lease_until_ms`. Returns the claimed tasks.
+    /// dispatch moves to `lease_until_ms`. Returns the claimed tasks, in `decide`'s order.
+    /// `expect_due` skips the cheap look for due work first (the last pass left some waiting).
     pub async fn claim_dispatches<F>(
         &self,
         now_ms: i64,
         limit: i64,
         lease_until_ms: i64,
+        expect_due: bool,
         decide: F,
     ) -> Result<Vec<Task>>
     where
@@ -80,23 +172,18 @@ impl Store {
     {
         // Most passes find nothing due (a finished task wakes the dispatcher whether or not
         // work waits): one cheap read then, without the write lock or the admission lock.
-        let any_due: bool = on_pool!(self, p => {
-            sqlx::query_scalar(sql::DISPATCH_BACKLOG).bind(now_ms).fetch_one(p).await?
-        });
-        if !any_due {
-            return Ok(Vec::new());
+        if !expect_due {
+            let any_due: bool = on_pool!(self, p => {
+                sqlx::query_scalar(sql::DISPATCH_BACKLOG).bind(now_ms).fetch_one(p).await?
+            });
+            if !any_due {
+                return Ok(Vec::new());
+            }
         }
         let _writer = self.writer().await;
         // No row locks on the select (window functions forbid them): the advisory lock already
         // serialises admission, and the claim's compare-and-set re-checks each row.
         let select = sql::DUE_DISPATCHES;
-        // The version bump makes a cancel decided before the claim fail its compare-and-set.
-        let claim = format!(
-            "UPDATE tasks SET dispatch_started_at = COALESCE(dispatch_started_at, $2), \
-            dispatch_attempts = dispatch_attempts + 1, next_dispatch_at = $3, version = version + 1 \
-            WHERE id = $1 AND status = 'pending' AND next_dispatch_at IS NOT NULL \
-            AND next_dispatch_at <= $2 RETURNING {TASK_COLUMNS}"
-        );
         let is_postgres = self.is_postgres();
         let begin = self.begin_claim();
         let rows: Vec<TaskRow> = on_pool!(self, p => {
@@ -116,40 +203,9 @@ impl Store {
                 tx.rollback().await?;
                 return Ok(Vec::new());
             }
-            let holding: Vec<(String, i64, i64)> =
-                sqlx::query_as(sql::HOLDING_UNITS).fetch_all(&mut *tx).await?;
-            let clients: Vec<(String, i64, Option<i64>)> =
-                sqlx::query_as(sql::CLIENT_SHARES).fetch_all(&mut *tx).await?;
-            let mut shares = Shares::new();
-            for (name, weight, max_units) in clients {
-                shares.insert(
-                    name,
-                    ClientShare {
-                        weight,
-                        max_units,
-                        ..ClientShare::default()
-                    },
-                );
-            }
-            let mut running = Vec::with_capacity(holding.len());
-            for (client, n, since_ms) in holding {
-                shares.entry(client).or_default().in_flight += n;
-                running.push(Running { n, since_ms });
-            }
-            let passes: Vec<(String, i64)> =
-                sqlx::query_as(READ_PASSES).fetch_all(&mut *tx).await?;
-            for (client, pass) in passes {
-                shares.entry(client).or_default().pass = pass;
-            }
-            let virtual_time: Option<i64> =
-                sqlx::query_scalar(READ_CLOCK).fetch_optional(&mut *tx).await?;
-            let held = Held {
-                shares,
-                running,
-                virtual_time: virtual_time.unwrap_or(0),
-            };
-            let learnt: Option<StateRow> =
-                sqlx::query_as(READ_STATE).fetch_optional(&mut *tx).await?;
+            let account: Vec<AccountRow> =
+                sqlx::query_as(sql::ACCOUNT_SHARES).fetch_all(&mut *tx).await?;
+            let (held, learnt) = read_account(account)?;
             let mut candidates = Vec::with_capacity(due.len());
             for r in due {
                 candidates.push(r.into_candidate()?);
@@ -162,15 +218,20 @@ impl Store {
                 .map(|c| (c.id.clone(), c.client.clone(), c.n))
                 .collect();
             let before = held.clone();
-            let mut claimed = Vec::new();
-            for id in decide(learnt.map(AdmissionState::from), held, candidates) {
-                let row: Option<TaskRow> = sqlx::query_as(&claim)
-                    .bind(&id)
+            let chosen = decide(learnt, held, candidates);
+            let mut claimed: Vec<TaskRow> = Vec::new();
+            if !chosen.is_empty() {
+                let claim = claim_statement(chosen.len());
+                let mut q = sqlx::query_as(&claim)
                     .bind(now_ms)
-                    .bind(lease_until_ms)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                claimed.extend(row);
+                    .bind(lease_until_ms);
+                for id in &chosen {
+                    q = q.bind(id);
+                }
+                claimed = q.fetch_all(&mut *tx).await?;
+                let place: std::collections::HashMap<&str, usize> =
+                    chosen.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
+                claimed.sort_by_key(|r| place.get(r.id.as_str()).copied());
             }
             let sent: HashSet<&str> = claimed.iter().map(|r| r.id.as_str()).collect();
             let (went, stayed): (Vec<_>, Vec<_>) = waiting
@@ -181,12 +242,13 @@ impl Store {
                 went.iter().map(|(_, client, n)| (client.as_str(), *n)),
                 stayed.iter().map(|(_, client, _)| client.as_str()),
             );
-            for (client, pass) in &passes.by_client {
-                sqlx::query(WRITE_PASS)
-                    .bind(client)
-                    .bind(pass)
-                    .execute(&mut *tx)
-                    .await?;
+            if !passes.by_client.is_empty() {
+                let write = write_passes_statement(passes.by_client.len());
+                let mut q = sqlx::query(&write);
+                for (client, pass) in &passes.by_client {
+                    q = q.bind(client).bind(pass);
+                }
+                q.execute(&mut *tx).await?;
             }
             if passes.virtual_time != before.virtual_time {
                 sqlx::query(WRITE_CLOCK)

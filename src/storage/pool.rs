@@ -31,6 +31,9 @@ pub(super) fn take_lock(
     }
 }
 
+/// A pooled Postgres connection idle this long is checked before use (see `Store::connect`).
+const IDLE_CHECK_AFTER: Duration = Duration::from_secs(1);
+
 impl Store {
     /// Opens (and for SQLite creates) the database named by `url`.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
@@ -56,6 +59,8 @@ impl Store {
             Pool::Sqlite(
                 SqlitePoolOptions::new()
                     .max_connections(max_connections)
+                    // A file cannot hang up: the check would only cost a trip to its thread.
+                    .test_before_acquire(false)
                     .connect_with(opts)
                     .await?,
             )
@@ -65,6 +70,19 @@ impl Store {
                 PgPoolOptions::new()
                     .max_connections(max_connections)
                     .acquire_timeout(Duration::from_secs(10))
+                    // sqlx checks a connection when it comes back to the pool; checking it again
+                    // when it is taken costs a round trip on every query, in the path from a
+                    // finished task to the next create. Only a connection idle a while (the
+                    // server may have dropped it meanwhile) is checked before use.
+                    .test_before_acquire(false)
+                    .before_acquire(|conn, meta| {
+                        Box::pin(async move {
+                            if meta.idle_for >= IDLE_CHECK_AFTER {
+                                sqlx::Connection::ping(conn).await?;
+                            }
+                            Ok(true)
+                        })
+                    })
                     .connect_with(opts)
                     .await?,
             )

@@ -27,16 +27,38 @@ pub const DUE_DISPATCHES: &str = "SELECT id, n, created_at, dispatch_started_at,
         ORDER BY CASE priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END, \
         next_dispatch_at, id) AS place FROM tasks WHERE next_dispatch_at IS NOT NULL \
         AND next_dispatch_at <= $1) AS due WHERE place <= $2";
-/// Tasks holding units upstream (in flight, or possibly in flight): client, `n`, and when
-/// the dispatch began (oldest first). One statement, so no task is missed or counted twice
-/// when another replica's commit moves it between the two kinds.
-pub const HOLDING_UNITS: &str = "SELECT client, n, since FROM (\
-        SELECT COALESCE(client, '') AS client, n, COALESCE(submitted_at, created_at) AS since \
+/// The `held` rows of [`ACCOUNT_SHARES`]: tasks holding units upstream, in flight or possibly
+/// in flight. One statement, so no task is missed or counted twice when another replica's
+/// commit moves it between the two kinds.
+macro_rules! holding_units {
+    () => {
+        "SELECT 'held' AS kind, COALESCE(client, '') AS name, n AS a, \
+        COALESCE(submitted_at, created_at) AS b, CAST(NULL AS BIGINT) AS c, \
+        CAST(NULL AS BIGINT) AS d, CAST(NULL AS BIGINT) AS e, CAST(NULL AS BIGINT) AS f \
         FROM tasks WHERE status IN ('submitted', 'processing') \
-        UNION ALL SELECT COALESCE(client, '') AS client, n, dispatch_started_at AS since \
-        FROM tasks WHERE dispatch_started_at IS NOT NULL AND status = 'pending') AS held \
-        ORDER BY since";
-pub const CLIENT_SHARES: &str = "SELECT name, weight, max_units FROM clients";
+        UNION ALL SELECT 'held', COALESCE(client, ''), n, dispatch_started_at, \
+        NULL, NULL, NULL, NULL FROM tasks \
+        WHERE dispatch_started_at IS NOT NULL AND status = 'pending'"
+    };
+}
+/// The part of [`ACCOUNT_SHARES`] that reads tasks (the rest reads tables of a row per client).
+pub const HOLDING_UNITS: &str = holding_units!();
+/// Everything the dispatch claim reads about the account, as rows of one statement (a round
+/// trip each cost a tenth of a claim), `kind` first:
+/// - `held`: a task holding units upstream (`name` its client, `a` its `n`, `b` when its
+///   dispatch began), see [`HOLDING_UNITS`];
+/// - `client`: `name`, `a` weight, `b` cap in units;
+/// - `pass`: fair share's pass of client `name` in `a`; `clock`: the virtual time in `a`;
+/// - `state`: what admission has learnt, `a` to `f` as in `admission_state`.
+pub const ACCOUNT_SHARES: &str = concat!(
+    holding_units!(),
+    " UNION ALL SELECT 'client', name, weight, max_units, NULL, NULL, NULL, NULL FROM clients \
+    UNION ALL SELECT 'pass', client, pass, NULL, NULL, NULL, NULL, NULL FROM fair_passes \
+    UNION ALL SELECT 'clock', '', virtual_time, NULL, NULL, NULL, NULL, NULL \
+    FROM fair_clock WHERE id = 1 \
+    UNION ALL SELECT 'state', '', working_limit, paused_until, busy_streak, finished_units, \
+    refused_at, last_refused_at FROM admission_state WHERE account = 'default'"
+);
 /// Tasks upstream holds whose next poll is due. Only rows with `poll_due_at` set (submitted or
 /// processing) are in `tasks_poll_due`, so final tasks are never read.
 pub const DUE_POLLS: &str =

@@ -418,7 +418,7 @@ async fn the_claim_shares_units_by_weight_cap_and_priority(b: Backend) {
     };
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let first = store
-        .claim_dispatches(now, 64, now + 60_000, claim(seen.clone()))
+        .claim_dispatches(now, 64, now + 60_000, false, claim(seen.clone()))
         .await
         .expect("claim");
     let units = |client: &str| -> i64 {
@@ -442,7 +442,7 @@ async fn the_claim_shares_units_by_weight_cap_and_priority(b: Backend) {
     assert_eq!((units("b"), units("c")), (6, 3));
     // The next claim sees what the first put in flight, per client, and finds no room.
     let second = store
-        .claim_dispatches(now + 1, 64, now + 60_000, claim(seen.clone()))
+        .claim_dispatches(now + 1, 64, now + 60_000, false, claim(seen.clone()))
         .await
         .expect("claim");
     assert!(second.is_empty());
@@ -498,12 +498,12 @@ async fn the_claim_keeps_each_clients_pass(b: Backend) {
     };
     // a sends its 3 and b its 4 (weight 2: a pass of 2): both were level at the clock (0).
     let sent = store
-        .claim_dispatches(now, 64, now + 60_000, first_of("a", 3))
+        .claim_dispatches(now, 64, now + 60_000, false, first_of("a", 3))
         .await
         .expect("claim");
     assert_eq!(sent.len(), 1);
     store
-        .claim_dispatches(now, 64, now + 60_000, first_of("b", 4))
+        .claim_dispatches(now, 64, now + 60_000, false, first_of("b", 4))
         .await
         .expect("claim");
     let pass = |client: &'static str| {
@@ -526,7 +526,7 @@ async fn the_claim_keeps_each_clients_pass(b: Backend) {
     let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
     let seen_in = seen.clone();
     store
-        .claim_dispatches(now, 64, now + 60_000, move |_, held, _| {
+        .claim_dispatches(now, 64, now + 60_000, false, move |_, held, _| {
             *seen_in.lock().expect("lock") = Some((
                 held.shares.get("a").map(|s| s.pass),
                 held.shares.get("b").map(|s| s.pass),

@@ -84,7 +84,7 @@ async fn concurrent_claims_share_the_budget_and_never_overlap(b: Backend) {
     for i in 0..12 {
         let s = replicas[i % replicas.len()].clone();
         rounds.spawn(async move {
-            s.claim_dispatches(i64::MAX / 2, 3, i64::MAX / 2 + 1, |_, held, due| {
+            s.claim_dispatches(i64::MAX / 2, 3, i64::MAX / 2 + 1, false, |_, held, due| {
                 // What any replica's admission does: fill the free units, oldest first.
                 let in_flight = held.in_flight();
                 let mut free = BUDGET - in_flight;
@@ -133,18 +133,18 @@ async fn a_lapsed_dispatch_lease_is_taken_over(b: Backend) {
     };
     const T: i64 = 1_800_000_000_000;
     let first = dead
-        .claim_dispatches(T, 10, T + 1_000, take_all)
+        .claim_dispatches(T, 10, T + 1_000, false, take_all)
         .await
         .unwrap();
     assert_eq!(first.len(), 1);
     // `dead` never reports back.
     let early = alive
-        .claim_dispatches(T + 999, 10, T + 5_000, take_all)
+        .claim_dispatches(T + 999, 10, T + 5_000, false, take_all)
         .await
         .unwrap();
     assert!(early.is_empty(), "taken while the lease ran");
     let late = alive
-        .claim_dispatches(T + 1_000, 10, T + 5_000, take_all)
+        .claim_dispatches(T + 1_000, 10, T + 5_000, false, take_all)
         .await
         .unwrap();
     assert_eq!(late.len(), 1, "taken over once the lease lapsed");
@@ -266,7 +266,7 @@ async fn admission_changes_from_two_replicas_all_land(b: Backend) {
     // The claim reads it too, in its own transaction.
     one.insert_task(record(1), None, CAPS).await.unwrap();
     let seen = std::sync::Mutex::new(None);
-    one.claim_dispatches(i64::MAX / 2, 3, i64::MAX / 2 + 1, |learnt, _, _| {
+    one.claim_dispatches(i64::MAX / 2, 3, i64::MAX / 2 + 1, false, |learnt, _, _| {
         *seen.lock().unwrap() = learnt;
         Vec::new()
     })

@@ -189,7 +189,7 @@ async fn every_hot_query_is_served_by_an_index(b: Backend) {
 async fn due_dispatches(s: &Store) -> Vec<kling_relay::storage::DispatchCandidate> {
     let mut seen = Vec::new();
     let claimed = s
-        .claim_dispatches(i64::MAX, 10, i64::MAX, |_, _, due| {
+        .claim_dispatches(i64::MAX, 10, i64::MAX, false, |_, _, due| {
             seen = due;
             Vec::new()
         })
@@ -267,7 +267,7 @@ async fn a_claim_defeats_a_cancel_decided_before_it(b: Backend) {
     let before = s.get_task(&r.id).await.unwrap().unwrap();
     // The dispatcher claims the task (its create call may now reach upstream)...
     let claimed = s
-        .claim_dispatches(i64::MAX / 2, 10, i64::MAX / 2 + 1, |_, _, due| {
+        .claim_dispatches(i64::MAX / 2, 10, i64::MAX / 2 + 1, false, |_, _, due| {
             due.into_iter().map(|c| c.id).collect()
         })
         .await
@@ -538,6 +538,7 @@ async fn a_refused_change_fails_only_its_caller(b: Backend) {
             archive: false,
             upstream_payload: None,
             leaves_pending: true,
+            urgent: false,
         };
         let w = writer.clone();
         jobs.push(tokio::spawn(async move { w.commit(commit).await }));

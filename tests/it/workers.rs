@@ -110,13 +110,19 @@ async fn a_dispatch_step_sends_only_what_the_units_allow(b: Backend) {
     .await;
     let first = t.submit().await;
     let second = t.submit().await;
+    assert!(!t.relay.work_waiting(), "no pass yet");
     assert_eq!(dispatcher::step(&t.relay).await.expect("pass"), 1);
+    assert!(
+        t.relay.work_waiting(),
+        "the pass left a task waiting for units: a change freeing units commits at once"
+    );
     assert_eq!(
         dispatcher::step(&t.relay).await.expect("pass"),
         0,
         "both units in use"
     );
     assert_eq!(t.status(&second).await, TaskStatus::Pending);
+    assert!(t.relay.work_waiting());
 
     // Upstream finishes the first; a poll pass hears it, and the unit is free again.
     let upstream_id = t
@@ -135,6 +141,7 @@ async fn a_dispatch_step_sends_only_what_the_units_allow(b: Backend) {
     assert_eq!(t.status(&first).await, TaskStatus::Succeeded);
     assert_eq!(dispatcher::step(&t.relay).await.expect("pass"), 1);
     assert_eq!(t.status(&second).await, TaskStatus::Submitted);
+    assert!(!t.relay.work_waiting(), "nothing left waiting");
     assert_eq!(
         t.sim.stats().peak_units_in_use,
         2,

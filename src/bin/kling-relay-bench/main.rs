@@ -279,6 +279,14 @@ impl Service {
         if let Some(filter) = std::env::var_os("KLR_BENCH_SERVICE_LOG") {
             c.env("RUST_LOG", filter);
         }
+        // For trying a setting on a scenario: the bench's own `KLING_RELAY_*` variables (not its
+        // `KLING_RELAY_BENCH_*` ones) reach the service and win over the scenario's.
+        for (k, v) in std::env::vars_os() {
+            let name = k.to_string_lossy();
+            if name.starts_with("KLING_RELAY_") && !name.starts_with("KLING_RELAY_BENCH_") {
+                c.env(&k, v);
+            }
+        }
         let child = c.spawn()?;
         let http = reqwest::Client::new();
         let start = Instant::now();
