@@ -198,6 +198,18 @@ impl Store {
         on_pool!(self, p => p.close().await)
     }
 
+    /// Opens every connection the pool may hold, so the first burst of work after a start does
+    /// not wait for connections to be set up one by one (a few milliseconds each on Postgres,
+    /// paid in the path of the first tasks' dispatch). They stay open while in use, as always.
+    pub async fn warm_up(&self) -> Result<()> {
+        on_pool!(self, p => {
+            let size = p.options().get_max_connections() as usize;
+            let held = futures_util::future::try_join_all((0..size).map(|_| p.acquire())).await?;
+            drop(held);
+            Ok(())
+        })
+    }
+
     /// Returns the stored secret `name`, storing `generated` first if there is none. Concurrent
     /// first starts agree on one value.
     pub async fn ensure_secret(&self, name: &str, generated: &str) -> Result<String> {
