@@ -98,7 +98,10 @@ pub async fn run(
     let _instance =
         Store::lock_single_instance(&settings.database.url).map_err(anyhow::Error::msg)?;
     let store = open_store(&settings).await?;
-    store.warm_up().await.context("cannot open the database's connections")?;
+    store
+        .warm_up()
+        .await
+        .context("cannot open the database's connections")?;
     if settings.server.public_url.is_empty() {
         tracing::warn!(
             "server.public_url is empty: no callback_url is sent upstream, polling carries every task"

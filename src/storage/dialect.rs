@@ -16,9 +16,6 @@ pub(super) const SUBMIT_LOCK_KEY: i64 = 72_430_001;
 /// Takes an advisory lock until the transaction ends (Postgres only; see `serialises_writers`).
 pub(super) const ADVISORY_XACT_LOCK: &str = "SELECT pg_advisory_xact_lock($1)";
 
-/// Wakes other replicas' listeners at commit (Postgres only; see `storage::feed`).
-pub(super) const NOTIFY: &str = "SELECT pg_notify($1, $2)";
-
 impl Store {
     /// True where writers of several sessions run at once (Postgres): steps that must be atomic
     /// across replicas take an advisory lock, and commits tell other replicas through `NOTIFY`.

@@ -1,6 +1,6 @@
 //! Postgres: a batch of status changes as a statement per round of rows (arrays unnested into
 //! one `UPDATE … FROM` with its events, input drops and notifications as CTEs), then one
-//! statement each for archive rows and the usage aggregates.
+//! statement for the archive rows, the usage aggregates and the change feed's notifications.
 
 use super::super::*;
 
@@ -8,7 +8,7 @@ impl Store {
     /// Postgres: each round (a task appears at most once per round; a second change to it in
     /// the same batch goes in the next round, decided on the same version, so it loses its
     /// compare-and-set as it would have alone) is one statement for all its changes, events,
-    /// input drops and notifications; then one each for archive rows and the usage aggregates.
+    /// input drops and notifications; then one for archive rows, usage and the change feed.
     /// A batch costs a handful of round trips whatever its size, where a round trip costs about
     /// as much as a whole single-row transaction.
     pub(super) async fn commit_set(&self, p: &PgPool, batch: &[Commit<'_>]) -> Result<Vec<bool>> {
@@ -31,7 +31,7 @@ impl Store {
             }
         }
         let mut ended = usage::Ended::default();
-        let mut images = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut images = ImageRows::default();
         for (slot, r) in &rows {
             let c = &batch[*slot];
             if c.change.status.is_final() {
@@ -51,30 +51,22 @@ impl Store {
                 (c.archive, c.change.status, &c.change.images)
             {
                 for img in list {
-                    images.0.push(c.id);
-                    images.1.push(i64::from(img.index));
-                    images.2.push(img.url.as_str());
-                    images.3.push(c.now_ms);
+                    images.task.push(c.id);
+                    images.idx.push(i64::from(img.index));
+                    images.url.push(img.url.as_str());
+                    images.at.push(c.now_ms);
                 }
             }
         }
-        if !images.0.is_empty() {
-            sqlx::query(ENQUEUE_SET)
-                .bind(&images.0)
-                .bind(&images.1)
-                .bind(&images.2)
-                .bind(&images.3)
-                .execute(&mut *tx)
-                .await?;
-        }
-        add_usage_set(&mut tx, &ended).await?;
         // Delivered at commit: other replicas' waiters hear of the changes (storage::feed).
         let mut changed: Vec<&str> = rows.iter().map(|(slot, _)| batch[*slot].id).collect();
         changed.sort_unstable();
-        for ids in changed.chunks(feed::IDS_PER_NOTIFICATION) {
-            sqlx::query(dialect::NOTIFY)
-                .bind(feed::CHANNEL)
-                .bind(self.change_payload(ids))
+        let payloads: Vec<String> = changed
+            .chunks(feed::IDS_PER_NOTIFICATION)
+            .map(|ids| self.change_payload(ids))
+            .collect();
+        if !rows.is_empty() {
+            bind_after(sqlx::query(AFTER_CHANGES), &images, &ended, &payloads)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -233,70 +225,80 @@ const COMMIT_SET: &str = concat!(
     SELECT slot, client, model_name, submitted_at, final_unit_deduction FROM upd"
 );
 
-const ENQUEUE_SET: &str = "INSERT INTO task_images \
+/// Everything a batch's won changes add besides the tasks' rows, in one statement (a round
+/// trip each cost a third of a batch's commit): archive rows for succeeded tasks' images, the
+/// usage aggregates (in key order, so concurrent batches take the aggregate rows' locks in one
+/// order), and the notifications other replicas' waiters hear at commit. Empty arrays add
+/// nothing. The inserts are data-modifying CTEs, which run to completion whether or not the
+/// notifying SELECT reads them.
+const AFTER_CHANGES: &str = "WITH images AS (INSERT INTO task_images \
     (task_id, idx, url, state, attempts, next_attempt_at, updated_at) \
     SELECT t, i, u, 'pending', 0, n, n FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int8[]) \
-    AS x(t, i, u, n) ORDER BY t, i ON CONFLICT (task_id, idx) DO NOTHING";
-
-const ADD_HOURLY_SET: &str = "INSERT INTO usage_hourly \
+    AS x(t, i, u, n) ORDER BY t, i ON CONFLICT (task_id, idx) DO NOTHING), \
+    hourly AS (INSERT INTO usage_hourly \
     (client, hour_start, model, status, shard, tasks, units_milli) \
-    SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::int8[], \
-    $6::int8[], $7::int8[]) \
+    SELECT * FROM UNNEST($5::text[], $6::int8[], $7::text[], $8::text[], $9::int8[], \
+    $10::int8[], $11::int8[]) \
     ON CONFLICT (client, hour_start, model, status, shard) DO UPDATE SET \
     tasks = usage_hourly.tasks + excluded.tasks, \
-    units_milli = usage_hourly.units_milli + excluded.units_milli";
-
-const ADD_DURATION_SET: &str = "INSERT INTO usage_durations \
+    units_milli = usage_hourly.units_milli + excluded.units_milli), \
+    durations AS (INSERT INTO usage_durations \
     (client, hour_start, bin, shard, tasks) \
-    SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[]) \
+    SELECT * FROM UNNEST($12::text[], $13::int8[], $14::int8[], $15::int8[], $16::int8[]) \
     ON CONFLICT (client, hour_start, bin, shard) DO UPDATE SET \
-    tasks = usage_durations.tasks + excluded.tasks";
+    tasks = usage_durations.tasks + excluded.tasks) \
+    SELECT pg_notify($17, p) FROM UNNEST($18::text[]) AS p";
 
-/// The batch's ends added to the usage aggregates, one statement per table, in key order (the
-/// maps are ordered), so concurrent batches take the aggregate rows' locks in one order.
-async fn add_usage_set(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    ended: &usage::Ended,
-) -> Result<()> {
-    if !ended.hourly.is_empty() {
-        let mut cols = (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-        for (k, (tasks, units)) in &ended.hourly {
-            cols.0.push(k.0.as_str());
-            cols.1.push(k.1);
-            cols.2.push(k.2.as_str());
-            cols.3.push(k.3);
-            cols.4.push(k.4);
-            cols.5.push(*tasks);
-            cols.6.push(*units);
-        }
-        sqlx::query(ADD_HOURLY_SET)
-            .bind(&cols.0)
-            .bind(&cols.1)
-            .bind(&cols.2)
-            .bind(&cols.3)
-            .bind(&cols.4)
-            .bind(&cols.5)
-            .bind(&cols.6)
-            .execute(&mut **tx)
-            .await?;
+/// Archive rows to add: one entry per image, as columns.
+#[derive(Default)]
+struct ImageRows<'a> {
+    task: Vec<&'a str>,
+    idx: Vec<i64>,
+    url: Vec<&'a str>,
+    at: Vec<i64>,
+}
+
+/// Binds [`AFTER_CHANGES`]'s arrays. The usage maps are ordered, so the rows go in key order.
+fn bind_after<'q>(
+    q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    images: &ImageRows<'q>,
+    ended: &'q usage::Ended,
+    payloads: &'q [String],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let mut hourly = (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    for (k, (tasks, units)) in &ended.hourly {
+        hourly.0.push(k.0.as_str());
+        hourly.1.push(k.1);
+        hourly.2.push(k.2.as_str());
+        hourly.3.push(k.3);
+        hourly.4.push(k.4);
+        hourly.5.push(*tasks);
+        hourly.6.push(*units);
     }
-    if !ended.durations.is_empty() {
-        let mut cols = (vec![], vec![], vec![], vec![], vec![]);
-        for (k, tasks) in &ended.durations {
-            cols.0.push(k.0.as_str());
-            cols.1.push(k.1);
-            cols.2.push(k.2);
-            cols.3.push(k.3);
-            cols.4.push(*tasks);
-        }
-        sqlx::query(ADD_DURATION_SET)
-            .bind(&cols.0)
-            .bind(&cols.1)
-            .bind(&cols.2)
-            .bind(&cols.3)
-            .bind(&cols.4)
-            .execute(&mut **tx)
-            .await?;
+    let mut durations = (vec![], vec![], vec![], vec![], vec![]);
+    for (k, tasks) in &ended.durations {
+        durations.0.push(k.0.as_str());
+        durations.1.push(k.1);
+        durations.2.push(k.2);
+        durations.3.push(k.3);
+        durations.4.push(*tasks);
     }
-    Ok(())
+    q.bind(images.task.clone())
+        .bind(images.idx.clone())
+        .bind(images.url.clone())
+        .bind(images.at.clone())
+        .bind(hourly.0)
+        .bind(hourly.1)
+        .bind(hourly.2)
+        .bind(hourly.3)
+        .bind(hourly.4)
+        .bind(hourly.5)
+        .bind(hourly.6)
+        .bind(durations.0)
+        .bind(durations.1)
+        .bind(durations.2)
+        .bind(durations.3)
+        .bind(durations.4)
+        .bind(feed::CHANNEL)
+        .bind(payloads)
 }
