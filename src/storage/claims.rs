@@ -184,16 +184,9 @@ impl Store {
         // No row locks on the select (window functions forbid them): the advisory lock already
         // serialises admission, and the claim's compare-and-set re-checks each row.
         let select = sql::DUE_DISPATCHES;
-        let is_postgres = self.is_postgres();
-        let begin = self.begin_claim();
+        let begin = self.begin_serialised(dialect::Serialised::Admission);
         let rows: Vec<TaskRow> = on_pool!(self, p => {
             let mut tx = p.begin_with(begin).await?;
-            if is_postgres {
-                sqlx::query(dialect::ADVISORY_XACT_LOCK)
-                    .bind(dialect::ADMISSION_LOCK_KEY)
-                    .execute(&mut *tx)
-                    .await?;
-            }
             let due: Vec<DueRow> = sqlx::query_as(select)
                 .bind(now_ms)
                 .bind(limit)

@@ -3,6 +3,7 @@
 //! elsewhere take these fragments and stay one text for both.
 
 use super::{Pool, Store};
+use std::sync::LazyLock;
 
 /// Advisory-lock key (Postgres) that serialises dispatch admission across replicas ("klr\x01"):
 /// summing the units in flight and claiming what fits is one step for the whole account.
@@ -13,17 +14,24 @@ pub(super) const ADMISSION_LOCK_KEY: i64 = 0x6b6c_7201;
 /// every release has used: a replica of an older build must take the same lock.
 pub(super) const SUBMIT_LOCK_KEY: i64 = 72_430_001;
 
-/// Takes an advisory lock until the transaction ends (Postgres only; see `serialises_writers`).
-pub(super) const ADVISORY_XACT_LOCK: &str = "SELECT pg_advisory_xact_lock($1)";
+/// A serialised step's transaction on Postgres: `BEGIN` and the advisory lock (held until the
+/// transaction ends) sent as one simple query, one round trip instead of two.
+static BEGIN_ADMISSION: LazyLock<String> = LazyLock::new(|| begin_locked(ADMISSION_LOCK_KEY));
+static BEGIN_SUBMITS: LazyLock<String> = LazyLock::new(|| begin_locked(SUBMIT_LOCK_KEY));
+
+fn begin_locked(key: i64) -> String {
+    format!("BEGIN; SELECT pg_advisory_xact_lock({key})")
+}
+
+/// Which step a serialised transaction is (see [`Store::begin_serialised`]).
+pub(super) enum Serialised {
+    /// Dispatch admission: [`ADMISSION_LOCK_KEY`].
+    Admission,
+    /// Submits: [`SUBMIT_LOCK_KEY`].
+    Submits,
+}
 
 impl Store {
-    /// True where writers of several sessions run at once (Postgres): steps that must be atomic
-    /// across replicas take an advisory lock, and commits tell other replicas through `NOTIFY`.
-    /// SQLite has one writer at a time, which is that lock already, and no other replica.
-    pub(super) fn is_postgres(&self) -> bool {
-        matches!(self.pool, Pool::Postgres(_))
-    }
-
     /// How a read-then-write transaction begins. SQLite: take the write lock up front, so a
     /// transaction that reads before it writes waits for another process's writer (the CLI's, say)
     /// in the busy handler instead of failing on the lock upgrade with a stale snapshot.
@@ -31,6 +39,17 @@ impl Store {
         match self.pool {
             Pool::Sqlite(_) => "BEGIN IMMEDIATE",
             Pool::Postgres(_) => "BEGIN",
+        }
+    }
+
+    /// How a step that must be one at a time across replicas begins: as `begin_claim`, and on
+    /// Postgres with the step's advisory lock taken in the same round trip. SQLite's write lock,
+    /// taken up front, already is that lock.
+    pub(super) fn begin_serialised(&self, step: Serialised) -> &'static str {
+        match (&self.pool, step) {
+            (Pool::Sqlite(_), _) => "BEGIN IMMEDIATE",
+            (Pool::Postgres(_), Serialised::Admission) => BEGIN_ADMISSION.as_str(),
+            (Pool::Postgres(_), Serialised::Submits) => BEGIN_SUBMITS.as_str(),
         }
     }
 

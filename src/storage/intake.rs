@@ -104,22 +104,15 @@ impl Store {
     /// stores none of them.
     pub async fn insert_tasks(&self, tasks: &mut [NewTask]) -> Result<Vec<InsertOutcome>> {
         let _writer = self.writer().await;
-        let serialize_submits = self.is_postgres();
-        let begin = self.begin_claim();
+        // Postgres: the counts and the inserts one atomic step across sessions (SQLite's single
+        // writer already is).
+        let begin = self.begin_serialised(dialect::Serialised::Submits);
         on_pool!(self, p => {
             let mut conn = p.acquire().await?;
             let outcome = async {
                 // SQLite: the write lock up front, since the checks read before the inserts
                 // write, and a deferred transaction whose snapshot went stale cannot upgrade.
                 let mut tx = conn.begin_with(begin).await?;
-                if serialize_submits {
-                    // Postgres: the counts and the inserts one atomic step across sessions
-                    // (SQLite's single writer already is).
-                    sqlx::query(dialect::ADVISORY_XACT_LOCK)
-                        .bind(dialect::SUBMIT_LOCK_KEY)
-                        .execute(&mut *tx)
-                        .await?;
-                }
                 let mut pending: i64 = sqlx::query_scalar(PENDING).fetch_one(&mut *tx).await?;
                 let mut clients: HashMap<String, ClientSoFar> = HashMap::new();
                 let mut keys: HashMap<(String, String), (String, String)> = HashMap::new();
