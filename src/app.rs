@@ -98,10 +98,11 @@ pub async fn run(
     let _instance =
         Store::lock_single_instance(&settings.database.url).map_err(anyhow::Error::msg)?;
     let store = open_store(&settings).await?;
-    store
-        .warm_up()
-        .await
-        .context("cannot open the database's connections")?;
+    // Only latency rides on it: a pool that cannot open every connection now opens them as
+    // work needs them, as it always could.
+    if let Err(e) = store.warm_up().await {
+        tracing::warn!(error = %e, "could not open every database connection at start");
+    }
     if settings.server.public_url.is_empty() {
         tracing::warn!(
             "server.public_url is empty: no callback_url is sent upstream, polling carries every task"

@@ -198,6 +198,11 @@ impl Store {
         on_pool!(self, p => p.close().await)
     }
 
+    /// Connections the pool holds now, in use or idle.
+    pub fn connections(&self) -> u32 {
+        on_pool!(self, p => p.size())
+    }
+
     /// Opens every connection the pool may hold, so the first burst of work after a start does
     /// not wait for connections to be set up one by one (a few milliseconds each on Postgres,
     /// paid in the path of the first tasks' dispatch). They stay open while in use, as always.

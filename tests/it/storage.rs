@@ -828,7 +828,18 @@ async fn a_batch_of_new_tasks_is_checked_task_by_task(b: Backend) {
     assert_eq!(again, existing(true));
 }
 
+/// A warmed pool holds every connection it may (open_store's pool: 4), and they stay open once
+/// given back, so the first burst after a start does not wait for them.
+async fn a_warmed_pool_holds_every_connection(b: Backend) {
+    let db = TestDb::new(b).await;
+    let s = open_store(&db).await;
+    assert!(s.connections() < 4, "a pool connects as work needs it");
+    s.warm_up().await.expect("warm up");
+    assert_eq!(s.connections(), 4);
+}
+
 on_both_backends!(
+    a_warmed_pool_holds_every_connection,
     a_batch_of_new_tasks_is_checked_task_by_task,
     a_batch_stores_what_each_change_carries,
     tasks_are_read_together,
