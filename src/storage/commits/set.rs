@@ -66,7 +66,7 @@ impl Store {
             .map(|ids| self.change_payload(ids))
             .collect();
         if !rows.is_empty() {
-            bind_after(sqlx::query(AFTER_CHANGES), &images, &ended, &payloads)
+            bind_after(sqlx::query(AFTER_CHANGES), images, &ended, &payloads)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -261,7 +261,7 @@ struct ImageRows<'a> {
 /// Binds [`AFTER_CHANGES`]'s arrays. The usage maps are ordered, so the rows go in key order.
 fn bind_after<'q>(
     q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    images: &ImageRows<'q>,
+    images: ImageRows<'q>,
     ended: &'q usage::Ended,
     payloads: &'q [String],
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
@@ -283,10 +283,10 @@ fn bind_after<'q>(
         durations.3.push(k.3);
         durations.4.push(*tasks);
     }
-    q.bind(images.task.clone())
-        .bind(images.idx.clone())
-        .bind(images.url.clone())
-        .bind(images.at.clone())
+    q.bind(images.task)
+        .bind(images.idx)
+        .bind(images.url)
+        .bind(images.at)
         .bind(hourly.0)
         .bind(hourly.1)
         .bind(hourly.2)
