@@ -12,6 +12,7 @@ mod amplification;
 mod end_to_end;
 mod fairness;
 mod history;
+mod lean_http;
 mod poll_scale;
 mod submit;
 mod usage;
@@ -126,6 +127,34 @@ where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), String>> + Send,
 {
+    load_with(
+        label,
+        n,
+        concurrency,
+        || (),
+        move |(), i| {
+            let op = op(i);
+            async move { ((), op.await) }
+        },
+    )
+    .await
+}
+
+/// `load` with a state of each worker's own (a connection), made by `state` and handed from one
+/// op to its worker's next.
+async fn load_with<S, M, F, Fut>(
+    label: &str,
+    n: usize,
+    concurrency: usize,
+    state: M,
+    op: F,
+) -> Stats
+where
+    S: Send + 'static,
+    M: Fn() -> S,
+    F: Fn(S, usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = (S, Result<(), String>)> + Send,
+{
     let op = Arc::new(op);
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
@@ -146,6 +175,7 @@ where
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..concurrency.max(1) {
         let (op, next, done) = (op.clone(), next.clone(), done.clone());
+        let mut own = state();
         workers.spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0;
@@ -155,7 +185,9 @@ where
                     break;
                 }
                 let t = Instant::now();
-                match op(i).await {
+                let (back, result) = op(own, i).await;
+                own = back;
+                match result {
                     Ok(()) => lat.push(t.elapsed()),
                     Err(_) => errors += 1,
                 }
@@ -243,6 +275,11 @@ struct Service {
 }
 
 impl Service {
+    /// The address the service listens on.
+    fn addr(&self) -> anyhow::Result<std::net::SocketAddr> {
+        Ok(self.base.trim_start_matches("http://").parse()?)
+    }
+
     async fn start(db: &Db, sim: &Simulator, extra: &[(&str, String)]) -> anyhow::Result<Service> {
         let bin = std::env::current_exe()?
             .parent()
