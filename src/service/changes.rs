@@ -181,6 +181,14 @@ impl Relay {
             let outbox = self.notification_for(&task, &change, source, now).await?;
             let notifies = outbox.is_some();
             let frees_units = task.status.holds_upstream_units() && change.status.is_final();
+            let urgent = frees_units && self.work_waiting();
+            // Upstream freed the units when it reported the end: work waiting may take them
+            // while this commit is still under way (the dispatch claim counts them free).
+            let _finishing = urgent.then(|| {
+                let mark = self.finishing(id);
+                self.dispatch_wake.notify_one();
+                mark
+            });
             if self
                 .group_commit
                 .commit(OwnedCommit {
@@ -195,17 +203,17 @@ impl Relay {
                     upstream_payload: payload_text.clone(),
                     leaves_pending: task.status == TaskStatus::Pending
                         && change.status != TaskStatus::Pending,
-                    urgent: frees_units && self.work_waiting(),
+                    urgent,
                 })
                 .await?
             {
                 if self.settings.archive.enabled && change.status == TaskStatus::Succeeded {
                     self.archive_wake.notify_one();
                 }
-                if frees_units {
+                if frees_units && !urgent {
                     // Pending work may fit now: wake dispatch before the bookkeeping below (a
-                    // budget read, a regrowth step), which the next pass does not need; each
-                    // millisecond here is a unit idle on a busy account.
+                    // budget read, a regrowth step), which the next pass does not need. An
+                    // urgent change woke it before its commit.
                     self.dispatch_wake.notify_one();
                 }
                 tracing::info!(task_id = %id, source = source.as_str(), status = %change.status, "task status changed");

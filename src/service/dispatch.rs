@@ -57,13 +57,19 @@ impl Relay {
         let lease_until = now + 2 * ms(self.settings.cometapi.timeout) + 1000;
         // Nothing due (the closure is not called) leaves nothing waiting.
         let mut left_waiting = false;
+        let finishing = self
+            .finishing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let claimed = self
             .store
-            .claim_dispatches(
+            .claim_dispatches_beside(
                 now,
                 CANDIDATES_PER_CLIENT,
                 lease_until,
                 self.work_waiting(),
+                &finishing,
                 |learnt, held, candidates| {
                     // Tasks in doubt already count in the units in flight, and finding out costs
                     // nothing upstream, so they do not wait for room.
@@ -93,6 +99,19 @@ impl Relay {
     /// units then commits at once rather than in a fuller batch.
     pub fn work_waiting(&self) -> bool {
         self.work_waiting.load(Ordering::Relaxed)
+    }
+
+    /// Marks task `id`'s units free to this replica's dispatch claims until the mark is
+    /// dropped: held while the task's final report commits.
+    pub(super) fn finishing(&self, id: &str) -> Finishing<'_> {
+        self.finishing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned());
+        Finishing {
+            relay: self,
+            id: id.to_owned(),
+        }
     }
 
     /// Sends one task claimed at `now_claimed` upstream (after recovering it, if an earlier
@@ -353,4 +372,21 @@ async fn recover_existing(relay: &Relay, task: &Task, message: &str) -> Result<(
         .apply_report(&task.id, EventSource::Dispatch, &report)
         .await?;
     Ok(())
+}
+
+/// A task's units counted free by dispatch claims while its final report commits; dropping it
+/// (after the commit, whether it landed or failed) ends that.
+pub(super) struct Finishing<'a> {
+    relay: &'a Relay,
+    id: String,
+}
+
+impl Drop for Finishing<'_> {
+    fn drop(&mut self) {
+        self.relay
+            .finishing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
 }

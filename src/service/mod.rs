@@ -134,6 +134,9 @@ pub struct Relay {
     pub dispatch_wake: Notify,
     /// The last dispatch pass left due work waiting for units (`claim_for_dispatch`).
     work_waiting: std::sync::atomic::AtomicBool,
+    /// Tasks whose final report this replica is committing: their units are free upstream, and
+    /// the dispatch claim counts them so before the commit lands (`dispatch::Finishing`).
+    finishing: Mutex<std::collections::HashSet<String>>,
     /// Wakes the poller when a task should be polled at once.
     pub poll_wake: Notify,
     /// Ids of tasks that changed or had a dispatch attempt; waiters filter by id.
@@ -285,6 +288,7 @@ impl Relay {
             settings,
             dispatch_wake: Notify::new(),
             work_waiting: std::sync::atomic::AtomicBool::new(false),
+            finishing: Mutex::new(std::collections::HashSet::new()),
             poll_wake: Notify::new(),
             changes,
         })

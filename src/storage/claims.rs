@@ -63,11 +63,15 @@ struct AccountRow {
     d: Option<i64>,
     e: Option<i64>,
     f: Option<i64>,
+    task: Option<String>,
 }
 
 /// What holds and shares the account, and what admission has learnt, from the rows of
-/// `sql::ACCOUNT_SHARES`.
-fn read_account(rows: Vec<AccountRow>) -> Result<(Held, Option<AdmissionState>)> {
+/// `sql::ACCOUNT_SHARES`. A task in `finishing` holds nothing: see `claim_dispatches`.
+fn read_account(
+    rows: Vec<AccountRow>,
+    finishing: &HashSet<String>,
+) -> Result<(Held, Option<AdmissionState>)> {
     let mut shares = Shares::new();
     let mut running = Vec::new();
     let mut virtual_time = 0;
@@ -76,6 +80,7 @@ fn read_account(rows: Vec<AccountRow>) -> Result<(Held, Option<AdmissionState>)>
         let a =
             r.a.ok_or_else(|| StorageError::Corrupt(format!("{} row without a value", r.kind)))?;
         match r.kind.as_str() {
+            "held" if r.task.as_ref().is_some_and(|t| finishing.contains(t)) => {}
             "held" => {
                 shares.entry(r.name).or_default().in_flight += a;
                 running.push(Running {
@@ -170,6 +175,28 @@ impl Store {
     where
         F: FnOnce(Option<AdmissionState>, Held, Vec<DispatchCandidate>) -> Vec<String>,
     {
+        let none = HashSet::new();
+        self.claim_dispatches_beside(now_ms, limit, lease_until_ms, expect_due, &none, decide)
+            .await
+    }
+
+    /// [`Store::claim_dispatches`], with the tasks in `finishing` counted as holding no units:
+    /// tasks whose final report (a verified callback, a poll's answer) is being committed by
+    /// this replica at this moment. Upstream freed their units when it sent that report, so a
+    /// claim need not wait for the commit to use them; if the commit fails, the task counts as
+    /// holding its units again, which only leaves room unused.
+    pub async fn claim_dispatches_beside<F>(
+        &self,
+        now_ms: i64,
+        limit: i64,
+        lease_until_ms: i64,
+        expect_due: bool,
+        finishing: &HashSet<String>,
+        decide: F,
+    ) -> Result<Vec<Task>>
+    where
+        F: FnOnce(Option<AdmissionState>, Held, Vec<DispatchCandidate>) -> Vec<String>,
+    {
         // Most passes find nothing due (a finished task wakes the dispatcher whether or not
         // work waits): one cheap read then, without the write lock or the admission lock.
         if !expect_due {
@@ -198,7 +225,7 @@ impl Store {
             }
             let account: Vec<AccountRow> =
                 sqlx::query_as(sql::ACCOUNT_SHARES).fetch_all(&mut *tx).await?;
-            let (held, learnt) = read_account(account)?;
+            let (held, learnt) = read_account(account, finishing)?;
             let mut candidates = Vec::with_capacity(due.len());
             for r in due {
                 candidates.push(r.into_candidate()?);

@@ -34,10 +34,10 @@ macro_rules! holding_units {
     () => {
         "SELECT 'held' AS kind, COALESCE(client, '') AS name, n AS a, \
         COALESCE(submitted_at, created_at) AS b, CAST(NULL AS BIGINT) AS c, \
-        CAST(NULL AS BIGINT) AS d, CAST(NULL AS BIGINT) AS e, CAST(NULL AS BIGINT) AS f \
-        FROM tasks WHERE status IN ('submitted', 'processing') \
+        CAST(NULL AS BIGINT) AS d, CAST(NULL AS BIGINT) AS e, CAST(NULL AS BIGINT) AS f, \
+        id AS task FROM tasks WHERE status IN ('submitted', 'processing') \
         UNION ALL SELECT 'held', COALESCE(client, ''), n, dispatch_started_at, \
-        NULL, NULL, NULL, NULL FROM tasks \
+        NULL, NULL, NULL, NULL, id FROM tasks \
         WHERE dispatch_started_at IS NOT NULL AND status = 'pending'"
     };
 }
@@ -46,18 +46,19 @@ pub const HOLDING_UNITS: &str = holding_units!();
 /// Everything the dispatch claim reads about the account, as rows of one statement (a round
 /// trip each cost a tenth of a claim), `kind` first:
 /// - `held`: a task holding units upstream (`name` its client, `a` its `n`, `b` when its
-///   dispatch began), see [`HOLDING_UNITS`];
+///   dispatch began, `task` its id), see [`HOLDING_UNITS`];
 /// - `client`: `name`, `a` weight, `b` cap in units;
 /// - `pass`: fair share's pass of client `name` in `a`; `clock`: the virtual time in `a`;
 /// - `state`: what admission has learnt, `a` to `f` as in `admission_state`.
 pub const ACCOUNT_SHARES: &str = concat!(
     holding_units!(),
-    " UNION ALL SELECT 'client', name, weight, max_units, NULL, NULL, NULL, NULL FROM clients \
-    UNION ALL SELECT 'pass', client, pass, NULL, NULL, NULL, NULL, NULL FROM fair_passes \
-    UNION ALL SELECT 'clock', '', virtual_time, NULL, NULL, NULL, NULL, NULL \
+    " UNION ALL SELECT 'client', name, weight, max_units, NULL, NULL, NULL, NULL, NULL \
+    FROM clients \
+    UNION ALL SELECT 'pass', client, pass, NULL, NULL, NULL, NULL, NULL, NULL FROM fair_passes \
+    UNION ALL SELECT 'clock', '', virtual_time, NULL, NULL, NULL, NULL, NULL, NULL \
     FROM fair_clock WHERE id = 1 \
     UNION ALL SELECT 'state', '', working_limit, paused_until, busy_streak, finished_units, \
-    refused_at, last_refused_at FROM admission_state WHERE account = 'default'"
+    refused_at, last_refused_at, NULL FROM admission_state WHERE account = 'default'"
 );
 /// Tasks upstream holds whose next poll is due. Only rows with `poll_due_at` set (submitted or
 /// processing) are in `tasks_poll_due`, so final tasks are never read.

@@ -543,7 +543,79 @@ async fn the_claim_keeps_each_clients_pass(b: Backend) {
     store.close().await;
 }
 
+/// A task whose final report this replica is committing holds no units in a claim made beside
+/// it (`claim_dispatches_beside`), and holds them again in any other claim.
+async fn a_finishing_task_holds_no_units_in_the_claim_beside_it(b: Backend) {
+    use kling_relay::storage::PendingCaps;
+    let db = TestDb::new(b).await;
+    let store = open_store(&db).await;
+    kling_relay::service::clients::create_client(&store, "a", None)
+        .await
+        .expect("client");
+    let caps = PendingCaps {
+        total: 100,
+        per_client: 100,
+    };
+    let mut ids = Vec::new();
+    for (i, n) in [3, 2].into_iter().enumerate() {
+        let mut r = task_record(i as i64);
+        r.client = Some("a".into());
+        r.n = n;
+        ids.push(r.id.clone());
+        store.insert_task(r, None, caps).await.expect("insert");
+    }
+    let now = 1_800_000_000_000;
+    // The 3 goes: in flight from its claim on, it holds 3 units.
+    let first = ids[0].clone();
+    let sent = store
+        .claim_dispatches(now, 64, now + 60_000, false, move |_, _, due| {
+            due.into_iter()
+                .filter(|c| c.id == first)
+                .map(|c| c.id)
+                .collect()
+        })
+        .await
+        .expect("claim");
+    assert_eq!(sent.len(), 1);
+    let held_in = |finishing: HashSet<String>| {
+        let store = store.clone();
+        async move {
+            let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+            let seen_in = seen.clone();
+            store
+                .claim_dispatches_beside(
+                    now,
+                    64,
+                    now + 60_000,
+                    true,
+                    &finishing,
+                    move |_, held, _| {
+                        *seen_in.lock().expect("lock") = Some((
+                            held.shares.get("a").map_or(0, |s| s.in_flight),
+                            held.running.len(),
+                        ));
+                        Vec::new()
+                    },
+                )
+                .await
+                .expect("claim");
+            let got = *seen.lock().expect("lock");
+            got
+        }
+    };
+    assert_eq!(held_in(HashSet::new()).await, Some((3, 1)));
+    assert_eq!(
+        held_in(HashSet::from([ids[0].clone()])).await,
+        Some((0, 0)),
+        "the finishing task's units count as free"
+    );
+    // Marking a task that holds nothing changes nothing.
+    assert_eq!(held_in(HashSet::from([ids[1].clone()])).await, Some((3, 1)));
+    store.close().await;
+}
+
 on_both_backends!(
+    a_finishing_task_holds_no_units_in_the_claim_beside_it,
     the_claim_keeps_each_clients_pass,
     the_claim_shares_units_by_weight_cap_and_priority,
     two_hundred_tasks_fit_in_ten_units,

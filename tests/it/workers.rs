@@ -230,10 +230,110 @@ async fn the_dispatcher_sends_beside_slow_creates_within_its_concurrency(b: Back
     assert_eq!(t.sim.stats().create_calls, 5, "each task sent once");
 }
 
+/// While a task's final report is being committed, its units are free to the dispatch claim:
+/// upstream freed them when it reported. Postgres, whose claim runs beside the commit: the
+/// task's row is locked from outside, so the report's commit cannot land; the waiting task must
+/// still be created upstream meanwhile.
+async fn a_finishing_tasks_units_are_free_before_its_commit_lands(b: Backend) {
+    use kling_relay::domain::{EventSource, ResultImage, UpstreamReport, UpstreamStatus};
+    use sqlx::Connection;
+    let t = Stepped::new(
+        b,
+        SimConfig {
+            processing_after: Duration::from_secs(3600),
+            finish_after: Duration::from_secs(3600),
+            ..fast_sim()
+        },
+        |s| s.cometapi.max_concurrency = 2,
+    )
+    .await;
+    let first = t.submit().await;
+    let second = t.submit().await;
+    assert_eq!(dispatcher::step(&t.relay).await.expect("pass"), 1);
+    assert!(
+        t.relay.work_waiting(),
+        "the second waits for the first's units"
+    );
+    let upstream_id = t
+        .relay
+        .get_any(&first)
+        .await
+        .expect("task")
+        .upstream_task_id
+        .expect("sent");
+
+    let mut lock = sqlx::PgConnection::connect(&t._db.url)
+        .await
+        .expect("connect");
+    sqlx::query("BEGIN")
+        .execute(&mut lock)
+        .await
+        .expect("begin");
+    sqlx::query("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE")
+        .bind(&first)
+        .execute(&mut lock)
+        .await
+        .expect("lock the first task's row");
+    let report = UpstreamReport {
+        task_id: Some(upstream_id),
+        external_task_id: None,
+        status: UpstreamStatus::Succeed,
+        status_msg: None,
+        updated_at_ms: Some(1),
+        images: vec![ResultImage {
+            index: 0,
+            url: "https://cdn.example/0.png".into(),
+        }],
+        final_unit_deduction: Some("1".into()),
+        raw: None,
+    };
+    let (relay, id) = (t.relay.clone(), first.clone());
+    let reporting = tokio::spawn(async move {
+        relay
+            .apply_report(&id, EventSource::Webhook, &report)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    let relay = t.relay.clone();
+    let dispatching = tokio::spawn(async move {
+        // Passes until one sends (a pass before the report is decided finds no room); that
+        // pass ends with the second's own commit, which may queue behind the locked one.
+        loop {
+            match dispatcher::step(&relay).await {
+                Ok(0) => tokio::time::sleep(Duration::from_millis(10)).await,
+                other => return other.map_err(|e| e.to_string()),
+            }
+        }
+    });
+    wait_until(Duration::from_secs(20), || async {
+        t.sim.stats().tasks_created == 2
+    })
+    .await;
+    assert_eq!(
+        t.status(&first).await,
+        TaskStatus::Submitted,
+        "the first's report has not landed: its row is still locked"
+    );
+    sqlx::query("ROLLBACK")
+        .execute(&mut lock)
+        .await
+        .expect("unlock");
+    reporting.await.expect("join").expect("the report lands");
+    dispatching.await.expect("join").expect("the pass ends");
+    assert_eq!(t.status(&first).await, TaskStatus::Succeeded);
+    assert_eq!(t.status(&second).await, TaskStatus::Submitted);
+}
+
 on_both_backends!(
     the_dispatcher_sends_beside_slow_creates_within_its_concurrency,
     a_dispatch_step_sends_each_waiting_task_once,
     a_dispatch_step_sends_only_what_the_units_allow,
     a_poll_step_queries_only_what_is_due,
     a_poll_step_times_out_what_upstream_never_finishes,
+);
+
+on_postgres!(
+    postgres_only;
+    a_finishing_tasks_units_are_free_before_its_commit_lands,
 );
