@@ -67,7 +67,7 @@ struct AccountRow {
 }
 
 /// What holds and shares the account, and what admission has learnt, from the rows of
-/// `sql::ACCOUNT_SHARES`. A task in `finishing` holds nothing: see `claim_dispatches`.
+/// `sql::ACCOUNT_SHARES`. A task in `finishing` holds nothing: see `claim_dispatches_beside`.
 fn read_account(
     rows: Vec<AccountRow>,
     finishing: &HashSet<String>,
