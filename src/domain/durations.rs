@@ -121,9 +121,15 @@ pub fn gcra_take(
     (granted, tat, (tat + interval_us - horizon).max(0))
 }
 
-/// The GCRA interval of a rate of `per_second` calls.
-pub fn interval_of_per_second(per_second: u32) -> i64 {
-    (1_000_000 / i64::from(per_second.max(1))).max(1)
+/// The GCRA interval that keeps `per_second` a ceiling over every one-second window although
+/// `gcra_take` hands out up to `burst_us` of calls early: a call granted at `t` holds a slot
+/// between `t` and `t + burst_us`, so the calls granted within any second hold slots within a
+/// second plus the burst, and those slots are spaced to fit `per_second` of them in that span.
+/// The long-run rate is `per_second` × 1 s / (1 s + burst).
+pub fn interval_within_per_second(per_second: u32, burst_us: i64) -> i64 {
+    let span = 1_000_000 + burst_us.max(0);
+    let per_second = i64::from(per_second.max(1));
+    ((span + per_second - 1) / per_second).max(1)
 }
 
 #[cfg(test)]
@@ -182,9 +188,46 @@ mod tests {
     }
 
     #[test]
+    fn no_second_holds_more_calls_than_the_rate_whatever_the_takers_ask() {
+        for (per_second, burst) in [(20, 250_000), (500, 250_000), (7, 0), (1000, 50_000)] {
+            let every = interval_within_per_second(per_second, burst);
+            // Takers at pseudo-random moments (a few ms apart) asking for 1 to 40 calls, some
+            // giving part back: every grant's time is kept.
+            let (mut tat, mut now, mut seed) = (0i64, 5_000_000i64, 7u64);
+            let mut granted_at = Vec::new();
+            for _ in 0..20_000 {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                now += ((seed >> 33) % 8_000) as i64;
+                let want = 1 + ((seed >> 20) % 40) as i64;
+                let (g, t, _) = gcra_take(tat, now, want, every, burst);
+                tat = t;
+                let unused = if (seed >> 12) % 5 == 0 { g / 2 } else { 0 };
+                tat -= unused * every;
+                granted_at.extend(std::iter::repeat_n(now, (g - unused) as usize));
+            }
+            let mut worst = 0;
+            let mut from = 0;
+            for (i, t) in granted_at.iter().enumerate() {
+                while granted_at[from] <= t - 1_000_000 {
+                    from += 1;
+                }
+                worst = worst.max(i + 1 - from);
+            }
+            assert!(
+                worst <= per_second as usize,
+                "{per_second}/s, burst {burst} µs: {worst} calls in one second"
+            );
+            assert!(
+                worst * 10 >= per_second as usize * 7,
+                "{per_second}/s: only {worst}"
+            );
+        }
+    }
+
+    #[test]
     fn the_shared_rate_grants_a_quarter_second_at_once_then_keeps_pace() {
-        // 20 per second: 50 ms apart, a burst of 250 ms' worth.
-        let every = interval_of_per_second(20);
+        // 50 ms apart, a burst of 250 ms' worth.
+        let every = 50_000;
         let (g, tat, _) = gcra_take(0, 1_000_000, 100, every, 250_000);
         assert_eq!(g, 5);
         let (g, tat, wait) = gcra_take(tat, 1_000_000, 100, every, 250_000);

@@ -8,7 +8,7 @@
 //! due (at most `tick`), not a fixed tick. The poller worker is the loop around `Poller::pass`.
 
 use super::{for_each_bounded, ms, now_ms, ApplyOutcome, Relay, ServiceError};
-use crate::domain::durations::{eager_polls, interval_of_per_second, DurationEstimates};
+use crate::domain::durations::{eager_polls, interval_within_per_second, DurationEstimates};
 use crate::domain::halt::HaltReason;
 use crate::domain::schedule::backoff;
 use crate::domain::{EventSource, TaskError, TaskStatus};
@@ -40,7 +40,9 @@ pub struct Poller {
 
 /// The name of the upstream query rate in `rate_limits`, shared by every replica.
 const QUERY_RATE: &str = "upstream_queries";
-/// Queries handed out at once: a quarter second's worth, so no pass sends a burst.
+/// Queries handed out at once: a quarter second's worth, so a pass takes a batch. The rate's
+/// interval makes room for it (`interval_within_per_second`), so no second ever holds more than
+/// `poller.max_queries_per_second`, and the long-run rate is four fifths of it.
 const QUERY_BURST_US: i64 = 250_000;
 
 /// Where polls take their share of `poller.max_queries_per_second`.
@@ -58,7 +60,7 @@ impl Rate {
             Rate::Unlimited => Ok(want),
             Rate::Shared => {
                 let want = i64::try_from(want).unwrap_or(i64::MAX);
-                let every = interval_of_per_second(per_second);
+                let every = interval_within_per_second(per_second, QUERY_BURST_US);
                 let (n, _) = relay
                     .store
                     .take_from_rate(QUERY_RATE, now, want, every, QUERY_BURST_US)
@@ -76,7 +78,11 @@ impl Rate {
                 let per_second = relay.settings.poller.max_queries_per_second;
                 relay
                     .store
-                    .give_back_to_rate(QUERY_RATE, unused, interval_of_per_second(per_second))
+                    .give_back_to_rate(
+                        QUERY_RATE,
+                        unused,
+                        interval_within_per_second(per_second, QUERY_BURST_US),
+                    )
                     .await?;
             }
         }
@@ -87,7 +93,10 @@ impl Rate {
         match self {
             Rate::Unlimited => 0,
             // One query's interval: the shared rate frees a slot at least that often.
-            Rate::Shared => 1000 / i64::from(relay.settings.poller.max_queries_per_second.max(1)),
+            Rate::Shared => {
+                let per_second = relay.settings.poller.max_queries_per_second;
+                interval_within_per_second(per_second, QUERY_BURST_US) / 1000
+            }
         }
     }
 }
