@@ -17,7 +17,9 @@ use crate::domain::schedule::backoff;
 use crate::domain::{EventSource, Task, TaskError, TaskStatus, UpstreamReport, UpstreamStatus};
 use crate::storage::{DispatchCandidate, DispatchRetry};
 use crate::upstream::{CreateRequest, Lookup, UpstreamError};
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
+use std::sync::MutexGuard;
 use std::time::Duration;
 
 /// Waiting tasks considered per client and pass, in priority then age order (enough for small
@@ -57,11 +59,7 @@ impl Relay {
         let lease_until = now + 2 * ms(self.settings.cometapi.timeout) + 1000;
         // Nothing due (the closure is not called) leaves nothing waiting.
         let mut left_waiting = false;
-        let finishing = self
-            .finishing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let finishing = self.finishing_marks().clone();
         let claimed = self
             .store
             .claim_dispatches_beside(
@@ -104,14 +102,16 @@ impl Relay {
     /// Marks task `id`'s units free to this replica's dispatch claims until the mark is
     /// dropped: held while the task's final report commits.
     pub(super) fn finishing(&self, id: &str) -> Finishing<'_> {
-        self.finishing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_owned());
+        self.finishing_marks().insert(id.to_owned());
         Finishing {
             relay: self,
             id: id.to_owned(),
         }
+    }
+
+    fn finishing_marks(&self) -> MutexGuard<'_, HashSet<String>> {
+        // A set of ids stays consistent even if a holder panicked.
+        self.finishing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Sends one task claimed at `now_claimed` upstream (after recovering it, if an earlier
@@ -383,10 +383,6 @@ pub(super) struct Finishing<'a> {
 
 impl Drop for Finishing<'_> {
     fn drop(&mut self) {
-        self.relay
-            .finishing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        self.relay.finishing_marks().remove(&self.id);
     }
 }

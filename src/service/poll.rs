@@ -45,6 +45,11 @@ const QUERY_RATE: &str = "upstream_queries";
 /// `poller.max_queries_per_second`, and the long-run rate is four fifths of it.
 const QUERY_BURST_US: i64 = 250_000;
 
+/// The shared query rate's interval: `poller.max_queries_per_second` in every second.
+fn query_interval_us(relay: &Relay) -> i64 {
+    interval_within_per_second(relay.settings.poller.max_queries_per_second, QUERY_BURST_US)
+}
+
 /// Where polls take their share of `poller.max_queries_per_second`.
 enum Rate {
     /// The database's rate, shared by every replica.
@@ -55,15 +60,19 @@ enum Rate {
 
 impl Rate {
     async fn take(&mut self, relay: &Relay, now: i64, want: usize) -> Result<usize, ServiceError> {
-        let per_second = relay.settings.poller.max_queries_per_second;
         match self {
             Rate::Unlimited => Ok(want),
             Rate::Shared => {
                 let want = i64::try_from(want).unwrap_or(i64::MAX);
-                let every = interval_within_per_second(per_second, QUERY_BURST_US);
                 let (n, _) = relay
                     .store
-                    .take_from_rate(QUERY_RATE, now, want, every, QUERY_BURST_US)
+                    .take_from_rate(
+                        QUERY_RATE,
+                        now,
+                        want,
+                        query_interval_us(relay),
+                        QUERY_BURST_US,
+                    )
                     .await?;
                 Ok(usize::try_from(n).unwrap_or(0))
             }
@@ -75,14 +84,9 @@ impl Rate {
             Rate::Unlimited => {}
             Rate::Shared => {
                 let unused = i64::try_from(unused).unwrap_or(0);
-                let per_second = relay.settings.poller.max_queries_per_second;
                 relay
                     .store
-                    .give_back_to_rate(
-                        QUERY_RATE,
-                        unused,
-                        interval_within_per_second(per_second, QUERY_BURST_US),
-                    )
+                    .give_back_to_rate(QUERY_RATE, unused, query_interval_us(relay))
                     .await?;
             }
         }
@@ -93,10 +97,7 @@ impl Rate {
         match self {
             Rate::Unlimited => 0,
             // One query's interval: the shared rate frees a slot at least that often.
-            Rate::Shared => {
-                let per_second = relay.settings.poller.max_queries_per_second;
-                interval_within_per_second(per_second, QUERY_BURST_US) / 1000
-            }
+            Rate::Shared => query_interval_us(relay) / 1000,
         }
     }
 }

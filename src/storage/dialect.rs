@@ -47,7 +47,7 @@ impl Store {
     /// taken up front, already is that lock.
     pub(super) fn begin_serialised(&self, step: Serialised) -> &'static str {
         match (&self.pool, step) {
-            (Pool::Sqlite(_), _) => "BEGIN IMMEDIATE",
+            (Pool::Sqlite(_), _) => self.begin_claim(),
             (Pool::Postgres(_), Serialised::Admission) => BEGIN_ADMISSION.as_str(),
             (Pool::Postgres(_), Serialised::Submits) => BEGIN_SUBMITS.as_str(),
         }
