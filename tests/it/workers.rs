@@ -63,6 +63,12 @@ impl Stepped {
     async fn status(&self, id: &str) -> TaskStatus {
         self.relay.get_any(id).await.expect("task").status
     }
+
+    /// The upstream id of a task a pass has sent.
+    async fn upstream_id(&self, id: &str) -> String {
+        let task = self.relay.get_any(id).await.expect("task");
+        task.upstream_task_id.expect("sent")
+    }
 }
 
 /// A pass sends every waiting task once and nothing canceled; the next pass has nothing to send.
@@ -125,13 +131,7 @@ async fn a_dispatch_step_sends_only_what_the_units_allow(b: Backend) {
     assert!(t.relay.work_waiting());
 
     // Upstream finishes the first; a poll pass hears it, and the unit is free again.
-    let upstream_id = t
-        .relay
-        .get_any(&first)
-        .await
-        .expect("task")
-        .upstream_task_id
-        .expect("sent");
+    let upstream_id = t.upstream_id(&first).await;
     wait_until(Duration::from_secs(10), || async {
         t.sim.task_status(&upstream_id) == Some("succeed")
     })
@@ -237,16 +237,7 @@ async fn the_dispatcher_sends_beside_slow_creates_within_its_concurrency(b: Back
 async fn a_finishing_tasks_units_are_free_before_its_commit_lands(b: Backend) {
     use kling_relay::domain::{EventSource, ResultImage, UpstreamReport, UpstreamStatus};
     use sqlx::Connection;
-    let t = Stepped::new(
-        b,
-        SimConfig {
-            processing_after: Duration::from_secs(3600),
-            finish_after: Duration::from_secs(3600),
-            ..fast_sim()
-        },
-        |s| s.cometapi.max_concurrency = 2,
-    )
-    .await;
+    let t = Stepped::new(b, stalled_sim(), |s| s.cometapi.max_concurrency = 2).await;
     let first = t.submit().await;
     let second = t.submit().await;
     assert_eq!(dispatcher::step(&t.relay).await.expect("pass"), 1);
@@ -254,13 +245,7 @@ async fn a_finishing_tasks_units_are_free_before_its_commit_lands(b: Backend) {
         t.relay.work_waiting(),
         "the second waits for the first's units"
     );
-    let upstream_id = t
-        .relay
-        .get_any(&first)
-        .await
-        .expect("task")
-        .upstream_task_id
-        .expect("sent");
+    let upstream_id = t.upstream_id(&first).await;
 
     let mut lock = sqlx::PgConnection::connect(&t._db.url)
         .await
