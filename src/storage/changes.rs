@@ -101,7 +101,7 @@ impl Store {
                 }
                 Ok(q.fetch_all(p).await?.into_iter().map(|r| r.3).collect())
             }
-            Pool::Postgres(p) => {
+            Pool::Postgres(PgPools { main: p, .. }) => {
                 let mut conn = p.acquire().await?;
                 sqlx::query("SET enable_seqscan = off")
                     .execute(&mut *conn)

@@ -28,7 +28,7 @@ pub(super) const IDS_PER_NOTIFICATION: usize = 100;
 impl Store {
     /// A feed of other replicas' changes; None on SQLite, which serves one instance.
     pub async fn change_feed(&self) -> Result<Option<ChangeFeed>> {
-        let Pool::Postgres(pool) = &self.pool else {
+        let Pool::Postgres(super::PgPools { main: pool, .. }) = &self.pool else {
             return Ok(None);
         };
         // Its own one-connection pool: the listener holds its connection for good, and taking it

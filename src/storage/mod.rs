@@ -84,7 +84,16 @@ impl StorageError {
 #[derive(Clone, Debug)]
 enum Pool {
     Sqlite(SqlitePool),
-    Postgres(PgPool),
+    Postgres(PgPools),
+}
+
+/// Postgres has two pools on the same database: `main` for everything but the intake path's
+/// grouped reads, commits and inserts, which use `keyed`, whose sessions plan differently
+/// (`pool::KEYED_SESSION` says how and why).
+#[derive(Clone, Debug)]
+struct PgPools {
+    main: PgPool,
+    keyed: PgPool,
 }
 
 /// Handle to the database; cheap to clone.
@@ -103,7 +112,7 @@ macro_rules! on_pool {
     ($store:expr, $p:ident => $body:expr) => {
         match &$store.pool {
             Pool::Sqlite($p) => $body,
-            Pool::Postgres($p) => $body,
+            Pool::Postgres($crate::storage::PgPools { main: $p, .. }) => $body,
         }
     };
 }

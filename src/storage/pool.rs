@@ -31,8 +31,48 @@ pub(super) fn take_lock(
     }
 }
 
-/// A pooled Postgres connection idle this long is checked before use (see `Store::connect`).
+/// A pooled Postgres connection idle this long is checked before use (see `pg_pool`).
 const IDLE_CHECK_AFTER: Duration = Duration::from_secs(1);
+
+/// The session settings of the keyed pool (`PgPools::keyed`). Its statements (the grouped
+/// reads, commits and inserts of the intake path) reach rows by key only, and run thousands of
+/// times a second with arrays of a handful of rows: Postgres planned each afresh, because a
+/// plan made for the array at hand looks cheaper than one made for any array, and planning
+/// was a quarter of the database's CPU under callbacks. A generic plan is made once per
+/// connection; with sequential scans priced out, a plan made while `tasks` was still small
+/// (its statistics stale until autovacuum analyzes) cannot scan the whole table once it has
+/// grown. Other statements keep the default: several filter on optional parameters
+/// (`$1 IS NULL OR …`), which only a plan made for the values at hand can use an index for.
+const KEYED_SESSION: [(&str, &str); 2] = [
+    ("plan_cache_mode", "force_generic_plan"),
+    ("enable_seqscan", "off"),
+];
+
+/// Connections of the keyed pool: the commit writers (half of `max_connections`), the two
+/// task readers and the task writer (`service::Relay::start`).
+pub(super) fn hot_connections(max_connections: u32) -> u32 {
+    (max_connections / 2).max(1) + 3
+}
+
+/// A Postgres pool of up to `max` connections, opened as work needs them.
+fn pg_pool(max: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(10))
+        // sqlx checks a connection when it comes back to the pool; checking it again when it is
+        // taken costs a round trip on every query, in the path from a finished task to the next
+        // create. Only a connection idle a while (the server may have dropped it meanwhile) is
+        // checked before use.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= IDLE_CHECK_AFTER {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
 
 impl Store {
     /// Opens (and for SQLite creates) the database named by `url`.
@@ -66,26 +106,13 @@ impl Store {
             )
         } else {
             let opts = PgConnectOptions::from_str(url)?;
-            Pool::Postgres(
-                PgPoolOptions::new()
-                    .max_connections(max_connections)
-                    .acquire_timeout(Duration::from_secs(10))
-                    // sqlx checks a connection when it comes back to the pool; checking it again
-                    // when it is taken costs a round trip on every query, in the path from a
-                    // finished task to the next create. Only a connection idle a while (the
-                    // server may have dropped it meanwhile) is checked before use.
-                    .test_before_acquire(false)
-                    .before_acquire(|conn, meta| {
-                        Box::pin(async move {
-                            if meta.idle_for >= IDLE_CHECK_AFTER {
-                                sqlx::Connection::ping(conn).await?;
-                            }
-                            Ok(true)
-                        })
-                    })
-                    .connect_with(opts)
-                    .await?,
-            )
+            let keyed = pg_pool(hot_connections(max_connections))
+                .connect_with(opts.clone().options(KEYED_SESSION))
+                .await?;
+            Pool::Postgres(PgPools {
+                main: pg_pool(max_connections).connect_with(opts).await?,
+                keyed,
+            })
         };
         let write_lock = matches!(pool, Pool::Sqlite(_))
             .then(|| std::sync::Arc::new(tokio::sync::Mutex::new(())));
@@ -160,7 +187,7 @@ impl Store {
     pub async fn migrate(&self) -> Result<()> {
         match &self.pool {
             Pool::Sqlite(p) => SQLITE_MIGRATIONS.run(p).await?,
-            Pool::Postgres(p) => POSTGRES_MIGRATIONS.run(p).await?,
+            Pool::Postgres(PgPools { main: p, .. }) => POSTGRES_MIGRATIONS.run(p).await?,
         }
         Ok(())
     }
@@ -175,7 +202,7 @@ impl Store {
                     .await
                     .map_err(Into::into),
             ),
-            Pool::Postgres(p) => (
+            Pool::Postgres(PgPools { main: p, .. }) => (
                 &POSTGRES_MIGRATIONS,
                 sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
                     .fetch_all(p)
@@ -195,24 +222,33 @@ impl Store {
     }
 
     pub async fn close(&self) {
-        on_pool!(self, p => p.close().await)
+        match &self.pool {
+            Pool::Sqlite(p) => p.close().await,
+            Pool::Postgres(PgPools { main, keyed }) => {
+                tokio::join!(main.close(), keyed.close());
+            }
+        }
     }
 
-    /// Connections the pool holds now, in use or idle.
+    /// Connections the pools hold now, in use or idle.
     pub fn connections(&self) -> u32 {
-        on_pool!(self, p => p.size())
+        match &self.pool {
+            Pool::Sqlite(p) => p.size(),
+            Pool::Postgres(PgPools { main, keyed }) => main.size() + keyed.size(),
+        }
     }
 
-    /// Opens every connection the pool may hold, so the first burst of work after a start does
+    /// Opens every connection the pools may hold, so the first burst of work after a start does
     /// not wait for connections to be set up one by one (a few milliseconds each on Postgres,
     /// paid in the path of the first tasks' dispatch). They stay open while in use, as always.
     pub async fn warm_up(&self) -> Result<()> {
-        on_pool!(self, p => {
-            let size = p.options().get_max_connections() as usize;
-            let held = futures_util::future::try_join_all((0..size).map(|_| p.acquire())).await?;
-            drop(held);
-            Ok(())
-        })
+        match &self.pool {
+            Pool::Sqlite(p) => fill(p).await,
+            Pool::Postgres(PgPools { main, keyed }) => {
+                fill(main).await?;
+                fill(keyed).await
+            }
+        }
     }
 
     /// Returns the stored secret `name`, storing `generated` first if there is none. Concurrent
@@ -226,5 +262,64 @@ impl Store {
             let v: String = sqlx::query_scalar(SELECT).bind(name).fetch_one(p).await?;
             Ok(v)
         })
+    }
+}
+
+/// Opens every connection `p` may hold.
+async fn fill<DB: sqlx::Database>(p: &sqlx::Pool<DB>) -> Result<()> {
+    let size = p.options().get_max_connections() as usize;
+    let held = futures_util::future::try_join_all((0..size).map(|_| p.acquire())).await?;
+    drop(held);
+    Ok(())
+}
+
+impl Store {
+    /// Postgres: the plan a keyed session (`KEYED_SESSION`) makes once for each statement the
+    /// keyed pool runs, as (statement, plan lines); empty on SQLite. Made now, on the database
+    /// as it is, as the service's sessions make theirs on their first use of each statement.
+    pub async fn keyed_plans(&self) -> Result<Vec<(String, Vec<String>)>> {
+        let Pool::Postgres(PgPools { keyed, .. }) = &self.pool else {
+            return Ok(Vec::new());
+        };
+        // (name, parameter types where the text does not say them all, statement)
+        let mut statements = vec![(
+            "read tasks".to_owned(),
+            String::new(),
+            super::tasks::read_tasks_pg(),
+        )];
+        for (i, sql) in super::commits::COMMIT_SET.iter().enumerate() {
+            statements.push((
+                format!("commit round {i}"),
+                String::new(),
+                (*sql).to_owned(),
+            ));
+        }
+        for (i, sql) in super::commits::AFTER_CHANGES.iter().enumerate() {
+            let types = format!("({})", super::commits::AFTER_PARAM_TYPES);
+            statements.push((format!("after changes {i}"), types, (*sql).to_owned()));
+        }
+        let mut conn = keyed.acquire().await?;
+        let mut plans = Vec::with_capacity(statements.len());
+        for (name, types, sql) in statements {
+            sqlx::raw_sql(&format!("PREPARE klr_keyed_plan {types} AS {sql}"))
+                .execute(&mut *conn)
+                .await?;
+            let params: i32 = sqlx::query_scalar(
+                "SELECT cardinality(parameter_types) FROM pg_prepared_statements \
+                 WHERE name = 'klr_keyed_plan'",
+            )
+            .fetch_one(&mut *conn)
+            .await?;
+            let nulls = vec!["NULL"; usize::try_from(params).unwrap_or(0)].join(", ");
+            let plan: std::result::Result<Vec<String>, sqlx::Error> =
+                sqlx::query_scalar(&format!("EXPLAIN EXECUTE klr_keyed_plan({nulls})"))
+                    .fetch_all(&mut *conn)
+                    .await;
+            sqlx::raw_sql("DEALLOCATE klr_keyed_plan")
+                .execute(&mut *conn)
+                .await?;
+            plans.push((name, plan?));
+        }
+        Ok(plans)
     }
 }

@@ -70,9 +70,11 @@ impl Store {
     /// hide the others); ids not found are left out.
     pub async fn get_tasks(&self, ids: &[&str]) -> Result<Vec<(String, Result<Task>)>> {
         let rows: Vec<TaskRow> = match &self.pool {
-            Pool::Postgres(p) => {
-                let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY($1)");
-                sqlx::query_as(&sql).bind(ids).fetch_all(p).await?
+            Pool::Postgres(PgPools { keyed: p, .. }) => {
+                sqlx::query_as(&read_tasks_pg())
+                    .bind(ids)
+                    .fetch_all(p)
+                    .await?
             }
             Pool::Sqlite(p) => {
                 let sql = format!(
@@ -180,4 +182,9 @@ impl Store {
             })
             .collect())
     }
+}
+
+/// Postgres: the tasks with the given ids (`Store::get_tasks`, on the keyed pool).
+pub(super) fn read_tasks_pg() -> String {
+    format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY($1::text[])")
 }

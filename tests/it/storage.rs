@@ -828,14 +828,19 @@ async fn a_batch_of_new_tasks_is_checked_task_by_task(b: Backend) {
     assert_eq!(again, existing(true));
 }
 
-/// A warmed pool holds every connection it may (open_store's pool: 4), and they stay open once
-/// given back, so the first burst after a start does not wait for them.
+/// A warmed pool holds every connection it may (open_store's pool: 4; on Postgres also the
+/// keyed pool's 4 / 2 + 3), and they stay open once given back, so the first burst after a
+/// start does not wait for them.
 async fn a_warmed_pool_holds_every_connection(b: Backend) {
     let db = TestDb::new(b).await;
     let s = open_store(&db).await;
     assert!(s.connections() < 4, "a pool connects as work needs it");
     s.warm_up().await.expect("warm up");
-    assert_eq!(s.connections(), 4);
+    let keyed = match b {
+        Backend::Sqlite => 0,
+        Backend::Postgres => 5,
+    };
+    assert_eq!(s.connections(), 4 + keyed);
 }
 
 on_both_backends!(
@@ -851,4 +856,32 @@ on_both_backends!(
     every_hot_query_is_served_by_an_index,
     final_tasks_leave_the_work_indexes,
     the_generated_webhook_secret_is_kept,
+);
+
+/// The keyed pool's statements are planned once per session, on the tables as they are then:
+/// planned on a new, empty database, every one still reaches its rows through an index, so
+/// none scans a whole table once it has grown (its statistics stale until autovacuum).
+async fn the_keyed_statements_reach_rows_by_index_even_planned_on_empty_tables(b: Backend) {
+    let db = TestDb::new(b).await;
+    let s = open_store(&db).await;
+    let plans = s.keyed_plans().await.expect("plans");
+    assert_eq!(
+        plans.len(),
+        9,
+        "the read, four rounds, four after-statements"
+    );
+    let read = plans[0].1.join("\n");
+    assert!(
+        read.contains("ANY ($1)"),
+        "one plan for any ids (a generic plan), not one for the ids at hand:\n{read}"
+    );
+    for (name, plan) in &plans {
+        let text = plan.join("\n");
+        assert!(!text.contains("Seq Scan"), "{name} scans a table:\n{text}");
+    }
+}
+
+on_postgres!(
+    postgres_only;
+    the_keyed_statements_reach_rows_by_index_even_planned_on_empty_tables,
 );

@@ -31,6 +31,7 @@ macro_rules! update_from_input {
 
 mod rows;
 mod set;
+pub(super) use set::{AFTER_CHANGES, AFTER_PARAM_TYPES, COMMIT_SET};
 
 impl Store {
     /// Commits a status change decided on `expected_version`, with its event and its
@@ -47,7 +48,7 @@ impl Store {
     pub async fn commit_changes(&self, batch: &[Commit<'_>]) -> Result<Vec<bool>> {
         match &self.pool {
             Pool::Sqlite(p) => self.commit_rows(p, batch).await,
-            Pool::Postgres(p) => self.commit_set(p, batch).await,
+            Pool::Postgres(PgPools { keyed: p, .. }) => self.commit_set(p, batch).await,
         }
     }
 }

@@ -252,7 +252,7 @@ macro_rules! outbox_cte {
 
 /// `commit_set!` for a round, indexed by (some change leaves `pending`) * 2 + (some change
 /// writes a notification).
-const COMMIT_SET: [&str; 4] = [
+pub(in crate::storage) const COMMIT_SET: [&str; 4] = [
     commit_set!(),
     commit_set!(outbox_cte!()),
     commit_set!(drop_inputs_cte!()),
@@ -303,7 +303,7 @@ macro_rules! usage_ctes {
 }
 
 /// `after_changes!` for a batch, indexed by (it adds archive rows) * 2 + (it ends tasks).
-const AFTER_CHANGES: [&str; 4] = [
+pub(in crate::storage) const AFTER_CHANGES: [&str; 4] = [
     after_changes!(),
     after_changes!(usage_ctes!("WITH")),
     after_changes!(images_cte!()),
@@ -318,6 +318,12 @@ struct ImageRows<'a> {
     url: Vec<&'a str>,
     at: Vec<i64>,
 }
+
+/// The types `bind_after` binds, in order: a variant leaves some parameters unused, and a
+/// `PREPARE` of it (`Store::keyed_plans`) must be told their types.
+pub(in crate::storage) const AFTER_PARAM_TYPES: &str = "text[], int8[], text[], int8[], \
+    text[], int8[], text[], text[], int8[], int8[], int8[], text[], int8[], int8[], int8[], int8[], \
+    text, text[]";
 
 /// Binds [`AFTER_CHANGES`]'s arrays. The usage maps are ordered, so the rows go in key order.
 fn bind_after<'q>(
