@@ -210,7 +210,7 @@ impl Store {
         let _writer = self.writer().await;
         // No row locks on the select (window functions forbid them): the advisory lock already
         // serialises admission, and the claim's compare-and-set re-checks each row.
-        let select = sql::DUE_DISPATCHES;
+        let select = self.due_dispatches();
         let begin = self.begin_serialised(dialect::Serialised::Admission);
         let rows: Vec<TaskRow> = on_pool!(self, p => {
             let mut tx = p.begin_with(begin).await?;

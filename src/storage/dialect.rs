@@ -62,6 +62,15 @@ impl Store {
         }
     }
 
+    /// The dispatch claim's read of each client's next due tasks (`sql::DUE_DISPATCHES`, and on
+    /// Postgres `sql::DUE_DISPATCHES_PG`, which does not read the whole backlog).
+    pub(super) fn due_dispatches(&self) -> &'static str {
+        match self.pool {
+            Pool::Sqlite(_) => super::sql::DUE_DISPATCHES,
+            Pool::Postgres(_) => super::sql::DUE_DISPATCHES_PG,
+        }
+    }
+
     /// Row lock of a read-modify-write's read (a shared counter row): other writers wait for it.
     pub(super) fn for_update(&self) -> &'static str {
         match self.pool {

@@ -614,8 +614,76 @@ async fn a_finishing_task_holds_no_units_in_the_claim_beside_it(b: Backend) {
     store.close().await;
 }
 
+/// The claim reads, for every client with due work (a task without a client among them), its
+/// first `limit` due tasks in dispatch order (priority, due time, id), and nothing that is not
+/// due yet.
+async fn the_claim_reads_each_clients_first_due_tasks(b: Backend) {
+    use kling_relay::domain::Priority;
+    use kling_relay::storage::PendingCaps;
+    use std::collections::{BTreeMap, BTreeSet};
+    let db = TestDb::new(b).await;
+    let store = open_store(&db).await;
+    let caps = PendingCaps {
+        total: 100_000,
+        per_client: 100_000,
+    };
+    let now = 1_800_000_000_000;
+    let limit = 3;
+    // client ("" for none) -> (rank, due at, id) of its due tasks
+    let mut due: BTreeMap<String, Vec<(usize, i64, String)>> = BTreeMap::new();
+    let mut i = 0;
+    for client in [Some("a"), Some("b"), None, Some("zz")] {
+        for k in 0..9_i64 {
+            i += 1;
+            let mut r = task_record(i);
+            r.client = client.map(str::to_owned);
+            let rank = ((k * 7 + i) % 3) as usize;
+            r.priority = Priority::ALL[rank];
+            // Every third is not due yet; the others came due in no particular order.
+            r.created_at_ms = if k % 3 == 2 {
+                now + 1_000 + k
+            } else {
+                now - 1_000 + (k * 5 + i) % 9
+            };
+            if r.created_at_ms <= now {
+                due.entry(client.unwrap_or("").to_owned())
+                    .or_default()
+                    .push((rank, r.created_at_ms, r.id.clone()));
+            }
+            store.insert_task(r, None, caps).await.expect("insert");
+        }
+    }
+    let expected: BTreeMap<String, BTreeSet<String>> = due
+        .into_iter()
+        .map(|(client, mut tasks)| {
+            tasks.sort();
+            let first = tasks.into_iter().take(limit).map(|t| t.2).collect();
+            (client, first)
+        })
+        .collect();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let claimed = store
+        .claim_dispatches(now, limit as i64, now + 60_000, true, move |_, _, due| {
+            *seen2.lock().expect("lock") = due;
+            Vec::new()
+        })
+        .await
+        .expect("claim");
+    assert!(claimed.is_empty());
+    let mut read: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for c in seen.lock().expect("lock").iter() {
+        read.entry(c.client.clone())
+            .or_default()
+            .insert(c.id.clone());
+    }
+    assert_eq!(read, expected);
+    store.close().await;
+}
+
 on_both_backends!(
     a_finishing_task_holds_no_units_in_the_claim_beside_it,
+    the_claim_reads_each_clients_first_due_tasks,
     the_claim_keeps_each_clients_pass,
     the_claim_shares_units_by_weight_cap_and_priority,
     two_hundred_tasks_fit_in_ten_units,

@@ -554,3 +554,15 @@ async fn main() -> std::process::ExitCode {
     }
     std::process::ExitCode::SUCCESS
 }
+
+/// How many tasks a scenario runs: `smoke` with `--smoke`, else `KLR_BENCH_TASKS` when set (a
+/// longer measured phase, to profile it), else `full`.
+fn tasks(args: &Args, smoke: usize, full: usize) -> usize {
+    if args.smoke {
+        return smoke;
+    }
+    std::env::var("KLR_BENCH_TASKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(full)
+}

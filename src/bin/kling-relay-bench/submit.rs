@@ -5,7 +5,7 @@ use super::*;
 
 /// Scenario 2: POST /v1/tasks against the simulator with zero delays.
 pub(super) async fn submit(args: &Args, kind: &'static str) -> anyhow::Result<Vec<Row>> {
-    let n = if args.smoke { 50 } else { 2000 };
+    let n = tasks(args, 50, 2000);
     let db = Db::create(kind, &args.postgres_url).await?;
     let store = Store::connect(&db.url, 2).await?;
     store.migrate().await?;

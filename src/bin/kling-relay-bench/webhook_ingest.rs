@@ -92,15 +92,7 @@ fn callback_body(upstream: &str, status: &str, updated_at: i64) -> String {
 
 /// Scenario 1: callbacks for distinct tasks, beside a bare HTTP handler and bare storage writes.
 pub(super) async fn webhook_ingest(args: &Args, kind: &'static str) -> anyhow::Result<Vec<Row>> {
-    // KLR_BENCH_WEBHOOK_TASKS: more tasks make a longer measured phase (to profile it).
-    let n = match std::env::var("KLR_BENCH_WEBHOOK_TASKS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        Some(n) if !args.smoke => n,
-        _ if args.smoke => 100,
-        _ => 5000,
-    };
+    let n = tasks(args, 100, 5000);
     let db = Db::create(kind, &args.postgres_url).await?;
     let store = Store::connect(&db.url, 8).await?;
     store.migrate().await?;
