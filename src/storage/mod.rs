@@ -87,8 +87,8 @@ enum Pool {
     Postgres(PgPools),
 }
 
-/// Postgres has two pools on the same database: `main` for everything but the intake path's
-/// grouped reads, commits and inserts, which use `keyed`, whose sessions plan differently
+/// Postgres has two pools on the same database: `main` for everything but the grouped task
+/// reads and status-change commits, which use `keyed`, whose sessions plan differently
 /// (`pool::KEYED_SESSION` says how and why).
 #[derive(Clone, Debug)]
 struct PgPools {

@@ -35,7 +35,7 @@ pub(super) fn take_lock(
 const IDLE_CHECK_AFTER: Duration = Duration::from_secs(1);
 
 /// The session settings of the keyed pool (`PgPools::keyed`). Its statements (the grouped
-/// reads, commits and inserts of the intake path) reach rows by key only, and run thousands of
+/// task reads and status-change commits of the intake path) reach rows by key only, and run thousands of
 /// times a second with arrays of a handful of rows: Postgres planned each afresh, because a
 /// plan made for the array at hand looks cheaper than one made for any array, and planning
 /// was a quarter of the database's CPU under callbacks. A generic plan is made once per
@@ -48,10 +48,10 @@ const KEYED_SESSION: [(&str, &str); 2] = [
     ("enable_seqscan", "off"),
 ];
 
-/// Connections of the keyed pool: the commit writers (half of `max_connections`), the two
-/// task readers and the task writer (`service::Relay::start`).
-pub(super) fn hot_connections(max_connections: u32) -> u32 {
-    (max_connections / 2).max(1) + 3
+/// Connections of the keyed pool: the commit writers (half of `max_connections`) and the two
+/// task readers (`service::Relay::start`).
+fn keyed_connections(max_connections: u32) -> u32 {
+    (max_connections / 2).max(1) + 2
 }
 
 /// A Postgres pool of up to `max` connections, opened as work needs them.
@@ -106,9 +106,10 @@ impl Store {
             )
         } else {
             let opts = PgConnectOptions::from_str(url)?;
-            let keyed = pg_pool(hot_connections(max_connections))
-                .connect_with(opts.clone().options(KEYED_SESSION))
-                .await?;
+            // Lazy: a CLI command that never reads a task through it opens none (`serve` fills
+            // it before it listens, `warm_up`).
+            let keyed = pg_pool(keyed_connections(max_connections))
+                .connect_lazy_with(opts.clone().options(KEYED_SESSION));
             Pool::Postgres(PgPools {
                 main: pg_pool(max_connections).connect_with(opts).await?,
                 keyed,
