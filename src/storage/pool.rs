@@ -305,17 +305,8 @@ impl Store {
             sqlx::raw_sql(&format!("PREPARE klr_keyed_plan {types} AS {sql}"))
                 .execute(&mut *conn)
                 .await?;
-            let params: i32 = sqlx::query_scalar(
-                "SELECT cardinality(parameter_types) FROM pg_prepared_statements \
-                 WHERE name = 'klr_keyed_plan'",
-            )
-            .fetch_one(&mut *conn)
-            .await?;
-            let nulls = vec!["NULL"; usize::try_from(params).unwrap_or(0)].join(", ");
-            let plan: std::result::Result<Vec<String>, sqlx::Error> =
-                sqlx::query_scalar(&format!("EXPLAIN EXECUTE klr_keyed_plan({nulls})"))
-                    .fetch_all(&mut *conn)
-                    .await;
+            // Deallocated whatever the explain gives, so the pooled session is left as it was.
+            let plan = explain_prepared(&mut conn, "klr_keyed_plan").await;
             sqlx::raw_sql("DEALLOCATE klr_keyed_plan")
                 .execute(&mut *conn)
                 .await?;
@@ -323,4 +314,21 @@ impl Store {
         }
         Ok(plans)
     }
+}
+
+/// The plan of prepared statement `name` (every parameter NULL: a generic plan does not look at
+/// them), one line per step.
+async fn explain_prepared(conn: &mut sqlx::PgConnection, name: &str) -> Result<Vec<String>> {
+    let params: i32 = sqlx::query_scalar(
+        "SELECT cardinality(parameter_types) FROM pg_prepared_statements WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_one(&mut *conn)
+    .await?;
+    let nulls = vec!["NULL"; usize::try_from(params).unwrap_or(0)].join(", ");
+    Ok(
+        sqlx::query_scalar(&format!("EXPLAIN EXECUTE {name}({nulls})"))
+            .fetch_all(&mut *conn)
+            .await?,
+    )
 }
