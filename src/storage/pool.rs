@@ -286,7 +286,7 @@ impl Store {
         let mut statements = vec![(
             "read tasks".to_owned(),
             String::new(),
-            super::tasks::read_tasks_pg(),
+            super::tasks::READ_TASKS_PG.clone(),
         )];
         for (i, sql) in super::commits::COMMIT_SET.iter().enumerate() {
             statements.push((

@@ -20,19 +20,31 @@ pub const NEXT_POLL_DUE: &str = "SELECT MIN(poll_due_at) FROM tasks WHERE poll_d
 pub const EVENTS: &str = "SELECT at, source, status, upstream_status, detail, upstream_payload \
         FROM task_events \
         WHERE task_id = $1 ORDER BY id";
+/// A client's waiting tasks in dispatch order: priority, then due time, then id. On Postgres
+/// the priority's rank is also an expression of `tasks_dispatch_by_client` (migration 0017),
+/// which `DUE_DISPATCHES_PG` reads only as long as the two say the same.
+macro_rules! dispatch_order {
+    () => {
+        "CASE priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END, next_dispatch_at, id"
+    };
+}
 /// Pending tasks whose dispatch is due, most overdue first.
-pub const DUE_DISPATCHES: &str = "SELECT id, n, created_at, dispatch_started_at, client, \
+pub const DUE_DISPATCHES: &str = concat!(
+    "SELECT id, n, created_at, dispatch_started_at, client, \
         priority FROM (SELECT id, n, created_at, dispatch_started_at, \
         COALESCE(client, '') AS client, priority, ROW_NUMBER() OVER (PARTITION BY client \
-        ORDER BY CASE priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END, \
-        next_dispatch_at, id) AS place FROM tasks WHERE next_dispatch_at IS NOT NULL \
-        AND next_dispatch_at <= $1) AS due WHERE place <= $2";
+        ORDER BY ",
+    dispatch_order!(),
+    ") AS place FROM tasks WHERE next_dispatch_at IS NOT NULL \
+        AND next_dispatch_at <= $1) AS due WHERE place <= $2"
+);
 /// Postgres: [`DUE_DISPATCHES`] without reading the whole backlog. The clients with due work are
 /// found by skipping through `tasks_dispatch_by_client` (one index probe per client), then each
 /// client's first `$2` in dispatch order are that index's first entries for it. The window query
 /// read and sorted every due task on every pass: with thousands waiting, the dispatcher spent
 /// its time sorting them (SQLite keeps it; its passes run in-process).
-pub const DUE_DISPATCHES_PG: &str = "WITH RECURSIVE due_clients (client) AS (\
+pub const DUE_DISPATCHES_PG: &str = concat!(
+    "WITH RECURSIVE due_clients (client) AS (\
         (SELECT COALESCE(client, '') FROM tasks \
         WHERE next_dispatch_at IS NOT NULL AND next_dispatch_at <= $1 \
         ORDER BY COALESCE(client, '') LIMIT 1) \
@@ -44,9 +56,10 @@ pub const DUE_DISPATCHES_PG: &str = "WITH RECURSIVE due_clients (client) AS (\
     FROM due_clients d CROSS JOIN LATERAL (SELECT id, n, created_at, dispatch_started_at, \
         priority FROM tasks WHERE COALESCE(client, '') = d.client \
         AND next_dispatch_at IS NOT NULL AND next_dispatch_at <= $1 \
-        ORDER BY CASE priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END, \
-        next_dispatch_at, id LIMIT $2) AS t \
-    WHERE d.client IS NOT NULL";
+        ORDER BY ",
+    dispatch_order!(),
+    " LIMIT $2) AS t WHERE d.client IS NOT NULL"
+);
 /// The `held` rows of [`ACCOUNT_SHARES`]: tasks holding units upstream, in flight or possibly
 /// in flight. One statement, so no task is missed or counted twice when another replica's
 /// commit moves it between the two kinds.

@@ -71,7 +71,7 @@ impl Store {
     pub async fn get_tasks(&self, ids: &[&str]) -> Result<Vec<(String, Result<Task>)>> {
         let rows: Vec<TaskRow> = match &self.pool {
             Pool::Postgres(PgPools { keyed: p, .. }) => {
-                sqlx::query_as(&read_tasks_pg())
+                sqlx::query_as(READ_TASKS_PG.as_str())
                     .bind(ids)
                     .fetch_all(p)
                     .await?
@@ -184,7 +184,8 @@ impl Store {
     }
 }
 
-/// Postgres: the tasks with the given ids (`Store::get_tasks`, on the keyed pool).
-pub(super) fn read_tasks_pg() -> String {
+/// Postgres: the tasks with the given ids (`Store::get_tasks`, on the keyed pool), written once
+/// rather than on every grouped read.
+pub(super) static READ_TASKS_PG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY($1::text[])")
-}
+});

@@ -8,6 +8,12 @@ use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+/// Caps no test here reaches: the claim, not the queue's bounds, is what these tests look at.
+const ROOMY: kling_relay::storage::PendingCaps = kling_relay::storage::PendingCaps {
+    total: 100_000,
+    per_client: 100_000,
+};
+
 fn body_with_n(n: u8) -> Value {
     let mut b = valid_body();
     b["n"] = json!(n);
@@ -343,7 +349,6 @@ async fn the_claim_shares_units_by_weight_cap_and_priority(b: Backend) {
     use kling_relay::domain::admission::{Admission, AdmissionConfig, Candidate};
     use kling_relay::domain::Priority;
     use kling_relay::service::clients::set_share;
-    use kling_relay::storage::PendingCaps;
     let db = TestDb::new(b).await;
     let store = open_store(&db).await;
     for name in ["a", "b", "c"] {
@@ -355,10 +360,7 @@ async fn the_claim_shares_units_by_weight_cap_and_priority(b: Backend) {
         .await
         .expect("cap");
     set_share(&store, "b", Some(2), None).await.expect("weight");
-    let caps = PendingCaps {
-        total: 100_000,
-        per_client: 100_000,
-    };
+    let caps = ROOMY;
     let mut i = 0;
     let mut add = |client: &str, priority: Priority| {
         i += 1;
@@ -460,7 +462,6 @@ async fn the_claim_shares_units_by_weight_cap_and_priority(b: Backend) {
 async fn the_claim_keeps_each_clients_pass(b: Backend) {
     use kling_relay::domain::fair_share::PASS_SCALE;
     use kling_relay::service::clients::set_share;
-    use kling_relay::storage::PendingCaps;
     let db = TestDb::new(b).await;
     let store = open_store(&db).await;
     for name in ["a", "b"] {
@@ -469,10 +470,7 @@ async fn the_claim_keeps_each_clients_pass(b: Backend) {
             .expect("client");
     }
     set_share(&store, "b", Some(2), None).await.expect("weight");
-    let caps = PendingCaps {
-        total: 100_000,
-        per_client: 100_000,
-    };
+    let caps = ROOMY;
     let mut ids = std::collections::HashMap::new();
     for (i, (client, n)) in [("a", 3), ("a", 2), ("b", 4), ("b", 1)]
         .into_iter()
@@ -619,14 +617,10 @@ async fn a_finishing_task_holds_no_units_in_the_claim_beside_it(b: Backend) {
 /// due yet.
 async fn the_claim_reads_each_clients_first_due_tasks(b: Backend) {
     use kling_relay::domain::Priority;
-    use kling_relay::storage::PendingCaps;
     use std::collections::{BTreeMap, BTreeSet};
     let db = TestDb::new(b).await;
     let store = open_store(&db).await;
-    let caps = PendingCaps {
-        total: 100_000,
-        per_client: 100_000,
-    };
+    let caps = ROOMY;
     let now = 1_800_000_000_000;
     let limit = 3;
     // client ("" for none) -> (rank, due at, id) of its due tasks

@@ -73,26 +73,18 @@ async fn every_hot_query_is_served_by_an_index(b: Backend) {
     assert_served_by(b, &plan, "tasks_poll_due");
     // Each client's next dispatches: SQLite windows over the due index; Postgres skips from
     // client to client through its own index and reads each one's first few.
-    match b {
-        Backend::Sqlite => {
-            let plan = s
-                .explain(sql::DUE_DISPATCHES, &[int(1), int(10)])
-                .await
-                .unwrap();
-            assert_served_by(b, &plan, "tasks_dispatch_due");
-        }
-        Backend::Postgres => {
-            let plan = s
-                .explain(sql::DUE_DISPATCHES_PG, &[int(1), int(10)])
-                .await
-                .unwrap();
-            assert_served_by(b, &plan, "tasks_dispatch_by_client");
-            let text = plan.join("\n");
-            assert!(
-                !text.contains("WindowAgg") && text.contains("Limit"),
-                "each client's first few, not every due task:\n{text}"
-            );
-        }
+    let (due, index) = match b {
+        Backend::Sqlite => (sql::DUE_DISPATCHES, "tasks_dispatch_due"),
+        Backend::Postgres => (sql::DUE_DISPATCHES_PG, "tasks_dispatch_by_client"),
+    };
+    let plan = s.explain(due, &[int(1), int(10)]).await.unwrap();
+    assert_served_by(b, &plan, index);
+    if b == Backend::Postgres {
+        let text = plan.join("\n");
+        assert!(
+            !text.contains("WindowAgg") && text.contains("Limit"),
+            "each client's first few, not every due task:\n{text}"
+        );
     }
     // Admission's count of what holds the account: open tasks only, by status (the in-doubt half
     // reads pending tasks, at most `dispatch.max_pending`, or the partial in-flight index).
