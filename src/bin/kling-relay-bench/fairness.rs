@@ -197,6 +197,7 @@ async fn newcomer(args: &Args, kind: &'static str, duration: Duration) -> anyhow
         of_limit: None,
         service_peak_rss_mb: None,
         service_idle_rss_mb: None,
+        cpu: None,
     };
     let raw = Row {
         scenario: "fairness".into(),
@@ -216,6 +217,7 @@ async fn newcomer(args: &Args, kind: &'static str, duration: Duration) -> anyhow
         of_limit: None,
         service_peak_rss_mb: None,
         service_idle_rss_mb: None,
+        cpu: None,
     };
     Ok(vec![raw, others])
 }
@@ -314,6 +316,7 @@ async fn equal_weights(args: &Args, kind: &'static str, duration: Duration) -> a
         of_limit: Some(share_a),
         service_peak_rss_mb: None,
         service_idle_rss_mb: None,
+        cpu: None,
     })
 }
 

@@ -9,6 +9,7 @@
 //! processes, the table); the scenarios are in files of their own.
 
 mod amplification;
+mod cpu;
 mod end_to_end;
 mod fairness;
 mod history;
@@ -81,6 +82,9 @@ struct Row {
     service_peak_rss_mb: Option<f64>,
     /// The service's resident memory when idle, before the load (MB).
     service_idle_rss_mb: Option<f64>,
+    /// Where the CPU went during this measure, where the scenario records it.
+    #[serde(flatten)]
+    cpu: Option<cpu::CpuUse>,
 }
 
 struct Stats {
@@ -116,6 +120,7 @@ impl Stats {
             of_limit: None,
             service_peak_rss_mb: None,
             service_idle_rss_mb: None,
+            cpu: None,
         }
     }
 }
@@ -342,6 +347,10 @@ impl Service {
         Ok(Service { child, base })
     }
 
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// (current, peak) resident memory in MB, from /proc.
     fn rss_mb(&self) -> (Option<f64>, Option<f64>) {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -465,6 +474,27 @@ fn print_table(rows: &[Row]) {
                 .unwrap_or_default(),
         );
     }
+    let with_cpu: Vec<(&Row, cpu::CpuUse)> =
+        rows.iter().filter_map(|r| Some((r, r.cpu?))).collect();
+    if !with_cpu.is_empty() {
+        println!(
+            "\nCPU per op (µs) and the machine's idle share, by measure:\n{:<15} {:<9} {:<40} {:>8} {:>8} {:>9} {:>9}",
+            "scenario", "db", "measure", "db", "service", "generator", "idle"
+        );
+        let us = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
+        for (r, c) in with_cpu {
+            println!(
+                "{:<15} {:<9} {:<40} {:>8} {:>8} {:>9.0} {:>8.0}%",
+                r.scenario,
+                r.db,
+                r.measure,
+                us(c.db_cpu_us_per_op),
+                us(c.service_cpu_us_per_op),
+                c.generator_cpu_us_per_op,
+                c.machine_idle_share * 100.0
+            );
+        }
+    }
     for r in rows.iter().filter(|r| r.service_idle_rss_mb.is_some()) {
         println!(
             "service idle RSS ({}, {}): {:.1} MB",
@@ -553,6 +583,16 @@ async fn main() -> std::process::ExitCode {
         return std::process::ExitCode::FAILURE;
     }
     std::process::ExitCode::SUCCESS
+}
+
+/// The CPU spent since `before`, over `ops` operations; None where `/proc` is not there.
+fn spent(
+    before: Option<cpu::CpuMark>,
+    service: Option<u32>,
+    postgres: bool,
+    ops: usize,
+) -> Option<cpu::CpuUse> {
+    Some(before?.until(&cpu::mark(service, postgres)?, ops))
 }
 
 /// How many tasks a scenario runs: `smoke` with `--smoke`, else `KLR_BENCH_TASKS` when set (a

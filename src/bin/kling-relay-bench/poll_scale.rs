@@ -95,6 +95,7 @@ pub(super) async fn poll_scale(args: &Args, kind: &'static str) -> anyhow::Resul
             of_limit: None,
             service_peak_rss_mb: peak,
             service_idle_rss_mb: None,
+            cpu: None,
         });
     }
     Ok(rows)

@@ -32,6 +32,8 @@ pub(super) async fn submit(args: &Args, kind: &'static str) -> anyhow::Result<Ve
     let addr = svc.addr()?;
     let headers = format!("authorization: Bearer {key}\r\nprefer: respond-async\r\n");
     let body = task_body().to_string();
+    let pg = kind == "postgres";
+    let before = cpu::mark(Some(svc.pid()), pg);
     let async_stats = lean_http::load_raw(
         "submit respond-async",
         n,
@@ -40,6 +42,7 @@ pub(super) async fn submit(args: &Args, kind: &'static str) -> anyhow::Result<Ve
         move |_| lean_http::request("POST", "/v1/tasks", addr, &headers, &body),
     )
     .await;
+    let async_cpu = spent(before, Some(svc.pid()), pg, n);
     let (_, peak) = svc.rss_mb();
     drop(svc);
     // The limit beside it: single-row update transactions on the same database, same concurrency.
@@ -63,5 +66,6 @@ pub(super) async fn submit(args: &Args, kind: &'static str) -> anyhow::Result<Ve
     let limit = storage_limit.row("submit", kind, "storage limit (sqlx updates)");
     let mut fast = async_stats.row("submit", kind, "POST /v1/tasks, Prefer: respond-async");
     fast.of_limit = Some(fast.per_second / limit.per_second.max(1e-9));
+    fast.cpu = async_cpu;
     Ok(vec![row, fast, limit])
 }

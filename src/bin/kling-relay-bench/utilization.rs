@@ -184,6 +184,7 @@ pub async fn utilization(args: &Args, kind: &'static str) -> anyhow::Result<Vec<
             of_limit: (makespan_s > 0.0).then(|| bound_s / makespan_s),
             service_peak_rss_mb: None,
             service_idle_rss_mb: None,
+            cpu: None,
         });
     }
     Ok(rows)

@@ -107,6 +107,8 @@ pub(super) async fn webhook_ingest(args: &Args, kind: &'static str) -> anyhow::R
     // The service: processing then succeed for each task, as CometAPI would.
     let addr = svc.addr()?;
     let ids2 = ids.clone();
+    let pg = kind == "postgres";
+    let before = cpu::mark(Some(svc.pid()), pg);
     let service = lean_http::load_raw("webhook-ingest service", 2 * n, c, addr, move |i| {
         let t = i / 2;
         let id = &ids2[t];
@@ -121,6 +123,7 @@ pub(super) async fn webhook_ingest(args: &Args, kind: &'static str) -> anyhow::R
         )
     })
     .await;
+    let service_cpu = spent(before, Some(svc.pid()), pg, 2 * n);
     let (_, peak) = svc.rss_mb();
     // Every acknowledged callback is in the database: each task got its `succeed` acknowledged
     // unless a send failed, so more unfinished tasks than failed sends means a lost change.
@@ -163,6 +166,7 @@ pub(super) async fn webhook_ingest(args: &Args, kind: &'static str) -> anyhow::R
     // on the same database, with the same concurrency.
     let raw = Store::connect(&db.url, 8).await?;
     let (ids2, raw2) = (ids.clone(), raw.clone());
+    let before = cpu::mark(None, pg);
     let storage_limit = load("webhook-ingest storage limit", 2 * n, c, move |i| {
         let (ids, raw) = (ids2.clone(), raw2.clone());
         async move {
@@ -172,6 +176,7 @@ pub(super) async fn webhook_ingest(args: &Args, kind: &'static str) -> anyhow::R
         }
     })
     .await;
+    let storage_cpu = spent(before, None, pg, 2 * n);
     // The database's own limit: SQLite, one writer looping the same single-row update (what a
     // single-writer database allows); Postgres, pgbench at the same concurrency (below).
     let (ids2, raw2) = (ids.clone(), raw.clone());
@@ -187,23 +192,27 @@ pub(super) async fn webhook_ingest(args: &Args, kind: &'static str) -> anyhow::R
     raw.close().await;
     store.close().await;
     drop(svc);
+    let before = cpu::mark(None, pg);
     let pgbench = match (kind, &db.pg) {
         ("postgres", Some((admin, name))) => pgbench_limit(admin, name, c).await,
         _ => None,
     };
+    let pgbench_cpu = pgbench.and_then(|(_, txs)| spent(before, None, pg, txs));
     sim.stop();
     db.remove().await;
 
     let mut s = service.row("webhook-ingest", kind, "service");
     s.errors += lost;
+    s.cpu = service_cpu;
     let hl = http_limit.row("webhook-ingest", kind, "http limit (bare axum)");
-    let sl = storage_limit.row("webhook-ingest", kind, "storage limit (sqlx updates)");
+    let mut sl = storage_limit.row("webhook-ingest", kind, "storage limit (sqlx updates)");
+    sl.cpu = storage_cpu;
     let mut sw = single_writer.row("webhook-ingest", kind, "single-row updates, one writer");
     s.of_limit = Some(s.per_second / sl.per_second);
     s.service_peak_rss_mb = peak;
     s.service_idle_rss_mb = idle;
     let mut rows = vec![s.clone(), hl, sl];
-    if let Some(tps) = pgbench {
+    if let Some((tps, _)) = pgbench {
         let mut pg = sw.clone();
         pg.measure = format!("pgbench single-row updates, {c} clients (tx/s)");
         pg.ops = 0;
@@ -213,6 +222,7 @@ pub(super) async fn webhook_ingest(args: &Args, kind: &'static str) -> anyhow::R
         pg.p99_ms = 0.0;
         pg.max_ms = 0.0;
         pg.of_limit = Some(s.per_second / tps.max(1e-9));
+        pg.cpu = pgbench_cpu;
         rows.push(pg);
     } else {
         sw.of_limit = Some(s.per_second / sw.per_second.max(1e-9));
@@ -222,8 +232,9 @@ pub(super) async fn webhook_ingest(args: &Args, kind: &'static str) -> anyhow::R
 }
 
 /// Postgres's own single-row update transactions per second (pgbench, `clients` connections,
-/// 5 s) on a tasks-shaped table in the scenario's database; None when pgbench is missing.
-async fn pgbench_limit(admin: &str, db_name: &str, clients: usize) -> Option<f64> {
+/// 5 s) on a tasks-shaped table in the scenario's database, and how many it ran; None when
+/// pgbench is missing.
+async fn pgbench_limit(admin: &str, db_name: &str, clients: usize) -> Option<(f64, usize)> {
     let mut u = url::Url::parse(admin).ok()?;
     u.set_path(&format!("/{db_name}"));
     let url = u.to_string();
@@ -270,11 +281,19 @@ async fn pgbench_limit(admin: &str, db_name: &str, clients: usize) -> Option<f64
         .find(|l| l.starts_with("tps = "))
         .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next())
         .and_then(|v| v.parse().ok());
+    let txs = text
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("number of transactions actually processed: ")
+        })
+        .and_then(|v| v.split(['/', ' ']).next())
+        .and_then(|v| v.parse().ok());
     if tps.is_none() {
         eprintln!(
             "  pgbench gave no figure: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    tps
+    Some((tps?, txs.unwrap_or(0)))
 }
