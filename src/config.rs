@@ -862,6 +862,10 @@ mod tests {
         assert_eq!(s.cometapi.base_url, "");
         assert!(s.cometapi.api_key.is_empty());
         assert!(s.require_api_key().is_err());
+        // A writer that waits for its batch to fill holds a closed loop of senders in step
+        // (BENCHMARKS §14): by default it takes what is queued.
+        assert_eq!(s.database.group_commit_max_wait, Duration::ZERO);
+        assert_eq!(s.database.group_commit_max_batch, 256);
     }
 
     #[test]
