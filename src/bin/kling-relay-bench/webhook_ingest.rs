@@ -97,38 +97,34 @@ pub(super) async fn webhook_ingest(args: &Args, kind: &'static str) -> anyhow::R
     let store = Store::connect(&db.url, 8).await?;
     store.migrate().await?;
     client_key(&store).await?;
-    let ids = Arc::new(seed_submitted(&store, n).await?);
+    let ids = Arc::new(seed_submitted(&store, 2 * n).await?);
     store.bench_analyze().await?;
     let sim = simulator(Duration::from_secs(3600), Duration::from_secs(3600)).await?;
     let svc = Service::start(&db, &sim, &[]).await?;
     let (idle, _) = svc.rss_mb();
     let c = args.concurrency;
 
-    // The service: processing then succeed for each task, as CometAPI would.
+    // The service: a `processing` for each task, then a `succeed` for each, as CometAPI sends
+    // them (a generation apart). Then the stress case on tasks of their own: each task's two
+    // callbacks sent together, so about a third lose their compare-and-set to the other and are
+    // decided again on the fresh row.
     let addr = svc.addr()?;
-    let ids2 = ids.clone();
     let pg = kind == "postgres";
     let before = cpu::mark(Some(svc.pid()), pg);
-    let service = lean_http::load_raw("webhook-ingest service", 2 * n, c, addr, move |i| {
-        let t = i / 2;
-        let id = &ids2[t];
-        let status = if i % 2 == 0 { "processing" } else { "succeed" };
-        let token = kling_relay::service::webhook_token(WEBHOOK_SECRET.as_bytes(), id);
-        lean_http::request(
-            "POST",
-            &format!("/webhooks/cometapi/{id}?token={token}"),
-            addr,
-            "",
-            &callback_body(&format!("u{t}"), status, 10 + i as i64),
-        )
+    let service = callbacks("webhook-ingest service", &ids, 0, n, c, addr, move |i| {
+        (i % n, if i < n { "processing" } else { "succeed" })
     })
     .await;
     let service_cpu = spent(before, Some(svc.pid()), pg, 2 * n);
+    let racing = callbacks("webhook-ingest racing pairs", &ids, n, n, c, addr, |i| {
+        (i / 2, if i % 2 == 0 { "processing" } else { "succeed" })
+    })
+    .await;
     let (_, peak) = svc.rss_mb();
     // Every acknowledged callback is in the database: each task got its `succeed` acknowledged
     // unless a send failed, so more unfinished tasks than failed sends means a lost change.
     let unfinished = usize::try_from(store.bench_count_open().await?).unwrap_or(usize::MAX);
-    let lost = unfinished.saturating_sub(service.errors);
+    let lost = unfinished.saturating_sub(service.errors + racing.errors);
     if lost > 0 {
         eprintln!("  webhook-ingest: {lost} acknowledged callbacks not in the database");
     }
@@ -204,14 +200,20 @@ pub(super) async fn webhook_ingest(args: &Args, kind: &'static str) -> anyhow::R
     let mut s = service.row("webhook-ingest", kind, "service");
     s.errors += lost;
     s.cpu = service_cpu;
+    let mut race = racing.row(
+        "webhook-ingest",
+        kind,
+        "service, each task's callbacks racing",
+    );
     let hl = http_limit.row("webhook-ingest", kind, "http limit (bare axum)");
     let mut sl = storage_limit.row("webhook-ingest", kind, "storage limit (sqlx updates)");
     sl.cpu = storage_cpu;
     let mut sw = single_writer.row("webhook-ingest", kind, "single-row updates, one writer");
     s.of_limit = Some(s.per_second / sl.per_second);
+    race.of_limit = Some(race.per_second / sl.per_second);
     s.service_peak_rss_mb = peak;
     s.service_idle_rss_mb = idle;
-    let mut rows = vec![s.clone(), hl, sl];
+    let mut rows = vec![s.clone(), race, hl, sl];
     if let Some((tps, _)) = pgbench {
         let mut pg = sw.clone();
         pg.measure = format!("pgbench single-row updates, {c} clients (tx/s)");
@@ -229,6 +231,34 @@ pub(super) async fn webhook_ingest(args: &Args, kind: &'static str) -> anyhow::R
         rows.push(sw);
     }
     Ok(rows)
+}
+
+/// `2 * n` callbacks for the `n` tasks from `ids[first]`: callback `i` is `pick(i)`, a task's
+/// index among them and the status reported.
+async fn callbacks(
+    label: &str,
+    ids: &Arc<Vec<String>>,
+    first: usize,
+    n: usize,
+    concurrency: usize,
+    addr: std::net::SocketAddr,
+    pick: impl Fn(usize) -> (usize, &'static str) + Send + Sync + 'static,
+) -> Stats {
+    let ids = ids.clone();
+    lean_http::load_raw(label, 2 * n, concurrency, addr, move |i| {
+        let (t, status) = pick(i);
+        let t = first + t;
+        let id = &ids[t];
+        let token = kling_relay::service::webhook_token(WEBHOOK_SECRET.as_bytes(), id);
+        lean_http::request(
+            "POST",
+            &format!("/webhooks/cometapi/{id}?token={token}"),
+            addr,
+            "",
+            &callback_body(&format!("u{t}"), status, 10 + i as i64),
+        )
+    })
+    .await
 }
 
 /// Postgres's own single-row update transactions per second (pgbench, `clients` connections,
