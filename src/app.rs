@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 /// Opens the database named in the settings and applies pending migrations.
 pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
     let db = &settings.database;
-    let store = Store::connect(&db.url, db.max_connections)
+    let store = Store::connect_with_writers(&db.url, db.max_connections, db.commit_writers)
         .await
         .with_context(|| format!("cannot open database {}", redact_url(&db.url)))?;
     store.migrate().await.context("cannot apply migrations")?;

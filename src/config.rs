@@ -184,6 +184,8 @@ pub struct ServerSettings {
 pub struct DatabaseSettings {
     pub url: String,
     pub max_connections: u32,
+    /// Postgres: status-change batches committing at once (SQLite has one writer).
+    pub commit_writers: u32,
     /// Most status changes committed in one transaction (1: each alone).
     pub group_commit_max_batch: usize,
     /// Once several changes are queued, how long the writer waits for more before committing.
@@ -197,6 +199,7 @@ impl fmt::Debug for DatabaseSettings {
         f.debug_struct("DatabaseSettings")
             .field("url", &redact_url(&self.url))
             .field("max_connections", &self.max_connections)
+            .field("commit_writers", &self.commit_writers)
             .field("group_commit_max_batch", &self.group_commit_max_batch)
             .field("group_commit_max_wait", &self.group_commit_max_wait)
             .finish()
@@ -498,6 +501,9 @@ impl Settings {
         }
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+        if !(1..=64).contains(&self.database.commit_writers) {
+            return Err(invalid("database.commit_writers", "must be from 1 to 64"));
         }
         if !(1..=4096).contains(&self.database.group_commit_max_batch) {
             return Err(invalid(
@@ -866,6 +872,9 @@ mod tests {
         // (BENCHMARKS §14): by default it takes what is queued.
         assert_eq!(s.database.group_commit_max_wait, Duration::ZERO);
         assert_eq!(s.database.group_commit_max_batch, 256);
+        // One writer gathers the largest batches: on Postgres each writer more cost CPU per
+        // change (BENCHMARKS §14).
+        assert_eq!(s.database.commit_writers, 1);
     }
 
     #[test]

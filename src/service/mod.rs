@@ -237,9 +237,10 @@ impl Relay {
         } else {
             crate::archive::Archive::in_memory()
         };
-        // SQLite has one writer at a time; on Postgres half the pool commits batches at once.
+        // SQLite has one writer at a time; on Postgres, `database.commit_writers` batches
+        // commit at once (the keyed pool holds a connection for each, `app::open_store`).
         let writers = match store.backend() {
-            "postgres" => (settings.database.max_connections as usize / 2).max(1),
+            "postgres" => settings.database.commit_writers.max(1) as usize,
             _ => 1,
         };
         let group_commit = group_commit::GroupCommit::start(

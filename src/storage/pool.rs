@@ -48,10 +48,10 @@ const KEYED_SESSION: [(&str, &str); 2] = [
     ("enable_seqscan", "off"),
 ];
 
-/// Connections of the keyed pool: the commit writers (half of `max_connections`) and the two
-/// task readers (`service::Relay::start`).
-fn keyed_connections(max_connections: u32) -> u32 {
-    (max_connections / 2).max(1) + 2
+/// Connections of the keyed pool: the commit writers and the two task readers
+/// (`service::Relay::start`).
+fn keyed_connections(commit_writers: u32) -> u32 {
+    commit_writers.max(1) + 2
 }
 
 /// A Postgres pool of up to `max` connections, opened as work needs them.
@@ -75,8 +75,19 @@ fn pg_pool(max: u32) -> PgPoolOptions {
 }
 
 impl Store {
-    /// Opens (and for SQLite creates) the database named by `url`.
+    /// Opens (and for SQLite creates) the database named by `url`, with room in the keyed pool
+    /// for one commit writer.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
+        Self::connect_with_writers(url, max_connections, 1).await
+    }
+
+    /// `connect`, with room in Postgres's keyed pool for `commit_writers` status-change
+    /// batches committing at once (`database.commit_writers`).
+    pub async fn connect_with_writers(
+        url: &str,
+        max_connections: u32,
+        commit_writers: u32,
+    ) -> Result<Store> {
         let pool = if url.starts_with("sqlite:") {
             let opts = SqliteConnectOptions::from_str(url)?;
             if let Some(dir) = opts.get_filename().parent() {
@@ -108,7 +119,7 @@ impl Store {
             let opts = PgConnectOptions::from_str(url)?;
             // Lazy: a CLI command that never reads a task through it opens none (`serve` fills
             // it before it listens, `warm_up`).
-            let keyed = pg_pool(keyed_connections(max_connections))
+            let keyed = pg_pool(keyed_connections(commit_writers))
                 .connect_lazy_with(opts.clone().options(KEYED_SESSION));
             Pool::Postgres(PgPools {
                 main: pg_pool(max_connections).connect_with(opts).await?,

@@ -839,7 +839,7 @@ async fn a_batch_of_new_tasks_is_checked_task_by_task(b: Backend) {
 }
 
 /// A warmed pool holds every connection it may (open_store's pool: 4; on Postgres also the
-/// keyed pool's 4 / 2 + 2), and they stay open once given back, so the first burst after a
+/// keyed pool's one commit writer + 2 readers), and they stay open once given back, so the first burst after a
 /// start does not wait for them.
 async fn a_warmed_pool_holds_every_connection(b: Backend) {
     let db = TestDb::new(b).await;
@@ -848,7 +848,7 @@ async fn a_warmed_pool_holds_every_connection(b: Backend) {
     s.warm_up().await.expect("warm up");
     let keyed = match b {
         Backend::Sqlite => 0,
-        Backend::Postgres => 4,
+        Backend::Postgres => 3,
     };
     assert_eq!(s.connections(), 4 + keyed);
 }
