@@ -878,6 +878,19 @@ mod tests {
     }
 
     #[test]
+    fn commit_writers_out_of_range_is_refused_by_name() {
+        for bad in [0, 65] {
+            let mut s = Settings::defaults().unwrap();
+            s.database.commit_writers = bad;
+            let err = s.validate().unwrap_err().to_string();
+            assert!(err.contains("database.commit_writers"), "{bad}: {err}");
+        }
+        let mut s = Settings::defaults().unwrap();
+        s.database.commit_writers = 64;
+        assert!(s.validate().is_ok());
+    }
+
+    #[test]
     fn a_syntax_error_names_the_file_not_an_empty_key() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("relay.toml");
