@@ -293,12 +293,32 @@ pub struct GroupInsert {
     queues: Queues<InsertJob>,
 }
 
+/// Submits taken before the first statistics refresh; each refresh doubles it.
+const FIRST_STATISTICS_REFRESH: u64 = 1000;
+
 impl GroupInsert {
     pub fn start(store: Store, max_batch: usize, max_wait: Duration) -> GroupInsert {
+        Self::start_refreshing_statistics_after(
+            store,
+            max_batch,
+            max_wait,
+            FIRST_STATISTICS_REFRESH,
+        )
+    }
+
+    /// `start`, refreshing the planner's statistics (`Store::refresh_task_statistics`) once
+    /// it has taken `first` submits, then at every doubling: a table growing fast from small is
+    /// planned on fresh counts, at a cost that fades as it grows.
+    pub fn start_refreshing_statistics_after(
+        store: Store,
+        max_batch: usize,
+        max_wait: Duration,
+        first: u64,
+    ) -> GroupInsert {
         let max_batch = max_batch.max(1);
         GroupInsert {
             queues: Queues::start(1, max_batch, "task writer", |rx| {
-                inserter(store.clone(), rx, max_batch, max_wait)
+                inserter(store.clone(), rx, max_batch, max_wait, first)
             }),
         }
     }
@@ -314,8 +334,22 @@ async fn inserter(
     mut rx: mpsc::Receiver<InsertJob>,
     max_batch: usize,
     max_wait: Duration,
+    first_refresh: u64,
 ) {
+    let mut taken: u64 = 0;
+    let mut next_refresh = first_refresh.max(1);
     while let Some(batch) = next_batch(&mut rx, max_batch, max_wait, |_| false).await {
+        taken += batch.len() as u64;
+        if taken >= next_refresh {
+            next_refresh = next_refresh.saturating_mul(2);
+            // Beside the intake, not in it: no submit waits for the sample.
+            let store = store.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.refresh_task_statistics().await {
+                    tracing::warn!(error = %e, "the planner's statistics of tasks were not refreshed");
+                }
+            });
+        }
         // A task with large images (Base64) is stored alone, so no batch holds several.
         let (large, small): (Vec<InsertJob>, Vec<InsertJob>) =
             batch.into_iter().partition(|j| j.task.is_large());

@@ -891,7 +891,62 @@ async fn the_keyed_statements_reach_rows_by_index_even_planned_on_empty_tables(b
     }
 }
 
+/// A burst of submits refreshes the planner's statistics of `tasks` once the first few are in
+/// and again at every doubling, rather than waiting a minute for autovacuum, in which the
+/// dispatch claim read every pending task.
+async fn a_growing_intake_refreshes_the_planners_statistics(b: Backend) {
+    use kling_relay::service::group_commit::GroupInsert;
+    use kling_relay::storage::NewTask;
+    let db = TestDb::new(b).await;
+    let s = open_store(&db).await;
+    let writer = std::sync::Arc::new(GroupInsert::start_refreshing_statistics_after(
+        s.clone(),
+        256,
+        std::time::Duration::ZERO,
+        4,
+    ));
+    let caps = PendingCaps {
+        total: 1000,
+        per_client: 1000,
+    };
+    let analyses =
+        || db.count("SELECT analyze_count FROM pg_stat_user_tables WHERE relname = 'tasks'");
+    let insert = |from: i64, to: i64| {
+        let writer = writer.clone();
+        async move {
+            for i in from..to {
+                let task = NewTask::new(task_record(i), None, caps).unwrap();
+                writer.insert(task).await.unwrap();
+            }
+        }
+    };
+    insert(0, 3).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(analyses().await, 0, "refreshed before the first 4 submits");
+    insert(3, 4).await;
+    let wait_for = |n: i64| async move {
+        for _ in 0..100 {
+            if analyses().await >= n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("no {n}th refresh of the statistics");
+    };
+    wait_for(1).await;
+    insert(4, 7).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        analyses().await,
+        1,
+        "refreshed again before the count doubled"
+    );
+    insert(7, 8).await;
+    wait_for(2).await;
+}
+
 on_postgres!(
     postgres_only;
     the_keyed_statements_reach_rows_by_index_even_planned_on_empty_tables,
+    a_growing_intake_refreshes_the_planners_statistics,
 );
