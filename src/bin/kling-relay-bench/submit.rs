@@ -30,19 +30,8 @@ pub(super) async fn submit(args: &Args, kind: &'static str) -> anyhow::Result<Ve
     .await;
     // With `Prefer: respond-async` the POST answers once the task is stored (issue 17); a
     // throughput figure, so sent by the lean generator (the wait above reads each answer's body).
-    let addr = svc.addr()?;
-    let headers = format!("authorization: Bearer {key}\r\nprefer: respond-async\r\n");
-    let body = task_body().to_string();
-    let before = cpu::mark(Some(svc.pid()), pg);
-    let async_stats = lean_http::load_raw(
-        "submit respond-async",
-        n,
-        args.concurrency,
-        addr,
-        move |_| lean_http::request("POST", "/v1/tasks", addr, &headers, &body),
-    )
-    .await;
-    let async_cpu = spent(before, Some(svc.pid()), pg, n);
+    let (async_stats, async_cpu) =
+        respond_async("submit respond-async", &svc, &key, n, args.concurrency, pg).await?;
     let (_, peak) = svc.rss_mb();
     drop(svc);
     // The same with upstream as a real account is during a burst: generations take their time
@@ -55,19 +44,15 @@ pub(super) async fn submit(args: &Args, kind: &'static str) -> anyhow::Result<Ve
         &[("KLING_RELAY_COMETAPI__MAX_CONCURRENCY", "10".into())],
     )
     .await?;
-    let addr = svc.addr()?;
-    let headers = format!("authorization: Bearer {key}\r\nprefer: respond-async\r\n");
-    let body = task_body().to_string();
-    let before = cpu::mark(Some(svc.pid()), pg);
-    let busy_stats = lean_http::load_raw(
+    let (busy_stats, busy_cpu) = respond_async(
         "submit respond-async, upstream busy",
+        &svc,
+        &key,
         n,
         args.concurrency,
-        addr,
-        move |_| lean_http::request("POST", "/v1/tasks", addr, &headers, &body),
+        pg,
     )
-    .await;
-    let busy_cpu = spent(before, Some(svc.pid()), pg, n);
+    .await?;
     drop(svc);
     slow.stop();
     // The limit beside it: single-row update transactions on the same database, same concurrency.
@@ -100,4 +85,25 @@ pub(super) async fn submit(args: &Args, kind: &'static str) -> anyhow::Result<Ve
     busy.of_limit = Some(busy.per_second / limit.per_second.max(1e-9));
     busy.cpu = busy_cpu;
     Ok(vec![row, fast, busy, limit])
+}
+
+/// `n` POSTs with `Prefer: respond-async` to `svc`, `concurrency` at a time, and the CPU they
+/// cost.
+async fn respond_async(
+    label: &str,
+    svc: &Service,
+    key: &str,
+    n: usize,
+    concurrency: usize,
+    postgres: bool,
+) -> anyhow::Result<(Stats, Option<cpu::CpuUse>)> {
+    let addr = svc.addr()?;
+    let headers = format!("authorization: Bearer {key}\r\nprefer: respond-async\r\n");
+    let body = task_body().to_string();
+    let before = cpu::mark(Some(svc.pid()), postgres);
+    let stats = lean_http::load_raw(label, n, concurrency, addr, move |_| {
+        lean_http::request("POST", "/v1/tasks", addr, &headers, &body)
+    })
+    .await;
+    Ok((stats, spent(before, Some(svc.pid()), postgres, n)))
 }
