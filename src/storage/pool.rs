@@ -34,15 +34,15 @@ pub(super) fn take_lock(
 /// A pooled Postgres connection idle this long is checked before use (see `pg_pool`).
 const IDLE_CHECK_AFTER: Duration = Duration::from_secs(1);
 
-/// The session settings of the keyed pool (`PgPools::keyed`). Its statements (the grouped
-/// task reads and status-change commits of the intake path) reach rows by key only, and run thousands of
-/// times a second with arrays of a handful of rows: Postgres planned each afresh, because a
-/// plan made for the array at hand looks cheaper than one made for any array, and planning
-/// was a quarter of the database's CPU under callbacks. A generic plan is made once per
-/// connection; with sequential scans priced out, a plan made while `tasks` was still small
-/// (its statistics stale until autovacuum analyzes) cannot scan the whole table once it has
-/// grown. Other statements keep the default: several filter on optional parameters
-/// (`$1 IS NULL OR …`), which only a plan made for the values at hand can use an index for.
+/// The session settings of the keyed pool (`PgPools::keyed`). Its statements (the grouped task
+/// reads and status-change commits of the intake path) reach rows by key only, and run thousands of
+/// times a second with arrays of a handful of rows: Postgres planned each afresh, because a plan
+/// made for the array at hand looks cheaper than one made for any array, and planning was a quarter
+/// of the database's CPU under callbacks. A generic plan is made once per connection; with
+/// sequential scans priced out, a plan made while `tasks` was still small (its statistics stale
+/// until autovacuum analyzes) cannot scan the whole table once it has grown. Other statements keep
+/// the default: several filter on optional parameters (`$1 IS NULL OR …`), which only a plan made
+/// for the values at hand can use an index for.
 const KEYED_SESSION: [(&str, &str); 2] = [
     ("plan_cache_mode", "force_generic_plan"),
     ("enable_seqscan", "off"),

@@ -839,8 +839,8 @@ async fn a_batch_of_new_tasks_is_checked_task_by_task(b: Backend) {
 }
 
 /// A warmed pool holds every connection it may (open_store's pool: 4; on Postgres also the
-/// keyed pool's one commit writer + 2 readers), and they stay open once given back, so the first burst after a
-/// start does not wait for them.
+/// keyed pool's one commit writer + 2 readers), and they stay open once given back, so the
+/// first burst after a start does not wait for them.
 async fn a_warmed_pool_holds_every_connection(b: Backend) {
     let db = TestDb::new(b).await;
     let s = open_store(&db).await;

@@ -31,8 +31,7 @@ pub(super) struct CpuUse {
     pub generator_cpu_us_per_op: f64,
 }
 
-/// The fields of `/proc/<pid>/stat` after the command name: (ppid, utime + stime,
-/// cutime + cstime) and the command name.
+/// From `/proc/<pid>/stat`: (command name, parent's pid, utime + stime, cutime + cstime).
 fn stat(path: &str) -> Option<(String, u32, u64, u64)> {
     let s = std::fs::read_to_string(path).ok()?;
     let (open, close) = (s.find('(')?, s.rfind(')')?);

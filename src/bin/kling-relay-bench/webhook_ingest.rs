@@ -193,7 +193,8 @@ pub(super) async fn webhook_ingest(args: &Args, kind: &'static str) -> anyhow::R
         ("postgres", Some((admin, name))) => pgbench_limit(admin, name, c).await,
         _ => None,
     };
-    let pgbench_cpu = pgbench.and_then(|(_, txs)| spent(before, None, pg, txs));
+    // Per transaction only when pgbench said how many it ran.
+    let pgbench_cpu = pgbench.and_then(|(_, txs)| spent(before, None, pg, txs?));
     sim.stop();
     db.remove().await;
 
@@ -262,9 +263,9 @@ async fn callbacks(
 }
 
 /// Postgres's own single-row update transactions per second (pgbench, `clients` connections,
-/// 5 s) on a tasks-shaped table in the scenario's database, and how many it ran; None when
-/// pgbench is missing.
-async fn pgbench_limit(admin: &str, db_name: &str, clients: usize) -> Option<(f64, usize)> {
+/// 5 s) on a tasks-shaped table in the scenario's database, and how many it ran (when its
+/// output says); None when pgbench is missing.
+async fn pgbench_limit(admin: &str, db_name: &str, clients: usize) -> Option<(f64, Option<usize>)> {
     let mut u = url::Url::parse(admin).ok()?;
     u.set_path(&format!("/{db_name}"));
     let url = u.to_string();
@@ -325,5 +326,5 @@ async fn pgbench_limit(admin: &str, db_name: &str, clients: usize) -> Option<(f6
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Some((tps?, txs.unwrap_or(0)))
+    Some((tps?, txs))
 }
