@@ -32,6 +32,11 @@ impl Relay {
         admission.select(now_ms, held, waiting)
     }
 
+    /// Whether `units` in flight leave no room under the working limit (as last adopted).
+    pub(super) fn fills_working_limit(&self, units: i64) -> bool {
+        units >= self.admission().state().working
+    }
+
     /// The stored admission state, as every replica sees it.
     pub async fn admission_snapshot(&self) -> Result<AdmissionSnapshot, ServiceError> {
         if let Some(state) = self.store.admission_state().await? {

@@ -59,6 +59,7 @@ impl Relay {
         let lease_until = now + 2 * ms(self.settings.cometapi.timeout) + 1000;
         // Nothing due (the closure is not called) leaves nothing waiting.
         let mut left_waiting = false;
+        let mut units_full = false;
         let finishing = self.finishing_marks().clone();
         let claimed = self
             .store
@@ -76,21 +77,36 @@ impl Relay {
                     let mut work: Vec<String> = in_doubt.into_iter().map(|c| c.id).collect();
                     let waiting: Vec<Candidate> =
                         waiting.into_iter().map(Candidate::from).collect();
-                    if !waiting.is_empty() {
-                        let chosen = self.select_for_dispatch(now, learnt, &held, &waiting);
-                        left_waiting = chosen.len() < waiting.len();
-                        work.extend(chosen);
-                    }
+                    let chosen = self.select_for_dispatch(now, learnt, &held, &waiting);
+                    left_waiting = chosen.len() < waiting.len();
+                    work.extend(chosen);
                     if work.len() > limit {
                         work.truncate(limit);
                         left_waiting = true;
                     }
+                    let sent_units: i64 = waiting
+                        .iter()
+                        .filter(|c| work.contains(&c.id))
+                        .map(|c| c.n)
+                        .sum();
+                    units_full = self.fills_working_limit(held.in_flight() + sent_units);
                     work
                 },
             )
             .await?;
         self.work_waiting.store(left_waiting, Ordering::Relaxed);
+        self.units_full.store(units_full, Ordering::Relaxed);
         Ok(claimed)
+    }
+
+    /// Whether the last dispatch pass found every unit of the working limit held, counting
+    /// what it sent. A new task cannot go then, so a submit does not wake the dispatcher (at a
+    /// burst of submits it ran a pass per insert batch, each reading the account under the
+    /// admission lock, for nothing): whatever frees units wakes it itself (a final status, a
+    /// create's answer, the working limit growing), and other replicas' finishes reach it at
+    /// its idle tick, as before. A pass that fails, or finds nothing due, leaves it unset.
+    pub fn units_full(&self) -> bool {
+        self.units_full.load(Ordering::Relaxed)
     }
 
     /// Whether the last dispatch pass left due work waiting for units: a change that frees

@@ -134,6 +134,8 @@ pub struct Relay {
     pub dispatch_wake: Notify,
     /// The last dispatch pass left due work waiting for units (`claim_for_dispatch`).
     work_waiting: std::sync::atomic::AtomicBool,
+    /// The last dispatch pass left no unit free (`Relay::units_full`).
+    units_full: std::sync::atomic::AtomicBool,
     /// Tasks whose final report this replica is committing: their units are free upstream, and
     /// the dispatch claim counts them so before the commit lands (`dispatch::Finishing`).
     finishing: Mutex<std::collections::HashSet<String>>,
@@ -289,6 +291,7 @@ impl Relay {
             settings,
             dispatch_wake: Notify::new(),
             work_waiting: std::sync::atomic::AtomicBool::new(false),
+            units_full: std::sync::atomic::AtomicBool::new(false),
             finishing: Mutex::new(std::collections::HashSet::new()),
             poll_wake: Notify::new(),
             changes,

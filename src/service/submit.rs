@@ -185,7 +185,9 @@ impl Relay {
             }
             InsertOutcome::Existing { .. } => return Err(ServiceError::IdempotencyConflict),
         }
-        self.dispatch_wake.notify_one();
+        if !self.units_full() {
+            self.dispatch_wake.notify_one();
+        }
         if let Some(task) = as_stored {
             return Ok(Submitted {
                 task,

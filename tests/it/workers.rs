@@ -149,6 +149,82 @@ async fn a_dispatch_step_sends_only_what_the_units_allow(b: Backend) {
     );
 }
 
+/// Whether the dispatcher was woken since the last look (a stored permit), taking the wake.
+async fn woken(relay: &Relay) -> bool {
+    tokio::time::timeout(Duration::from_millis(50), relay.dispatch_wake.notified())
+        .await
+        .is_ok()
+}
+
+/// A submit wakes the dispatcher only while a unit may be free: with every unit held (2, by one
+/// task of `n` = 2) a new task cannot go, and the pass it would wake reads the account for
+/// nothing. A finished task wakes it itself, and a pass that finds nothing due forgets that
+/// the units were full.
+async fn a_submit_wakes_the_dispatcher_only_while_units_may_be_free(b: Backend) {
+    let t = Stepped::new(
+        b,
+        SimConfig {
+            processing_after: Duration::from_millis(50),
+            finish_after: Duration::from_millis(50),
+            ..fast_sim()
+        },
+        |s| {
+            s.cometapi.max_concurrency = 2;
+            s.poller.first_poll_after = Duration::ZERO;
+        },
+    )
+    .await;
+    let first = t.submit().await;
+    assert!(woken(&t.relay).await, "no pass yet: a submit wakes it");
+    assert_eq!(dispatcher::step(&t.relay).await.expect("pass"), 1);
+    assert!(
+        t.relay.units_full(),
+        "the pass sent a task holding both units"
+    );
+    let second = t.submit().await;
+    assert!(
+        !woken(&t.relay).await,
+        "every unit is held: the submit does not wake it"
+    );
+    assert_eq!(t.status(&second).await, TaskStatus::Pending);
+
+    // Upstream finishes the first; the poll pass that hears it wakes the dispatcher.
+    let upstream_id = t.upstream_id(&first).await;
+    wait_until(Duration::from_secs(10), || async {
+        t.sim.task_status(&upstream_id) == Some("succeed")
+    })
+    .await;
+    assert_eq!(poll::step(&t.relay).await.expect("poll pass"), (1, 0));
+    assert!(
+        woken(&t.relay).await,
+        "a finished task frees units and wakes it"
+    );
+    assert_eq!(dispatcher::step(&t.relay).await.expect("pass"), 1);
+    assert_eq!(t.status(&second).await, TaskStatus::Submitted);
+    assert!(t.relay.units_full());
+
+    let upstream_id = t.upstream_id(&second).await;
+    wait_until(Duration::from_secs(10), || async {
+        t.sim.task_status(&upstream_id) == Some("succeed")
+    })
+    .await;
+    assert_eq!(poll::step(&t.relay).await.expect("poll pass"), (1, 0));
+    assert!(woken(&t.relay).await);
+    assert_eq!(
+        dispatcher::step(&t.relay).await.expect("pass"),
+        0,
+        "nothing due"
+    );
+    assert!(
+        !t.relay.units_full(),
+        "a pass with nothing due leaves it unset"
+    );
+    let third = t.submit().await;
+    assert!(woken(&t.relay).await, "units are free: the submit wakes it");
+    assert_eq!(dispatcher::step(&t.relay).await.expect("pass"), 1);
+    assert_eq!(t.status(&third).await, TaskStatus::Submitted);
+}
+
 /// A poll pass queries only what is due: a task upstream still runs is asked once, then not again
 /// until its next poll time, and a task past `give_up_after` is timed out by the pass.
 async fn a_poll_step_queries_only_what_is_due(b: Backend) {
@@ -314,6 +390,7 @@ on_both_backends!(
     the_dispatcher_sends_beside_slow_creates_within_its_concurrency,
     a_dispatch_step_sends_each_waiting_task_once,
     a_dispatch_step_sends_only_what_the_units_allow,
+    a_submit_wakes_the_dispatcher_only_while_units_may_be_free,
     a_poll_step_queries_only_what_is_due,
     a_poll_step_times_out_what_upstream_never_finishes,
 );
