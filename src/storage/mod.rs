@@ -105,6 +105,8 @@ pub struct Store {
     write_lock: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
     /// Tags this process's change notifications, so its own feed skips them.
     instance: std::sync::Arc<str>,
+    /// The waiting tasks' counts between batches (`intake::pending`).
+    pending_bound: std::sync::Arc<std::sync::Mutex<intake::PendingBound>>,
 }
 
 /// Runs `$body` with `$p` bound to whichever pool this store has.

@@ -132,6 +132,7 @@ impl Store {
             pool,
             write_lock,
             instance: uuid::Uuid::now_v7().simple().to_string().into(),
+            pending_bound: Default::default(),
         })
     }
 

@@ -838,6 +838,64 @@ async fn a_batch_of_new_tasks_is_checked_task_by_task(b: Backend) {
     assert_eq!(again, existing(true));
 }
 
+/// The pending caps are counted only when a batch could reach them. Between counts, the last
+/// count plus what intake admitted since, on every replica (`intake_counts`), bounds the
+/// waiting tasks; a task is still refused exactly at a cap, whichever replica admitted the
+/// tasks that fill it, and a task that left `pending` frees its place.
+async fn the_pending_caps_hold_between_counts_on_every_replica(b: Backend) {
+    use kling_relay::storage::InsertOutcome::{Inserted, QueueFull};
+    let db = TestDb::new(b).await;
+    let here = open_store(&db).await;
+    let other = open_store(&db).await;
+    let caps = PendingCaps {
+        total: 10,
+        per_client: 8,
+    };
+    let rec = |i: i64, client: &str| {
+        let mut r = task_record(i);
+        r.client = Some(client.into());
+        r
+    };
+    let insert = |s: &Store, i: i64, client: &'static str| {
+        let s = s.clone();
+        let r = rec(i, client);
+        async move { s.insert_task(r, None, caps).await.expect("insert") }
+    };
+    for i in 0..4 {
+        assert_eq!(insert(&here, i, "c1").await, Inserted);
+    }
+    assert_eq!(
+        here.pending_counts_taken(),
+        1,
+        "after the first count, the bound stands in for it"
+    );
+    for i in 4..8 {
+        assert_eq!(insert(&other, i, "c1").await, Inserted);
+    }
+    assert_eq!(
+        insert(&here, 8, "c1").await,
+        QueueFull,
+        "c1's 8 waiting tasks fill its cap, 4 of them admitted by another replica"
+    );
+    assert_eq!(insert(&here, 9, "c2").await, Inserted);
+    assert_eq!(insert(&here, 10, "c2").await, Inserted);
+    assert_eq!(
+        insert(&here, 11, "c2").await,
+        QueueFull,
+        "10 waiting fill the total"
+    );
+    db.exec("UPDATE tasks SET status = 'canceled' WHERE prompt = 'task 0'")
+        .await;
+    assert_eq!(insert(&here, 12, "c2").await, Inserted, "a place came free");
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM tasks WHERE status = 'pending'")
+            .await,
+        10
+    );
+    // Counted: the first, then c1 at its cap, c2's first, the total at its cap, and after it.
+    assert_eq!(here.pending_counts_taken(), 5);
+}
+
 /// A warmed pool holds every connection it may (open_store's pool: 4; on Postgres also the
 /// keyed pool's one commit writer + 2 readers), and they stay open once given back, so the
 /// first burst after a start does not wait for them.
@@ -854,6 +912,7 @@ async fn a_warmed_pool_holds_every_connection(b: Backend) {
 }
 
 on_both_backends!(
+    the_pending_caps_hold_between_counts_on_every_replica,
     a_warmed_pool_holds_every_connection,
     a_batch_of_new_tasks_is_checked_task_by_task,
     a_batch_stores_what_each_change_carries,

@@ -3,8 +3,12 @@
 //! the pending caps, the client's budgets — against the database and against the tasks before
 //! it in the batch, then all that pass stored with three statements (tasks, inputs, events).
 
+mod pending;
+
 use super::*;
 use crate::domain::usage::{BudgetStanding, Period};
+pub(crate) use pending::PendingBound;
+use pending::{Admitted, BatchCaps};
 use std::collections::HashMap;
 
 /// A new task with what its insert is checked against. Its images become their JSON column
@@ -80,6 +84,8 @@ const LARGE_INPUTS_BYTES: usize = 256 * 1024;
 /// at a backlog of thousands is most of a batch's time in the database (BENCHMARKS §14).
 const PENDING: &str = "SELECT COUNT(*), COUNT(*) FILTER (WHERE client = $1) \
     FROM tasks WHERE status = 'pending'";
+/// What intake has admitted, in all and of client `$1` (see `pending`).
+const ADMITTED: &str = "SELECT scope, admitted FROM intake_counts WHERE scope = '*' OR scope = $1";
 const CLIENT_PENDING: &str = "SELECT COUNT(*) FROM tasks WHERE client = $1 AND status = 'pending'";
 const EXPIRE_KEY: &str =
     "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND created_at < $3";
@@ -138,12 +144,35 @@ impl Store {
                 // SQLite: the write lock up front, since the checks read before the inserts
                 // write, and a deferred transaction whose snapshot went stale cannot upgrade.
                 let mut tx = conn.begin_with(begin).await?;
-                // Most batches are one client's: its count comes with the total's.
+                // Most batches are one client's: its count comes with the total's, and both
+                // are bounded without a count while the batch fits well under the caps.
                 let first_client = tasks.iter().find_map(|t| t.record.client.clone());
-                let (mut pending, first_pending): (i64, i64) = sqlx::query_as(PENDING)
+                let mut admitted_now = Admitted::default();
+                let scopes: Vec<(String, i64)> = sqlx::query_as(ADMITTED)
                     .bind(first_client.as_deref())
-                    .fetch_one(&mut *tx)
+                    .fetch_all(&mut *tx)
                     .await?;
+                for (scope, n) in scopes {
+                    if scope == pending::ALL {
+                        admitted_now.total = n;
+                    } else {
+                        admitted_now.client = n;
+                    }
+                }
+                let bounded = self.pending_bound().room(
+                    &batch_caps(tasks, first_client.as_deref()),
+                    admitted_now,
+                );
+                let (counted, (mut pending, first_pending)) = match bounded {
+                    Some(bounds) => (None, bounds),
+                    None => {
+                        let counts: (i64, i64) = sqlx::query_as(PENDING)
+                            .bind(first_client.as_deref())
+                            .fetch_one(&mut *tx)
+                            .await?;
+                        (Some(counts), counts)
+                    }
+                };
                 let mut clients: HashMap<String, ClientSoFar> = HashMap::new();
                 let mut keys: HashMap<(String, String), (String, String)> = HashMap::new();
                 let mut outcomes = Vec::with_capacity(tasks.len());
@@ -344,10 +373,33 @@ impl Store {
                             .push_bind("accepted");
                     });
                     q.build().persistent(false).execute(&mut *tx).await?;
+                    let mut by_scope: Vec<(&str, i64)> = vec![(pending::ALL, 0)];
+                    for a in &admitted {
+                        by_scope[0].1 += 1;
+                        if let Some(client) = a.record.client.as_deref() {
+                            match by_scope.iter_mut().find(|(s, _)| *s == client) {
+                                Some((_, n)) => *n += 1,
+                                None => by_scope.push((client, 1)),
+                            }
+                        }
+                    }
+                    let mut q = sqlx::QueryBuilder::new("INSERT INTO intake_counts (scope, admitted) ");
+                    q.push_values(&by_scope, |mut row, (scope, n)| {
+                        row.push_bind(*scope).push_bind(*n);
+                    });
+                    q.push(
+                        " ON CONFLICT (scope) DO UPDATE \
+                        SET admitted = intake_counts.admitted + excluded.admitted",
+                    );
+                    q.build().persistent(false).execute(&mut *tx).await?;
                     tx.commit().await?;
                 } else {
                     // Expired keys deleted above go with the next batch that stores something.
                     tx.rollback().await?;
+                }
+                if let Some(counts) = counted {
+                    self.pending_bound()
+                        .counted(first_client.as_deref(), counts, admitted_now);
                 }
                 Ok::<_, StorageError>(outcomes)
             }
@@ -357,6 +409,35 @@ impl Store {
             conn.shrink_buffers();
             outcome
         })
+    }
+}
+
+/// The batch as the pending caps see it: the lowest caps among its tasks.
+fn batch_caps<'a>(tasks: &[NewTask], client: Option<&'a str>) -> BatchCaps<'a> {
+    let of_client = |t: &&NewTask| t.record.client.as_deref() == client;
+    BatchCaps {
+        client,
+        tasks: i64::try_from(tasks.len()).unwrap_or(i64::MAX),
+        total_cap: tasks.iter().map(|t| t.caps.total).min().unwrap_or(0),
+        client_cap: tasks
+            .iter()
+            .filter(of_client)
+            .map(|t| t.caps.per_client)
+            .min()
+            .unwrap_or(0),
+    }
+}
+
+impl Store {
+    fn pending_bound(&self) -> std::sync::MutexGuard<'_, PendingBound> {
+        // Baselines stay consistent even if a holder panicked: each is replaced whole.
+        self.pending_bound.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many times this store counted the waiting tasks for the pending caps.
+    #[doc(hidden)]
+    pub fn pending_counts_taken(&self) -> u64 {
+        self.pending_bound().counts_taken()
     }
 }
 
