@@ -3,12 +3,14 @@
 //! the pending caps, the client's budgets — against the database and against the tasks before
 //! it in the batch, then all that pass stored with three statements (tasks, inputs, events).
 
+mod client;
 mod pending;
 
 use super::*;
-use crate::domain::usage::{BudgetStanding, Period};
+use crate::domain::usage::BudgetStanding;
+use client::{load_client, ClientSoFar};
 pub(crate) use pending::PendingBound;
-use pending::{Admitted, BatchCaps};
+use pending::{batch_caps, Admitted};
 use std::collections::HashMap;
 
 /// A new task with what its insert is checked against. Its images become their JSON column
@@ -86,24 +88,12 @@ const PENDING: &str = "SELECT COUNT(*), COUNT(*) FILTER (WHERE client = $1) \
     FROM tasks WHERE status = 'pending'";
 /// What intake has admitted, in all and of client `$1` (see `pending`).
 const ADMITTED: &str = "SELECT scope, admitted FROM intake_counts WHERE scope = '*' OR scope = $1";
-const CLIENT_PENDING: &str = "SELECT COUNT(*) FROM tasks WHERE client = $1 AND status = 'pending'";
 const EXPIRE_KEY: &str =
     "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND created_at < $3";
 const CLAIM_KEY: &str = "INSERT INTO idempotency_keys (scope, key, request_hash, task_id, \
     created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (scope, key) DO NOTHING";
 const READ_KEY: &str =
     "SELECT request_hash, task_id FROM idempotency_keys WHERE scope = $1 AND key = $2";
-
-/// What the batch knows of a client so far: its pending tasks and its budgets' standing, each
-/// counting the tasks admitted before in the batch.
-struct ClientSoFar {
-    pending: i64,
-    limits: Vec<(Period, i64)>,
-    /// Units reserved by its unfinished tasks.
-    reserved: i64,
-    /// Units spent, per budget period and period start, as read.
-    spent: Vec<(Period, i64, i64)>,
-}
 
 impl Store {
     /// Postgres: refreshes the planner's statistics of `tasks` (`ANALYZE`, which reads a
@@ -410,79 +400,4 @@ impl Store {
             outcome
         })
     }
-}
-
-/// The batch as the pending caps see it: the lowest caps among its tasks.
-fn batch_caps<'a>(tasks: &[NewTask], client: Option<&'a str>) -> BatchCaps<'a> {
-    let of_client = |t: &&NewTask| t.record.client.as_deref() == client;
-    BatchCaps {
-        client,
-        tasks: i64::try_from(tasks.len()).unwrap_or(i64::MAX),
-        total_cap: tasks.iter().map(|t| t.caps.total).min().unwrap_or(0),
-        client_cap: tasks
-            .iter()
-            .filter(of_client)
-            .map(|t| t.caps.per_client)
-            .min()
-            .unwrap_or(0),
-    }
-}
-
-impl Store {
-    fn pending_bound(&self) -> std::sync::MutexGuard<'_, PendingBound> {
-        // Baselines stay consistent even if a holder panicked: each is replaced whole.
-        self.pending_bound.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// How many times this store counted the waiting tasks for the pending caps.
-    #[doc(hidden)]
-    pub fn pending_counts_taken(&self) -> u64 {
-        self.pending_bound().counts_taken()
-    }
-}
-
-/// A client's pending count (unless `pending` has it already), budgets and reserved units,
-/// read in the batch's transaction.
-async fn load_client<'c, DB>(
-    tx: &mut sqlx::Transaction<'c, DB>,
-    client: &str,
-    pending: Option<i64>,
-) -> Result<ClientSoFar>
-where
-    DB: sqlx::Database,
-    for<'e> &'e mut DB::Connection: sqlx::Executor<'e, Database = DB>,
-    for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
-    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    i64: for<'r> sqlx::Decode<'r, DB> + sqlx::Type<DB>,
-    usage::ClientBudgets: for<'r> sqlx::FromRow<'r, DB::Row>,
-    (i64,): for<'r> sqlx::FromRow<'r, DB::Row>,
-{
-    let pending: i64 = match pending {
-        Some(counted) => counted,
-        None => {
-            sqlx::query_scalar(CLIENT_PENDING)
-                .bind(client)
-                .fetch_one(&mut **tx)
-                .await?
-        }
-    };
-    let budgets: Option<usage::ClientBudgets> = sqlx::query_as(usage::CLIENT_BUDGETS)
-        .bind(client)
-        .fetch_optional(&mut **tx)
-        .await?;
-    let limits = budgets.map(|b| b.limits()).unwrap_or_default();
-    let reserved: i64 = if limits.is_empty() {
-        0
-    } else {
-        sqlx::query_scalar(usage::UNITS_RESERVED)
-            .bind(client)
-            .fetch_one(&mut **tx)
-            .await?
-    };
-    Ok(ClientSoFar {
-        pending,
-        limits,
-        reserved,
-        spent: Vec::new(),
-    })
 }

@@ -10,6 +10,8 @@
 //! count would decide, since the true number is at most the bound. Closer to a cap, the batch
 //! counts, and the count is the new baseline.
 
+use super::NewTask;
+use crate::storage::Store;
 use std::collections::HashMap;
 
 /// Scope of the all-clients row of `intake_counts` (client names start with a letter or digit).
@@ -98,6 +100,35 @@ impl PendingBound {
 
     pub(super) fn counts_taken(&self) -> u64 {
         self.counts
+    }
+}
+
+/// The batch as the pending caps see it: the lowest caps among its tasks.
+pub(super) fn batch_caps<'a>(tasks: &[NewTask], client: Option<&'a str>) -> BatchCaps<'a> {
+    let of_client = |t: &&NewTask| t.record.client.as_deref() == client;
+    BatchCaps {
+        client,
+        tasks: i64::try_from(tasks.len()).unwrap_or(i64::MAX),
+        total_cap: tasks.iter().map(|t| t.caps.total).min().unwrap_or(0),
+        client_cap: tasks
+            .iter()
+            .filter(of_client)
+            .map(|t| t.caps.per_client)
+            .min()
+            .unwrap_or(0),
+    }
+}
+
+impl Store {
+    pub(super) fn pending_bound(&self) -> std::sync::MutexGuard<'_, PendingBound> {
+        // Baselines stay consistent even if a holder panicked: each is replaced whole.
+        self.pending_bound.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many times this store counted the waiting tasks for the pending caps.
+    #[doc(hidden)]
+    pub fn pending_counts_taken(&self) -> u64 {
+        self.pending_bound().counts_taken()
     }
 }
 
