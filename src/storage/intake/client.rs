@@ -1,7 +1,7 @@
 //! What an insert batch knows of each client: its waiting tasks and its budgets' standing.
 
-use crate::storage::{usage, Result};
 use crate::domain::usage::Period;
+use crate::storage::{usage, Result};
 
 const CLIENT_PENDING: &str = "SELECT COUNT(*) FROM tasks WHERE client = $1 AND status = 'pending'";
 

@@ -288,7 +288,28 @@ impl Store {
                         });
                     }
                     let admitted: Vec<&NewTask> = admitted.iter().map(|&slot| &tasks[slot]).collect();
-                    let mut q = sqlx::QueryBuilder::new(
+                    let mut by_scope: Vec<(&str, i64)> = vec![(pending::ALL, 0)];
+                    for a in &admitted {
+                        by_scope[0].1 += 1;
+                        if let Some(client) = a.record.client.as_deref() {
+                            match by_scope.iter_mut().find(|(s, _)| *s == client) {
+                                Some((_, n)) => *n += 1,
+                                None => by_scope.push((client, 1)),
+                            }
+                        }
+                    }
+                    // Postgres: the four inserts as one statement (data-modifying `WITH`; the
+                    // foreign keys are checked at its end), one round trip on the one writer's
+                    // path instead of four. SQLite has no such `WITH`: four statements.
+                    let one_statement = matches!(self.pool, Pool::Postgres(_));
+                    // Not cached: the text varies with the batch, and a cached SQLite statement
+                    // keeps its last bound values (here, possibly megabytes of Base64) until
+                    // its next use.
+                    let mut q = sqlx::QueryBuilder::new("");
+                    if one_statement {
+                        q.push("WITH new_tasks AS (");
+                    }
+                    q.push(
                         "INSERT INTO tasks (id, external_task_id, status, model_name, prompt, n, \
                         aspect_ratio, metadata, created_at, updated_at, next_dispatch_at, client, \
                         notify_url, request_id, priority) ",
@@ -311,6 +332,58 @@ impl Store {
                             .push_bind(&t.request_id)
                             .push_bind(t.priority.as_str());
                     });
+                    if one_statement {
+                        q.push("), new_inputs AS (");
+                    } else {
+                        q.build().persistent(false).execute(&mut *tx).await?;
+                        q.reset();
+                    }
+                    q.push(
+                        "INSERT INTO task_inputs (task_id, subject_images, scene_image, \
+                        style_image, negative_prompt, watermark_info, summary) ",
+                    );
+                    q.push_values(admitted.iter().zip(images), |mut row, (a, (subjects, scene, style))| {
+                        let i = &a.record.inputs;
+                        row.push_bind(&a.record.id)
+                            .push_bind(subjects)
+                            .push_bind(scene)
+                            .push_bind(style)
+                            .push_bind(&i.negative_prompt)
+                            .push_bind(&a.watermark)
+                            .push_bind(&a.summary);
+                    });
+                    if one_statement {
+                        q.push("), counts AS (");
+                    } else {
+                        q.build().persistent(false).execute(&mut *tx).await?;
+                        q.reset();
+                    }
+                    q.push("INSERT INTO intake_counts (scope, admitted) ");
+                    q.push_values(&by_scope, |mut row, (scope, n)| {
+                        row.push_bind(*scope).push_bind(*n);
+                    });
+                    q.push(
+                        " ON CONFLICT (scope) DO UPDATE \
+                        SET admitted = intake_counts.admitted + excluded.admitted",
+                    );
+                    if one_statement {
+                        q.push(") ");
+                    } else {
+                        q.build().persistent(false).execute(&mut *tx).await?;
+                        q.reset();
+                    }
+                    q.push(
+                        "INSERT INTO task_events (task_id, at, source, status, upstream_status, \
+                        detail) ",
+                    );
+                    q.push_values(&admitted, |mut row, a| {
+                        row.push_bind(&a.record.id)
+                            .push_bind(a.record.created_at_ms)
+                            .push_bind(EventSource::Api.as_str())
+                            .push_bind(TaskStatus::Pending.as_str())
+                            .push_bind(None::<String>)
+                            .push_bind("accepted");
+                    });
                     q.build().persistent(false).execute(&mut *tx).await?;
                     for a in &admitted {
                         let Some(k) = &a.idempotency else { continue };
@@ -331,57 +404,6 @@ impl Store {
                             ));
                         }
                     }
-                    // Not cached: a cached SQLite statement keeps its last bound values (here,
-                    // possibly megabytes of Base64) until its next use.
-                    {
-                        let mut q = sqlx::QueryBuilder::new(
-                            "INSERT INTO task_inputs (task_id, subject_images, scene_image, \
-                            style_image, negative_prompt, watermark_info, summary) ",
-                        );
-                        q.push_values(admitted.iter().zip(images), |mut row, (a, (subjects, scene, style))| {
-                        let i = &a.record.inputs;
-                        row.push_bind(&a.record.id)
-                            .push_bind(subjects)
-                            .push_bind(scene)
-                            .push_bind(style)
-                            .push_bind(&i.negative_prompt)
-                            .push_bind(&a.watermark)
-                            .push_bind(&a.summary);
-                        });
-                        q.build().persistent(false).execute(&mut *tx).await?;
-                    }
-                    let mut q = sqlx::QueryBuilder::new(
-                        "INSERT INTO task_events (task_id, at, source, status, upstream_status, \
-                        detail) ",
-                    );
-                    q.push_values(&admitted, |mut row, a| {
-                        row.push_bind(&a.record.id)
-                            .push_bind(a.record.created_at_ms)
-                            .push_bind(EventSource::Api.as_str())
-                            .push_bind(TaskStatus::Pending.as_str())
-                            .push_bind(None::<String>)
-                            .push_bind("accepted");
-                    });
-                    q.build().persistent(false).execute(&mut *tx).await?;
-                    let mut by_scope: Vec<(&str, i64)> = vec![(pending::ALL, 0)];
-                    for a in &admitted {
-                        by_scope[0].1 += 1;
-                        if let Some(client) = a.record.client.as_deref() {
-                            match by_scope.iter_mut().find(|(s, _)| *s == client) {
-                                Some((_, n)) => *n += 1,
-                                None => by_scope.push((client, 1)),
-                            }
-                        }
-                    }
-                    let mut q = sqlx::QueryBuilder::new("INSERT INTO intake_counts (scope, admitted) ");
-                    q.push_values(&by_scope, |mut row, (scope, n)| {
-                        row.push_bind(*scope).push_bind(*n);
-                    });
-                    q.push(
-                        " ON CONFLICT (scope) DO UPDATE \
-                        SET admitted = intake_counts.admitted + excluded.admitted",
-                    );
-                    q.build().persistent(false).execute(&mut *tx).await?;
                     tx.commit().await?;
                 } else {
                     // Expired keys deleted above go with the next batch that stores something.
