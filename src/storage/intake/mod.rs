@@ -1,7 +1,8 @@
 //! New tasks, many in one transaction (group commit for submits; the queue that gathers them
 //! is `service::group_commit::GroupInsert`): each still checked on its own — idempotency key,
 //! the pending caps, the client's budgets — against the database and against the tasks before
-//! it in the batch, then all that pass stored with three statements (tasks, inputs, events).
+//! it in the batch, then all that pass stored at once: tasks, inputs, the admitted counters
+//! (`pending`) and first events, one statement on Postgres and four on SQLite.
 
 mod client;
 mod pending;
