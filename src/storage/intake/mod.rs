@@ -5,83 +5,16 @@
 //! (`pending`) and first events, one statement on Postgres and four on SQLite.
 
 mod client;
+mod new_task;
 mod pending;
 
 use super::*;
 use crate::domain::usage::BudgetStanding;
 use client::{load_client, ClientSoFar};
+pub use new_task::NewTask;
 pub(crate) use pending::PendingBound;
 use pending::{batch_caps, Admitted};
 use std::collections::HashMap;
-
-/// A new task with what its insert is checked against. Its images become their JSON column
-/// inside the insert, one task at a time (a Base64 submit is tens of MB, and converting several
-/// at once would hold each twice), and stay converted, so a batch that fails can be retried
-/// task by task without converting or copying them again.
-#[derive(Debug)]
-pub struct NewTask {
-    record: NewTaskRecord,
-    idempotency: Option<IdempotencyClaim>,
-    caps: PendingCaps,
-    metadata: Option<String>,
-    summary: String,
-    /// The subject images as JSON, once converted (then `record`'s list is empty).
-    subjects: Option<String>,
-    watermark: Option<String>,
-}
-
-impl NewTask {
-    pub fn new(
-        record: NewTaskRecord,
-        idempotency: Option<IdempotencyClaim>,
-        caps: PendingCaps,
-    ) -> Result<NewTask> {
-        let metadata = record.metadata.as_ref().map(json_text).transpose()?;
-        let summary = json_text(&record.inputs.summary())?;
-        let watermark = record
-            .inputs
-            .watermark_info
-            .as_ref()
-            .map(json_text)
-            .transpose()?;
-        Ok(NewTask {
-            record,
-            idempotency,
-            caps,
-            metadata,
-            summary,
-            subjects: None,
-            watermark,
-        })
-    }
-
-    pub fn id(&self) -> &str {
-        &self.record.id
-    }
-
-    /// Whether its images are large enough to be stored alone (`GroupInsert` gives such a
-    /// task a batch of its own, so no batch holds several of them).
-    pub fn is_large(&self) -> bool {
-        let i = &self.record.inputs;
-        let bytes = self.subjects.as_ref().map_or(0, String::len)
-            + i.subject_images.iter().map(String::len).sum::<usize>()
-            + i.scene_image.as_ref().map_or(0, String::len)
-            + i.style_image.as_ref().map_or(0, String::len);
-        bytes > LARGE_INPUTS_BYTES
-    }
-
-    /// Converts the subject images to their JSON column, moving them (not copying).
-    fn prepare(&mut self) -> Result<()> {
-        if self.subjects.is_none() {
-            let list = std::mem::take(&mut self.record.inputs.subject_images);
-            self.subjects = Some(json_text(&list)?);
-        }
-        Ok(())
-    }
-}
-
-/// Inputs larger than this are stored in a batch of their own.
-const LARGE_INPUTS_BYTES: usize = 256 * 1024;
 
 /// Tasks waiting, in all and of client `$1`: one pass over the waiting tasks for both, which
 /// at a backlog of thousands is most of a batch's time in the database (BENCHMARKS §14).
