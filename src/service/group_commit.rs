@@ -296,6 +296,11 @@ pub struct GroupInsert {
 /// Submits taken before the first statistics refresh; each refresh doubles it.
 const FIRST_STATISTICS_REFRESH: u64 = 1000;
 
+/// Most tasks in one insert batch, whatever `database.group_commit_max_batch` says: the batch's
+/// largest statement binds 28 values per task on Postgres (at most 65,535 in all) and 15 on
+/// SQLite (at most 32,766). A larger batch would be refused whole and stored task by task.
+pub const MAX_TASKS_PER_BATCH: usize = 1024;
+
 impl GroupInsert {
     pub fn start(store: Store, max_batch: usize, max_wait: Duration) -> GroupInsert {
         Self::start_refreshing_statistics_after(
@@ -315,7 +320,7 @@ impl GroupInsert {
         max_wait: Duration,
         first: u64,
     ) -> GroupInsert {
-        let max_batch = max_batch.max(1);
+        let max_batch = max_batch.clamp(1, MAX_TASKS_PER_BATCH);
         GroupInsert {
             queues: Queues::start(1, max_batch, "task writer", |rx| {
                 inserter(store.clone(), rx, max_batch, max_wait, first)

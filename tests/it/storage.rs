@@ -896,6 +896,29 @@ async fn the_pending_caps_hold_between_counts_on_every_replica(b: Backend) {
     assert_eq!(here.pending_counts_taken(), 5);
 }
 
+/// The largest batch the submit writer forms (`MAX_TASKS_PER_BATCH`, whatever
+/// `database.group_commit_max_batch` says) fits each backend's limit on bound values, so it is
+/// stored in one transaction rather than refused whole and retried task by task.
+async fn the_largest_insert_batch_is_stored_at_once(b: Backend) {
+    use kling_relay::service::group_commit::MAX_TASKS_PER_BATCH;
+    use kling_relay::storage::{InsertOutcome, NewTask};
+    let db = TestDb::new(b).await;
+    let s = open_store(&db).await;
+    let caps = PendingCaps {
+        total: 100_000,
+        per_client: 100_000,
+    };
+    let mut tasks: Vec<NewTask> = (0..MAX_TASKS_PER_BATCH as i64)
+        .map(|i| NewTask::new(task_record(i), None, caps).expect("task"))
+        .collect();
+    let outcomes = s.insert_tasks(&mut tasks).await.expect("one batch");
+    assert!(outcomes.iter().all(|o| *o == InsertOutcome::Inserted));
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM tasks").await,
+        MAX_TASKS_PER_BATCH as i64
+    );
+}
+
 /// A warmed pool holds every connection it may (open_store's pool: 4; on Postgres also the
 /// keyed pool's one commit writer + 2 readers), and they stay open once given back, so the
 /// first burst after a start does not wait for them.
@@ -912,6 +935,7 @@ async fn a_warmed_pool_holds_every_connection(b: Backend) {
 }
 
 on_both_backends!(
+    the_largest_insert_batch_is_stored_at_once,
     the_pending_caps_hold_between_counts_on_every_replica,
     a_warmed_pool_holds_every_connection,
     a_batch_of_new_tasks_is_checked_task_by_task,
