@@ -31,7 +31,7 @@ impl Relay {
             };
         };
         let hash = hash_api_key(key);
-        match self.store.client_by_key_hash(&hash).await? {
+        match self.key_reads.get(&hash).await? {
             Some((client, stored)) if constant_time_eq(stored.as_bytes(), hash.as_bytes()) => {
                 if client.is_revoked() {
                     Err(ServiceError::Unauthorized)

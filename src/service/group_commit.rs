@@ -63,7 +63,7 @@ struct Job {
 /// Queues to workers that each serve theirs in batches; a worker stops when its queue is
 /// dropped. A job about a task goes to the queue its usage shard picks, so one task's jobs always
 /// meet the same worker.
-struct Queues<J> {
+pub(super) struct Queues<J> {
     senders: Vec<mpsc::Sender<J>>,
     /// What the worker is, for the error when it is gone ("commit writer").
     worker: &'static str,
@@ -71,7 +71,12 @@ struct Queues<J> {
 
 impl<J: Send + 'static> Queues<J> {
     /// `workers` queues of `max_batch * 4` jobs, each served by `serve` on its own task.
-    fn start<F, Fut>(workers: usize, max_batch: usize, worker: &'static str, mut serve: F) -> Self
+    pub(super) fn start<F, Fut>(
+        workers: usize,
+        max_batch: usize,
+        worker: &'static str,
+        mut serve: F,
+    ) -> Self
     where
         F: FnMut(mpsc::Receiver<J>) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -87,13 +92,13 @@ impl<J: Send + 'static> Queues<J> {
     }
 
     /// The queue for jobs about task `id`.
-    fn pick(&self, id: &str) -> usize {
+    pub(super) fn pick(&self, id: &str) -> usize {
         crate::storage::usage_shard(id) as usize % self.senders.len()
     }
 
     /// Queues on `queue` (see `pick`) the job `make` builds around its reply channel, and
     /// waits for the answer.
-    async fn ask<R>(
+    pub(super) async fn ask<R>(
         &self,
         queue: usize,
         make: impl FnOnce(oneshot::Sender<Result<R, StorageError>>) -> J,
@@ -146,7 +151,7 @@ impl GroupCommit {
 
 /// Takes the next batch from the queue: what is there now, and once several are, up to
 /// `max_wait` more unless a job in it is `urgent`. None when the queue is closed.
-async fn next_batch<J>(
+pub(super) async fn next_batch<J>(
     rx: &mut mpsc::Receiver<J>,
     max_batch: usize,
     max_wait: Duration,

@@ -18,6 +18,7 @@ mod dispatch;
 mod error;
 pub mod group_commit;
 mod halt;
+mod key_reads;
 pub mod live;
 pub mod poll;
 mod reads;
@@ -119,6 +120,8 @@ pub struct Relay {
     group_commit: group_commit::GroupCommit,
     /// The reads status changes are decided on, grouped (`group_commit::GroupRead`).
     group_read: group_commit::GroupRead,
+    /// API key lookups, grouped (`key_reads`).
+    key_reads: key_reads::GroupKeyRead,
     /// New tasks, stored in groups (`group_commit::GroupInsert`).
     group_insert: group_commit::GroupInsert,
     /// When this replica last folded the usage aggregates' shards (`service::usage`).
@@ -258,6 +261,11 @@ impl Relay {
             2,
             settings.database.group_commit_max_batch,
         );
+        let key_reads = key_reads::GroupKeyRead::start(
+            store.clone(),
+            2,
+            settings.database.group_commit_max_batch,
+        );
         let group_insert = group_commit::GroupInsert::start(
             store.clone(),
             settings.database.group_commit_max_batch,
@@ -265,6 +273,7 @@ impl Relay {
         );
         Ok(Relay {
             group_read,
+            key_reads,
             group_insert,
             notify_wake: Notify::new(),
             archive_wake: Notify::new(),

@@ -1,6 +1,6 @@
 //! Clients: create, look up by key hash, list, revoke, rotate secrets, default notify URL.
 
-use super::{Pool, Result, StorageError, Store};
+use super::{json_text, PgPools, Pool, Result, StorageError, Store};
 use crate::domain::client::Client;
 
 #[derive(Debug, thiserror::Error)]
@@ -101,13 +101,31 @@ impl Store {
         Ok(row.map(Client::from))
     }
 
-    /// The client holding the key with this hash, revoked or not.
-    pub async fn client_by_key_hash(&self, hash: &str) -> Result<Option<(Client, String)>> {
-        let sql = format!("SELECT {COLUMNS}, api_key_hash FROM clients WHERE api_key_hash = $1");
-        let found: Option<ClientWithHash> = on_pool!(self, p => {
-            sqlx::query_as(&sql).bind(hash).fetch_optional(p).await?
-        });
-        Ok(found.map(|r| (Client::from(r.client), r.api_key_hash)))
+    /// The clients holding keys with these hashes, revoked or not, each with its key's hash
+    /// (in no order; a hash no client holds is missing).
+    pub async fn clients_by_key_hashes(&self, hashes: &[&str]) -> Result<Vec<(Client, String)>> {
+        let found: Vec<ClientWithHash> = match &self.pool {
+            Pool::Postgres(PgPools { main: p, .. }) => {
+                let sql = format!(
+                    "SELECT {COLUMNS}, api_key_hash FROM clients WHERE api_key_hash = ANY($1)"
+                );
+                sqlx::query_as(&sql).bind(hashes).fetch_all(p).await?
+            }
+            Pool::Sqlite(p) => {
+                let sql = format!(
+                    "SELECT {COLUMNS}, api_key_hash FROM clients \
+                     WHERE api_key_hash IN (SELECT value FROM json_each($1))"
+                );
+                sqlx::query_as(&sql)
+                    .bind(json_text(&hashes)?)
+                    .fetch_all(p)
+                    .await?
+            }
+        };
+        Ok(found
+            .into_iter()
+            .map(|r| (Client::from(r.client), r.api_key_hash))
+            .collect())
     }
 
     pub async fn list_clients(&self) -> Result<Vec<Client>> {

@@ -430,7 +430,65 @@ async fn budgets_and_usage_through_the_cli(b: Backend) {
     assert!(!ok && err.contains("not a date"), "{err}");
 }
 
+/// Key lookups are grouped (one query for whatever is queued): many requests at once with many
+/// keys each get their own client, unknown keys are refused among them, and a key revoked a
+/// moment ago is refused at the next request.
+async fn concurrent_requests_with_many_keys_each_get_their_own_client(b: Backend) {
+    use kling_relay::domain::client::Caller;
+    use kling_relay::service::{Relay, ServiceError};
+    use std::sync::Arc;
+    let db = TestDb::new(b).await;
+    let (_sim, settings) = simulated_upstream(&db, stalled_sim()).await;
+    let store = open_store(&db).await;
+    let mut clients = Vec::new();
+    for i in 0..12 {
+        let name = format!("c{i}");
+        let made = kling_relay::service::clients::create_client(&store, &name, None)
+            .await
+            .expect("client");
+        clients.push(made);
+    }
+    let relay = Arc::new(
+        Relay::new(store.clone(), Arc::new(settings))
+            .await
+            .expect("relay"),
+    );
+    let mut asks = tokio::task::JoinSet::new();
+    for round in 0..20 {
+        for c in &clients {
+            let (relay, key, name) = (relay.clone(), c.api_key.clone(), c.name.clone());
+            asks.spawn(async move { (Some(name), relay.authenticate(Some(&key)).await) });
+        }
+        let relay = relay.clone();
+        let unknown = format!("klr_unknown{round}");
+        asks.spawn(async move { (None, relay.authenticate(Some(&unknown)).await) });
+    }
+    let mut answered = 0;
+    while let Some(joined) = asks.join_next().await {
+        let (name, got) = joined.expect("join");
+        match name {
+            Some(name) => assert_eq!(got.expect("a known key"), Caller::Client(name)),
+            None => assert!(matches!(got, Err(ServiceError::Unauthorized)), "{got:?}"),
+        }
+        answered += 1;
+    }
+    assert_eq!(answered, 20 * 13);
+    store.revoke_client("c3", 1).await.expect("revoke");
+    assert!(matches!(
+        relay.authenticate(Some(&clients[3].api_key)).await,
+        Err(ServiceError::Unauthorized)
+    ));
+    assert_eq!(
+        relay
+            .authenticate(Some(&clients[4].api_key))
+            .await
+            .expect("c4"),
+        Caller::Client("c4".into())
+    );
+}
+
 on_both_backends!(
+    concurrent_requests_with_many_keys_each_get_their_own_client,
     budgets_and_usage_through_the_cli,
     shares_through_the_cli_and_priority_through_the_api,
     key_lifecycle_through_the_cli,
