@@ -22,7 +22,7 @@ pub(super) const ALL: &str = "*";
 pub(crate) struct PendingBound {
     total: Option<Baseline>,
     clients: HashMap<String, Baseline>,
-    /// Counts taken, for tests and the bench.
+    /// Counts taken (tests read it).
     counts: u64,
 }
 
