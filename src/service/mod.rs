@@ -119,9 +119,9 @@ pub struct Relay {
     /// The writer that commits status changes in groups (`group_commit`).
     group_commit: group_commit::GroupCommit,
     /// The reads status changes are decided on, grouped (`group_commit::GroupRead`).
-    group_read: group_commit::GroupRead,
+    group_read: group_commit::GroupRead<crate::domain::Task>,
     /// API key lookups, grouped (`key_reads`).
-    key_reads: key_reads::GroupKeyRead,
+    key_reads: key_reads::KeyReads,
     /// New tasks, stored in groups (`group_commit::GroupInsert`).
     group_insert: group_commit::GroupInsert,
     /// When this replica last folded the usage aggregates' shards (`service::usage`).
@@ -256,16 +256,13 @@ impl Relay {
         );
         // Reads that decide a change, grouped the same way (two readers: reads do not wait
         // for each other, but a reader's query is cheaper than a read each).
-        let group_read = group_commit::GroupRead::start(
+        let group_read = group_commit::GroupRead::tasks(
             store.clone(),
             2,
             settings.database.group_commit_max_batch,
         );
-        let key_reads = key_reads::GroupKeyRead::start(
-            store.clone(),
-            2,
-            settings.database.group_commit_max_batch,
-        );
+        let key_reads =
+            key_reads::start(store.clone(), 2, settings.database.group_commit_max_batch);
         let group_insert = group_commit::GroupInsert::start(
             store.clone(),
             settings.database.group_commit_max_batch,
