@@ -204,6 +204,7 @@ impl Relay {
                     leaves_pending: task.status == TaskStatus::Pending
                         && change.status != TaskStatus::Pending,
                     urgent,
+                    decided_on: Some(DecidedOn::of(&task)),
                 })
                 .await?
             {

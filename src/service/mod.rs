@@ -39,7 +39,8 @@ use crate::domain::{
     TaskStatus, Transition, UpstreamReport,
 };
 use crate::storage::{
-    IdempotencyClaim, InsertOutcome, NewTaskRecord, OutboxEntry, PendingCaps, StorageError, Store,
+    DecidedOn, IdempotencyClaim, InsertOutcome, NewTaskRecord, OutboxEntry, PendingCaps,
+    StorageError, Store,
 };
 use crate::upstream::{CometClient, Wire};
 use base64::Engine;

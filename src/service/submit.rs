@@ -244,5 +244,6 @@ fn accepted_task(r: &NewTaskRecord) -> Task {
         request_id: r.request_id.clone(),
         final_unit_deduction: None,
         cost_source: None,
+        submitted_at_ms: None,
     }
 }

@@ -311,6 +311,10 @@ impl Store {
             let types = format!("({})", super::commits::AFTER_PARAM_TYPES);
             statements.push((format!("after changes {i}"), types, (*sql).to_owned()));
         }
+        for (i, sql) in super::commits::COMMIT_WHOLE.iter().enumerate() {
+            let types = format!("({})", super::commits::WHOLE_PARAM_TYPES);
+            statements.push((format!("whole batch {i}"), types, sql.clone()));
+        }
         let mut conn = keyed.acquire().await?;
         let mut plans = Vec::with_capacity(statements.len());
         for (name, types, sql) in statements {

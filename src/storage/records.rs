@@ -7,7 +7,8 @@ use super::*;
 pub(super) const TASK_COLUMNS: &str = "id, external_task_id, upstream_task_id, status, upstream_status, \
     model_name, prompt, n, aspect_ratio, metadata, images, error_code, error_message, created_at, \
     updated_at, completed_at, upstream_updated_at, version, dispatch_attempts, dispatch_started_at, \
-    poll_count, client, notify_url, request_id, final_unit_deduction, priority, cost_source";
+    poll_count, client, notify_url, request_id, final_unit_deduction, priority, cost_source, \
+    submitted_at";
 
 #[derive(sqlx::FromRow)]
 pub(super) struct TaskRow {
@@ -38,6 +39,7 @@ pub(super) struct TaskRow {
     pub(super) final_unit_deduction: Option<String>,
     pub(super) priority: String,
     pub(super) cost_source: Option<String>,
+    pub(super) submitted_at: Option<i64>,
 }
 
 impl TryFrom<TaskRow> for Task {
@@ -91,6 +93,7 @@ impl TryFrom<TaskRow> for Task {
             request_id: r.request_id,
             final_unit_deduction: r.final_unit_deduction,
             cost_source: r.cost_source,
+            submitted_at_ms: r.submitted_at,
         })
     }
 }
@@ -246,6 +249,33 @@ pub struct Commit<'a> {
     /// The change takes the task out of `pending` (decided on `expected_version`): its input
     /// images go in the same transaction.
     pub leaves_pending: bool,
+    /// The task as read when the change was decided. With it, a Postgres batch commits as one
+    /// statement (its usage rows are worked out before, for the changes that win); without it,
+    /// as a transaction that reads them from the rows it changed.
+    pub decided_on: Option<&'a DecidedOn>,
+}
+
+/// What a change's usage rows need of the task it was decided on. A compare-and-set that wins
+/// finds the row as it was read: every write to these columns moves `version` on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecidedOn {
+    pub client: Option<String>,
+    pub model_name: String,
+    pub upstream_task_id_bound: bool,
+    pub submitted_at_ms: Option<i64>,
+    pub final_unit_deduction: Option<String>,
+}
+
+impl DecidedOn {
+    pub fn of(t: &Task) -> DecidedOn {
+        DecidedOn {
+            client: t.client.clone(),
+            model_name: t.model_name.clone(),
+            upstream_task_id_bound: t.upstream_task_id.is_some(),
+            submitted_at_ms: t.submitted_at_ms,
+            final_unit_deduction: t.final_unit_deduction.clone(),
+        }
+    }
 }
 
 /// A parameter for [`Store::explain`].

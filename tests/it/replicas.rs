@@ -440,6 +440,67 @@ async fn other_replicas_hear_committed_changes() {
         }
     }
     assert_eq!(heard, batch_ids.into_iter().collect::<HashSet<_>>());
+
+    // The same as one statement (every change carries the row it was decided on): the 150 won
+    // changes are heard, the one that lost its compare-and-set is not.
+    let mut whole_ids = Vec::new();
+    for i in 150..301 {
+        let r = record(i);
+        a.insert_task(r.clone(), None, CAPS).await.unwrap();
+        whole_ids.push(r.id);
+    }
+    let mut read = Vec::new();
+    for id in &whole_ids {
+        read.push(kling_relay::storage::DecidedOn::of(
+            &a.get_task(id).await.unwrap().unwrap(),
+        ));
+    }
+    let more: Vec<Change> = (0..whole_ids.len())
+        .map(|i| submitted(&format!("u-whole-{i}")))
+        .collect();
+    let commits: Vec<Commit> = whole_ids
+        .iter()
+        .zip(&more)
+        .zip(&read)
+        .enumerate()
+        .map(|(k, ((id, change), d))| Commit {
+            leaves_pending: true,
+            decided_on: Some(d),
+            // The last is decided on a version the task never had.
+            ..commit(
+                id,
+                if k == 150 { 9 } else { 0 },
+                change,
+                EventSource::Webhook,
+                30,
+            )
+        })
+        .collect();
+    let won = a.commit_changes(&commits).await.unwrap();
+    assert_eq!(won.iter().filter(|w| **w).count(), 150);
+    assert!(!won[150], "the stale change lost");
+    let lost = whole_ids.pop().expect("151 ids");
+    let mut heard = HashSet::new();
+    while heard.len() < whole_ids.len() {
+        match tokio::time::timeout(Duration::from_secs(5), feed_b.next())
+            .await
+            .expect("heard within 5 s")
+            .unwrap()
+        {
+            FeedEvent::Changed(id) => {
+                assert_ne!(id, lost, "a lost change is not announced");
+                heard.insert(id);
+            }
+            FeedEvent::Gap => {}
+        }
+    }
+    assert_eq!(heard, whole_ids.into_iter().collect::<HashSet<_>>());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), feed_b.next())
+            .await
+            .is_err(),
+        "nothing more is heard"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -549,6 +549,7 @@ async fn a_refused_change_fails_only_its_caller(b: Backend) {
             upstream_payload: None,
             leaves_pending: true,
             urgent: false,
+            decided_on: None,
         };
         let w = writer.clone();
         jobs.push(tokio::spawn(async move { w.commit(commit).await }));
@@ -574,7 +575,19 @@ async fn a_refused_change_fails_only_its_caller(b: Backend) {
 /// for a success, the upstream id; a task's second change in the batch is decided again.
 /// Postgres runs one statement per round of rows and SQLite one per row, so both are checked.
 async fn a_batch_stores_what_each_change_carries(b: Backend) {
+    stores_what_each_change_carries(b, false).await;
+}
+
+/// The same batch, less the task's second change (so one round), with every change carrying
+/// the row it was decided on: Postgres commits it as one statement (`commits::whole`), which
+/// works out archive rows, usage and feed beforehand and must keep only the won changes'.
+async fn a_batch_decided_on_read_rows_stores_the_same(b: Backend) {
+    stores_what_each_change_carries(b, true).await;
+}
+
+async fn stores_what_each_change_carries(b: Backend, decided: bool) {
     use kling_relay::domain::{ResultImage, UpstreamStatus};
+    use kling_relay::storage::DecidedOn;
     let db = TestDb::new(b).await;
     let s = open_store(&db).await;
     let records: Vec<_> = (0..4).map(task_record).collect();
@@ -634,6 +647,10 @@ async fn a_batch_stores_what_each_change_carries(b: Backend) {
         bind_upstream_task_id: Some("u-2".into()),
         ..succeeded.clone()
     };
+    let mut read = Vec::new();
+    for id in &ids {
+        read.push(DecidedOn::of(&s.get_task(id).await.unwrap().unwrap()));
+    }
     let batch = [
         Commit {
             outbox: Some(&on),
@@ -655,10 +672,31 @@ async fn a_batch_stores_what_each_change_carries(b: Backend) {
             ..commit(ids[2], 0, &failed, EventSource::Poll, 100)
         },
         // A stale version: loses, stores nothing.
-        commit(ids[3], 7, &submitted, EventSource::Dispatch, 100),
+        Commit {
+            archive: true,
+            ..commit(ids[3], 7, &succeeded, EventSource::Dispatch, 100)
+        },
     ];
-    let won = s.commit_changes(&batch).await.unwrap();
-    assert_eq!(won, vec![true, true, false, true, false]);
+    let won = if decided {
+        let task_of = [0, 1, 1, 2, 3];
+        let one_round: Vec<Commit> = batch
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| *k != 2)
+            .map(|(k, c)| Commit {
+                decided_on: Some(&read[task_of[k]]),
+                ..*c
+            })
+            .collect();
+        let won = s.commit_changes(&one_round).await.unwrap();
+        assert_eq!(won, vec![true, true, true, false]);
+        won
+    } else {
+        let won = s.commit_changes(&batch).await.unwrap();
+        assert_eq!(won, vec![true, true, false, true, false]);
+        won
+    };
+    assert!(!won.is_empty());
 
     let t0 = s.get_task(ids[0]).await.unwrap().unwrap();
     assert_eq!((t0.status, t0.version), (TaskStatus::Submitted, 1));
@@ -719,6 +757,17 @@ async fn a_batch_stores_what_each_change_carries(b: Backend) {
         2
     );
     assert_eq!(db.count("SELECT CAST(COALESCE(SUM(units_milli), 0) AS BIGINT) FROM usage_hourly WHERE status = 'succeeded'").await, 2000);
+    assert_eq!(
+        db.count("SELECT CAST(COALESCE(SUM(tasks), 0) AS BIGINT) FROM usage_durations")
+            .await,
+        2,
+        "both ends reached upstream: their durations are counted"
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM usage_hourly WHERE status = 'failed' AND units_milli = 0")
+            .await,
+        1
+    );
 }
 
 /// Reads of several tasks in one query: each found task once, unknown ids left out.
@@ -940,6 +989,7 @@ on_both_backends!(
     a_warmed_pool_holds_every_connection,
     a_batch_of_new_tasks_is_checked_task_by_task,
     a_batch_stores_what_each_change_carries,
+    a_batch_decided_on_read_rows_stores_the_same,
     tasks_are_read_together,
     a_refused_change_fails_only_its_caller,
     a_batch_of_changes_is_one_transaction_of_compare_and_sets,
@@ -960,8 +1010,8 @@ async fn the_keyed_statements_reach_rows_by_index_even_planned_on_empty_tables(b
     let plans = s.keyed_plans().await.expect("plans");
     assert_eq!(
         plans.len(),
-        9,
-        "the read, four rounds, four after-statements"
+        25,
+        "the read, four rounds, four after-statements, sixteen whole batches"
     );
     let read = plans[0].1.join("\n");
     assert!(

@@ -73,6 +73,7 @@ async fn seed_submitted(store: &Store, n: usize) -> anyhow::Result<Vec<String>> 
                 archive: false,
                 upstream_payload: None,
                 leaves_pending: false,
+                decided_on: None,
             })
             .await?;
         ids.push(r.id);

@@ -80,6 +80,8 @@ pub struct Task {
     pub final_unit_deduction: Option<String>,
     /// Which channel reported the deduction (`webhook`, `poll`, `dispatch`: the event sources).
     pub cost_source: Option<String>,
+    /// When the task left `pending` for upstream (the start of its upstream time).
+    pub submitted_at_ms: Option<i64>,
 }
 
 /// What a task cost, never guessed: upstream's deduction as reported (0 for a create upstream

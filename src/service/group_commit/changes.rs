@@ -2,7 +2,7 @@
 
 use super::{next_batch, Queues};
 use crate::domain::{Change, EventSource};
-use crate::storage::{Commit, OutboxEntry, StorageError, Store};
+use crate::storage::{Commit, DecidedOn, OutboxEntry, StorageError, Store};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -22,6 +22,8 @@ pub struct OwnedCommit {
     /// The change frees units that waiting work can use: its batch commits without waiting to
     /// fill, since every millisecond until the commit is a paid unit idle.
     pub urgent: bool,
+    /// The task as read when the change was decided (`Commit::decided_on`).
+    pub decided_on: Option<DecidedOn>,
 }
 
 impl OwnedCommit {
@@ -37,6 +39,7 @@ impl OwnedCommit {
             archive: self.archive,
             upstream_payload: self.upstream_payload.as_deref(),
             leaves_pending: self.leaves_pending,
+            decided_on: self.decided_on.as_ref(),
         }
     }
 }

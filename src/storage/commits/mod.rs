@@ -1,7 +1,8 @@
 //! Status changes committed: each a compare-and-set on the task's `version` with its timeline
 //! event, notification, archive rows and usage, many in one transaction (group commit; the
 //! queue that gathers them is `service::group_commit`), as one statement per round of rows
-//! (a task at most once per round) on both backends. Files: `rows` (SQLite), `set` (Postgres).
+//! (a task at most once per round) on both backends. Files: `rows` (SQLite), `set` (Postgres),
+//! `whole` (Postgres, a batch as one statement), `input` (a round's changes as columns).
 
 use super::*;
 
@@ -29,9 +30,12 @@ macro_rules! update_from_input {
     };
 }
 
+mod input;
 mod rows;
 mod set;
+mod whole;
 pub(super) use set::{AFTER_CHANGES, AFTER_PARAM_TYPES, COMMIT_SET};
+pub(super) use whole::{COMMIT_WHOLE, WHOLE_PARAM_TYPES};
 
 impl Store {
     /// Commits a status change decided on `expected_version`, with its event and its

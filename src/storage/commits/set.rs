@@ -1,8 +1,11 @@
 //! Postgres: a batch of status changes as a statement per round of rows (arrays unnested into
 //! one `UPDATE … FROM` with its events, input drops and notifications as CTEs), then one
-//! statement for the archive rows, the usage aggregates and the change feed's notifications.
+//! statement for the archive rows, the usage aggregates and the change feed's notifications,
+//! in a transaction. A batch of one round whose changes say what they were decided on is one
+//! statement (`whole`).
 
 use super::super::*;
+use super::input::SetInput;
 
 impl Store {
     /// Postgres: each round (a task appears at most once per round; a second change to it in
@@ -12,14 +15,18 @@ impl Store {
     /// A batch costs a handful of round trips whatever its size, where a round trip costs about
     /// as much as a whole single-row transaction.
     pub(super) async fn commit_set(&self, p: &PgPool, batch: &[Commit<'_>]) -> Result<Vec<bool>> {
+        let rounds = super::rounds(batch);
+        if let [round] = rounds.as_slice() {
+            if batch.iter().all(|c| c.decided_on.is_some()) {
+                return self.commit_whole(p, batch, round).await;
+            }
+        }
         let mut won = vec![false; batch.len()];
         let mut rows: Vec<(usize, WonRow)> = Vec::with_capacity(batch.len());
         let mut tx = p.begin().await?;
-        for round in super::rounds(batch) {
+        for round in rounds {
             let input = SetInput::of(batch, &round)?;
-            let drops = input.leaves_pending.iter().any(|l| *l);
-            let notifies = input.outbox_id.iter().any(Option::is_some);
-            let statement = COMMIT_SET[usize::from(drops) * 2 + usize::from(notifies)];
+            let statement = COMMIT_SET[input.variant()];
             let returned: Vec<WonRow> = input
                 .bind(sqlx::query_as(statement))
                 .fetch_all(&mut *tx)
@@ -90,118 +97,14 @@ struct WonRow {
     final_unit_deduction: Option<String>,
 }
 
-/// One round's changes as columns, bound as arrays and unnested in `COMMIT_SET`.
-#[derive(Default)]
-struct SetInput<'a> {
-    slot: Vec<i64>,
-    id: Vec<&'a str>,
-    expected_version: Vec<i64>,
-    status: Vec<&'static str>,
-    upstream_status: Vec<Option<&'static str>>,
-    bind_upstream_task_id: Vec<Option<&'a str>>,
-    upstream_updated_at: Vec<Option<i64>>,
-    images: Vec<Option<String>>,
-    error_code: Vec<Option<&'a str>>,
-    error_message: Vec<Option<&'a str>>,
-    now_ms: Vec<i64>,
-    completed_at: Vec<Option<i64>>,
-    poll_due_at: Vec<Option<i64>>,
-    final_unit_deduction: Vec<Option<&'a str>>,
-    submitted_at: Vec<Option<i64>>,
-    upstream_started_at: Vec<Option<i64>>,
-    source: Vec<&'static str>,
-    detail: Vec<Option<&'a str>>,
-    upstream_payload: Vec<Option<&'a str>>,
-    leaves_pending: Vec<bool>,
-    outbox_id: Vec<Option<&'a str>>,
-    outbox_client: Vec<Option<&'a str>>,
-    outbox_url: Vec<Option<&'a str>>,
-    outbox_payload: Vec<Option<&'a str>>,
-}
-
-impl<'a> SetInput<'a> {
-    fn of(batch: &'a [Commit<'a>], round: &[usize]) -> Result<SetInput<'a>> {
-        let mut s = SetInput::default();
-        for &slot in round {
-            let c = &batch[slot];
-            let change = c.change;
-            s.slot.push(slot as i64);
-            s.id.push(c.id);
-            s.expected_version.push(c.expected_version);
-            s.status.push(change.status.as_str());
-            s.upstream_status
-                .push(change.upstream_status.map(|u| u.as_str()));
-            s.bind_upstream_task_id
-                .push(change.bind_upstream_task_id.as_deref());
-            s.upstream_updated_at.push(change.upstream_updated_at_ms);
-            s.images
-                .push(change.images.as_ref().map(json_text).transpose()?);
-            s.error_code
-                .push(change.error.as_ref().map(|e| e.code.as_str()));
-            s.error_message
-                .push(change.error.as_ref().map(|e| e.message.as_str()));
-            s.now_ms.push(c.now_ms);
-            s.completed_at
-                .push(change.status.is_final().then_some(c.now_ms));
-            s.poll_due_at.push(c.poll_due_at_ms);
-            s.final_unit_deduction
-                .push(change.final_unit_deduction.as_deref());
-            s.submitted_at.push(c.leaves_pending.then_some(c.now_ms));
-            s.upstream_started_at.push(if c.leaves_pending {
-                change.upstream_updated_at_ms
-            } else {
-                None
-            });
-            s.source.push(c.source.as_str());
-            s.detail.push(change.detail.as_deref());
-            s.upstream_payload.push(c.upstream_payload);
-            s.leaves_pending.push(c.leaves_pending);
-            s.outbox_id.push(c.outbox.map(|o| o.id.as_str()));
-            s.outbox_client.push(c.outbox.map(|o| o.client.as_str()));
-            s.outbox_url.push(c.outbox.map(|o| o.url.as_str()));
-            s.outbox_payload.push(c.outbox.map(|o| o.payload.as_str()));
-        }
-        Ok(s)
-    }
-
-    fn bind<'q, O>(
-        &'q self,
-        q: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
-        q.bind(&self.slot)
-            .bind(&self.id)
-            .bind(&self.expected_version)
-            .bind(&self.status)
-            .bind(&self.upstream_status)
-            .bind(&self.bind_upstream_task_id)
-            .bind(&self.upstream_updated_at)
-            .bind(&self.images)
-            .bind(&self.error_code)
-            .bind(&self.error_message)
-            .bind(&self.now_ms)
-            .bind(&self.completed_at)
-            .bind(&self.poll_due_at)
-            .bind(&self.final_unit_deduction)
-            .bind(&self.submitted_at)
-            .bind(&self.upstream_started_at)
-            .bind(&self.source)
-            .bind(&self.detail)
-            .bind(&self.upstream_payload)
-            .bind(&self.leaves_pending)
-            .bind(&self.outbox_id)
-            .bind(&self.outbox_client)
-            .bind(&self.outbox_url)
-            .bind(&self.outbox_payload)
-    }
-}
-
 /// A round of compare-and-sets with their timeline events, the input images of tasks leaving
-/// `pending`, and their notifications (unless the client disabled the URL), in one statement;
-/// the compare-and-set itself is `update_from_input!`, shared with SQLite's `commit_rows`.
-/// `$parts` are the optional CTEs (`drop_inputs_cte!`, `outbox_cte!`): a data-modifying CTE
-/// opens its table and every index of it even when no row reaches it, which cost a round of
-/// callbacks (neither part) about a third of its time on Postgres.
-macro_rules! commit_set {
+/// `pending`, and their notifications (unless the client disabled the URL), as CTEs: `upd`
+/// returns each won change's slot, `won` is its input row. The compare-and-set itself is
+/// `update_from_input!`, shared with SQLite's `commit_rows`. `$parts` are the optional CTEs
+/// (`drop_inputs_cte!`, `outbox_cte!`): a data-modifying CTE opens its table and every index of
+/// it even when no row reaches it, which cost a round of callbacks (neither part) about a third
+/// of its time on Postgres.
+macro_rules! round_ctes {
     ($($part:expr),*) => {
         concat!(
             "WITH i AS (SELECT * FROM UNNEST(\
@@ -225,6 +128,15 @@ macro_rules! commit_set {
             SELECT id, now_ms, source, status, upstream_status, detail, upstream_payload \
             FROM won ORDER BY slot)",
             $($part,)*
+        )
+    };
+}
+
+/// `round_ctes!` returning what the usage aggregates need of each won change.
+macro_rules! commit_set {
+    ($($part:expr),*) => {
+        concat!(
+            round_ctes!($($part),*),
             " SELECT slot, client, model_name, submitted_at, final_unit_deduction FROM upd"
         )
     };
@@ -250,13 +162,20 @@ macro_rules! outbox_cte {
     };
 }
 
-/// `commit_set!` for a round, indexed by (some change leaves `pending`) * 2 + (some change
-/// writes a notification).
+/// `commit_set!` for a round, indexed by `SetInput::variant`.
 pub(in crate::storage) const COMMIT_SET: [&str; 4] = [
     commit_set!(),
     commit_set!(outbox_cte!()),
     commit_set!(drop_inputs_cte!()),
     commit_set!(drop_inputs_cte!(), outbox_cte!()),
+];
+
+/// `round_ctes!` alone (`whole` adds to them), indexed by `SetInput::variant`.
+pub(super) const ROUND_CTES: [&str; 4] = [
+    round_ctes!(),
+    round_ctes!(outbox_cte!()),
+    round_ctes!(drop_inputs_cte!()),
+    round_ctes!(drop_inputs_cte!(), outbox_cte!()),
 ];
 
 /// Everything a batch's won changes add besides the tasks' rows, in one statement (a round

@@ -728,6 +728,7 @@ pub fn commit<'a>(
         archive: false,
         upstream_payload: None,
         leaves_pending: false,
+        decided_on: None,
     }
 }
 
