@@ -887,6 +887,99 @@ async fn a_batch_of_new_tasks_is_checked_task_by_task(b: Backend) {
     assert_eq!(again, existing(true));
 }
 
+/// A batch reads its idempotency keys and claims them with a statement for all of them: an
+/// expired key is taken again, a live one answers with its task, a key is per scope, a key
+/// twice in the batch goes to the first, and keys that need escaping in the statements' JSON
+/// come back as they went in.
+async fn a_batch_reads_and_claims_its_keys_together(b: Backend) {
+    use kling_relay::storage::{IdempotencyClaim, InsertOutcome, NewTask};
+    let db = TestDb::new(b).await;
+    let s = open_store(&db).await;
+    let caps = PendingCaps {
+        total: 100,
+        per_client: 100,
+    };
+    let key = |scope: &str, key: &str, hash: &str, expired_before_ms: i64| IdempotencyClaim {
+        scope: scope.into(),
+        key: key.into(),
+        request_hash: hash.into(),
+        expired_before_ms,
+    };
+    let t0 = 1_700_000_000_000;
+    // Stored before: "old" at t0 + 1, "live" at t0 + 2.
+    let (old, live) = (task_record(1), task_record(2));
+    for (r, k) in [(&old, "old"), (&live, "live")] {
+        let got = s
+            .insert_task(r.clone(), Some(&key("c1", k, "h", 0)), caps)
+            .await
+            .unwrap();
+        assert_eq!(got, InsertOutcome::Inserted);
+    }
+    // Keys taken before t0 + 2 have expired.
+    let odd = "q\"uo'te\\ \u{e9}\n{\"s\":1}";
+    let records: Vec<_> = (10..16).map(task_record).collect();
+    let carried = [
+        key("c1", "old", "h", t0 + 2),
+        key("c1", "live", "other", t0 + 2),
+        key("c2", "live", "h", t0 + 2),
+        key("c1", "new", "h", t0 + 2),
+        key("c1", "new", "h", t0 + 2),
+        key("c1", odd, "h", t0 + 2),
+    ];
+    let mut tasks: Vec<NewTask> = records
+        .iter()
+        .zip(carried)
+        .map(|(r, k)| NewTask::new(r.clone(), Some(k), caps).unwrap())
+        .collect();
+    let outcomes = s.insert_tasks(&mut tasks).await.unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            InsertOutcome::Inserted,
+            InsertOutcome::Existing {
+                task_id: live.id.clone(),
+                same_request: false
+            },
+            InsertOutcome::Inserted,
+            InsertOutcome::Inserted,
+            InsertOutcome::Existing {
+                task_id: records[3].id.clone(),
+                same_request: true
+            },
+            InsertOutcome::Inserted,
+        ]
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM idempotency_keys").await,
+        5,
+        "old (taken again), live, c2's live, new, the odd one"
+    );
+    // Each key names its task in the next batch, the odd one included.
+    for (k, task) in [
+        ("old", &records[0]),
+        (odd, &records[5]),
+        ("new", &records[3]),
+    ] {
+        let again = s
+            .insert_tasks(&mut [NewTask::new(
+                task_record(20),
+                Some(key("c1", k, "h", t0 + 2)),
+                caps,
+            )
+            .unwrap()])
+            .await
+            .unwrap();
+        assert_eq!(
+            again,
+            [InsertOutcome::Existing {
+                task_id: task.id.clone(),
+                same_request: true
+            }],
+            "{k}"
+        );
+    }
+}
+
 /// The pending caps are counted only when a batch could reach them. Between counts, the last
 /// count plus what intake admitted since, on every replica (`intake_counts`), bounds the
 /// waiting tasks; a task is still refused exactly at a cap, whichever replica admitted the
@@ -990,6 +1083,7 @@ on_both_backends!(
     a_batch_of_new_tasks_is_checked_task_by_task,
     a_batch_stores_what_each_change_carries,
     a_batch_decided_on_read_rows_stores_the_same,
+    a_batch_reads_and_claims_its_keys_together,
     tasks_are_read_together,
     a_refused_change_fails_only_its_caller,
     a_batch_of_changes_is_one_transaction_of_compare_and_sets,

@@ -5,6 +5,7 @@
 //! (`pending`) and first events, one statement on Postgres and four on SQLite.
 
 mod client;
+mod keys;
 mod new_task;
 mod pending;
 
@@ -22,12 +23,6 @@ const PENDING: &str = "SELECT COUNT(*), COUNT(*) FILTER (WHERE client = $1) \
     FROM tasks WHERE status = 'pending'";
 /// What intake has admitted, in all and of client `$1` (see `pending`).
 const ADMITTED: &str = "SELECT scope, admitted FROM intake_counts WHERE scope = '*' OR scope = $1";
-const EXPIRE_KEY: &str =
-    "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND created_at < $3";
-const CLAIM_KEY: &str = "INSERT INTO idempotency_keys (scope, key, request_hash, task_id, \
-    created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (scope, key) DO NOTHING";
-const READ_KEY: &str =
-    "SELECT request_hash, task_id FROM idempotency_keys WHERE scope = $1 AND key = $2";
 
 impl Store {
     /// Postgres: refreshes the planner's statistics of `tasks` (`ANALYZE`, which reads a
@@ -62,6 +57,10 @@ impl Store {
         // Postgres: the counts and the inserts one atomic step across sessions (SQLite's single
         // writer already is).
         let begin = self.begin_serialised(dialect::Serialised::Submits);
+        let key_sql = match self.pool {
+            Pool::Postgres(_) => &keys::POSTGRES,
+            Pool::Sqlite(_) => &keys::SQLITE,
+        };
         on_pool!(self, p => {
             let mut conn = p.acquire().await?;
             let outcome = async {
@@ -98,30 +97,15 @@ impl Store {
                     }
                 };
                 let mut clients: HashMap<String, ClientSoFar> = HashMap::new();
-                let mut keys: HashMap<(String, String), (String, String)> = HashMap::new();
+                // The stored keys, then each admitted task's as the batch goes on.
+                let mut taken = keys::stored(&mut tx, key_sql, tasks).await?;
                 let mut outcomes = Vec::with_capacity(tasks.len());
                 let mut admitted: Vec<usize> = Vec::with_capacity(tasks.len());
                 for (slot, task) in tasks.iter().enumerate() {
                     let (t, idempotency, caps) = (&task.record, &task.idempotency, task.caps);
                     if let Some(k) = &idempotency {
                         let scoped = (k.scope.clone(), k.key.clone());
-                        let taken = match keys.get(&scoped) {
-                            Some(hit) => Some(hit.clone()),
-                            None => {
-                                sqlx::query(EXPIRE_KEY)
-                                    .bind(&k.scope)
-                                    .bind(&k.key)
-                                    .bind(k.expired_before_ms)
-                                    .execute(&mut *tx)
-                                    .await?;
-                                sqlx::query_as::<_, (String, String)>(READ_KEY)
-                                    .bind(&k.scope)
-                                    .bind(&k.key)
-                                    .fetch_optional(&mut *tx)
-                                    .await?
-                            }
-                        };
-                        if let Some((hash, task_id)) = taken {
+                        if let Some((hash, task_id)) = taken.get(&scoped).cloned() {
                             outcomes.push(InsertOutcome::Existing {
                                 task_id,
                                 same_request: hash == k.request_hash,
@@ -189,7 +173,7 @@ impl Store {
                         c.reserved += t.n;
                     }
                     if let Some(k) = idempotency {
-                        keys.insert(
+                        taken.insert(
                             (k.scope.clone(), k.key.clone()),
                             (k.request_hash.clone(), t.id.clone()),
                         );
@@ -319,25 +303,7 @@ impl Store {
                             .push_bind("accepted");
                     });
                     q.build().persistent(false).execute(&mut *tx).await?;
-                    for a in &admitted {
-                        let Some(k) = &a.idempotency else { continue };
-                        // The lock (or SQLite's single writer) makes the read above exact: a
-                        // key it did not see is free, and the batch gave it to one task only.
-                        let claimed = sqlx::query(CLAIM_KEY)
-                            .bind(&k.scope)
-                            .bind(&k.key)
-                            .bind(&k.request_hash)
-                            .bind(&a.record.id)
-                            .bind(a.record.created_at_ms)
-                            .execute(&mut *tx)
-                            .await?
-                            .rows_affected();
-                        if claimed == 0 {
-                            return Err(StorageError::Batch(
-                                "an idempotency key was taken outside the submit lock".into(),
-                            ));
-                        }
-                    }
+                    keys::claim(&mut tx, key_sql, &admitted).await?;
                     tx.commit().await?;
                 } else {
                     // Expired keys deleted above go with the next batch that stores something.
