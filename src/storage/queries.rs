@@ -165,3 +165,30 @@ pub fn list(f: &super::ListFilter) -> String {
     ));
     sql
 }
+
+/// A submit batch's idempotency keys (`intake/keys.rs`), given as one JSON array (`$1`) of
+/// `{"s": scope, "k": key, …}`. Each drives from the array into the primary key: a statement
+/// that scanned the keys (24 hours of every client's submits) per batch cost more than the
+/// statement per key it replaced. SQLite's `CROSS JOIN` keeps the array the outer loop.
+pub const EXPIRE_KEYS: &str = "DELETE FROM idempotency_keys WHERE (scope, key) IN \
+    (SELECT k.scope, k.key FROM json_each($1) j CROSS JOIN idempotency_keys k \
+    ON k.scope = j.value ->> 's' AND k.key = j.value ->> 'k' WHERE k.created_at < j.value ->> 'e')";
+pub const READ_KEYS: &str = "SELECT k.scope, k.key, k.request_hash, k.task_id \
+    FROM json_each($1) j CROSS JOIN idempotency_keys k \
+    ON k.scope = j.value ->> 's' AND k.key = j.value ->> 'k'";
+/// `WHERE true`: without it SQLite reads `ON CONFLICT` as a join constraint. `RETURNING`: the
+/// backends share no way to count the rows a generic statement affected.
+pub const CLAIM_KEYS: &str = "INSERT INTO idempotency_keys \
+    (scope, key, request_hash, task_id, created_at) \
+    SELECT j.value ->> 's', j.value ->> 'k', j.value ->> 'h', j.value ->> 't', j.value ->> 'c' \
+    FROM json_each($1) j WHERE true ON CONFLICT (scope, key) DO NOTHING RETURNING key";
+pub const EXPIRE_KEYS_PG: &str = "DELETE FROM idempotency_keys k \
+    USING json_to_recordset($1::json) AS x(s text, k text, e int8) \
+    WHERE k.scope = x.s AND k.key = x.k AND k.created_at < x.e";
+pub const READ_KEYS_PG: &str = "SELECT k.scope, k.key, k.request_hash, k.task_id \
+    FROM json_to_recordset($1::json) AS x(s text, k text) \
+    JOIN idempotency_keys k ON k.scope = x.s AND k.key = x.k";
+pub const CLAIM_KEYS_PG: &str = "INSERT INTO idempotency_keys \
+    (scope, key, request_hash, task_id, created_at) SELECT x.s, x.k, x.h, x.t, x.c \
+    FROM json_to_recordset($1::json) AS x(s text, k text, h text, t text, c int8) \
+    ON CONFLICT (scope, key) DO NOTHING RETURNING key";

@@ -30,8 +30,16 @@ pub(super) async fn submit(args: &Args, kind: &'static str) -> anyhow::Result<Ve
     .await;
     // With `Prefer: respond-async` the POST answers once the task is stored (issue 17); a
     // throughput figure, so sent by the lean generator (the wait above reads each answer's body).
-    let (async_stats, async_cpu) =
-        respond_async("submit respond-async", &svc, &key, n, args.concurrency, pg).await?;
+    let (async_stats, async_cpu) = respond_async(
+        "submit respond-async",
+        &svc,
+        &key,
+        n,
+        args.concurrency,
+        pg,
+        None,
+    )
+    .await?;
     let (_, peak) = svc.rss_mb();
     drop(svc);
     // The same with upstream as a real account is during a burst: generations take their time
@@ -51,6 +59,18 @@ pub(super) async fn submit(args: &Args, kind: &'static str) -> anyhow::Result<Ve
         n,
         args.concurrency,
         pg,
+        None,
+    )
+    .await?;
+    // The same again, each POST with an `Idempotency-Key` of its own, as careful clients send.
+    let (keyed_stats, keyed_cpu) = respond_async(
+        "submit respond-async, upstream busy, keyed",
+        &svc,
+        &key,
+        n,
+        args.concurrency,
+        pg,
+        Some("bench"),
     )
     .await?;
     drop(svc);
@@ -84,11 +104,18 @@ pub(super) async fn submit(args: &Args, kind: &'static str) -> anyhow::Result<Ve
     );
     busy.of_limit = Some(busy.per_second / limit.per_second.max(1e-9));
     busy.cpu = busy_cpu;
-    Ok(vec![row, fast, busy, limit])
+    let mut keyed = keyed_stats.row(
+        "submit",
+        kind,
+        "POST /v1/tasks, respond-async, upstream busy, Idempotency-Key",
+    );
+    keyed.of_limit = Some(keyed.per_second / limit.per_second.max(1e-9));
+    keyed.cpu = keyed_cpu;
+    Ok(vec![row, fast, busy, keyed, limit])
 }
 
 /// `n` POSTs with `Prefer: respond-async` to `svc`, `concurrency` at a time, and the CPU they
-/// cost.
+/// cost; with `idempotency_keys`, each carries the key `<it>-<i>`.
 async fn respond_async(
     label: &str,
     svc: &Service,
@@ -96,14 +123,25 @@ async fn respond_async(
     n: usize,
     concurrency: usize,
     postgres: bool,
+    idempotency_keys: Option<&'static str>,
 ) -> anyhow::Result<(Stats, Option<cpu::CpuUse>)> {
     let addr = svc.addr()?;
     let headers = format!("authorization: Bearer {key}\r\nprefer: respond-async\r\n");
     let body = task_body().to_string();
     let before = cpu::mark(Some(svc.pid()), postgres);
-    let stats = lean_http::load_raw(label, n, concurrency, addr, move |_| {
-        lean_http::request("POST", "/v1/tasks", addr, &headers, &body)
-    })
+    let stats = lean_http::load_raw(
+        label,
+        n,
+        concurrency,
+        addr,
+        move |i| match idempotency_keys {
+            Some(prefix) => {
+                let keyed = format!("{headers}idempotency-key: {prefix}-{i}\r\n");
+                lean_http::request("POST", "/v1/tasks", addr, &keyed, &body)
+            }
+            None => lean_http::request("POST", "/v1/tasks", addr, &headers, &body),
+        },
+    )
     .await;
     Ok((stats, spent(before, Some(svc.pid()), postgres, n)))
 }

@@ -3,7 +3,7 @@
 //! cost the one submit writer three round trips per keyed task, inside the transaction that
 //! holds the submit lock: 192 round trips for a batch of 64 keyed submits.
 
-use crate::storage::{NewTask, Result, StorageError};
+use crate::storage::{sql, NewTask, Result, StorageError};
 use serde_json::json;
 use std::collections::HashMap;
 
@@ -15,29 +15,15 @@ pub(super) struct KeySql {
 }
 
 pub(super) const POSTGRES: KeySql = KeySql {
-    expire: "DELETE FROM idempotency_keys k \
-        USING json_to_recordset($1::json) AS x(s text, k text, e int8) \
-        WHERE k.scope = x.s AND k.key = x.k AND k.created_at < x.e",
-    read: "SELECT k.scope, k.key, k.request_hash, k.task_id \
-        FROM json_to_recordset($1::json) AS x(s text, k text) \
-        JOIN idempotency_keys k ON k.scope = x.s AND k.key = x.k",
-    claim: "INSERT INTO idempotency_keys (scope, key, request_hash, task_id, created_at) \
-        SELECT x.s, x.k, x.h, x.t, x.c \
-        FROM json_to_recordset($1::json) AS x(s text, k text, h text, t text, c int8) \
-        ON CONFLICT (scope, key) DO NOTHING RETURNING key",
+    expire: sql::EXPIRE_KEYS_PG,
+    read: sql::READ_KEYS_PG,
+    claim: sql::CLAIM_KEYS_PG,
 };
 
 pub(super) const SQLITE: KeySql = KeySql {
-    expire: "DELETE FROM idempotency_keys WHERE EXISTS (SELECT 1 FROM json_each($1) j \
-        WHERE j.value ->> 's' = idempotency_keys.scope AND j.value ->> 'k' = idempotency_keys.key \
-        AND idempotency_keys.created_at < j.value ->> 'e')",
-    read: "SELECT k.scope, k.key, k.request_hash, k.task_id FROM json_each($1) j \
-        JOIN idempotency_keys k ON k.scope = j.value ->> 's' AND k.key = j.value ->> 'k'",
-    // `WHERE true`: without it SQLite reads `ON CONFLICT` as a join constraint.
-    claim: "INSERT INTO idempotency_keys (scope, key, request_hash, task_id, created_at) \
-        SELECT j.value ->> 's', j.value ->> 'k', j.value ->> 'h', j.value ->> 't', \
-        j.value ->> 'c' FROM json_each($1) j WHERE true \
-        ON CONFLICT (scope, key) DO NOTHING RETURNING key",
+    expire: sql::EXPIRE_KEYS,
+    read: sql::READ_KEYS,
+    claim: sql::CLAIM_KEYS,
 };
 
 /// A stored key: (scope, key) -> (request hash, task id).
