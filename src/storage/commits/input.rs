@@ -2,7 +2,8 @@
 
 use super::super::*;
 
-/// One round's changes as columns, bound as arrays and unnested in `COMMIT_SET`.
+/// One round's changes as columns, bound as arrays and unnested in `COMMIT_SET` and
+/// `COMMIT_WHOLE`.
 #[derive(Default)]
 pub(super) struct SetInput<'a> {
     slot: Vec<i64>,

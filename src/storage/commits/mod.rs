@@ -57,6 +57,38 @@ impl Store {
     }
 }
 
+/// The images a won change queues for the archive: a success's, when the archive is on.
+pub(super) fn archived_images<'c>(c: &Commit<'c>) -> &'c [ResultImage] {
+    match (c.archive, c.change.status, &c.change.images) {
+        (true, TaskStatus::Succeeded, Some(list)) => list,
+        _ => &[],
+    }
+}
+
+/// What a won change adds to the usage aggregates: the task's end, if it ends it, from the row
+/// as the change left it (its client, model, submit time once it reached upstream, deduction).
+/// A task is counted once: the status machine never moves a final task, and the change won its
+/// compare-and-set on a version that was not final.
+pub(super) fn finished(
+    c: &Commit<'_>,
+    client: &str,
+    model: &str,
+    submitted_at: Option<i64>,
+    deduction: Option<&str>,
+) -> Option<usage::Finished> {
+    c.change.status.is_final().then(|| {
+        usage::Finished::new(
+            c.id,
+            client.to_owned(),
+            model.to_owned(),
+            c.change.status,
+            c.now_ms,
+            submitted_at,
+            deduction,
+        )
+    })
+}
+
 /// The batch split into rounds in which each task appears once, in arrival order; each round
 /// sorted by task id, so concurrent batches lock rows in one order.
 pub(super) fn rounds(batch: &[Commit<'_>]) -> Vec<Vec<usize>> {

@@ -34,18 +34,10 @@ impl Store {
                 let c = &batch[slot];
                 let change = c.change;
                 won[slot] = true;
-                if change.status.is_final() {
-                    // A task is counted once: the status machine never moves a final task, and
-                    // this commit won the compare-and-set on a version that was not final.
-                    ended.add(usage::Finished::new(
-                        c.id,
-                        client,
-                        model,
-                        change.status,
-                        c.now_ms,
-                        submitted_at,
-                        deduction.as_deref(),
-                    ));
+                if let Some(f) =
+                    super::finished(c, &client, &model, submitted_at, deduction.as_deref())
+                {
+                    ended.add(f);
                 }
                 events.push((
                     slot,
@@ -80,18 +72,14 @@ impl Store {
                         .execute(&mut *tx)
                         .await?;
                 }
-                if let (true, TaskStatus::Succeeded, Some(images)) =
-                    (c.archive, change.status, &change.images)
-                {
-                    for img in images {
-                        sqlx::query(archive::ENQUEUE)
-                            .bind(c.id)
-                            .bind(i64::from(img.index))
-                            .bind(&img.url)
-                            .bind(c.now_ms)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
+                for img in super::archived_images(c) {
+                    sqlx::query(archive::ENQUEUE)
+                        .bind(c.id)
+                        .bind(i64::from(img.index))
+                        .bind(&img.url)
+                        .bind(c.now_ms)
+                        .execute(&mut *tx)
+                        .await?;
                 }
             }
         }

@@ -44,28 +44,20 @@ impl Store {
         let mut images = ImageRows::default();
         for (slot, r) in &rows {
             let c = &batch[*slot];
-            if c.change.status.is_final() {
-                // Counted once: a final task never moves again, and this won on a version
-                // that was not final.
-                ended.add(usage::Finished::new(
-                    c.id,
-                    r.client.clone(),
-                    r.model_name.clone(),
-                    c.change.status,
-                    c.now_ms,
-                    r.submitted_at,
-                    r.final_unit_deduction.as_deref(),
-                ));
+            if let Some(f) = super::finished(
+                c,
+                &r.client,
+                &r.model_name,
+                r.submitted_at,
+                r.final_unit_deduction.as_deref(),
+            ) {
+                ended.add(f);
             }
-            if let (true, TaskStatus::Succeeded, Some(list)) =
-                (c.archive, c.change.status, &c.change.images)
-            {
-                for img in list {
-                    images.task.push(c.id);
-                    images.idx.push(i64::from(img.index));
-                    images.url.push(img.url.as_str());
-                    images.at.push(c.now_ms);
-                }
+            for img in super::archived_images(c) {
+                images.task.push(c.id);
+                images.idx.push(i64::from(img.index));
+                images.url.push(img.url.as_str());
+                images.at.push(c.now_ms);
             }
         }
         // Delivered at commit: other replicas' waiters hear of the changes (storage::feed).

@@ -92,23 +92,20 @@ impl<'a> Adds<'a> {
             return;
         };
         let change = c.change;
-        if change.status.is_final() {
-            // The row as `update_from_input!` leaves it: an upstream id and a submit time are
-            // set once, a deduction reported now replaces none.
-            let bound = d.upstream_task_id_bound || change.bind_upstream_task_id.is_some();
-            let submitted = d.submitted_at_ms.or(c.leaves_pending.then_some(c.now_ms));
-            let f = usage::Finished::new(
-                c.id,
-                d.client.clone().unwrap_or_default(),
-                d.model_name.clone(),
-                change.status,
-                c.now_ms,
-                if bound { submitted } else { None },
-                change
-                    .final_unit_deduction
-                    .as_deref()
-                    .or(d.final_unit_deduction.as_deref()),
-            );
+        // The row as `update_from_input!` leaves it: an upstream id and a submit time are set
+        // once, a deduction reported now replaces none.
+        let bound = d.upstream_task_id_bound || change.bind_upstream_task_id.is_some();
+        let submitted = d.submitted_at_ms.or(c.leaves_pending.then_some(c.now_ms));
+        if let Some(f) = super::finished(
+            c,
+            d.client.as_deref().unwrap_or_default(),
+            &d.model_name,
+            if bound { submitted } else { None },
+            change
+                .final_unit_deduction
+                .as_deref()
+                .or(d.final_unit_deduction.as_deref()),
+        ) {
             if let Some(bin) = f.duration_bin {
                 self.duration_slot.push(slot);
                 self.duration_client.push(f.client.clone());
@@ -124,16 +121,12 @@ impl<'a> Adds<'a> {
             self.hourly_shard.push(f.shard);
             self.hourly_units.push(f.units_milli);
         }
-        if let (true, TaskStatus::Succeeded, Some(list)) =
-            (c.archive, change.status, &change.images)
-        {
-            for img in list {
-                self.image_slot.push(slot);
-                self.image_task.push(c.id);
-                self.image_idx.push(i64::from(img.index));
-                self.image_url.push(img.url.as_str());
-                self.image_at.push(c.now_ms);
-            }
+        for img in super::archived_images(c) {
+            self.image_slot.push(slot);
+            self.image_task.push(c.id);
+            self.image_idx.push(i64::from(img.index));
+            self.image_url.push(img.url.as_str());
+            self.image_at.push(c.now_ms);
         }
     }
 }
