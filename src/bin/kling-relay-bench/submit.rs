@@ -30,7 +30,7 @@ pub(super) async fn submit(args: &Args, kind: &'static str) -> anyhow::Result<Ve
     .await;
     // With `Prefer: respond-async` the POST answers once the task is stored (issue 17); a
     // throughput figure, so sent by the lean generator (the wait above reads each answer's body).
-    let (async_stats, async_cpu) = respond_async(
+    let fast = respond_async(
         "submit respond-async",
         &svc,
         &key,
@@ -52,7 +52,7 @@ pub(super) async fn submit(args: &Args, kind: &'static str) -> anyhow::Result<Ve
         &[("KLING_RELAY_COMETAPI__MAX_CONCURRENCY", "10".into())],
     )
     .await?;
-    let (busy_stats, busy_cpu) = respond_async(
+    let busy = respond_async(
         "submit respond-async, upstream busy",
         &svc,
         &key,
@@ -63,7 +63,7 @@ pub(super) async fn submit(args: &Args, kind: &'static str) -> anyhow::Result<Ve
     )
     .await?;
     // The same again, each POST with an `Idempotency-Key` of its own, as careful clients send.
-    let (keyed_stats, keyed_cpu) = respond_async(
+    let keyed = respond_async(
         "submit respond-async, upstream busy, keyed",
         &svc,
         &key,
@@ -94,23 +94,19 @@ pub(super) async fn submit(args: &Args, kind: &'static str) -> anyhow::Result<Ve
     let mut row = stats.row("submit", kind, "POST /v1/tasks until submitted");
     row.service_peak_rss_mb = peak;
     let limit = storage_limit.row("submit", kind, "storage limit (sqlx updates)");
-    let mut fast = async_stats.row("submit", kind, "POST /v1/tasks, Prefer: respond-async");
-    fast.of_limit = Some(fast.per_second / limit.per_second.max(1e-9));
-    fast.cpu = async_cpu;
-    let mut busy = busy_stats.row(
-        "submit",
-        kind,
-        "POST /v1/tasks, respond-async, upstream busy",
-    );
-    busy.of_limit = Some(busy.per_second / limit.per_second.max(1e-9));
-    busy.cpu = busy_cpu;
-    let mut keyed = keyed_stats.row(
-        "submit",
-        kind,
+    // A `respond-async` row, as a share of the limit, with the CPU it cost.
+    let against_limit = |(stats, cpu): (Stats, Option<cpu::CpuUse>), measure: &str| {
+        let mut r = stats.row("submit", kind, measure);
+        r.of_limit = Some(r.per_second / limit.per_second.max(1e-9));
+        r.cpu = cpu;
+        r
+    };
+    let fast = against_limit(fast, "POST /v1/tasks, Prefer: respond-async");
+    let busy = against_limit(busy, "POST /v1/tasks, respond-async, upstream busy");
+    let keyed = against_limit(
+        keyed,
         "POST /v1/tasks, respond-async, upstream busy, Idempotency-Key",
     );
-    keyed.of_limit = Some(keyed.per_second / limit.per_second.max(1e-9));
-    keyed.cpu = keyed_cpu;
     Ok(vec![row, fast, busy, keyed, limit])
 }
 
