@@ -426,19 +426,7 @@ async fn other_replicas_hear_committed_changes() {
         })
         .collect();
     assert!(a.commit_changes(&commits).await.unwrap().iter().all(|w| *w));
-    let mut heard = HashSet::new();
-    while heard.len() < batch_ids.len() {
-        match tokio::time::timeout(Duration::from_secs(5), feed_b.next())
-            .await
-            .expect("heard within 5 s")
-            .unwrap()
-        {
-            FeedEvent::Changed(id) => {
-                heard.insert(id);
-            }
-            FeedEvent::Gap => {}
-        }
-    }
+    let heard = hear(&mut feed_b, batch_ids.len()).await;
     assert_eq!(heard, batch_ids.into_iter().collect::<HashSet<_>>());
 
     // The same as one statement (every change carries the row it was decided on): the 150 won
@@ -480,20 +468,8 @@ async fn other_replicas_hear_committed_changes() {
     assert_eq!(won.iter().filter(|w| **w).count(), 150);
     assert!(!won[150], "the stale change lost");
     let lost = whole_ids.pop().expect("151 ids");
-    let mut heard = HashSet::new();
-    while heard.len() < whole_ids.len() {
-        match tokio::time::timeout(Duration::from_secs(5), feed_b.next())
-            .await
-            .expect("heard within 5 s")
-            .unwrap()
-        {
-            FeedEvent::Changed(id) => {
-                assert_ne!(id, lost, "a lost change is not announced");
-                heard.insert(id);
-            }
-            FeedEvent::Gap => {}
-        }
-    }
+    let heard = hear(&mut feed_b, whole_ids.len()).await;
+    assert!(!heard.contains(&lost), "a lost change is not announced");
     assert_eq!(heard, whole_ids.into_iter().collect::<HashSet<_>>());
     assert!(
         tokio::time::timeout(Duration::from_millis(300), feed_b.next())
@@ -501,6 +477,24 @@ async fn other_replicas_hear_committed_changes() {
             .is_err(),
         "nothing more is heard"
     );
+}
+
+/// The first `n` distinct tasks `feed` hears of, each within 5 s.
+async fn hear(feed: &mut kling_relay::storage::ChangeFeed, n: usize) -> HashSet<String> {
+    let mut heard = HashSet::new();
+    while heard.len() < n {
+        match tokio::time::timeout(Duration::from_secs(5), feed.next())
+            .await
+            .expect("heard within 5 s")
+            .unwrap()
+        {
+            FeedEvent::Changed(id) => {
+                heard.insert(id);
+            }
+            FeedEvent::Gap => {}
+        }
+    }
+    heard
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
