@@ -49,7 +49,7 @@ impl Store {
             .bind(&adds.duration_bin)
             .bind(&adds.duration_shard)
             .bind(feed::CHANNEL)
-            .bind(self.change_payload(&[]))
+            .bind(&*self.instance)
             .fetch_all(p)
             .await?;
         let mut won = vec![false; batch.len()];
